@@ -1,0 +1,1 @@
+"""The Flower ClientApp of fedembed (an organisation): Flower wiring over fedembed."""

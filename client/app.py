@@ -1,0 +1,54 @@
+"""Flower ClientApp: an organisation. Decodes a message, calls :mod:`fedembed.org`, replies.
+
+Where the organisation's state lives: node config ``state-dir`` (deployment), or
+``<state_root>/org-<partition-id>`` in simulation. Its index in the task: node config
+``org`` or, in simulation, ``partition-id``.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+from flwr.app import Context, Message
+from flwr.clientapp import ClientApp
+
+from fedembed.org import Organisation, handle_content
+
+log = logging.getLogger(__name__)
+
+
+def organisation_from_context(context: Context, state_root: str | None) -> Organisation:
+    """The organisation this node is, from its node config."""
+    nc = context.node_config
+    if "org" in nc:
+        org = int(nc["org"])
+    elif "partition-id" in nc:
+        org = int(nc["partition-id"])
+    else:
+        raise ValueError("node config names no organisation: pass --node-config 'org=<index> state-dir=<dir>'")
+    if "state-dir" in nc:
+        state = Path(str(nc["state-dir"]))
+    elif state_root is not None:
+        state = Path(state_root) / f"org-{org}"
+    else:
+        raise ValueError("node config has no state-dir: pass --node-config 'org=<index> state-dir=<dir>'")
+    return Organisation(org, state)
+
+
+def make_client_app(state_root: str | None = None) -> ClientApp:
+    """A ClientApp whose organisations keep their state under ``state_root`` (simulation)."""
+    app = ClientApp()
+
+    @app.train()
+    def train(msg: Message, context: Context) -> Message:
+        return Message(handle_content(organisation_from_context(context, state_root), msg.content), reply_to=msg)
+
+    @app.evaluate()
+    def evaluate(msg: Message, context: Context) -> Message:
+        return Message(handle_content(organisation_from_context(context, state_root), msg.content), reply_to=msg)
+
+    return app
+
+
+app = make_client_app()

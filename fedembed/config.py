@@ -1,0 +1,173 @@
+"""Run configuration (the coordinator's) and the per-round plan sent to organisations."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field, fields
+from typing import Any
+
+from fedembed.task import TaskSpec
+from fedembed.train import TrainConfig
+
+MODES = ("fedembed", "local", "fedavg-all", "pooled")
+ROW_SETS = ("dense", "union", "revealed")
+
+
+class ConfigError(ValueError):
+    """A run configuration that cannot work."""
+
+
+@dataclass
+class RunConfig:
+    """Everything that defines a run; the coordinator's source of truth.
+
+    Parameters
+    ----------
+    task : TaskSpec
+        Task name and options (``orgs`` and ``seed`` included).
+    rounds : int
+        Federated rounds.
+    mode : str
+        ``fedembed`` (shared tables, private heads), ``local`` (no federation),
+        ``fedavg-all`` (heads averaged too; identical heads only) or ``pooled``
+        (centralised training on all data: the upper-bound baseline).
+    seed : int
+        Seed of table initialisation, sampling and local shuffling.
+    fraction : float
+        Share of organisations sampled per round.
+    min_orgs : int
+        Fewest organisations a round needs (fewer connected: wait; fewer replies: skip).
+    train : TrainConfig
+        Local recipe.
+    server_optimizer, server_lr : str, float
+        See :class:`fedembed.aggregate.ServerOptimizer`.
+    table_scale : float
+        Standard deviation of version-0 tables.
+    wire_dtype : str
+        ``float16`` or ``float32`` for uploaded deltas.
+    secure : bool
+        Secure aggregation on.
+    row_set : str
+        ``dense``, ``union`` or ``revealed`` (secure mode).
+    neighbours, threshold : int or None
+        SecAgg+ neighbourhood size k and share threshold t (None: derived).
+    max_message_bytes : int
+        Replies larger than this are refused.
+    round_timeout : float
+        Seconds to wait for replies in a stage.
+    """
+
+    task: TaskSpec
+    rounds: int = 3
+    mode: str = "fedembed"
+    seed: int = 0
+    fraction: float = 1.0
+    min_orgs: int = 1
+    train: TrainConfig = field(default_factory=TrainConfig)
+    server_optimizer: str = "sgd"
+    server_lr: float = 1.0
+    table_scale: float = 0.1
+    wire_dtype: str = "float16"
+    secure: bool = False
+    row_set: str = "union"
+    neighbours: int | None = None
+    threshold: int | None = None
+    max_message_bytes: int = 512 * 2**20
+    round_timeout: float = 600.0
+    drop: dict[str, list[int]] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.mode not in MODES:
+            raise ConfigError(f"mode must be one of {MODES}, got {self.mode!r}")
+        if self.row_set not in ROW_SETS:
+            raise ConfigError(f"row_set must be one of {ROW_SETS}, got {self.row_set!r}")
+        if self.rounds < 1:
+            raise ConfigError(f"rounds must be >= 1, got {self.rounds}")
+        if not 0 < self.fraction <= 1:
+            raise ConfigError(f"fraction must be in (0, 1], got {self.fraction}")
+        if self.wire_dtype not in ("float16", "float32"):
+            raise ConfigError(f"wire_dtype must be float16 or float32, got {self.wire_dtype!r}")
+        if self.secure and self.mode != "fedembed":
+            raise ConfigError("--secure applies to --mode fedembed only")
+
+    @property
+    def num_orgs(self) -> int:
+        """Organisations in the run (the task's ``orgs`` option)."""
+        return int(self.task.options.get("orgs", 1))
+
+    def run_key(self) -> str:
+        """Identifies the tables of this run (task, seed, init): guards organisation caches."""
+        return json.dumps([self.task.to_json(), self.seed, self.table_scale])
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-able dict (metrics.json ``config``, checkpoints)."""
+        d = asdict(self)
+        d["task"] = {"name": self.task.name, "options": self.task.options}
+        return d
+
+    @staticmethod
+    def from_dict(d: dict[str, Any]) -> RunConfig:
+        """Inverse of :meth:`to_dict`; unknown keys are an error."""
+        d = dict(d)
+        names = {f.name for f in fields(RunConfig)}
+        unknown = set(d) - names
+        if unknown:
+            raise ConfigError(f"unknown run settings {sorted(unknown)}")
+        task = d.pop("task")
+        train = TrainConfig.from_dict(d.pop("train", {}))
+        return RunConfig(task=TaskSpec(task["name"], task.get("options", {})), train=train, **d)
+
+
+@dataclass
+class RoundPlan:
+    """What the coordinator tells an organisation at the start of a stage.
+
+    Parameters
+    ----------
+    round : int
+        The round (1-based); the tables sent are at version ``round - 1``.
+    since : int
+        The version the coordinator assumes the organisation's cache holds; the sync
+        carries every row changed after it.
+    evaluate_only : bool
+        Apply the sync and evaluate, do not train (the closing evaluation).
+    """
+
+    round: int
+    since: int
+    evaluate_only: bool
+    mode: str
+    task: str
+    seed: int
+    table_scale: float
+    wire_dtype: str
+    train: str
+    run_key: str
+    secure: bool = False
+
+    def to_config(self) -> dict[str, Any]:
+        """Flat dict for a ``ConfigRecord``."""
+        return asdict(self)
+
+    @staticmethod
+    def from_config(cfg: dict[str, Any]) -> RoundPlan:
+        """Inverse of :meth:`to_config`."""
+        names = {f.name for f in fields(RoundPlan)}
+        return RoundPlan(**{k: v for k, v in cfg.items() if k in names})
+
+    @staticmethod
+    def for_round(cfg: RunConfig, round_: int, since: int, evaluate_only: bool = False) -> RoundPlan:
+        """The plan of ``round_`` for an organisation whose cache is at ``since``."""
+        return RoundPlan(
+            round=round_,
+            since=since,
+            evaluate_only=evaluate_only,
+            mode=cfg.mode,
+            task=cfg.task.to_json(),
+            seed=cfg.seed,
+            table_scale=cfg.table_scale,
+            wire_dtype=cfg.wire_dtype,
+            train=json.dumps(cfg.train.to_dict()),
+            run_key=cfg.run_key(),
+            secure=cfg.secure,
+        )

@@ -1,0 +1,265 @@
+"""The coordinator's rounds, over an abstract message transport.
+
+:class:`Coordinator` is everything the ServerApp does, minus Flower: it samples
+organisations, sends each the plan and the rows changed since the version it last saw,
+validates replies (a bad one is refused with a message naming the organisation, the round
+goes on), aggregates per row, steps the server optimizer, stamps versions, checkpoints
+atomically, and keeps the run log. ``server/app.py`` gives it a :class:`Transport` over a
+Flower ``Grid``; tests may give it any other.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol
+
+import numpy as np
+from flwr.app import ConfigRecord, RecordDict
+
+from fedembed.aggregate import ServerOptimizer
+from fedembed.config import ConfigError, RoundPlan, RunConfig
+from fedembed.report import RunLog
+from fedembed.sparse import RowUpdate, UpdateError, sum_updates
+from fedembed.store import Checkpoint, load_latest_checkpoint, save_checkpoint
+from fedembed.tables import VersionedTables
+from fedembed.task import load_task
+from fedembed.wire import decode_arrays, decode_update, dense_upload_bytes, encode_arrays, encode_sync, record_bytes
+
+log = logging.getLogger(__name__)
+
+TRAIN = "train"
+EVALUATE = "evaluate"
+
+
+@dataclass
+class Reply:
+    """A reply from one node: its content, or the error that came instead."""
+
+    node: int
+    content: RecordDict | None
+    error: str | None = None
+
+
+class Transport(Protocol):
+    """How the coordinator reaches organisations (a Flower Grid in production)."""
+
+    def node_ids(self, minimum: int, timeout: float) -> list[int]:
+        """Connected nodes, waiting up to ``timeout`` s for at least ``minimum``."""
+        ...
+
+    def exchange(self, message_type: str, contents: dict[int, RecordDict], timeout: float) -> list[Reply]:
+        """Send one message per node and collect the replies that arrive in time."""
+        ...
+
+
+class Coordinator:
+    """Runs the rounds of one federated run.
+
+    Parameters
+    ----------
+    cfg : RunConfig
+        The run.
+    transport : Transport
+        Message exchange with organisations.
+    state_dir : Path or None
+        Where checkpoints go (and are resumed from); None keeps everything in memory.
+    on_round : callable, optional
+        Called with each finished round's log entry (progress display).
+    """
+
+    def __init__(
+        self,
+        cfg: RunConfig,
+        transport: Transport,
+        state_dir: Path | None = None,
+        on_round: Callable[[dict], None] | None = None,
+    ) -> None:
+        self.cfg = cfg
+        self.transport = transport
+        self.state_dir = Path(state_dir) if state_dir else None
+        self.on_round = on_round
+        task = load_task(cfg.task)
+        if cfg.mode == "fedavg-all" and not task.heads_identical():
+            raise ConfigError("fedavg-all averages heads, which needs identical heads; this task's heads differ")
+        self.shapes = task.table_shapes()
+        self.org_names = task.org_names()
+        self.optimizer = ServerOptimizer(cfg.server_optimizer, cfg.server_lr)
+        self.tables = VersionedTables.initial(self.shapes, cfg.seed, cfg.table_scale)
+        self.log = RunLog(config=cfg.to_dict())
+        self.start_round = 1
+        self.known: dict[int, int] = {}  # node -> table version its cache holds
+        self.node_org: dict[int, str] = {}
+        self.head: dict[str, np.ndarray] | None = None  # fedavg-all only
+        self.head_shapes: dict[str, tuple[int, ...]] | None = None
+        self.dense_bytes = dense_upload_bytes(self.shapes)
+        if self.state_dir is not None:
+            self._resume()
+
+    # ------------------------------------------------------------------ state
+    def _resume(self) -> None:
+        ckpt = load_latest_checkpoint(self.state_dir)
+        if ckpt is None:
+            return
+        if ckpt.config.get("run", {}).get("task") != self.cfg.to_dict()["task"]:
+            raise ConfigError(f"state dir {self.state_dir} holds a different run; use a new --state-dir")
+        self.tables = ckpt.tables
+        self.optimizer.state = ckpt.optimizer_state
+        self.log.rounds = ckpt.config.get("rounds", [])
+        self.log.initial = ckpt.config.get("initial", {})
+        self.start_round = ckpt.round + 1
+        log.info("resumed at round %d from %s", self.start_round, self.state_dir)
+
+    def _checkpoint(self) -> None:
+        if self.state_dir is None:
+            return
+        meta = {"run": self.cfg.to_dict(), "rounds": self.log.rounds, "initial": self.log.initial}
+        save_checkpoint(self.state_dir, Checkpoint(self.tables, self.optimizer.state, meta))
+
+    # ------------------------------------------------------------------ messages
+    def _message(self, node: int, round_: int, evaluate_only: bool) -> RecordDict:
+        since = self.known.get(node, 0)
+        plan = RoundPlan.for_round(self.cfg, round_, since, evaluate_only)
+        content = RecordDict({"config": ConfigRecord(plan.to_config())})
+        if self.cfg.mode != "local":
+            content["sync"] = encode_sync(self.tables.rows_since(since), self.shapes)
+        if self.head is not None:
+            content["head"] = encode_arrays(self.head)
+        return content
+
+    def _org(self, node: int, content: RecordDict | None) -> str:
+        if content is not None and "info" in content:
+            org = content["info"].get("org")
+            if isinstance(org, str):
+                self.node_org[node] = org
+        return self.node_org.get(node, f"node {node}")
+
+    def _read_reply(self, rep: Reply, entry: dict, evaluated_round: int) -> tuple[str, RowUpdate | None, dict | None, float]:
+        """Validate one reply; returns (org, update, head, examples). Faults are logged and recorded."""
+        org = self._org(rep.node, rep.content)
+        if rep.error is not None or rep.content is None:
+            entry["rejected"][org] = f"no reply: {rep.error}"
+            log.warning("round %d: %s failed: %s", entry["round"], org, rep.error)
+            return org, None, None, 0.0
+        c = rep.content
+        size = record_bytes(c)
+        entry["upload_bytes"] += size
+        try:
+            if size > self.cfg.max_message_bytes:
+                raise UpdateError(f"reply of {size} bytes exceeds the limit of {self.cfg.max_message_bytes}")
+            info = c["info"]
+            status = info.get("status")
+            cache_version = int(info.get("cache_version", 0))
+            if "metrics" in c:
+                self.log.set_metrics(evaluated_round, org, {k: float(v) for k, v in c["metrics"].items()})
+            if status == "stale":
+                self.known[rep.node] = cache_version if 0 <= cache_version <= self.tables.version else 0
+                raise UpdateError(f"cache at version {cache_version} was stale; resync next round")
+            if status != "ok":
+                raise UpdateError(f"unknown status {status!r}")
+            self.known[rep.node] = self.tables.version
+            update = None
+            if "update" in c:
+                update = decode_update(c["update"], self.shapes, max_weight=self.cfg.train.max_row_weight)
+            head = decode_arrays(c["head"]) if "head" in c else None
+            if head is not None:
+                self._check_head(head)
+            examples = float(c["train"].get("examples", 0.0)) if "train" in c else 0.0
+            return org, update, head, examples
+        except (UpdateError, KeyError, TypeError, ValueError) as exc:
+            entry["rejected"][org] = str(exc)
+            log.warning("round %d: refused the reply of %s: %s", entry["round"], org, exc)
+            return org, None, None, 0.0
+
+    def _check_head(self, head: dict[str, np.ndarray]) -> None:
+        shapes = {k: v.shape for k, v in head.items()}
+        if self.head_shapes is None:
+            self.head_shapes = shapes
+        if shapes != self.head_shapes:
+            raise UpdateError("head parameters do not match the other organisations' heads")
+        if not all(np.all(np.isfinite(v)) for v in head.values() if np.issubdtype(v.dtype, np.floating)):
+            raise UpdateError("head holds NaN or inf")
+
+    # ------------------------------------------------------------------ rounds
+    def run(self) -> RunLog:
+        """Run the remaining rounds and the closing evaluation; returns the run log."""
+        rng = random.Random(self.cfg.seed)
+        nodes = self.transport.node_ids(max(self.cfg.min_orgs, 1), self.cfg.round_timeout)
+        for round_ in range(self.start_round, self.cfg.rounds + 1):
+            nodes = self.transport.node_ids(max(self.cfg.min_orgs, 1), self.cfg.round_timeout)
+            k = max(self.cfg.min_orgs, int(np.ceil(self.cfg.fraction * len(nodes))))
+            sampled = sorted(rng.sample(sorted(nodes), min(k, len(nodes))))
+            self.run_round(round_, sampled)
+        self.closing_evaluation(sorted(nodes))
+        return self.log
+
+    def run_round(self, round_: int, nodes: list[int]) -> dict:
+        """One round: sync + train + aggregate + update + checkpoint."""
+        t0 = time.perf_counter()
+        entry = self.log.new_round(round_)
+        contents = {n: self._message(n, round_, False) for n in nodes}
+        entry["download_bytes"] += sum(record_bytes(c) for c in contents.values())
+        replies = self.transport.exchange(TRAIN, contents, self.cfg.round_timeout)
+        entry["stages"]["train"] = {"seconds": time.perf_counter() - t0}
+        updates: list[RowUpdate] = []
+        heads: list[tuple[dict, float]] = []
+        for rep in replies:
+            org, update, head, examples = self._read_reply(rep, entry, round_ - 1)
+            if update is not None:
+                updates.append(update)
+            if head is not None:
+                heads.append((head, examples))
+        entry["clients"] = len(updates) if self.cfg.mode != "local" else len(replies) - len(entry["rejected"])
+        if self.cfg.mode != "local":
+            entry["dense_upload_bytes"] = self.dense_bytes * max(len(replies), 1)
+        else:
+            entry["dense_upload_bytes"] = 0
+        t1 = time.perf_counter()
+        if updates and len(updates) >= self.cfg.min_orgs:
+            agg = sum_updates(updates, list(self.shapes))
+            changed = self.optimizer.step(self.tables, agg, round_)
+            entry["rows_changed"] = changed
+        else:
+            log.warning("round %d: %d usable updates (< min %d); tables unchanged", round_, len(updates), self.cfg.min_orgs)
+            self.tables.version = round_
+        if heads:
+            self.head = _average_heads(heads)
+        entry["stages"]["aggregate"] = {"seconds": time.perf_counter() - t1}
+        self._checkpoint()
+        entry["wall_seconds"] = time.perf_counter() - t0
+        if self.on_round:
+            self.on_round(entry)
+        return entry
+
+    def closing_evaluation(self, nodes: list[int]) -> None:
+        """Every organisation evaluates the final tables with its own head."""
+        t0 = time.perf_counter()
+        last = self.log.rounds[-1] if self.log.rounds else self.log.new_round(self.cfg.rounds)
+        contents = {n: self._message(n, self.cfg.rounds + 1, True) for n in nodes}
+        down = sum(record_bytes(c) for c in contents.values())
+        replies = self.transport.exchange(EVALUATE, contents, self.cfg.round_timeout)
+        scratch = {"round": self.cfg.rounds, "rejected": {}, "upload_bytes": 0}
+        for rep in replies:
+            self._read_reply(rep, scratch, self.cfg.rounds)
+        self.log.extra["closing_evaluation"] = {
+            "download_bytes": down,
+            "upload_bytes": scratch["upload_bytes"],
+            "seconds": time.perf_counter() - t0,
+            "rejected": scratch["rejected"],
+        }
+        if self.on_round:
+            self.on_round({**last, "closing": True})
+
+
+def _average_heads(heads: list[tuple[dict[str, np.ndarray], float]]) -> dict[str, np.ndarray]:
+    """Example-weighted average of head parameters (the fedavg-all baseline)."""
+    weights = np.array([w for _, w in heads], dtype=np.float64)
+    if weights.sum() <= 0:
+        weights = np.ones(len(heads))
+    weights /= weights.sum()
+    ref = heads[0][0]
+    return {k: sum(h[k].astype(np.float64) * w for (h, _), w in zip(heads, weights)).astype(ref[k].dtype) for k in ref}

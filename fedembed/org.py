@@ -1,0 +1,159 @@
+"""One organisation's side of a round, with no Flower in it.
+
+:class:`Organisation` takes the coordinator's :class:`fedembed.config.RoundPlan` and row
+sync, brings its table cache up to date, evaluates its private head on the fresh tables
+(these are the metrics of the previous round), trains, and hands back the row-sparse
+update. Its head and the head's optimizer state are saved in its own state directory and
+are never part of what it returns (except in the ``fedavg-all`` baseline, which by
+definition shares the head).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from flwr.app import RecordDict
+
+from fedembed.config import RoundPlan
+from fedembed.sparse import RowUpdate
+from fedembed.store import OrgState
+from fedembed.tables import RowSync, apply_sync, init_table
+from fedembed.task import Task, TaskSpec, load_task
+from fedembed.train import TrainConfig, make_head_optimizer, train_local
+from fedembed.wire import decode_arrays, decode_sync, encode_update, reply_content
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class OrgReply:
+    """What an organisation returns for one stage.
+
+    Attributes
+    ----------
+    status : str
+        ``ok`` or ``stale`` (its cache is not at ``plan.since``: nothing trained, the
+        coordinator should resend from ``cache_version``).
+    cache_version : int
+        Version of its table cache after this stage.
+    update : RowUpdate or None
+        The row-sparse update (None when evaluating only, stale, or ``local``).
+    metrics : dict
+        Evaluation of the head on the synced tables, ``val_*`` and test metrics.
+    train_stats : dict
+        Examples, loss, steps of the local training.
+    head : dict or None
+        Head parameters, only in ``fedavg-all`` mode.
+    """
+
+    org: str
+    status: str
+    cache_version: int
+    update: RowUpdate | None = None
+    metrics: dict[str, float] = field(default_factory=dict)
+    train_stats: dict[str, float] = field(default_factory=dict)
+    head: dict[str, np.ndarray] | None = None
+
+
+class Organisation:
+    """An organisation: its index in the task, its private state directory.
+
+    Parameters
+    ----------
+    org : int
+        Index of the organisation in the task (its data partition).
+    state_dir : Path
+        Its own state directory (head, optimizer state, table cache).
+    """
+
+    def __init__(self, org: int, state_dir: Path) -> None:
+        self.org = int(org)
+        self.state = OrgState(Path(state_dir))
+
+    def handle(
+        self, plan: RoundPlan, sync: dict[str, RowSync], head_in: dict[str, np.ndarray] | None = None
+    ) -> OrgReply:
+        """Run one stage of a round (see module docstring)."""
+        torch.set_num_threads(1)
+        task = load_task(TaskSpec.from_json(plan.task))
+        if not 0 <= self.org < task.num_orgs:
+            raise ValueError(f"organisation index {self.org} outside the task's {task.num_orgs} organisations")
+        name = task.org_names()[self.org]
+        cfg = TrainConfig.from_dict(json.loads(plan.train))
+        shapes = task.table_shapes()
+        local = plan.mode == "local"
+        key = plan.run_key + ("|local" if local else "")
+        tables, version = self.state.load_tables(shapes, plan.seed, plan.table_scale, key)
+
+        if not local:
+            if plan.since != version and plan.since != 0:
+                log.warning("%s: cache at version %d, coordinator assumed %d; asking for a resync", name, version, plan.since)
+                return OrgReply(name, "stale", version)
+            if plan.since == 0 and version != 0:
+                tables = {n: init_table(n, s, plan.seed, plan.table_scale) for n, s in shapes.items()}
+            apply_sync(tables, sync)
+            version = plan.round - 1
+            self.state.save_tables(tables, version, key)
+
+        model = task.build_model(self.org)
+        model.set_tables(tables)
+        saved = self.state.load_head()
+        if saved is not None:
+            model.load_head_state_dict(saved["head"])
+        if head_in is not None:
+            model.load_head_state_dict({k: torch.from_numpy(v) for k, v in head_in.items()})
+        metrics = self._evaluate(task, model)
+        if plan.evaluate_only:
+            return OrgReply(name, "ok", version, metrics=metrics)
+
+        head_opt = make_head_optimizer(model, cfg, saved["optimizer"] if saved else None)
+        rng = np.random.default_rng([plan.seed, self.org, plan.round])
+        update, stats = train_local(task, model, self.org, cfg, head_opt, rng, share_tables=not local)
+        self.state.save_head(model.head_state_dict(), head_opt.state_dict(), plan.round)
+        if local:
+            self.state.save_tables(model.get_tables(), plan.round, key)
+        head_out = None
+        if plan.mode == "fedavg-all":
+            head_out = {k: v.detach().numpy().copy() for k, v in model.head_state_dict().items()}
+        return OrgReply(
+            name, "ok", version, update=None if local else update, metrics=metrics, train_stats=stats, head=head_out
+        )
+
+    def _evaluate(self, task: Task, model) -> dict[str, float]:
+        out: dict[str, float] = {}
+        for split, prefix in (("val", "val_"), ("test", "")):
+            for k, v in task.evaluate(model, self.org, split).items():
+                out[prefix + k] = float(v)
+        return out
+
+
+def handle_content(organisation: Organisation, content: RecordDict) -> RecordDict:
+    """Decode a coordinator message, run the stage, encode the reply (no Flower process needed).
+
+    Parameters
+    ----------
+    organisation : Organisation
+        Who answers.
+    content : RecordDict
+        The coordinator's message content (``config``, ``sync``, optionally ``head``).
+
+    Returns
+    -------
+    RecordDict
+        ``info``, ``metrics``, ``train`` and ``update`` (and ``head`` in fedavg-all).
+    """
+    plan = RoundPlan.from_config(dict(content["config"]))
+    task = load_task(TaskSpec.from_json(plan.task))
+    shapes = task.table_shapes()
+    sync = decode_sync(content["sync"], shapes) if "sync" in content else {}
+    head_in = decode_arrays(content["head"]) if "head" in content else None
+    reply = organisation.handle(plan, sync, head_in)
+    record = encode_update(reply.update, shapes, plan.wire_dtype) if reply.update is not None else None
+    return reply_content(
+        reply.org, reply.status, reply.cache_version, record, reply.metrics, reply.train_stats, reply.head
+    )

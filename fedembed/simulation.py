@@ -1,0 +1,93 @@
+"""Local multi-organisation simulation on Flower's simulation engine (Ray).
+
+:func:`simulate` runs one :class:`fedembed.config.RunConfig` end to end and writes
+``metrics.json``, ``embeddings.npz`` and ``report.png`` into the output directory. The
+``pooled`` baseline needs no federation and runs in-process.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import warnings
+from collections.abc import Callable
+from pathlib import Path
+
+from fedembed.config import RunConfig
+from fedembed.report import RunLog
+
+log = logging.getLogger(__name__)
+
+
+def simulate(
+    cfg: RunConfig,
+    out_dir: Path,
+    on_round: Callable[[dict], None] | None = None,
+    num_cpus: int | None = None,
+) -> RunLog:
+    """Run ``cfg`` as a local simulation and write its outputs.
+
+    Parameters
+    ----------
+    cfg : RunConfig
+        The run.
+    out_dir : Path
+        Output directory: ``metrics.json``, ``embeddings.npz``, ``report.png``, and
+        ``state/`` (coordinator checkpoints, one private directory per organisation).
+        A previous run's ``state/`` there is removed first.
+    on_round : callable, optional
+        Called with each round's log entry.
+    num_cpus : int, optional
+        CPUs Ray may use (default: all); each organisation's training takes one.
+
+    Returns
+    -------
+    RunLog
+        The run log (also written to ``metrics.json``).
+    """
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    state = out_dir / "state"
+    if state.exists():
+        log.info("removing the previous simulation state in %s", state)
+        shutil.rmtree(state)
+    if cfg.mode == "pooled":
+        from fedembed.pooled import run_pooled
+
+        runlog, tables = run_pooled(cfg, on_round)
+        runlog.write(out_dir, tables)
+        return runlog
+
+    os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+    os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
+    from flwr.simulation import run_simulation
+
+    from client.app import make_client_app
+    from server.app import make_server_app
+
+    result: dict = {}
+
+    def done(coordinator) -> None:
+        result["coordinator"] = coordinator
+
+    server_app = make_server_app(cfg, state_dir=state / "coordinator", on_round=on_round, on_done=done)
+    client_app = make_client_app(str((state / "orgs").resolve()))
+    cpus = num_cpus or os.cpu_count() or 1
+    backend = {
+        "client_resources": {"num_cpus": 1, "num_gpus": 0.0},
+        "init_args": {"num_cpus": cpus, "num_gpus": 0, "logging_level": "error", "log_to_driver": True},
+    }
+    flwr_logger = logging.getLogger("flwr")
+    level = flwr_logger.level
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        if not log.isEnabledFor(logging.DEBUG):
+            flwr_logger.setLevel(logging.ERROR)  # Flower's own chatter, incl. its deprecation notice
+        run_simulation(server_app=server_app, client_app=client_app, num_supernodes=cfg.num_orgs, backend_config=backend)
+    flwr_logger.setLevel(level)
+    if "coordinator" not in result:
+        raise RuntimeError("the simulation ended before the coordinator finished; see the log above")
+    coordinator = result["coordinator"]
+    coordinator.log.write(out_dir, coordinator.tables.tables)
+    return coordinator.log

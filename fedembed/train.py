@@ -1,0 +1,181 @@
+"""Local training of one organisation: sparse table updates plus its private head.
+
+One call of :func:`train_local` is an organisation's share of a round: optionally re-fit
+the head on the fresh table (FedRep-style), then train table and head together with
+sparse embedding gradients, counting how many lookups hit each row. What comes out is the
+row-sparse delta of the touched rows with their (capped) lookup counts as weights; the
+head and its optimizer state stay with the caller, who keeps them private.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import asdict, dataclass, fields
+from typing import Any
+
+import numpy as np
+import torch
+
+from fedembed.model import SplitModel
+from fedembed.sparse import RowUpdate, TableUpdate
+from fedembed.task import Task
+
+log = logging.getLogger(__name__)
+
+TABLE_OPTIMIZERS = ("sparse_adam", "sgd")
+
+
+@dataclass
+class TrainConfig:
+    """The local training recipe; sent by the coordinator, the same for every organisation.
+
+    Parameters
+    ----------
+    epochs : int
+        Local epochs over the organisation's training data per round (table and head).
+    head_epochs : int
+        Epochs re-fitting only the head on the freshly synced table before the table is
+        touched (FedRep-style); 0 disables it.
+    batch_size : int
+        Examples per local step.
+    table_lr : float
+        Learning rate of the local table optimizer.
+    head_lr : float
+        Learning rate of the head's Adam optimizer (its state persists across rounds).
+    table_optimizer : str
+        ``sparse_adam`` or ``sgd`` (both update only the rows a batch touched).
+    max_row_weight : float
+        Cap on a row's weight (its lookup count) in the per-row weighted mean.
+    """
+
+    epochs: int = 1
+    head_epochs: int = 0
+    batch_size: int = 64
+    table_lr: float = 0.01
+    head_lr: float = 0.005
+    table_optimizer: str = "sparse_adam"
+    max_row_weight: float = 100.0
+
+    def __post_init__(self) -> None:
+        if self.table_optimizer not in TABLE_OPTIMIZERS:
+            raise ValueError(f"table_optimizer must be one of {TABLE_OPTIMIZERS}, got {self.table_optimizer!r}")
+        for f in ("epochs", "head_epochs", "batch_size"):
+            if int(getattr(self, f)) < (1 if f != "head_epochs" else 0):
+                raise ValueError(f"{f} must be positive, got {getattr(self, f)}")
+        if not (self.table_lr > 0 and self.head_lr > 0 and self.max_row_weight >= 1):
+            raise ValueError("learning rates must be > 0 and max_row_weight >= 1")
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain dict (for messages and metrics.json)."""
+        return asdict(self)
+
+    @staticmethod
+    def from_dict(d: dict[str, Any]) -> TrainConfig:
+        """Build from a dict, ignoring unknown keys."""
+        names = {f.name for f in fields(TrainConfig)}
+        return TrainConfig(**{k: v for k, v in d.items() if k in names})
+
+
+def make_head_optimizer(model: SplitModel, cfg: TrainConfig, state: dict | None) -> torch.optim.Optimizer:
+    """The head's Adam optimizer, resumed from ``state`` when given."""
+    opt = torch.optim.Adam(model.head_parameters(), lr=cfg.head_lr)
+    if state:
+        opt.load_state_dict(state)
+        for g in opt.param_groups:
+            g["lr"] = cfg.head_lr
+    return opt
+
+
+def _table_optimizer(model: SplitModel, cfg: TrainConfig) -> torch.optim.Optimizer:
+    params = model.table_parameters()
+    if cfg.table_optimizer == "sparse_adam":
+        return torch.optim.SparseAdam(params, lr=cfg.table_lr)
+    return torch.optim.SGD(params, lr=cfg.table_lr)
+
+
+def _count_lookups(model: SplitModel, counts: dict[str, np.ndarray]) -> None:
+    for name in model.table_names:
+        mod = model.table(name)
+        grad = mod.weight.grad
+        if grad is None:
+            continue
+        idx = grad._indices()[0].numpy() if grad.is_sparse else np.flatnonzero(grad.abs().sum(1).numpy())
+        counts[name] += np.bincount(idx, minlength=counts[name].shape[0]).astype(counts[name].dtype)
+
+
+def train_local(
+    task: Task,
+    model: SplitModel,
+    org: int,
+    cfg: TrainConfig,
+    head_opt: torch.optim.Optimizer,
+    rng: np.random.Generator,
+    share_tables: bool = True,
+) -> tuple[RowUpdate, dict[str, float]]:
+    """Train ``model`` on ``org``'s training data for one round.
+
+    Parameters
+    ----------
+    task : Task
+        The task (data, loss).
+    model : SplitModel
+        The organisation's model, its tables set to the synced global version.
+    org : int
+        Organisation index.
+    cfg : TrainConfig
+        The recipe.
+    head_opt : torch.optim.Optimizer
+        The head's optimizer (its state is the organisation's, kept across rounds).
+    rng : np.random.Generator
+        Shuffles batches.
+    share_tables : bool
+        When False (the ``local`` baseline) no delta is computed.
+
+    Returns
+    -------
+    update : RowUpdate
+        Per table: sorted touched row ids, their deltas (float32) and weights.
+    stats : dict[str, float]
+        ``examples`` (examples seen per epoch), ``loss`` (mean training loss), ``steps``.
+    """
+    model.train()
+    for _ in range(cfg.head_epochs):  # FedRep: fit the head to the fresh table first
+        for batch in task.batches(org, "train", cfg.batch_size, rng):
+            head_opt.zero_grad(set_to_none=True)
+            task.loss(model, batch).backward()
+            head_opt.step()
+
+    before = {n: model.table(n).weight.detach().clone() for n in model.table_names} if share_tables else {}
+    table_opt = _table_optimizer(model, cfg)
+    counts = {n: np.zeros(s[0], dtype=np.int64) for n, s in model.table_shapes().items()}
+    total, steps = 0.0, 0
+    for _ in range(cfg.epochs):
+        for batch in task.batches(org, "train", cfg.batch_size, rng):
+            head_opt.zero_grad(set_to_none=True)
+            table_opt.zero_grad(set_to_none=True)
+            loss = task.loss(model, batch)
+            if not torch.isfinite(loss):
+                raise FloatingPointError(f"training loss became {float(loss)}; lower the learning rates")
+            loss.backward()
+            _count_lookups(model, counts)
+            head_opt.step()
+            table_opt.step()
+            total += loss.item()
+            steps += 1
+    update: RowUpdate = {}
+    if share_tables:
+        for name in model.table_names:
+            ids = np.flatnonzero(counts[name]).astype(np.int64)
+            pad = getattr(model.table(name), "padding_idx", None)
+            if pad is not None:
+                ids = ids[ids != pad]
+            idx_t = torch.from_numpy(ids)
+            delta = (model.table(name).weight.detach()[idx_t] - before[name][idx_t]).numpy().astype(np.float32)
+            weight = np.minimum(counts[name][ids], cfg.max_row_weight).astype(np.float32)
+            update[name] = TableUpdate(ids=ids, delta=delta, weight=weight)
+    stats = {
+        "examples": float(task.num_examples(org, "train")),
+        "loss": total / max(steps, 1),
+        "steps": float(steps),
+    }
+    return update, stats

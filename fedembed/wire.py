@@ -1,0 +1,165 @@
+"""What travels: row syncs and row-sparse updates as Flower records, and their byte sizes.
+
+Arrays ride in an ``ArrayRecord`` (Flower chunks them into 5 MiB pieces), one entry per
+``<table>.<field>``. Row ids travel as int32 when the table has fewer than 2^31 rows.
+Decoding never trusts the sender: any fault raises :class:`fedembed.sparse.UpdateError`
+with a message saying what was wrong.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping
+
+import numpy as np
+from flwr.app import Array, ArrayRecord, ConfigRecord, MetricRecord, RecordDict
+from flwr.supercore.inflatable.inflatable_object import get_all_nested_objects
+
+from fedembed.sparse import WIRE_DTYPES, RowUpdate, TableUpdate, UpdateError, validate_update
+from fedembed.tables import RowSync
+
+log = logging.getLogger(__name__)
+
+
+def _ids_dtype(rows: int) -> type:
+    return np.int32 if rows < 2**31 else np.int64
+
+
+def record_bytes(content: RecordDict) -> int:
+    """Serialized size of a message's content as Flower ships it (every object, deflated).
+
+    Identical array chunks are shipped once, as Flower does; this is the payload without
+    the gRPC/HTTP framing.
+    """
+    return sum(len(obj.deflate()) for obj in get_all_nested_objects(content).values())
+
+
+def encode_arrays(arrays: Mapping[str, np.ndarray]) -> ArrayRecord:
+    """An ``ArrayRecord`` holding numpy arrays by name."""
+    return ArrayRecord({k: Array(np.ascontiguousarray(v)) for k, v in arrays.items()})
+
+
+def decode_arrays(record: ArrayRecord) -> dict[str, np.ndarray]:
+    """Numpy arrays of an ``ArrayRecord``; raises :class:`UpdateError` when one cannot be read."""
+    out = {}
+    for key, arr in record.items():
+        try:
+            out[key] = arr.numpy()
+        except Exception as exc:  # malformed bytes, wrong stype, pickles...
+            raise UpdateError(f"array {key!r} cannot be decoded: {exc}") from exc
+    return out
+
+
+def encode_sync(sync: Mapping[str, RowSync], shapes: Mapping[str, tuple[int, int]]) -> ArrayRecord:
+    """Rows to overwrite, per table: ``<t>.ids`` and ``<t>.rows`` (float32, exact)."""
+    arrays: dict[str, np.ndarray] = {}
+    for name, rs in sync.items():
+        arrays[f"{name}.ids"] = rs.ids.astype(_ids_dtype(shapes[name][0]))
+        arrays[f"{name}.rows"] = rs.values.astype(np.float32)
+    return encode_arrays(arrays)
+
+
+def decode_sync(record: ArrayRecord, shapes: Mapping[str, tuple[int, int]]) -> dict[str, RowSync]:
+    """Inverse of :func:`encode_sync`, checked against the local table shapes."""
+    arrays = decode_arrays(record)
+    out = {}
+    for name, (rows, dim) in shapes.items():
+        if f"{name}.ids" not in arrays:
+            continue
+        ids = arrays[f"{name}.ids"].astype(np.int64)
+        vals = arrays[f"{name}.rows"]
+        if vals.shape != (ids.shape[0], dim) or (ids.size and (ids.min() < 0 or ids.max() >= rows)):
+            raise UpdateError(f"sync of table {name!r} does not fit its shape ({rows}, {dim})")
+        out[name] = RowSync(ids, vals.astype(np.float32))
+    return out
+
+
+def encode_update(update: RowUpdate, shapes: Mapping[str, tuple[int, int]], dtype: str = "float16") -> ArrayRecord:
+    """A row-sparse update on the wire: ``<t>.ids``, ``<t>.delta`` (``dtype``), ``<t>.weight``.
+
+    Parameters
+    ----------
+    update : RowUpdate
+        The update.
+    shapes : Mapping[str, tuple[int, int]]
+        Table shapes (pick the id dtype).
+    dtype : str
+        ``float16`` (default) or ``float32`` for the deltas.
+    """
+    if dtype not in WIRE_DTYPES:
+        raise ValueError(f"wire dtype must be one of {sorted(WIRE_DTYPES)}, got {dtype!r}")
+    arrays: dict[str, np.ndarray] = {}
+    for name, tu in update.items():
+        arrays[f"{name}.ids"] = tu.ids.astype(_ids_dtype(shapes[name][0]))
+        delta = tu.delta
+        if dtype == "float16":
+            # Deltas are small; clip into float16's range so none turns into inf on the way.
+            delta = np.clip(delta, -65000.0, 65000.0)
+        arrays[f"{name}.delta"] = delta.astype(WIRE_DTYPES[dtype])
+        arrays[f"{name}.weight"] = tu.weight.astype(np.float32)
+    return encode_arrays(arrays)
+
+
+def decode_update(
+    record: ArrayRecord, shapes: Mapping[str, tuple[int, int]], max_weight: float | None = None
+) -> RowUpdate:
+    """Decode and validate an organisation's update.
+
+    Raises
+    ------
+    UpdateError
+        Unreadable arrays, unknown or incomplete tables, wrong shapes or dtypes, ids out
+        of range, duplicate ids, NaN/inf, weights out of range.
+    """
+    arrays = decode_arrays(record)
+    tables: dict[str, dict[str, np.ndarray]] = {}
+    for key, arr in arrays.items():
+        name, dot, fld = key.rpartition(".")
+        if not dot or fld not in ("ids", "delta", "weight"):
+            raise UpdateError(f"unexpected array {key!r} in update")
+        tables.setdefault(name, {})[fld] = arr
+    update: RowUpdate = {}
+    for name, parts in tables.items():
+        missing = {"ids", "delta", "weight"} - set(parts)
+        if missing:
+            raise UpdateError(f"table {name!r}: update lacks {sorted(missing)}")
+        if parts["delta"].dtype not in (np.float16, np.float32):
+            raise UpdateError(f"table {name!r}: delta dtype {parts['delta'].dtype} is not float16/float32")
+        update[name] = TableUpdate(parts["ids"], parts["delta"].astype(np.float32), parts["weight"])
+    validate_update(update, shapes, max_weight=max_weight)
+    for tu in update.values():
+        tu.ids = tu.ids.astype(np.int64)
+        tu.weight = tu.weight.astype(np.float32)
+    return update
+
+
+def dense_upload_bytes(shapes: Mapping[str, tuple[int, int]]) -> int:
+    """Bytes of a dense float32 upload of every table: the raw values plus one npy header each.
+
+    Computed, not serialized: a real dense upload's chunks would not deduplicate, so
+    this is what Flower would carry for the arrays alone (framing excluded, as in
+    :func:`record_bytes`).
+    """
+    return sum(int(np.prod(s)) * 4 + 128 for s in shapes.values())
+
+
+def reply_content(
+    org: str,
+    status: str,
+    cache_version: int,
+    update_record: ArrayRecord | None,
+    metrics: dict[str, float],
+    train_stats: dict[str, float],
+    head: dict[str, np.ndarray] | None,
+) -> RecordDict:
+    """The record an organisation sends back (the one layout both sides agree on)."""
+    c = RecordDict({"info": ConfigRecord({"org": org, "status": status, "cache_version": int(cache_version)})})
+    if metrics:
+        c["metrics"] = MetricRecord({k: float(v) for k, v in metrics.items()})
+    if train_stats:
+        c["train"] = MetricRecord({k: float(v) for k, v in train_stats.items()})
+    if update_record is not None:
+        c["update"] = update_record
+    if head is not None:
+        c["head"] = encode_arrays(head)
+    return c

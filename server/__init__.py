@@ -1,0 +1,1 @@
+"""The Flower ServerApp of fedembed (the coordinator): Flower wiring over fedembed."""

@@ -1,0 +1,92 @@
+"""Flower ServerApp: a :class:`fedembed.coordinator.Transport` over a Flower ``Grid``.
+
+All round logic lives in :mod:`fedembed.coordinator`; this module only moves messages.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+from flwr.app import Context, Message, RecordDict
+from flwr.serverapp import Grid, ServerApp
+
+from fedembed.config import RunConfig
+from fedembed.coordinator import Coordinator, Reply
+
+log = logging.getLogger(__name__)
+
+
+class GridTransport:
+    """Message exchange with organisations through a Flower ``Grid``.
+
+    Parameters
+    ----------
+    grid : Grid
+        The Grid Flower hands to the ServerApp.
+    """
+
+    def __init__(self, grid: Grid) -> None:
+        self.grid = grid
+
+    def node_ids(self, minimum: int, timeout: float) -> list[int]:
+        """Connected node ids, waiting up to ``timeout`` seconds for ``minimum`` of them."""
+        deadline = time.monotonic() + timeout
+        while True:
+            nodes = sorted(self.grid.get_node_ids())
+            if len(nodes) >= minimum or time.monotonic() > deadline:
+                if len(nodes) < minimum:
+                    log.warning("only %d of %d organisations connected after %.0f s", len(nodes), minimum, timeout)
+                return nodes
+            time.sleep(0.5)
+
+    def exchange(self, message_type: str, contents: dict[int, RecordDict], timeout: float) -> list[Reply]:
+        """Send one message per node, return the replies received within ``timeout``."""
+        messages = [Message(content=c, dst_node_id=n, message_type=message_type) for n, c in contents.items()]
+        replies = []
+        for msg in self.grid.send_and_receive(messages, timeout=timeout):
+            node = msg.metadata.src_node_id
+            if msg.has_error():
+                replies.append(Reply(node, None, f"{msg.error.code}: {msg.error.reason}"))
+            else:
+                replies.append(Reply(node, msg.content))
+        answered = {r.node for r in replies}
+        replies += [Reply(n, None, f"no reply within {timeout:.0f} s") for n in contents if n not in answered]
+        return replies
+
+
+def make_server_app(
+    cfg: RunConfig | None = None,
+    state_dir: Path | None = None,
+    on_round: Callable[[dict], None] | None = None,
+    on_done: Callable[[Coordinator], None] | None = None,
+) -> ServerApp:
+    """A ServerApp running ``cfg`` (or the run config of the Flower context when None).
+
+    Parameters
+    ----------
+    cfg : RunConfig, optional
+        The run; None reads ``context.run_config["fedembed"]`` (a JSON RunConfig).
+    state_dir : Path, optional
+        Coordinator checkpoints.
+    on_round, on_done : callable, optional
+        Progress callback per round; called with the coordinator when the run ends.
+    """
+    app = ServerApp()
+
+    @app.main()
+    def main(grid: Grid, context: Context) -> None:
+        import json
+
+        run_cfg = cfg or RunConfig.from_dict(json.loads(str(context.run_config["fedembed"])))
+        coordinator = Coordinator(run_cfg, GridTransport(grid), state_dir=state_dir, on_round=on_round)
+        coordinator.run()
+        if on_done is not None:
+            on_done(coordinator)
+
+    return app
+
+
+app = make_server_app()
