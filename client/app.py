@@ -13,6 +13,7 @@ from pathlib import Path
 from flwr.app import Context, Message
 from flwr.clientapp import ClientApp
 
+from fedembed.audit import AuditMod
 from fedembed.org import Organisation, handle_content
 
 log = logging.getLogger(__name__)
@@ -36,9 +37,12 @@ def organisation_from_context(context: Context, state_root: str | None) -> Organ
     return Organisation(org, state)
 
 
-def make_client_app(state_root: str | None = None) -> ClientApp:
-    """A ClientApp whose organisations keep their state under ``state_root`` (simulation)."""
-    app = ClientApp()
+def make_client_app(state_root: str | None = None, audit_dir: str | None = None) -> ClientApp:
+    """A ClientApp whose organisations keep their state under ``state_root`` (simulation).
+
+    With ``audit_dir``, every reply is also written there (:class:`fedembed.audit.AuditMod`).
+    """
+    app = ClientApp(mods=[AuditMod(audit_dir)] if audit_dir else None)
 
     @app.train()
     def train(msg: Message, context: Context) -> Message:

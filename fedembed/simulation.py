@@ -25,6 +25,7 @@ def simulate(
     out_dir: Path,
     on_round: Callable[[dict], None] | None = None,
     num_cpus: int | None = None,
+    audit: bool = False,
 ) -> RunLog:
     """Run ``cfg`` as a local simulation and write its outputs.
 
@@ -40,6 +41,9 @@ def simulate(
         Called with each round's log entry.
     num_cpus : int, optional
         CPUs Ray may use (default: all); each organisation's training takes one.
+    audit : bool
+        Record every byte each organisation sends in ``state/audit/org-<i>/``
+        (:class:`fedembed.audit.AuditMod`).
 
     Returns
     -------
@@ -72,7 +76,7 @@ def simulate(
         result["coordinator"] = coordinator
 
     server_app = make_server_app(cfg, state_dir=state / "coordinator", on_round=on_round, on_done=done)
-    client_app = make_client_app(str((state / "orgs").resolve()))
+    client_app = make_client_app(str((state / "orgs").resolve()), str((state / "audit").resolve()) if audit else None)
     cpus = num_cpus or os.cpu_count() or 1
     backend = {
         "client_resources": {"num_cpus": 1, "num_gpus": 0.0},
