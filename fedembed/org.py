@@ -113,7 +113,7 @@ class Organisation:
 
         head_opt = make_head_optimizer(model, cfg, saved["optimizer"] if saved else None)
         rng = np.random.default_rng([plan.seed, self.org, plan.round])
-        update, stats = train_local(task, model, self.org, cfg, head_opt, rng, share_tables=not local)
+        update, stats = train_local(task, model, self.org, cfg, head_opt, rng, start_tables=None if local else tables)
         self.state.save_head(model.head_state_dict(), head_opt.state_dict(), plan.round)
         if local:
             self.state.save_tables(model.get_tables(), plan.round, key)

@@ -93,14 +93,14 @@ def _table_optimizer(model: SplitModel, cfg: TrainConfig) -> torch.optim.Optimiz
     return torch.optim.SGD(params, lr=cfg.table_lr)
 
 
-def _count_lookups(model: SplitModel, counts: dict[str, np.ndarray]) -> None:
+def _record_lookups(model: SplitModel, lookups: dict[str, list[np.ndarray]]) -> None:
+    """Append the row ids the last backward pass looked up (with repeats) per table."""
     for name in model.table_names:
-        mod = model.table(name)
-        grad = mod.weight.grad
+        grad = model.table(name).weight.grad
         if grad is None:
             continue
         idx = grad._indices()[0].numpy() if grad.is_sparse else np.flatnonzero(grad.abs().sum(1).numpy())
-        counts[name] += np.bincount(idx, minlength=counts[name].shape[0]).astype(counts[name].dtype)
+        lookups[name].append(idx.copy())
 
 
 def train_local(
@@ -110,7 +110,7 @@ def train_local(
     cfg: TrainConfig,
     head_opt: torch.optim.Optimizer,
     rng: np.random.Generator,
-    share_tables: bool = True,
+    start_tables: dict[str, np.ndarray] | None = None,
 ) -> tuple[RowUpdate, dict[str, float]]:
     """Train ``model`` on ``org``'s training data for one round.
 
@@ -128,8 +128,9 @@ def train_local(
         The head's optimizer (its state is the organisation's, kept across rounds).
     rng : np.random.Generator
         Shuffles batches.
-    share_tables : bool
-        When False (the ``local`` baseline) no delta is computed.
+    start_tables : dict[str, np.ndarray], optional
+        The tables the model starts from (the synced global version); the update is the
+        difference to them. None (the ``local`` baseline): no update is computed.
 
     Returns
     -------
@@ -145,9 +146,8 @@ def train_local(
             task.loss(model, batch).backward()
             head_opt.step()
 
-    before = {n: model.table(n).weight.detach().clone() for n in model.table_names} if share_tables else {}
     table_opt = _table_optimizer(model, cfg)
-    counts = {n: np.zeros(s[0], dtype=np.int64) for n, s in model.table_shapes().items()}
+    lookups: dict[str, list[np.ndarray]] = {n: [] for n in model.table_names}
     total, steps = 0.0, 0
     for _ in range(cfg.epochs):
         for batch in task.batches(org, "train", cfg.batch_size, rng):
@@ -157,21 +157,23 @@ def train_local(
             if not torch.isfinite(loss):
                 raise FloatingPointError(f"training loss became {float(loss)}; lower the learning rates")
             loss.backward()
-            _count_lookups(model, counts)
+            _record_lookups(model, lookups)
             head_opt.step()
             table_opt.step()
             total += loss.item()
             steps += 1
     update: RowUpdate = {}
-    if share_tables:
+    if start_tables is not None:
         for name in model.table_names:
-            ids = np.flatnonzero(counts[name]).astype(np.int64)
+            seen = np.concatenate(lookups[name]) if lookups[name] else np.zeros(0, np.int64)
+            ids, counts = np.unique(seen.astype(np.int64), return_counts=True)
             pad = getattr(model.table(name), "padding_idx", None)
             if pad is not None:
-                ids = ids[ids != pad]
-            idx_t = torch.from_numpy(ids)
-            delta = (model.table(name).weight.detach()[idx_t] - before[name][idx_t]).numpy().astype(np.float32)
-            weight = np.minimum(counts[name][ids], cfg.max_row_weight).astype(np.float32)
+                keep = ids != pad
+                ids, counts = ids[keep], counts[keep]
+            new = model.table(name).weight.detach()[torch.from_numpy(ids)].numpy()
+            delta = (new - start_tables[name][ids]).astype(np.float32)
+            weight = np.minimum(counts, cfg.max_row_weight).astype(np.float32)
             update[name] = TableUpdate(ids=ids, delta=delta, weight=weight)
     stats = {
         "examples": float(task.num_examples(org, "train")),

@@ -1,0 +1,32 @@
+"""Local training: touched rows, lookup-count weights, deltas against the synced tables."""
+
+import numpy as np
+
+from fedembed.task import TaskSpec, load_task
+from fedembed.train import TrainConfig, make_head_optimizer, train_local
+
+
+def test_update_carries_exactly_the_rows_the_training_data_looked_up():
+    task = load_task(TaskSpec("examples.my_task:ClicksTask", {"orgs": 2, "products": 3000}))
+    model = task.build_model(0)
+    start = model.get_tables()
+    cfg = TrainConfig(max_row_weight=2)
+    update, stats = train_local(task, model, 0, cfg, make_head_optimizer(model, cfg, None), np.random.default_rng(0), start)
+    x, _ = task.data[0]
+    train_ids, counts = np.unique(x[:400], return_counts=True)
+    u = update["products"]
+    assert u.ids.tolist() == train_ids.tolist()
+    np.testing.assert_array_equal(u.weight, np.minimum(counts, 2))
+    now = model.get_tables()["products"]
+    np.testing.assert_allclose(u.delta, now[u.ids] - start["products"][u.ids], atol=1e-7)
+    untouched = np.setdiff1d(np.arange(3000), u.ids)
+    assert np.array_equal(now[untouched], start["products"][untouched])  # sparse optimizer left them alone
+    assert stats["examples"] == 400 and stats["steps"] == 7
+
+
+def test_local_baseline_computes_no_update():
+    task = load_task(TaskSpec("examples.my_task:ClicksTask", {"orgs": 2, "products": 300}))
+    model = task.build_model(1)
+    cfg = TrainConfig()
+    update, _ = train_local(task, model, 1, cfg, make_head_optimizer(model, cfg, None), np.random.default_rng(0), None)
+    assert update == {}
