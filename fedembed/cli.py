@@ -162,7 +162,10 @@ def _print_final(doc: dict, console) -> None:
 def cmd_simulate(args: argparse.Namespace) -> int:
     from fedembed.simulation import simulate
 
+    from fedembed.task import load_task
+
     cfg = config_from_args(args)
+    load_task(cfg.task)  # fail fast on a bad task or options, before the simulation engine starts
     progress = _Progress(cfg.rounds, not args.quiet)
     progress.console.print(
         f"[bold]fedembed[/] simulate: task {cfg.task.name}, {cfg.num_orgs} orgs, {cfg.rounds} rounds, mode {cfg.mode} -> {args.out}"
