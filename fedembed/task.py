@@ -117,6 +117,14 @@ class Task(ABC):
         """True when every organisation's head has the same architecture and labels."""
         return False
 
+    def id_bags(self, batch: Any) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+        """Bags of co-occurring ids in ``batch`` per shared table, as ``(ids, offsets)``.
+
+        Feeds the shared self-supervised objective (:mod:`fedembed.cooc`). The default,
+        no bags, turns it off for the task.
+        """
+        return {}
+
     def describe(self) -> dict[str, Any]:
         """A short JSON-able description for reports."""
         return {"orgs": self.org_names(), "tables": {k: list(v) for k, v in self.table_shapes().items()}}
@@ -211,6 +219,9 @@ class BagTask(Task):
             t = bags.targets[idx]
             targets = torch.from_numpy(t.astype(np.float32) if kind == "multilabel" else t.astype(np.int64))
             yield BagBatch(torch.from_numpy(ids.astype(np.int64)), torch.from_numpy(offsets.astype(np.int64)), targets)
+
+    def id_bags(self, batch: BagBatch) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+        return {"ids": (batch.ids, batch.offsets)}
 
     def loss(self, model: SplitModel, batch: BagBatch) -> torch.Tensor:
         logits = model(batch.ids, batch.offsets)

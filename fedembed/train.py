@@ -16,6 +16,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from fedembed.cooc import cooccurrence_loss
 from fedembed.model import SplitModel
 from fedembed.sparse import RowUpdate, TableUpdate
 from fedembed.task import Task
@@ -46,6 +47,11 @@ class TrainConfig:
         ``sparse_adam`` or ``sgd`` (both update only the rows a batch touched).
     max_row_weight : float
         Cap on a row's weight (its lookup count) in the per-row weighted mean.
+    cooc_weight : float
+        Weight of the shared self-supervised co-occurrence objective
+        (:mod:`fedembed.cooc`) added to the supervised loss; 0 turns it off.
+    cooc_negatives : int
+        Negatives per positive pair of that objective.
     """
 
     epochs: int = 1
@@ -55,6 +61,8 @@ class TrainConfig:
     head_lr: float = 0.005
     table_optimizer: str = "sparse_adam"
     max_row_weight: float = 100.0
+    cooc_weight: float = 0.0
+    cooc_negatives: int = 4
 
     def __post_init__(self) -> None:
         if self.table_optimizer not in TABLE_OPTIMIZERS:
@@ -147,6 +155,7 @@ def train_local(
             head_opt.step()
 
     table_opt = _table_optimizer(model, cfg)
+    gen = torch.Generator().manual_seed(int(rng.integers(2**31)))
     lookups: dict[str, list[np.ndarray]] = {n: [] for n in model.table_names}
     total, steps = 0.0, 0
     for _ in range(cfg.epochs):
@@ -154,6 +163,10 @@ def train_local(
             head_opt.zero_grad(set_to_none=True)
             table_opt.zero_grad(set_to_none=True)
             loss = task.loss(model, batch)
+            if cfg.cooc_weight > 0:
+                for name, (ids, offsets) in task.id_bags(batch).items():
+                    ssl = cooccurrence_loss(model.table(name).weight, ids, offsets, cfg.cooc_negatives, gen)
+                    loss = loss + cfg.cooc_weight * ssl
             if not torch.isfinite(loss):
                 raise FloatingPointError(f"training loss became {float(loss)}; lower the learning rates")
             loss.backward()
