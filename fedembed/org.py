@@ -113,8 +113,12 @@ class Organisation:
 
         head_opt = make_head_optimizer(model, cfg, saved["optimizer"] if saved else None)
         rng = np.random.default_rng([plan.seed, self.org, plan.round])
-        update, stats = train_local(task, model, self.org, cfg, head_opt, rng, start_tables=None if local else tables)
-        self.state.save_head(model.head_state_dict(), head_opt.state_dict(), plan.round)
+        table_state = (saved or {}).get("table_state", {}) if cfg.keep_table_state else None
+        update, stats = train_local(
+            task, model, self.org, cfg, head_opt, rng, start_tables=None if local else tables, table_state=table_state
+        )
+        extra = {"table_state": table_state} if table_state is not None else {}
+        self.state.save_head(model.head_state_dict(), head_opt.state_dict(), plan.round, **extra)
         if local:
             self.state.save_tables(model.get_tables(), plan.round, key)
         head_out = None

@@ -52,6 +52,9 @@ class TrainConfig:
         (:mod:`fedembed.cooc`) added to the supervised loss; 0 turns it off.
     cooc_negatives : int
         Negatives per positive pair of that objective.
+    keep_table_state : bool
+        Keep the local table optimizer's state (Adam moments) of the rows an
+        organisation touched from one round to the next, in its private state.
     """
 
     epochs: int = 1
@@ -63,6 +66,7 @@ class TrainConfig:
     max_row_weight: float = 100.0
     cooc_weight: float = 0.0
     cooc_negatives: int = 4
+    keep_table_state: bool = False
 
     def __post_init__(self) -> None:
         if self.table_optimizer not in TABLE_OPTIMIZERS:
@@ -101,6 +105,34 @@ def _table_optimizer(model: SplitModel, cfg: TrainConfig) -> torch.optim.Optimiz
     return torch.optim.SGD(params, lr=cfg.table_lr)
 
 
+def _load_table_state(opt: torch.optim.Optimizer, model: SplitModel, saved: dict[str, Any]) -> None:
+    """Seed a SparseAdam's moments with the rows saved by :func:`_save_table_state`."""
+    if not isinstance(opt, torch.optim.SparseAdam) or not saved:
+        return
+    for name in model.table_names:
+        if name not in saved:
+            continue
+        w = model.table(name).weight
+        ids = saved[name]["ids"]
+        exp_avg, exp_avg_sq = torch.zeros_like(w), torch.zeros_like(w)
+        exp_avg[ids] = saved[name]["exp_avg"]
+        exp_avg_sq[ids] = saved[name]["exp_avg_sq"]
+        opt.state[w] = {"step": int(saved["step"]), "exp_avg": exp_avg, "exp_avg_sq": exp_avg_sq}
+
+
+def _save_table_state(opt: torch.optim.Optimizer, model: SplitModel, saved: dict[str, Any]) -> None:
+    """Keep the moments of the rows touched so far (this round's win over older ones)."""
+    if not isinstance(opt, torch.optim.SparseAdam):
+        return
+    for name in model.table_names:
+        st = opt.state.get(model.table(name).weight)
+        if not st:
+            continue
+        nonzero = torch.nonzero(st["exp_avg_sq"].abs().sum(1) > 0).squeeze(1)
+        saved[name] = {"ids": nonzero, "exp_avg": st["exp_avg"][nonzero], "exp_avg_sq": st["exp_avg_sq"][nonzero]}
+        saved["step"] = int(st["step"])
+
+
 def _record_lookups(model: SplitModel, lookups: dict[str, list[np.ndarray]]) -> None:
     """Append the row ids the last backward pass looked up (with repeats) per table."""
     for name in model.table_names:
@@ -119,6 +151,7 @@ def train_local(
     head_opt: torch.optim.Optimizer,
     rng: np.random.Generator,
     start_tables: dict[str, np.ndarray] | None = None,
+    table_state: dict[str, Any] | None = None,
 ) -> tuple[RowUpdate, dict[str, float]]:
     """Train ``model`` on ``org``'s training data for one round.
 
@@ -139,6 +172,9 @@ def train_local(
     start_tables : dict[str, np.ndarray], optional
         The tables the model starts from (the synced global version); the update is the
         difference to them. None (the ``local`` baseline): no update is computed.
+    table_state : dict, optional
+        The organisation's saved table optimizer state (``cfg.keep_table_state``);
+        loaded before and updated in place after training.
 
     Returns
     -------
@@ -155,6 +191,8 @@ def train_local(
             head_opt.step()
 
     table_opt = _table_optimizer(model, cfg)
+    if table_state is not None:
+        _load_table_state(table_opt, model, table_state)
     gen = torch.Generator().manual_seed(int(rng.integers(2**31)))
     lookups: dict[str, list[np.ndarray]] = {n: [] for n in model.table_names}
     total, steps = 0.0, 0
@@ -175,6 +213,8 @@ def train_local(
             table_opt.step()
             total += loss.item()
             steps += 1
+    if table_state is not None:
+        _save_table_state(table_opt, model, table_state)
     update: RowUpdate = {}
     if start_tables is not None:
         for name in model.table_names:

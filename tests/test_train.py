@@ -30,3 +30,26 @@ def test_local_baseline_computes_no_update():
     cfg = TrainConfig()
     update, _ = train_local(task, model, 1, cfg, make_head_optimizer(model, cfg, None), np.random.default_rng(0), None)
     assert update == {}
+
+
+def test_table_optimizer_state_of_touched_rows_carries_over_rounds(tmp_path):
+    task = load_task(TaskSpec("examples.my_task:ClicksTask", {"orgs": 2, "products": 3000}))
+    cfg = TrainConfig(keep_table_state=True)
+    state: dict = {}
+    model = task.build_model(0)
+    train_local(task, model, 0, cfg, make_head_optimizer(model, cfg, None), np.random.default_rng(0), model.get_tables(), state)
+    ids = state["products"]["ids"].numpy()
+    assert state["step"] == 7
+    assert set(ids.tolist()) == set(np.unique(task.data[0][0][:400]).tolist())
+    from fedembed.store import OrgState
+
+    OrgState(tmp_path).save_head({}, {}, 1, table_state=state)
+    back = OrgState(tmp_path).load_head()["table_state"]
+    model2 = task.build_model(0)
+    opt = __import__("torch").optim.SparseAdam(model2.table_parameters(), lr=0.01)
+    from fedembed.train import _load_table_state
+
+    _load_table_state(opt, model2, back)
+    st = opt.state[model2.table("products").weight]
+    assert st["step"] == 7
+    assert np.allclose(st["exp_avg_sq"][ids].numpy(), state["products"]["exp_avg_sq"].numpy())
