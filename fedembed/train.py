@@ -60,8 +60,8 @@ class TrainConfig:
     epochs: int = 1
     head_epochs: int = 0
     batch_size: int = 64
-    table_lr: float = 0.01
-    head_lr: float = 0.005
+    table_lr: float = 0.05
+    head_lr: float = 0.01
     table_optimizer: str = "sparse_adam"
     max_row_weight: float = 100.0
     cooc_weight: float = 0.0
