@@ -29,6 +29,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from fedembed.residual import ResidualTable
+
 log = logging.getLogger(__name__)
 
 TableModule = nn.Embedding | nn.EmbeddingBag
@@ -99,7 +101,31 @@ class SplitModel(nn.Module):
 
     def table(self, name: str) -> TableModule:
         """The embedding module of shared table ``name``."""
-        return self.module.get_submodule(self._paths[name])  # type: ignore[return-value]
+        mod = self.module.get_submodule(self._paths[name])
+        return mod.shared if isinstance(mod, ResidualTable) else mod  # type: ignore[return-value]
+
+    def add_residuals(self) -> None:
+        """Give every shared table a private zero-initialised residual (see :mod:`fedembed.residual`).
+
+        The residuals are head state: saved with :meth:`head_state_dict`, never uploaded,
+        and trained by the sparse table optimizer (:meth:`sparse_parameters`).
+        """
+        for name, path in self._paths.items():
+            mod = self.module.get_submodule(path)
+            if isinstance(mod, ResidualTable):
+                continue
+            parent_path, _, attr = path.rpartition(".")
+            parent = self.module.get_submodule(parent_path) if parent_path else self.module
+            setattr(parent, attr, ResidualTable(mod))
+
+    def residual_parameters(self) -> list[nn.Parameter]:
+        """Weights of the private residual tables (empty without :meth:`add_residuals`)."""
+        out = []
+        for path in self._paths.values():
+            mod = self.module.get_submodule(path)
+            if isinstance(mod, ResidualTable):
+                out.append(mod.residual.weight)
+        return out
 
     def table_shapes(self) -> dict[str, tuple[int, int]]:
         """``(rows, dim)`` of every shared table."""
@@ -110,22 +136,30 @@ class SplitModel(nn.Module):
         return [self.table(n).weight for n in self.table_names]
 
     def head_named_parameters(self) -> list[tuple[str, nn.Parameter]]:
-        """Every parameter that is not a shared table: the private head."""
+        """Every parameter that is not a shared table: the private head (residuals included)."""
         return [(n, p) for n, p in self.module.named_parameters() if id(p) not in self._table_params]
 
     def head_parameters(self) -> list[nn.Parameter]:
-        """Parameters of the private head."""
-        return [p for _, p in self.head_named_parameters()]
+        """Dense parameters of the private head (what the head's optimizer trains)."""
+        residual = {id(p) for p in self.residual_parameters()}
+        return [p for _, p in self.head_named_parameters() if id(p) not in residual]
+
+    def _table_keys(self) -> set[str]:
+        keys = set()
+        for path in self._paths.values():
+            mod = self.module.get_submodule(path)
+            keys.add(f"{path}.shared.weight" if isinstance(mod, ResidualTable) else f"{path}.weight")
+        return keys
 
     def head_state_dict(self) -> dict[str, torch.Tensor]:
-        """State of the private head (parameters and buffers), without the tables."""
-        table_keys = {f"{self._paths[n]}.weight" for n in self._paths}
+        """State of the private head (parameters, buffers, residuals), without the tables."""
+        table_keys = self._table_keys()
         return {k: v for k, v in self.module.state_dict().items() if k not in table_keys}
 
     def load_head_state_dict(self, state: Mapping[str, torch.Tensor]) -> None:
         """Load a state saved by :meth:`head_state_dict`."""
         missing, unexpected = self.module.load_state_dict(dict(state), strict=False)
-        table_keys = {f"{self._paths[n]}.weight" for n in self._paths}
+        table_keys = self._table_keys()
         missing = [k for k in missing if k not in table_keys]
         if missing or unexpected:
             raise SplitError(f"head state does not fit the model: missing {missing}, unexpected {unexpected}")

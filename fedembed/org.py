@@ -101,6 +101,8 @@ class Organisation:
             self.state.save_tables(tables, version, key)
 
         model = task.build_model(self.org)
+        if cfg.residual:
+            model.add_residuals()
         model.set_tables(tables)
         saved = self.state.load_head()
         if saved is not None:

@@ -55,6 +55,9 @@ class TrainConfig:
     keep_table_state : bool
         Keep the local table optimizer's state (Adam moments) of the rows an
         organisation touched from one round to the next, in its private state.
+    residual : bool
+        Give each organisation a private residual on every shared table
+        (:mod:`fedembed.residual`), trained locally, never uploaded.
     """
 
     epochs: int = 1
@@ -67,6 +70,7 @@ class TrainConfig:
     cooc_weight: float = 0.0
     cooc_negatives: int = 4
     keep_table_state: bool = False
+    residual: bool = False
 
     def __post_init__(self) -> None:
         if self.table_optimizer not in TABLE_OPTIMIZERS:
@@ -99,7 +103,7 @@ def make_head_optimizer(model: SplitModel, cfg: TrainConfig, state: dict | None)
 
 
 def _table_optimizer(model: SplitModel, cfg: TrainConfig) -> torch.optim.Optimizer:
-    params = model.table_parameters()
+    params = model.table_parameters() + model.residual_parameters()
     if cfg.table_optimizer == "sparse_adam":
         return torch.optim.SparseAdam(params, lr=cfg.table_lr)
     return torch.optim.SGD(params, lr=cfg.table_lr)
