@@ -20,6 +20,7 @@ import torch
 from flwr.app import RecordDict
 
 from fedembed.config import RoundPlan
+from fedembed.guard import Guard
 from fedembed.sparse import RowUpdate
 from fedembed.store import OrgState
 from fedembed.tables import RowSync, apply_sync, init_table
@@ -101,7 +102,7 @@ class Organisation:
             self.state.save_tables(tables, version, key)
 
         model = task.build_model(self.org)
-        if cfg.residual:
+        if cfg.residual and plan.mode == "fedembed":
             model.add_residuals()
         model.set_tables(tables)
         saved = self.state.load_head()
@@ -110,6 +111,11 @@ class Organisation:
         if head_in is not None:
             model.load_head_state_dict({k: torch.from_numpy(v) for k, v in head_in.items()})
         metrics = self._evaluate(task, model)
+        if cfg.guard and plan.mode == "fedembed":  # serve shared or private twin, chosen on validation
+            metrics = Guard(self.state.dir).step(
+                task, self.org, cfg, metrics, plan.round, plan.seed, plan.table_scale, plan.run_key,
+                train=not plan.evaluate_only, evaluate=self._evaluate,
+            )
         if plan.evaluate_only:
             return OrgReply(name, "ok", version, metrics=metrics)
 

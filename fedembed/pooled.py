@@ -51,7 +51,7 @@ def run_pooled(cfg: RunConfig, on_round: Callable[[dict], None] | None = None) -
     if shared_heads:
         models = [models[0]] * n
     heads = {id(p): p for m in models for p in m.head_parameters()}
-    head_opt = torch.optim.Adam(list(heads.values()), lr=cfg.train.head_lr)
+    head_opt = torch.optim.AdamW(list(heads.values()), lr=cfg.train.head_lr, weight_decay=cfg.train.head_weight_decay)
     table_opt = _table_optimizer(models[0], cfg.train)
     runlog = RunLog(config=cfg.to_dict())
     rng = np.random.default_rng(cfg.seed)

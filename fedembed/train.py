@@ -57,7 +57,15 @@ class TrainConfig:
         organisation touched from one round to the next, in its private state.
     residual : bool
         Give each organisation a private residual on every shared table
-        (:mod:`fedembed.residual`), trained locally, never uploaded.
+        (:mod:`fedembed.residual`), trained locally, never uploaded (``fedembed`` mode).
+    guard : bool
+        Run the per-organisation guard (:mod:`fedembed.guard`): a private local-only
+        twin is trained alongside, and each organisation serves whichever of the shared
+        model and the twin scores higher on its own validation data (``fedembed`` mode).
+    guard_window : int
+        Evaluations whose validation scores the guard averages before choosing.
+    head_weight_decay : float
+        Decoupled weight decay of the head's optimizer (AdamW); 0 is plain Adam.
     """
 
     epochs: int = 1
@@ -71,15 +79,20 @@ class TrainConfig:
     cooc_negatives: int = 4
     keep_table_state: bool = False
     residual: bool = False
+    guard: bool = False
+    guard_window: int = 3
+    head_weight_decay: float = 0.0
 
     def __post_init__(self) -> None:
         if self.table_optimizer not in TABLE_OPTIMIZERS:
             raise ValueError(f"table_optimizer must be one of {TABLE_OPTIMIZERS}, got {self.table_optimizer!r}")
-        for f in ("epochs", "head_epochs", "batch_size"):
+        for f in ("epochs", "head_epochs", "batch_size", "guard_window"):
             if int(getattr(self, f)) < (1 if f != "head_epochs" else 0):
                 raise ValueError(f"{f} must be positive, got {getattr(self, f)}")
         if not (self.table_lr > 0 and self.head_lr > 0 and self.max_row_weight >= 1):
             raise ValueError("learning rates must be > 0 and max_row_weight >= 1")
+        if self.head_weight_decay < 0:
+            raise ValueError(f"head_weight_decay must be >= 0, got {self.head_weight_decay}")
 
     def to_dict(self) -> dict[str, Any]:
         """Plain dict (for messages and metrics.json)."""
@@ -94,7 +107,7 @@ class TrainConfig:
 
 def make_head_optimizer(model: SplitModel, cfg: TrainConfig, state: dict | None) -> torch.optim.Optimizer:
     """The head's Adam optimizer, resumed from ``state`` when given."""
-    opt = torch.optim.Adam(model.head_parameters(), lr=cfg.head_lr)
+    opt = torch.optim.AdamW(model.head_parameters(), lr=cfg.head_lr, weight_decay=cfg.head_weight_decay)
     if state:
         opt.load_state_dict(state)
         for g in opt.param_groups:

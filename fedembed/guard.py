@@ -1,0 +1,170 @@
+"""The per-organisation guard: use the shared table only where it helps, judged on validation.
+
+When organisations' tasks differ, the shared table is pulled towards whichever task
+dominates it, and a minority organisation's head may do worse on it than on a table of its
+own. The guard lets each organisation find that out on its own **validation** data, round
+by round, and fall back where sharing does not pay:
+
+- candidate ``shared``: the federated model (shared tables, with the private residual of
+  :mod:`fedembed.residual` when ``TrainConfig.residual`` is on, and the private head). It
+  is trained and uploads its row deltas every round whatever the guard chooses, so the
+  federation never loses an organisation's data;
+- candidate ``local``: a private *twin* trained on the organisation's own data alone
+  (its own table and head, kept in ``<state_dir>/guard``, never uploaded). It starts from
+  the same seeded tables and head and sees the same batches as the ``local`` baseline
+  mode, so it *is* that baseline, run inside the organisation.
+
+At every evaluation both candidates are scored on the validation split; the guard keeps
+the last ``TrainConfig.guard_window`` validation scores of each and serves the candidate
+with the higher mean (``shared`` on ties). The metrics an organisation reports (``score``,
+``loss``, ``val_*``) are those of the served candidate; ``guard_local`` (1.0 when the twin
+is served) and both candidates' ``*_val_score`` are reported alongside so the choice can be
+audited. The test split never enters the choice.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from fedembed.model import SplitModel
+from fedembed.store import OrgState, atomic_write
+from fedembed.task import Task
+from fedembed.train import TrainConfig, make_head_optimizer, train_local
+
+log = logging.getLogger(__name__)
+
+SHARED, LOCAL = "shared", "local"
+
+
+def choose(history: list[dict[str, float]], window: int) -> str:
+    """The candidate to serve, from the validation scores of the last ``window`` evaluations.
+
+    Parameters
+    ----------
+    history : list of dict
+        One entry per evaluation, oldest first, each with ``shared`` and ``local``: the
+        candidates' validation scores (higher is better).
+    window : int
+        How many of the latest evaluations are averaged (smooths a small validation set).
+
+    Returns
+    -------
+    str
+        ``"local"`` when the twin's mean validation score is strictly higher, else ``"shared"``.
+    """
+    recent = history[-max(int(window), 1) :]
+    if not recent:
+        return SHARED
+    shared = float(np.mean([h[SHARED] for h in recent]))
+    local = float(np.mean([h[LOCAL] for h in recent]))
+    return LOCAL if local > shared else SHARED
+
+
+class Guard:
+    """An organisation's guard and its private local twin.
+
+    Parameters
+    ----------
+    state_dir : Path
+        The organisation's own state directory; the guard keeps its twin and history in
+        ``state_dir / "guard"``.
+    """
+
+    def __init__(self, state_dir: Path) -> None:
+        self.state = OrgState(Path(state_dir) / "guard")
+        self.history_path = self.state.dir / "history.json"
+
+    # ------------------------------------------------------------------ state
+    def _history(self, key: str) -> list[dict[str, float]]:
+        if not self.history_path.exists():
+            return []
+        try:
+            doc = json.loads(self.history_path.read_text())
+        except (OSError, ValueError) as exc:
+            log.warning("guard history %s unreadable (%s); starting afresh", self.history_path, exc)
+            return []
+        return list(doc.get("history", [])) if doc.get("key") == key else []
+
+    def _save_history(self, key: str, history: list[dict[str, float]]) -> None:
+        atomic_write(self.history_path, json.dumps({"key": key, "history": history}).encode())
+
+    def _twin(self, task: Task, org: int, seed: int, scale: float, key: str) -> tuple[SplitModel, dict | None]:
+        """The twin model at its latest state (a fresh one at the start of a run)."""
+        tables, version = self.state.load_tables(task.table_shapes(), seed, scale, key)
+        model = task.build_model(org)
+        model.set_tables(tables)
+        saved = self.state.load_head() if version > 0 else None
+        if saved is not None:
+            model.load_head_state_dict(saved["head"])
+        return model, saved
+
+    # ------------------------------------------------------------------ a stage
+    def step(
+        self,
+        task: Task,
+        org: int,
+        cfg: TrainConfig,
+        shared_metrics: dict[str, float],
+        round_: int,
+        seed: int,
+        scale: float,
+        run_key: str,
+        train: bool,
+        evaluate: Callable[[Task, SplitModel], dict[str, float]],
+    ) -> dict[str, float]:
+        """Evaluate the twin, choose on validation, train the twin; returns the metrics to report.
+
+        Parameters
+        ----------
+        task : Task
+            The task.
+        org : int
+            Organisation index.
+        cfg : TrainConfig
+            The recipe (the twin trains with the same one).
+        shared_metrics : dict
+            The shared candidate's metrics at this evaluation (``val_score`` needed).
+        round_ : int
+            The round of this stage (the twin is trained with that round's shuffling).
+        seed, scale : int, float
+            Run seed and version-0 table scale (the twin starts where ``local`` would).
+        run_key : str
+            Identifies the run; a twin of another run is discarded.
+        train : bool
+            Train the twin after evaluating (False for the closing evaluation).
+        evaluate : callable
+            ``evaluate(task, model) -> metrics`` with ``val_*`` and test keys.
+
+        Returns
+        -------
+        dict
+            The served candidate's metrics, plus ``guard_local``, ``shared_val_score``
+            and ``local_val_score``.
+        """
+        key = run_key + "|local"  # the same cache key, init and shuffling as the local baseline
+        model, saved = self._twin(task, org, seed, scale, key)
+        twin_metrics = evaluate(task, model)
+        history = self._history(run_key)
+        history.append({SHARED: float(shared_metrics["val_score"]), LOCAL: float(twin_metrics["val_score"]), "round": round_})
+        self._save_history(run_key, history)
+        served = choose(history, cfg.guard_window)
+        out = dict(twin_metrics if served == LOCAL else shared_metrics)
+        out["guard_local"] = 1.0 if served == LOCAL else 0.0
+        out["shared_val_score"] = float(shared_metrics["val_score"])
+        out["local_val_score"] = float(twin_metrics["val_score"])
+        if train:
+            head_opt = make_head_optimizer(model, cfg, saved["optimizer"] if saved else None)
+            rng = np.random.default_rng([seed, org, round_])
+            table_state: dict[str, Any] | None = (saved or {}).get("table_state", {}) if cfg.keep_table_state else None
+            twin_cfg = TrainConfig.from_dict({**cfg.to_dict(), "residual": False})
+            train_local(task, model, org, twin_cfg, head_opt, rng, start_tables=None, table_state=table_state)
+            extra = {"table_state": table_state} if table_state is not None else {}
+            self.state.save_head(model.head_state_dict(), head_opt.state_dict(), round_, **extra)
+            self.state.save_tables(model.get_tables(), round_, key)
+        return out
