@@ -265,13 +265,14 @@ def run_flower_secaggplus(work: Workload, num_cpus: int) -> Meter:
     from flwr.common import ndarrays_to_parameters
     from flwr.server import LegacyContext, ServerApp, ServerConfig
     from flwr.server.strategy import FedAvg
+    from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS
     from flwr.server.workflow import DefaultWorkflow, SecAggPlusWorkflow
 
     meter = Meter()
     server = ServerApp()
 
     def stage_of(msg: Any) -> str:
-        cfg = msg.content.config_records.get("secaggplus")
+        cfg = msg.content.config_records.get(RECORD_KEY_CONFIGS)
         if cfg is not None and "stage" in cfg:
             return SECAGG_STAGE_NAMES.get(str(cfg["stage"]), str(cfg["stage"]))
         return msg.metadata.message_type
