@@ -1,0 +1,615 @@
+"""Deployment: the coordinator and the organisations as real Flower processes.
+
+``fedembed server`` = :func:`run_server`: starts a Flower SuperLink (TLS and SuperNode
+authentication on by default), registers the organisations' public keys, submits the
+fedembed ServerApp as a Flower run and follows it, printing progress per round. The run
+is submitted as a minimal Flower App (``state-dir/app/pyproject.toml``: the components
+``server.app:app`` / ``client.app:app`` and the run config, no code) so the ServerApp and
+the ClientApps import fedembed from the environment the user installed; Flower's run-time
+dependency installation (``uv sync``) is switched off on both sides.
+
+``fedembed client`` = :func:`run_client`: runs a Flower SuperNode with the node config
+``org=<index> state-dir=<dir>``, restarting it if it exits while the coordinator is away.
+
+Files in the coordinator's state directory::
+
+    coordinator/     checkpoints (resume from the last finished round)
+    progress.jsonl   one line per finished round, written by the ServerApp
+    metrics.json, embeddings.npz, report.png   when the run is done
+    app/             the Flower App submitted
+    flwr-home/       Flower's own files (FLWR_HOME of the SuperLink and of `flwr` calls)
+    superlink.log    the SuperLink's log
+"""
+
+from __future__ import annotations
+
+import ctypes
+import json
+import logging
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from fedembed.config import ConfigError, RunConfig
+
+log = logging.getLogger(__name__)
+
+CONNECTION = "fedembed"
+"""Name of the SuperLink connection written into ``flwr-home/config.toml``."""
+
+
+# ------------------------------------------------------------------ files of a deployed run
+
+
+class DeployedRunFiles:
+    """What the deployed ServerApp writes into the coordinator's state directory.
+
+    Parameters
+    ----------
+    state_dir : Path
+        The coordinator's state directory (run config ``state-dir``).
+    """
+
+    def __init__(self, state_dir: Path) -> None:
+        self.state_dir = Path(state_dir)
+        self.coordinator_dir = self.state_dir / "coordinator"
+        self.progress = self.state_dir / "progress.jsonl"
+        self.state_dir.mkdir(parents=True, exist_ok=True)
+
+    def _append(self, doc: dict[str, Any]) -> None:
+        with open(self.progress, "a", encoding="utf-8") as f:
+            f.write(json.dumps(doc, default=_json_default) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+
+    def on_round(self, entry: dict) -> None:
+        """Append one finished round (its log entry) to ``progress.jsonl``."""
+        self._append({"event": "closing" if entry.get("closing") else "round", **entry, "time": time.time()})
+
+    def on_done(self, coordinator: Any) -> None:
+        """Write ``metrics.json``, ``embeddings.npz``, ``report.png``; mark the run done."""
+        coordinator.log.write(self.state_dir, coordinator.tables.tables)
+        self._append({"event": "done", "rounds": coordinator.cfg.rounds, "time": time.time()})
+
+
+def _json_default(o: Any) -> Any:
+    if hasattr(o, "item"):
+        return o.item()
+    if hasattr(o, "tolist"):
+        return o.tolist()
+    return str(o)
+
+
+# ------------------------------------------------------------------ processes
+
+
+def _venv_bin() -> str:
+    return str(Path(sys.executable).parent)
+
+
+def flower_env(flwr_home: Path | None = None) -> dict[str, str]:
+    """Environment for Flower processes: our interpreter's bin first, no `uv sync`, no update check."""
+    env = dict(os.environ)
+    env["PATH"] = os.pathsep.join([_venv_bin(), env.get("PATH", "")])
+    env["FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION"] = "1"
+    env["FLWR_DISABLE_UPDATE_CHECK"] = "1"
+    if flwr_home is not None:
+        env["FLWR_HOME"] = str(flwr_home)
+    # the ServerApp / ClientApp processes must find fedembed, server, client and user tasks
+    here = os.getcwd()
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (here, env.get("PYTHONPATH")) if p)
+    return env
+
+
+def _die_with_parent() -> None:  # pragma: no cover - runs in the child
+    """Linux: the child gets SIGTERM when the process that started it dies."""
+    try:
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except OSError:
+        pass
+
+
+def _command(name: str) -> str:
+    path = Path(_venv_bin()) / name
+    return str(path) if path.exists() else name
+
+
+def descendants(pid: int) -> list[int]:
+    """All descendant process ids of ``pid`` (Linux ``/proc``), children first."""
+    children: dict[int, list[int]] = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+        except OSError:
+            continue
+        ppid = int(stat.rsplit(")", 1)[1].split()[1])
+        children.setdefault(ppid, []).append(int(entry.name))
+    out, todo = [], [pid]
+    while todo:
+        for c in children.get(todo.pop(), []):
+            out.append(c)
+            todo.append(c)
+    return out
+
+
+def kill_tree(proc: subprocess.Popen, grace: float = 5.0) -> None:
+    """Stop ``proc`` and every process it started (SIGTERM, then SIGKILL after ``grace`` s).
+
+    Flower's SuperExec and app processes run in sessions of their own, so the process
+    tree, not the process group, is what is walked.
+    """
+    if proc.poll() is not None:
+        return
+    tree = descendants(proc.pid)
+    for pid in [proc.pid, *tree]:
+        try:
+            os.kill(pid, signal.SIGTERM)
+        except ProcessLookupError:
+            pass
+    try:
+        proc.wait(timeout=grace)
+    except subprocess.TimeoutExpired:
+        pass
+    for pid in [proc.pid, *tree]:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    proc.wait()
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A TCP port free on ``host`` right now."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind((host, 0))
+        return int(s.getsockname()[1])
+
+
+def wait_for_port(host: str, port: int, timeout: float, proc: subprocess.Popen | None = None) -> None:
+    """Wait until ``host:port`` accepts TCP connections; fail early if ``proc`` exits."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc is not None and proc.poll() is not None:
+            raise RuntimeError(f"process exited with code {proc.returncode} before {host}:{port} was up")
+        try:
+            with socket.create_connection((host, port), timeout=1.0):
+                return
+        except OSError:
+            time.sleep(0.2)
+    raise TimeoutError(f"{host}:{port} not accepting connections after {timeout:.0f} s")
+
+
+# ------------------------------------------------------------------ coordinator
+
+
+@dataclass
+class ServerOptions:
+    """How ``fedembed server`` runs the coordinator.
+
+    Parameters
+    ----------
+    state_dir : Path
+        Checkpoints, progress, outputs; restarting with the same directory resumes.
+    host, port : str, int
+        Where the SuperLink listens (Fleet, Control and Runtime APIs share this port in
+        Flower 1.42). ``0.0.0.0`` for organisations on other machines.
+    certfile, keyfile, ca_certfile : Path or None
+        TLS server certificate, its key, and the CA that signed it (required unless
+        ``insecure``).
+    insecure : bool
+        Plain HTTP, no SuperNode authentication. For loopback trials only.
+    auth_keys : list of Path
+        Public keys (OpenSSH ``ecdsa-sha2-nistp*``) of the organisations allowed to join.
+        Empty with TLS on: authentication is off (logged as a warning).
+    startup_timeout : float
+        Seconds to wait for the SuperLink to listen.
+    poll_seconds : float
+        How often the run's status is checked.
+    """
+
+    state_dir: Path
+    host: str = "127.0.0.1"
+    port: int = 9092
+    certfile: Path | None = None
+    keyfile: Path | None = None
+    ca_certfile: Path | None = None
+    insecure: bool = False
+    auth_keys: list[Path] = field(default_factory=list)
+    startup_timeout: float = 60.0
+    poll_seconds: float = 5.0
+
+    def __post_init__(self) -> None:
+        self.state_dir = Path(self.state_dir).resolve()
+        if not self.insecure:
+            missing = [n for n, v in (("--certfile", self.certfile), ("--keyfile", self.keyfile),
+                                      ("--ca-certfile", self.ca_certfile)) if v is None]
+            if missing:
+                raise ConfigError(
+                    f"TLS is on by default and needs {', '.join(missing)} "
+                    "(make test ones with `fedembed certs DIR`), or pass --insecure for a loopback trial"
+                )
+            for p in (self.certfile, self.keyfile, self.ca_certfile):
+                if not Path(p).is_file():
+                    raise ConfigError(f"TLS file {p} not found")
+            self.certfile, self.keyfile, self.ca_certfile = (
+                Path(self.certfile).resolve(), Path(self.keyfile).resolve(), Path(self.ca_certfile).resolve()
+            )
+        for k in self.auth_keys:
+            if not Path(k).is_file():
+                raise ConfigError(f"organisation public key {k} not found")
+        self.auth_keys = [Path(k).resolve() for k in self.auth_keys]
+        if self.insecure and self.auth_keys:
+            raise ConfigError("SuperNode authentication needs TLS: drop --insecure or drop --auth-key")
+
+    @property
+    def connect_host(self) -> str:
+        """Address local `flwr` calls use to reach the SuperLink."""
+        return "127.0.0.1" if self.host in ("0.0.0.0", "::", "") else self.host
+
+    @property
+    def flwr_home(self) -> Path:
+        """FLWR_HOME of the SuperLink and of the `flwr` calls (never the user's ~/.flwr)."""
+        return self.state_dir / "flwr-home"
+
+
+def write_app(app_dir: Path, cfg: RunConfig, state_dir: Path) -> Path:
+    """Write the Flower App that ``flwr run`` submits: components and run config, no code.
+
+    Parameters
+    ----------
+    app_dir : Path
+        Directory to (re)write; gets only ``pyproject.toml``.
+    cfg : RunConfig
+        The run, stored as JSON under run config key ``fedembed``.
+    state_dir : Path
+        The coordinator's state directory, run config key ``state-dir``.
+    """
+    import tomli_w
+
+    app_dir = Path(app_dir)
+    if app_dir.exists():
+        shutil.rmtree(app_dir)
+    app_dir.mkdir(parents=True)
+    doc = {
+        "project": {
+            "name": "fedembed-run",
+            "version": "1.0.0",
+            "description": "fedembed coordinator run (components come from the installed fedembed)",
+            "license": "Apache-2.0",
+            "dependencies": [],
+        },
+        "tool": {
+            "flwr": {
+                "app": {
+                    "publisher": "fedembed",
+                    "components": {"serverapp": "server.app:app", "clientapp": "client.app:app"},
+                    "config": {"fedembed": json.dumps(cfg.to_dict()), "state-dir": str(Path(state_dir).resolve())},
+                }
+            }
+        },
+    }
+    (app_dir / "pyproject.toml").write_bytes(tomli_w.dumps(doc).encode())
+    return app_dir
+
+
+class CoordinatorProcess:
+    """A Flower SuperLink plus our run on it; see the module docstring.
+
+    Parameters
+    ----------
+    opts : ServerOptions
+        Where and how to listen.
+    """
+
+    def __init__(self, opts: ServerOptions) -> None:
+        self.opts = opts
+        self.proc: subprocess.Popen | None = None
+        self.opts.state_dir.mkdir(parents=True, exist_ok=True)
+        self.files = DeployedRunFiles(self.opts.state_dir)
+        self.env = flower_env(self.opts.flwr_home)
+
+    # -------------------------------------------------------------- SuperLink
+    def superlink_command(self) -> list[str]:
+        """The ``flower-superlink`` command line."""
+        o = self.opts
+        cmd = [_command("flower-superlink"), "--host", o.host, "--port", str(o.port),
+               "--disable-runtime-dependency-installation"]
+        if o.insecure:
+            cmd.append("--insecure")
+        else:
+            cmd += ["--ssl-certfile", str(o.certfile), "--ssl-keyfile", str(o.keyfile),
+                    "--ssl-ca-certfile", str(o.ca_certfile)]
+            if o.auth_keys:
+                cmd.append("--enable-supernode-auth")
+        return cmd
+
+    def start(self) -> None:
+        """Start the SuperLink, wait for it, write the `flwr` connection, register org keys."""
+        o = self.opts
+        if o.insecure:
+            log.warning("--insecure: TLS is off and any SuperNode may join; traffic is readable on the network")
+        elif not o.auth_keys:
+            log.warning("no --auth-key given: SuperNode authentication is off, any SuperNode with the CA may join")
+        self._write_connection()
+        logfile = open(o.state_dir / "superlink.log", "ab")  # noqa: SIM115 - owned by the process
+        log.info("starting %s", " ".join(self.superlink_command()))
+        self.proc = subprocess.Popen(
+            self.superlink_command(), cwd=o.state_dir, env=self.env, stdout=logfile, stderr=subprocess.STDOUT,
+            preexec_fn=_die_with_parent,
+        )
+        logfile.close()
+        wait_for_port(o.connect_host, o.port, o.startup_timeout, self.proc)
+        for key in o.auth_keys:
+            self.register(key)
+
+    def _write_connection(self) -> None:
+        import tomli_w
+
+        o = self.opts
+        conn: dict[str, Any] = {"address": f"{o.connect_host}:{o.port}"}
+        if o.insecure:
+            conn["insecure"] = True
+        else:
+            conn["root-certificates"] = str(o.ca_certfile)
+        o.flwr_home.mkdir(parents=True, exist_ok=True)
+        doc = {"superlink": {"default": CONNECTION, CONNECTION: conn}}
+        (o.flwr_home / "config.toml").write_bytes(tomli_w.dumps(doc).encode())
+
+    def flwr(self, *args: str, timeout: float = 60.0) -> dict[str, Any]:
+        """Run ``flwr <args> fedembed --format json`` against our SuperLink; its JSON answer."""
+        cmd = [_command("flwr"), *args, CONNECTION, "--format", "json"]
+        res = subprocess.run(cmd, env=self.env, capture_output=True, text=True, timeout=timeout, cwd=self.opts.state_dir)
+        start = res.stdout.find("{")
+        try:
+            return json.loads(res.stdout[start:]) if start >= 0 else {"success": False, "error-message": res.stderr}
+        except json.JSONDecodeError:
+            return {"success": False, "error-message": res.stdout + res.stderr}
+
+    def register(self, public_key: Path) -> None:
+        """Allow the organisation holding ``public_key``'s private key to join."""
+        out = self.flwr("supernode", "register", str(public_key))
+        if out.get("success"):
+            log.info("registered organisation key %s as node %s", public_key.name, out.get("node-id"))
+        elif "already in use" in str(out.get("error-message", "")):
+            log.info("organisation key %s already registered", public_key.name)
+        else:
+            raise RuntimeError(f"could not register organisation key {public_key}: {out.get('error-message')}")
+
+    # -------------------------------------------------------------- run
+    def submit(self, cfg: RunConfig) -> int:
+        """Submit the fedembed ServerApp for ``cfg``; returns Flower's run id."""
+        app = write_app(self.opts.state_dir / "app", cfg, self.opts.state_dir)
+        out = self.flwr("run", str(app))
+        if not out.get("success"):
+            raise RuntimeError(f"`flwr run` failed: {out.get('error-message')}")
+        return int(out["run-id"])
+
+    def run_status(self, run_id: int) -> tuple[str, str]:
+        """Flower's status of the run (e.g. ``running``, ``finished:completed``) and details."""
+        out = self.flwr("list", "--run-id", str(run_id))
+        runs = out.get("runs") or []
+        if not runs:
+            return "unknown", str(out.get("error-message", ""))
+        return str(runs[0].get("status", "unknown")), str(runs[0].get("status-details", ""))
+
+    def follow(
+        self, run_id: int, on_event: Callable[[dict], None] | None = None, timeout: float | None = None
+    ) -> dict[str, Any]:
+        """Wait for the run to end, passing each ``progress.jsonl`` line to ``on_event``.
+
+        Returns
+        -------
+        dict
+            ``{"status": ..., "details": ..., "done": bool}``; ``done`` means the ServerApp
+            wrote its outputs.
+        """
+        offset = self.files.progress.stat().st_size if self.files.progress.exists() else 0
+        deadline = None if timeout is None else time.monotonic() + timeout
+        next_poll, done = 0.0, False
+        while True:
+            if self.files.progress.exists():
+                with open(self.files.progress, encoding="utf-8") as f:
+                    f.seek(offset)
+                    for line in f:
+                        if not line.endswith("\n"):
+                            break
+                        offset += len(line.encode())
+                        event = json.loads(line)
+                        done = done or event.get("event") == "done"
+                        if on_event is not None:
+                            on_event(event)
+            if self.proc is not None and self.proc.poll() is not None:
+                return {"status": "superlink-exited", "details": f"SuperLink exited with {self.proc.returncode}", "done": done}
+            if time.monotonic() >= next_poll or done:
+                status, details = self.run_status(run_id)
+                if status.startswith("finished"):
+                    return {"status": status, "details": details, "done": done}
+                next_poll = time.monotonic() + self.opts.poll_seconds
+            if deadline is not None and time.monotonic() > deadline:
+                return {"status": "timeout", "details": "", "done": done}
+            time.sleep(0.5)
+
+    def stop(self) -> None:
+        """Stop the SuperLink and everything it started."""
+        if self.proc is not None:
+            kill_tree(self.proc)
+            self.proc = None
+
+
+def resume_round(state_dir: Path) -> int:
+    """The last round checkpointed in ``state_dir`` (0: none)."""
+    from fedembed.store import load_latest_checkpoint
+
+    ckpt = load_latest_checkpoint(Path(state_dir) / "coordinator")
+    return 0 if ckpt is None else ckpt.round
+
+
+def run_server(
+    cfg: RunConfig, opts: ServerOptions, on_event: Callable[[dict], None] | None = None
+) -> dict[str, Any]:
+    """``fedembed server``: SuperLink + run, until the run ends. Resumes from ``opts.state_dir``.
+
+    Parameters
+    ----------
+    cfg : RunConfig
+        The run (must be the same task as the checkpoints in the state dir, if any).
+    opts : ServerOptions
+        Listening, TLS, organisation keys, state directory.
+    on_event : callable, optional
+        Called with each progress event (``round``, ``closing``, ``done``).
+
+    Returns
+    -------
+    dict
+        Final status (see :meth:`CoordinatorProcess.follow`).
+    """
+    done = resume_round(opts.state_dir)
+    if done:
+        log.info("state dir %s holds round %d of %d: continuing from there", opts.state_dir, done, cfg.rounds)
+    (opts.state_dir).mkdir(parents=True, exist_ok=True)
+    (opts.state_dir / "run.json").write_text(json.dumps(cfg.to_dict(), indent=1))
+    coord = CoordinatorProcess(opts)
+    with _forward_signals(), _stopping(coord):
+        coord.start()
+        run_id = coord.submit(cfg)
+        log.info("submitted run %d; waiting for %s organisation(s)", run_id, cfg.min_orgs)
+        return coord.follow(run_id, on_event)
+
+
+@contextmanager
+def _stopping(coord: CoordinatorProcess) -> Iterator[None]:
+    try:
+        yield
+    finally:
+        coord.stop()
+
+
+# ------------------------------------------------------------------ organisation
+
+
+@dataclass
+class ClientOptions:
+    """How ``fedembed client`` runs an organisation.
+
+    Parameters
+    ----------
+    superlink : str
+        The coordinator's address, ``host:port``.
+    org : int
+        This organisation's index in the task.
+    state_dir : Path
+        Its own private state directory (head, optimizer state, table cache).
+    root_cert : Path or None
+        CA certificate that signed the coordinator's certificate (TLS).
+    auth_key : Path or None
+        This organisation's private key (OpenSSH EC); its public key must be listed by
+        the coordinator.
+    insecure : bool
+        Plain HTTP (only against an ``--insecure`` coordinator).
+    runtime_port : int or None
+        Port of the SuperNode's local Runtime API (127.0.0.1); None picks a free one,
+        so several organisations can run on one machine.
+    restart : bool
+        Restart the SuperNode when it exits with an error (coordinator away).
+    """
+
+    superlink: str
+    org: int
+    state_dir: Path
+    root_cert: Path | None = None
+    auth_key: Path | None = None
+    insecure: bool = False
+    runtime_port: int | None = None
+    restart: bool = True
+    extra_node_config: dict[str, str] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.state_dir = Path(self.state_dir).resolve()
+        if self.insecure:
+            if self.auth_key is not None:
+                raise ConfigError("--auth-key needs TLS: drop --insecure")
+        elif self.root_cert is None:
+            raise ConfigError("TLS is on by default: pass --root-cert CA.crt (or --insecure for a loopback trial)")
+        for p in (self.root_cert, self.auth_key):
+            if p is not None and not Path(p).is_file():
+                raise ConfigError(f"{p} not found")
+
+
+def node_config(opts: ClientOptions) -> str:
+    """The ``--node-config`` string: ``org=<index> state-dir="<dir>"`` (+ extras)."""
+    items = {"org": str(opts.org), "state-dir": json.dumps(str(opts.state_dir)), **opts.extra_node_config}
+    return " ".join(f"{k}={v}" for k, v in items.items())
+
+
+def supernode_command(opts: ClientOptions, runtime_port: int) -> list[str]:
+    """The ``flower-supernode`` command line for ``opts`` (the same works by hand)."""
+    cmd = [_command("flower-supernode"), "--superlink", opts.superlink, "--node-config", node_config(opts),
+           "--port", str(runtime_port)]
+    if opts.insecure:
+        cmd.append("--insecure")
+    else:
+        cmd += ["--root-certificates", str(Path(opts.root_cert).resolve())]
+    if opts.auth_key is not None:
+        cmd += ["--auth-supernode-private-key", str(Path(opts.auth_key).resolve())]
+    return cmd
+
+
+@contextmanager
+def _forward_signals() -> Iterator[None]:
+    """SIGTERM raises KeyboardInterrupt, so ``finally`` blocks stop child processes."""
+
+    def handler(signum: int, _frame: Any) -> None:
+        raise KeyboardInterrupt
+
+    old = signal.signal(signal.SIGTERM, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, old)
+
+
+def run_client(opts: ClientOptions, max_restarts: int | None = None) -> int:
+    """``fedembed client``: run the organisation's SuperNode until interrupted.
+
+    A SuperNode that exits with an error (coordinator restarting, network gone) is
+    started again after a pause, unless ``opts.restart`` is off.
+
+    Returns
+    -------
+    int
+        The SuperNode's last exit code (0 on Ctrl-C).
+    """
+    opts.state_dir.mkdir(parents=True, exist_ok=True)
+    env = flower_env(opts.state_dir / "flwr-home")
+    proc: list[subprocess.Popen | None] = [None]
+    restarts, code = 0, 0
+    with _forward_signals():
+        try:
+            while True:
+                port = opts.runtime_port or free_port()
+                cmd = supernode_command(opts, port)
+                log.info("organisation %d: %s", opts.org, " ".join(cmd))
+                proc[0] = subprocess.Popen(cmd, env=env, preexec_fn=_die_with_parent)
+                code = proc[0].wait()
+                proc[0] = None
+                if code == 0 or not opts.restart or (max_restarts is not None and restarts >= max_restarts):
+                    return code
+                restarts += 1
+                log.warning("organisation %d: SuperNode exited with %d; restarting in 3 s", opts.org, code)
+                time.sleep(3.0)
+        except KeyboardInterrupt:
+            return 0
+        finally:
+            if proc[0] is not None:
+                kill_tree(proc[0])
