@@ -68,7 +68,9 @@ def make_server_app(
     Parameters
     ----------
     cfg : RunConfig, optional
-        The run; None reads ``context.run_config["fedembed"]`` (a JSON RunConfig).
+        The run; None reads ``context.run_config["fedembed"]`` (a JSON RunConfig) and,
+        when the run config has ``state-dir`` (``fedembed server``), keeps checkpoints,
+        progress and outputs there (:class:`fedembed.deploy.DeployedRunFiles`).
     state_dir : Path, optional
         Coordinator checkpoints.
     on_round, on_done : callable, optional
@@ -81,10 +83,16 @@ def make_server_app(
         import json
 
         run_cfg = cfg or RunConfig.from_dict(json.loads(str(context.run_config["fedembed"])))
-        coordinator = Coordinator(run_cfg, GridTransport(grid), state_dir=state_dir, on_round=on_round)
+        ckpt_dir, round_hook, done_hook = state_dir, on_round, on_done
+        if cfg is None and "state-dir" in context.run_config:  # deployed by `fedembed server`
+            from fedembed.deploy import DeployedRunFiles
+
+            files = DeployedRunFiles(Path(str(context.run_config["state-dir"])))
+            ckpt_dir, round_hook, done_hook = files.coordinator_dir, files.on_round, files.on_done
+        coordinator = Coordinator(run_cfg, GridTransport(grid), state_dir=ckpt_dir, on_round=round_hook)
         coordinator.run()
-        if on_done is not None:
-            on_done(coordinator)
+        if done_hook is not None:
+            done_hook(coordinator)
 
     return app
 
