@@ -1,4 +1,4 @@
-"""The ``fedembed`` command line: ``simulate`` and ``report``."""
+"""The ``fedembed`` command line: ``simulate``, ``report``, ``server``, ``client``, ``certs``."""
 
 from __future__ import annotations
 
@@ -37,6 +37,15 @@ def _add_simulate(sub: argparse._SubParsersAction) -> None:
         ),
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
+    _add_run_options(p)
+    p.add_argument("--out", type=Path, default=Path("runs/latest"), help="output directory")
+    p.add_argument("--cpus", type=int, default=None, help="CPUs for the simulation engine (default: all)")
+    p.add_argument("--quiet", action="store_true", help="no live progress display")
+    p.add_argument("-v", "--verbose", action="store_true", help="debug logging, Flower's included")
+
+
+def _add_run_options(p: argparse.ArgumentParser) -> None:
+    """Options that define a run (task, recipe, wire): shared by ``simulate`` and ``server``."""
     p.add_argument("--task", default="movies", help=f"{' | '.join(BUILTIN_TASKS)} | package.module:TaskClass")
     p.add_argument("--orgs", type=_positive_int, default=5, help="number of organisations")
     p.add_argument("--rounds", type=_positive_int, default=10, help="federated rounds")
@@ -44,7 +53,6 @@ def _add_simulate(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--mode", choices=MODES, default="fedembed",
                    help="fedembed: shared tables + private heads; local: no federation; "
                         "fedavg-all: heads averaged too; pooled: centralised upper bound")
-    p.add_argument("--out", type=Path, default=Path("runs/latest"), help="output directory")
     g = p.add_argument_group("task options")
     g.add_argument("--scenario", choices=["same", "mixed"], default=None,
                    help="movies: every org predicts genres (same) or orgs predict different targets (mixed)")
@@ -68,9 +76,6 @@ def _add_simulate(sub: argparse._SubParsersAction) -> None:
     w = p.add_argument_group("wire")
     w.add_argument("--wire-dtype", choices=["float16", "float32"], default="float16", help="dtype of uploaded deltas")
     w.add_argument("--max-message-mb", type=float, default=512.0, help="replies larger than this are refused")
-    p.add_argument("--cpus", type=int, default=None, help="CPUs for the simulation engine (default: all)")
-    p.add_argument("--quiet", action="store_true", help="no live progress display")
-    p.add_argument("-v", "--verbose", action="store_true", help="debug logging, Flower's included")
 
 
 def _task_options(args: argparse.Namespace) -> dict[str, Any]:
@@ -115,7 +120,12 @@ def config_from_args(args: argparse.Namespace) -> RunConfig:
         table_scale=args.table_scale,
         wire_dtype=args.wire_dtype,
         max_message_bytes=int(args.max_message_mb * 2**20),
+        **{k: getattr(args, k) for k in _SERVER_RUN_SETTINGS if getattr(args, k, None) is not None},
     )
+
+
+# RunConfig fields set by `fedembed server` flags (absent from `simulate`'s namespace)
+_SERVER_RUN_SETTINGS = ("min_orgs", "round_timeout", "secure", "row_set", "neighbours", "threshold")
 
 
 class _Progress:
@@ -190,6 +200,188 @@ def cmd_report(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_server(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "server",
+        help="run the coordinator: a Flower SuperLink and the fedembed run on it",
+        description=(
+            "Start the coordinator (Flower SuperLink, TLS and SuperNode authentication on by default) and run "
+            "the federated rounds once enough organisations have joined. Writes STATE_DIR/metrics.json, "
+            "embeddings.npz and report.png; checkpoints every round in STATE_DIR/coordinator, so starting "
+            "again with the same --state-dir continues from the last finished round. Any option can also "
+            "come from --config FILE.toml (keys = option names, e.g. rounds = 10, auth-key = [\"org-0.pub\"]); "
+            "flags given on the command line win."
+        ),
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    p.add_argument("--config", type=Path, default=None, help="TOML file with any of these options")
+    _add_run_options(p)
+    c = p.add_argument_group("coordinator")
+    c.add_argument("--min-orgs", type=_positive_int, default=1,
+                   help="organisations a round waits for (and needs replies from)")
+    c.add_argument("--round-timeout", type=float, default=600.0,
+                   help="seconds a round waits for replies; late or dead organisations are left out")
+    c.add_argument("--secure", action=argparse.BooleanOptionalAction, default=False, help="secure aggregation")
+    c.add_argument("--row-set", choices=ROW_SETS, default="union", help="secure mode: rows the masks cover")
+    c.add_argument("--neighbours", type=int, default=None, help="secure mode: SecAgg+ neighbourhood size k")
+    c.add_argument("--threshold", type=int, default=None, help="secure mode: share threshold t")
+    c.add_argument("--state-dir", type=Path, default=Path("runs/server"),
+                   help="checkpoints, outputs, logs; reuse it to resume")
+    n = p.add_argument_group("network")
+    n.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: all interfaces)")
+    n.add_argument("--port", type=int, default=9092, help="port of the SuperLink (Fleet, Control and Runtime APIs)")
+    n.add_argument("--certfile", type=Path, default=None, help="TLS certificate of the coordinator (PEM)")
+    n.add_argument("--keyfile", type=Path, default=None, help="its private key (PEM)")
+    n.add_argument("--ca-certfile", type=Path, default=None, help="CA certificate that signed it (PEM)")
+    n.add_argument("--insecure", action="store_true", help="no TLS, no SuperNode authentication (loopback trials only)")
+    n.add_argument("--auth-key", action="append", default=[], type=Path, metavar="PUB",
+                   help="public key (OpenSSH) of an organisation allowed to join, or a directory of *.pub; repeatable")
+    p.add_argument("--quiet", action="store_true", help="no live progress display")
+    p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+
+
+def _add_client(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "client",
+        help="run an organisation: a Flower SuperNode pointed at the coordinator",
+        description=(
+            "Run one organisation as a Flower SuperNode with node config 'org=ORG state-dir=STATE_DIR'. "
+            "Its private head, optimizer state and table cache stay in STATE_DIR. The stock command "
+            "`flower-supernode --superlink HOST:PORT --root-certificates CA --auth-supernode-private-key KEY "
+            "--node-config 'org=0 state-dir=\"DIR\"'` does the same (give each SuperNode on one machine its own "
+            "--port); this wrapper also restarts it while the coordinator is away."
+        ),
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    p.add_argument("--superlink", default="127.0.0.1:9092", help="coordinator address HOST:PORT")
+    p.add_argument("--org", type=int, required=True, help="this organisation's index in the task (0-based)")
+    p.add_argument("--state-dir", type=Path, required=True, help="this organisation's private state directory")
+    p.add_argument("--root-cert", type=Path, default=None, help="CA certificate that signed the coordinator's")
+    p.add_argument("--auth-key", type=Path, default=None, help="this organisation's private key (OpenSSH EC)")
+    p.add_argument("--insecure", action="store_true", help="no TLS (only against an --insecure coordinator)")
+    p.add_argument("--runtime-port", type=int, default=None,
+                   help="port of the SuperNode's local Runtime API on 127.0.0.1 (default: a free one)")
+    p.add_argument("--no-restart", action="store_true", help="exit when the SuperNode exits, do not restart it")
+    p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+
+
+def _add_certs(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "certs",
+        help="write a test CA, a server certificate and organisation key pairs",
+        description=(
+            "Write DIR/ca.crt, ca.key, server.crt, server.key (valid for localhost, 127.0.0.1 and every --host) "
+            "and DIR/org-<i>.key / org-<i>.pub (SuperNode authentication, EC P-384, OpenSSH). For trials: in "
+            "production each organisation makes its own key pair and sends only the .pub file."
+        ),
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    p.add_argument("dir", type=Path, help="output directory")
+    p.add_argument("--orgs", type=int, default=3, help="organisation key pairs to write")
+    p.add_argument("--host", action="append", default=[], help="extra host name or IP of the coordinator; repeatable")
+    p.add_argument("--days", type=_positive_int, default=365, help="validity of the certificates")
+
+
+def _auth_keys(paths: list[Path]) -> list[Path]:
+    out: list[Path] = []
+    for p in paths:
+        p = Path(p)
+        if p.is_dir():
+            out += sorted(p.glob("*.pub"))
+        else:
+            out.append(p)
+    return out
+
+
+def _with_config_file(argv: list[str] | None, args: argparse.Namespace) -> argparse.Namespace:
+    """Re-parse ``server`` arguments with the TOML file's values as defaults."""
+    import tomllib
+
+    path = Path(args.config)
+    if not path.is_file():
+        raise ConfigError(f"--config {path} not found")
+    with open(path, "rb") as f:
+        doc = tomllib.load(f)
+    parser = build_parser()
+    server = parser._subparsers._group_actions[0].choices["server"]  # noqa: SLF001 - argparse has no public accessor
+    known = {a.dest for a in server._actions}  # noqa: SLF001
+    defaults = {}
+    for key, value in doc.items():
+        dest = key.replace("-", "_")
+        if dest not in known or dest == "config":
+            raise ConfigError(f"{path}: unknown setting {key!r}; see `fedembed server --help`")
+        defaults[dest] = [Path(v) for v in value] if dest == "auth_key" else value
+    server.set_defaults(**defaults)
+    return parser.parse_args(argv)
+
+
+class _DeployProgress(_Progress):
+    """Progress of a deployed run, from the ServerApp's progress events."""
+
+    def __call__(self, event: dict) -> None:
+        if event.get("event") == "done":
+            if self.enabled:
+                self.console.print("[bold]run finished[/]")
+            return
+        if event.get("event") == "round" and event.get("rejected") and self.enabled:
+            for org, why in event["rejected"].items():
+                self.console.print(f"  [red]round {event['round']}: left out {org}[/]: {why}")
+        super().__call__(event)
+
+
+def cmd_server(args: argparse.Namespace, argv: list[str] | None = None) -> int:
+    from fedembed.deploy import ServerOptions, resume_round, run_server
+    from fedembed.task import load_task
+
+    if args.config is not None:
+        args = _with_config_file(argv, args)
+    cfg = config_from_args(args)
+    load_task(cfg.task)  # fail fast on a bad task
+    opts = ServerOptions(
+        state_dir=args.state_dir, host=args.host, port=args.port, certfile=args.certfile, keyfile=args.keyfile,
+        ca_certfile=args.ca_certfile, insecure=args.insecure, auth_keys=_auth_keys(args.auth_key),
+    )
+    progress = _DeployProgress(cfg.rounds, not args.quiet)
+    done = resume_round(opts.state_dir)
+    scheme = "http (INSECURE)" if opts.insecure else "https"
+    progress.console.print(
+        f"[bold]fedembed[/] server: task {cfg.task.name}, {cfg.num_orgs} orgs, {cfg.rounds} rounds, mode {cfg.mode}"
+        f"{', secure' if cfg.secure else ''} on {scheme}://{opts.host}:{opts.port}, "
+        f"{len(opts.auth_keys)} authorised org keys -> {opts.state_dir}"
+        + (f"\nresuming after round {done}" if done else "")
+    )
+    result = run_server(cfg, opts, on_event=progress)
+    if result["done"] and result["status"] == "finished:completed":
+        doc = json.loads((opts.state_dir / "metrics.json").read_text())
+        _print_final(doc, progress.console)
+        progress.console.print(f"wrote {opts.state_dir}/metrics.json, embeddings.npz, report.png")
+        return 0
+    log.error("run ended with status %s: %s (SuperLink log: %s)", result["status"], result["details"],
+              opts.state_dir / "superlink.log")
+    return 1
+
+
+def cmd_client(args: argparse.Namespace) -> int:
+    from fedembed.deploy import ClientOptions, run_client
+
+    opts = ClientOptions(
+        superlink=args.superlink, org=args.org, state_dir=args.state_dir, root_cert=args.root_cert,
+        auth_key=args.auth_key, insecure=args.insecure, runtime_port=args.runtime_port, restart=not args.no_restart,
+    )
+    if opts.insecure:
+        log.warning("--insecure: this organisation's traffic to the coordinator is not encrypted")
+    return run_client(opts)
+
+
+def cmd_certs(args: argparse.Namespace) -> int:
+    from fedembed.certs import write_test_certs
+
+    paths = write_test_certs(args.dir, args.orgs, hosts=args.host, days=args.days)
+    print(f"wrote {paths.ca_cert}, {paths.server_cert}, {paths.server_key} and {args.orgs} org key pairs "
+          f"({args.dir}/org-<i>.key, org-<i>.pub) to {args.dir}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of the ``fedembed`` command."""
     parser = argparse.ArgumentParser(
@@ -200,6 +392,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_simulate(sub)
     r = sub.add_parser("report", help="redraw report.png and print the final metrics of a run directory")
     r.add_argument("dir", help="directory holding metrics.json")
+    _add_server(sub)
+    _add_client(sub)
+    _add_certs(sub)
     return parser
 
 
@@ -214,10 +409,16 @@ def main(argv: list[str] | None = None) -> int:
         sys.path.insert(0, os.getcwd())
     os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (os.getcwd(), os.environ.get("PYTHONPATH")) if p)
     try:
-        return {"simulate": cmd_simulate, "report": cmd_report}[args.command](args)
+        if args.command == "server":
+            return cmd_server(args, argv)
+        commands = {"simulate": cmd_simulate, "report": cmd_report, "client": cmd_client, "certs": cmd_certs}
+        return commands[args.command](args)
     except (ConfigError, TaskError, ValueError) as exc:
         log.error("%s", exc)
         return 2
+    except KeyboardInterrupt:
+        log.warning("interrupted")
+        return 130
 
 
 if __name__ == "__main__":
