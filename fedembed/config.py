@@ -11,6 +11,7 @@ from fedembed.train import TrainConfig
 
 MODES = ("fedembed", "local", "fedavg-all", "pooled")
 ROW_SETS = ("dense", "union", "revealed")
+DROP_STAGES = ("train", "share", "indicators", "unmask_indicators", "masked", "unmask")
 
 
 class ConfigError(ValueError):
@@ -55,6 +56,14 @@ class RunConfig:
         Replies larger than this are refused.
     round_timeout : float
         Seconds to wait for replies in a stage.
+    secure_clip : float
+        Secure mode: largest ``|delta|`` of one table entry that is encoded exactly;
+        larger ones are clipped (see :mod:`fedembed.secagg.quantize`).
+    drop : dict[str, list[int]]
+        Injected dropouts (simulation, tests, demos): ``{"<stage>": [org, ...]}`` or
+        ``{"<stage>@<round>": [...]}``; a listed organisation fails that stage's message
+        as a vanished one would. Stages: ``train``, ``share``, ``indicators``,
+        ``unmask_indicators``, ``masked``, ``unmask``.
     """
 
     task: TaskSpec
@@ -74,6 +83,7 @@ class RunConfig:
     threshold: int | None = None
     max_message_bytes: int = 512 * 2**20
     round_timeout: float = 600.0
+    secure_clip: float = 4.0
     drop: dict[str, list[int]] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -89,6 +99,20 @@ class RunConfig:
             raise ConfigError(f"wire_dtype must be float16 or float32, got {self.wire_dtype!r}")
         if self.secure and self.mode != "fedembed":
             raise ConfigError("--secure applies to --mode fedembed only")
+        if self.secure and self.num_orgs < 2:
+            raise ConfigError("secure aggregation needs at least 2 organisations (a sum of one is no secret)")
+        if not self.secure_clip > 0:
+            raise ConfigError(f"secure_clip must be > 0, got {self.secure_clip}")
+        if self.neighbours is not None and self.neighbours < 1:
+            raise ConfigError(f"neighbours must be >= 1, got {self.neighbours}")
+        if self.threshold is not None and self.threshold < 1:
+            raise ConfigError(f"threshold must be >= 1, got {self.threshold}")
+        if self.neighbours is not None and self.threshold is not None and self.threshold > self.neighbours:
+            raise ConfigError(f"threshold {self.threshold} exceeds the neighbourhood size {self.neighbours}")
+        for key, orgs in self.drop.items():
+            stage = key.partition("@")[0]
+            if stage not in DROP_STAGES or not all(isinstance(o, int) for o in orgs):
+                raise ConfigError(f"drop takes {{stage[@round]: [org indices]}} with stage in {DROP_STAGES}, got {key!r}")
 
     @property
     def num_orgs(self) -> int:
@@ -144,6 +168,8 @@ class RoundPlan:
     train: str
     run_key: str
     secure: bool = False
+    row_set: str = "union"
+    drop: str = "{}"
 
     def to_config(self) -> dict[str, Any]:
         """Flat dict for a ``ConfigRecord``."""
@@ -170,4 +196,16 @@ class RoundPlan:
             train=json.dumps(cfg.train.to_dict()),
             run_key=cfg.run_key(),
             secure=cfg.secure,
+            row_set=cfg.row_set,
+            drop=json.dumps(cfg.drop),
         )
+
+
+class SimulatedDropout(RuntimeError):
+    """Raised by an organisation told to vanish at a stage (:attr:`RunConfig.drop`)."""
+
+
+def should_drop(drop: str | dict, stage: str, round_: int, org: int) -> bool:
+    """Whether organisation ``org`` is to vanish at ``stage`` of ``round_`` (see :attr:`RunConfig.drop`)."""
+    spec = json.loads(drop) if isinstance(drop, str) else drop
+    return org in spec.get(stage, []) or org in spec.get(f"{stage}@{round_}", [])

@@ -198,33 +198,25 @@ class Coordinator:
         return self.log
 
     def run_round(self, round_: int, nodes: list[int]) -> dict:
-        """One round: sync + train + aggregate + update + checkpoint."""
+        """One round: sync + train + aggregate (plain or secure) + update + checkpoint."""
         t0 = time.perf_counter()
         entry = self.log.new_round(round_)
-        contents = {n: self._message(n, round_, False) for n in nodes}
-        entry["download_bytes"] += sum(record_bytes(c) for c in contents.values())
-        replies = self.transport.exchange(TRAIN, contents, self.cfg.round_timeout)
-        entry["stages"]["train"] = {"seconds": time.perf_counter() - t0}
-        updates: list[RowUpdate] = []
-        heads: list[tuple[dict, float]] = []
-        for rep in replies:
-            org, update, head, examples = self._read_reply(rep, entry, round_ - 1)
-            if update is not None:
-                updates.append(update)
-            if head is not None:
-                heads.append((head, examples))
-        entry["clients"] = len(updates) if self.cfg.mode != "local" else len(replies) - len(entry["rejected"])
-        if self.cfg.mode != "local":
-            entry["dense_upload_bytes"] = self.dense_bytes * max(len(replies), 1)
+        if self.cfg.secure:
+            from fedembed.secagg.server import run_secure_round
+
+            agg = run_secure_round(self, round_, nodes, entry)
+            entry.setdefault("clients", 0)
+            entry["dense_upload_bytes"] = self.dense_bytes * max(len(nodes), 1)
+            heads: list[tuple[dict, float]] = []
         else:
-            entry["dense_upload_bytes"] = 0
+            agg, heads = self._plain_exchange(round_, nodes, entry, t0)
         t1 = time.perf_counter()
-        if updates and len(updates) >= self.cfg.min_orgs:
-            agg = sum_updates(updates, list(self.shapes))
+        if agg is not None and entry["clients"] >= self.cfg.min_orgs:
             changed = self.optimizer.step(self.tables, agg, round_)
             entry["rows_changed"] = changed
         else:
-            log.warning("round %d: %d usable updates (< min %d); tables unchanged", round_, len(updates), self.cfg.min_orgs)
+            if self.cfg.mode != "local":
+                log.warning("round %d: %d usable updates (< min %d); tables unchanged", round_, entry["clients"], self.cfg.min_orgs)
             self.tables.version = round_
         if heads:
             self.head = _average_heads(heads)
@@ -234,6 +226,30 @@ class Coordinator:
         if self.on_round:
             self.on_round(entry)
         return entry
+
+    def _plain_exchange(self, round_: int, nodes: list[int], entry: dict, t0: float):
+        """The plain round trip: sync + train, validated replies summed per row."""
+        contents = {n: self._message(n, round_, False) for n in nodes}
+        down = sum(record_bytes(c) for c in contents.values())
+        entry["download_bytes"] += down
+        replies = self.transport.exchange(TRAIN, contents, self.cfg.round_timeout)
+        updates: list[RowUpdate] = []
+        heads: list[tuple[dict, float]] = []
+        for rep in replies:
+            org, update, head, examples = self._read_reply(rep, entry, round_ - 1)
+            if update is not None:
+                updates.append(update)
+            if head is not None:
+                heads.append((head, examples))
+        entry["stages"]["train"] = {
+            "seconds": time.perf_counter() - t0,
+            "upload_bytes": entry["upload_bytes"],
+            "download_bytes": down,
+        }
+        entry["clients"] = len(updates) if self.cfg.mode != "local" else len(replies) - len(entry["rejected"])
+        entry["dense_upload_bytes"] = self.dense_bytes * max(len(replies), 1) if self.cfg.mode != "local" else 0
+        agg = sum_updates(updates, list(self.shapes)) if updates else None
+        return agg, heads
 
     def closing_evaluation(self, nodes: list[int]) -> None:
         """Every organisation evaluates the final tables with its own head."""

@@ -17,11 +17,11 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from flwr.app import RecordDict
+from flwr.app import ConfigRecord, RecordDict
 
-from fedembed.config import RoundPlan
+from fedembed.config import RoundPlan, SimulatedDropout, should_drop
 from fedembed.guard import Guard
-from fedembed.sparse import RowUpdate
+from fedembed.sparse import RowUpdate, UpdateError
 from fedembed.store import OrgState
 from fedembed.tables import RowSync, apply_sync, init_table
 from fedembed.task import Task, TaskSpec, load_task
@@ -152,20 +152,56 @@ def handle_content(organisation: Organisation, content: RecordDict) -> RecordDic
     organisation : Organisation
         Who answers.
     content : RecordDict
-        The coordinator's message content (``config``, ``sync``, optionally ``head``).
+        The coordinator's message content (``config``, ``sync``, optionally ``head``; or a
+        secure stage's records, see :mod:`fedembed.secagg.client`).
 
     Returns
     -------
     RecordDict
-        ``info``, ``metrics``, ``train`` and ``update`` (and ``head`` in fedavg-all).
+        ``info``, ``metrics``, ``train`` and ``update`` (and ``head`` in fedavg-all); in
+        secure mode the key advertisement instead of ``update``, and each secure stage's
+        own records.
+
+    Raises
+    ------
+    SimulatedDropout
+        When the run's injected dropouts name this organisation at this stage.
     """
-    plan = RoundPlan.from_config(dict(content["config"]))
-    task = load_task(TaskSpec.from_json(plan.task))
+    cfg = dict(content["config"])
+    stage = str(cfg.get("stage", "train"))
+    round_ = int(cfg["round"])
+    if should_drop(str(cfg.get("drop", "{}")), stage, round_, organisation.org):
+        log.warning("organisation %d vanishes at stage %s of round %d (injected dropout)", organisation.org, stage, round_)
+        raise SimulatedDropout(f"organisation {organisation.org} dropped at stage {stage} of round {round_}")
+    task = load_task(TaskSpec.from_json(str(cfg["task"])))
     shapes = task.table_shapes()
+    if stage != "train":
+        from fedembed.secagg.client import handle_stage
+        from fedembed.secagg.primitives import CryptoError
+        from fedembed.secagg.protocol import ProtocolError
+
+        name = task.org_names()[organisation.org]
+        try:
+            records = handle_stage(organisation.state.dir, stage, cfg, content, shapes)
+        except (UpdateError, ProtocolError, CryptoError, KeyError, ValueError) as exc:
+            log.warning("%s: secure stage %s failed: %s", name, stage, exc)
+            return RecordDict({"info": ConfigRecord({"org": name, "status": "error", "error": str(exc)})})
+        return RecordDict({"info": ConfigRecord({"org": name, "status": "ok"}), **records})
+
+    plan = RoundPlan.from_config(cfg)
     sync = decode_sync(content["sync"], shapes) if "sync" in content else {}
     head_in = decode_arrays(content["head"]) if "head" in content else None
     reply = organisation.handle(plan, sync, head_in)
-    record = encode_update(reply.update, shapes, plan.wire_dtype) if reply.update is not None else None
-    return reply_content(
+    secure = plan.secure and reply.update is not None and reply.status == "ok"
+    record = None
+    if reply.update is not None and not secure:
+        record = encode_update(reply.update, shapes, plan.wire_dtype)
+    out = reply_content(
         reply.org, reply.status, reply.cache_version, record, reply.metrics, reply.train_stats, reply.head
     )
+    if secure:
+        from fedembed.secagg.client import begin
+
+        for key, rec in begin(organisation.state.dir, plan.run_key, plan.round, plan.row_set, reply.update).items():
+            out[key] = rec
+    return out

@@ -33,7 +33,12 @@ class DirectTransport:
     def exchange(self, message_type, contents, timeout):
         replies = []
         for node, content in contents.items():
-            out = handle_content(self.orgs[node], content)
+            try:
+                out = handle_content(self.orgs[node], content)
+            except Exception as exc:  # what Flower turns into an error reply
+                self.seen.append((node, message_type, exc))
+                replies.append(Reply(node, None, f"{type(exc).__name__}: {exc}"))
+                continue
             if self.tamper is not None:
                 out = self.tamper(node, out)
             self.seen.append((node, message_type, out))

@@ -1,0 +1,55 @@
+"""The SecAgg+ neighbour graph and its default size and threshold.
+
+Each organisation masks against, and shares its secrets with, its k neighbours only
+(Bell et al. 2020), so cost grows with k, not with the number of organisations. The graph
+is a ring over a seeded random permutation of the parties with ``k/2`` neighbours on each
+side (a k-regular, symmetric graph); with ``k >= n - 1`` it is complete.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+
+def default_neighbours(n: int) -> int:
+    """k for ``n`` parties: everyone up to 10 parties, then ``2 * ceil(log2 n) + 2`` (even)."""
+    if n <= 10:
+        return max(n - 1, 1)
+    return min(n - 1, 2 * math.ceil(math.log2(n)) + 2)
+
+
+def default_threshold(k: int) -> int:
+    """t for k neighbours: a strict majority, ``k // 2 + 1``.
+
+    A majority is what keeps a coordinator that lies about who dropped from collecting
+    both the self-mask seed and the mask key of one organisation.
+    """
+    return k // 2 + 1
+
+
+def neighbour_graph(parties: list[int], k: int, seed: int) -> dict[int, list[int]]:
+    """Neighbours of every party (sorted, excluding the party itself).
+
+    Parameters
+    ----------
+    parties : list[int]
+        Party ids.
+    k : int
+        Neighbours per party (rounded up to even on a ring; everyone when ``k >= n - 1``).
+    seed : int
+        Seed of the permutation (the round's).
+    """
+    n = len(parties)
+    if k >= n - 1:
+        return {p: sorted(q for q in parties if q != p) for p in parties}
+    half = math.ceil(k / 2)
+    order = [parties[i] for i in np.random.default_rng(seed).permutation(n)]
+    out: dict[int, set[int]] = {p: set() for p in parties}
+    for i, p in enumerate(order):
+        for d in range(1, half + 1):
+            q = order[(i + d) % n]
+            out[p].add(q)
+            out[q].add(p)
+    return {p: sorted(v) for p, v in out.items()}
