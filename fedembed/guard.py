@@ -14,12 +14,18 @@ by round, and fall back where sharing does not pay:
   the same seeded tables and head and sees the same batches as the ``local`` baseline
   mode, so it *is* that baseline, run inside the organisation.
 
-At every evaluation both candidates are scored on the validation split; the guard keeps
+With ``TrainConfig.guard_blend`` a third candidate, ``blend``, serves the mean of the two
+models' outputs (logits), so an organisation whose shared model and twin are each good at
+different things gets both.
+
+At every evaluation every candidate is scored on the validation split; the guard keeps
 the last ``TrainConfig.guard_window`` validation scores of each and serves the candidate
-with the higher mean (``shared`` on ties). The metrics an organisation reports (``score``,
-``loss``, ``val_*``) are those of the served candidate; ``guard_local`` (1.0 when the twin
-is served) and both candidates' ``*_val_score`` are reported alongside so the choice can be
-audited. The test split never enters the choice.
+with the highest mean (ties go to the one leaning more on the shared table). The metrics
+an organisation reports (``score``, ``loss``, ``val_*``) are those of the served
+candidate; ``guard_weight`` (the shared model's weight in what is served: 1, 0.5 or 0),
+``guard_local`` (1.0 when the twin alone is served) and every candidate's
+``<name>_val_score`` are reported alongside so the choice can be audited. The test split
+never enters the choice.
 """
 
 from __future__ import annotations
@@ -31,6 +37,8 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
+from torch import nn
 
 from fedembed.model import SplitModel
 from fedembed.store import OrgState, atomic_write
@@ -39,7 +47,28 @@ from fedembed.train import TrainConfig, make_head_optimizer, train_local
 
 log = logging.getLogger(__name__)
 
-SHARED, LOCAL = "shared", "local"
+SHARED, BLEND, LOCAL = "shared", "blend", "local"
+#: The shared model's weight in each candidate's output, in order of preference on ties.
+WEIGHTS = {SHARED: 1.0, BLEND: 0.5, LOCAL: 0.0}
+
+
+class Blend(nn.Module):
+    """``w * shared(x) + (1 - w) * twin(x)``: a weighted mean of two models' outputs.
+
+    Parameters
+    ----------
+    shared, twin : nn.Module
+        The two models; called with the same arguments.
+    weight : float
+        Weight of ``shared``.
+    """
+
+    def __init__(self, shared: nn.Module, twin: nn.Module, weight: float) -> None:
+        super().__init__()
+        self.shared, self.twin, self.weight = shared, twin, float(weight)
+
+    def forward(self, *args: Any, **kwargs: Any) -> torch.Tensor:  # noqa: D102
+        return self.weight * self.shared(*args, **kwargs) + (1.0 - self.weight) * self.twin(*args, **kwargs)
 
 
 def choose(history: list[dict[str, float]], window: int) -> str:
@@ -48,22 +77,22 @@ def choose(history: list[dict[str, float]], window: int) -> str:
     Parameters
     ----------
     history : list of dict
-        One entry per evaluation, oldest first, each with ``shared`` and ``local``: the
-        candidates' validation scores (higher is better).
+        One entry per evaluation, oldest first, mapping candidate names (``shared``,
+        ``local``, optionally ``blend``) to their validation scores (higher is better).
     window : int
         How many of the latest evaluations are averaged (smooths a small validation set).
 
     Returns
     -------
     str
-        ``"local"`` when the twin's mean validation score is strictly higher, else ``"shared"``.
+        The candidate with the highest mean; on ties, the one with the larger shared weight.
     """
     recent = history[-max(int(window), 1) :]
     if not recent:
         return SHARED
-    shared = float(np.mean([h[SHARED] for h in recent]))
-    local = float(np.mean([h[LOCAL] for h in recent]))
-    return LOCAL if local > shared else SHARED
+    names = [n for n in WEIGHTS if all(n in h for h in recent)]
+    means = {n: float(np.mean([h[n] for h in recent])) for n in names}
+    return max(names, key=lambda n: (means[n], WEIGHTS[n]))
 
 
 class Guard:
@@ -116,7 +145,8 @@ class Guard:
         scale: float,
         run_key: str,
         train: bool,
-        evaluate: Callable[[Task, SplitModel], dict[str, float]],
+        evaluate: Callable[[Task, nn.Module], dict[str, float]],
+        shared_model: nn.Module | None = None,
     ) -> dict[str, float]:
         """Evaluate the twin, choose on validation, train the twin; returns the metrics to report.
 
@@ -140,24 +170,29 @@ class Guard:
             Train the twin after evaluating (False for the closing evaluation).
         evaluate : callable
             ``evaluate(task, model) -> metrics`` with ``val_*`` and test keys.
+        shared_model : nn.Module, optional
+            The shared candidate's model, needed for the ``blend`` candidate.
 
         Returns
         -------
         dict
-            The served candidate's metrics, plus ``guard_local``, ``shared_val_score``
-            and ``local_val_score``.
+            The served candidate's metrics, plus ``guard_weight``, ``guard_local`` and
+            ``<candidate>_val_score``.
         """
         key = run_key + "|local"  # the same cache key, init and shuffling as the local baseline
         model, saved = self._twin(task, org, seed, scale, key)
-        twin_metrics = evaluate(task, model)
+        candidates = {SHARED: shared_metrics, LOCAL: evaluate(task, model)}
+        if cfg.guard_blend and shared_model is not None:
+            candidates[BLEND] = evaluate(task, Blend(shared_model, model, WEIGHTS[BLEND]))
         history = self._history(run_key)
-        history.append({SHARED: float(shared_metrics["val_score"]), LOCAL: float(twin_metrics["val_score"]), "round": round_})
+        history.append({n: float(m["val_score"]) for n, m in candidates.items()})
         self._save_history(run_key, history)
         served = choose(history, cfg.guard_window)
-        out = dict(twin_metrics if served == LOCAL else shared_metrics)
+        out = dict(candidates[served])
+        out["guard_weight"] = WEIGHTS[served]
         out["guard_local"] = 1.0 if served == LOCAL else 0.0
-        out["shared_val_score"] = float(shared_metrics["val_score"])
-        out["local_val_score"] = float(twin_metrics["val_score"])
+        for n, m in candidates.items():
+            out[f"{n}_val_score"] = float(m["val_score"])
         if train:
             head_opt = make_head_optimizer(model, cfg, saved["optimizer"] if saved else None)
             rng = np.random.default_rng([seed, org, round_])

@@ -114,7 +114,7 @@ class Organisation:
         if cfg.guard and plan.mode == "fedembed":  # serve shared or private twin, chosen on validation
             metrics = Guard(self.state.dir).step(
                 task, self.org, cfg, metrics, plan.round, plan.seed, plan.table_scale, plan.run_key,
-                train=not plan.evaluate_only, evaluate=self._evaluate,
+                train=not plan.evaluate_only, evaluate=self._evaluate, shared_model=model,
             )
         if plan.evaluate_only:
             return OrgReply(name, "ok", version, metrics=metrics)

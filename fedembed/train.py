@@ -64,6 +64,8 @@ class TrainConfig:
         model and the twin scores higher on its own validation data (``fedembed`` mode).
     guard_window : int
         Evaluations whose validation scores the guard averages before choosing.
+    guard_blend : bool
+        Let the guard also serve the mean of the shared model's and the twin's outputs.
     head_weight_decay : float
         Decoupled weight decay of the head's optimizer (AdamW); 0 is plain Adam.
     """
@@ -81,6 +83,7 @@ class TrainConfig:
     residual: bool = False
     guard: bool = False
     guard_window: int = 3
+    guard_blend: bool = False
     head_weight_decay: float = 0.0
 
     def __post_init__(self) -> None:

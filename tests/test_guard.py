@@ -7,7 +7,7 @@ from flwr.supercore.inflatable.inflatable_object import get_all_nested_objects
 
 from fedembed.config import RunConfig
 from fedembed.coordinator import Coordinator
-from fedembed.guard import LOCAL, SHARED, Guard, choose
+from fedembed.guard import BLEND, LOCAL, SHARED, Blend, Guard, choose
 from fedembed.tables import init_table
 from fedembed.task import TaskSpec, load_task
 from fedembed.train import TrainConfig
@@ -21,6 +21,15 @@ def test_choose_averages_the_latest_validation_window_and_prefers_shared_on_ties
     assert choose(h, window=2) == SHARED  # the old round falls out of the window
     assert choose([{SHARED: 0.5, LOCAL: 0.5}], window=3) == SHARED
     assert choose([], window=3) == SHARED
+
+
+def test_blend_candidate_serves_the_mean_of_both_outputs_and_loses_ties_to_shared():
+    a, b = torch.nn.Linear(3, 2), torch.nn.Linear(3, 2)
+    x = torch.randn(4, 3)
+    torch.testing.assert_close(Blend(a, b, 0.5)(x), 0.5 * a(x) + 0.5 * b(x))
+    assert choose([{SHARED: 0.5, BLEND: 0.6, LOCAL: 0.55}], window=1) == BLEND
+    assert choose([{SHARED: 0.6, BLEND: 0.6, LOCAL: 0.6}], window=1) == SHARED
+    assert choose([{SHARED: 0.5, BLEND: 0.6, LOCAL: 0.6}], window=1) == BLEND
 
 
 def test_choice_is_made_on_validation_even_when_test_says_otherwise(tmp_path):
