@@ -15,6 +15,7 @@ from flwr.clientapp import ClientApp
 
 from fedembed.audit import AuditMod
 from fedembed.org import Organisation, handle_content
+from fedembed.secagg.client import SECURE_STAGES
 
 log = logging.getLogger(__name__)
 
@@ -51,6 +52,12 @@ def make_client_app(state_root: str | None = None, audit_dir: str | None = None)
     @app.evaluate()
     def evaluate(msg: Message, context: Context) -> Message:
         return Message(handle_content(organisation_from_context(context, state_root), msg.content), reply_to=msg)
+
+    def secure_stage(msg: Message, context: Context) -> Message:
+        return Message(handle_content(organisation_from_context(context, state_root), msg.content), reply_to=msg)
+
+    for stage in SECURE_STAGES:  # message types train.<stage> of secure aggregation
+        app.train(stage)(secure_stage)
 
     return app
 

@@ -38,6 +38,10 @@ def _add_simulate(sub: argparse._SubParsersAction) -> None:
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     _add_run_options(p)
+    _add_secure_options(p)
+    p.add_argument("--drop", action="append", default=[], metavar="STAGE[@ROUND]:ORG[,ORG]",
+                   help="inject a dropout: organisation ORG vanishes at STAGE (train, share, indicators, "
+                        "unmask_indicators, masked, unmask), in every round or only ROUND; repeatable")
     p.add_argument("--out", type=Path, default=Path("runs/latest"), help="output directory")
     p.add_argument("--cpus", type=int, default=None, help="CPUs for the simulation engine (default: all)")
     p.add_argument("--quiet", action="store_true", help="no live progress display")
@@ -76,6 +80,36 @@ def _add_run_options(p: argparse.ArgumentParser) -> None:
     w = p.add_argument_group("wire")
     w.add_argument("--wire-dtype", choices=["float16", "float32"], default="float16", help="dtype of uploaded deltas")
     w.add_argument("--max-message-mb", type=float, default=512.0, help="replies larger than this are refused")
+
+
+def _add_secure_options(p: argparse.ArgumentParser) -> None:
+    """Secure aggregation options: shared by ``simulate`` and ``server``."""
+    s = p.add_argument_group("secure aggregation (SecAgg+)")
+    s.add_argument("--secure", action=argparse.BooleanOptionalAction, default=False,
+                   help="the coordinator learns only the sum of the organisations' table updates")
+    s.add_argument("--row-set", choices=ROW_SETS, default="union",
+                   help="rows the masked vectors cover: dense = all rows (reveals nothing more); union = rows "
+                        "anyone touched, found by a secure count (reveals how many orgs touched each row, not "
+                        "who); revealed = each org tells its own row ids (values stay masked)")
+    s.add_argument("--neighbours", type=_positive_int, default=None,
+                   help="SecAgg+ neighbourhood size k (default: everyone up to 10 orgs, then 2*ceil(log2 n)+2)")
+    s.add_argument("--threshold", type=_positive_int, default=None,
+                   help="Shamir threshold t (default k//2+1); a round survives up to k-t dropouts per neighbourhood")
+    s.add_argument("--secure-clip", type=float, default=4.0,
+                   help="largest |delta| of a table entry encoded exactly (larger ones are clipped)")
+
+
+def _drops(items: list[str]) -> dict[str, list[int]]:
+    out: dict[str, list[int]] = {}
+    for item in items:
+        stage, sep, orgs = item.partition(":")
+        try:
+            if not sep:
+                raise ValueError
+            out.setdefault(stage, []).extend(int(o) for o in orgs.split(","))
+        except ValueError:
+            raise ConfigError(f"--drop takes STAGE[@ROUND]:ORG[,ORG], got {item!r}") from None
+    return out
 
 
 def _task_options(args: argparse.Namespace) -> dict[str, Any]:
@@ -120,12 +154,13 @@ def config_from_args(args: argparse.Namespace) -> RunConfig:
         table_scale=args.table_scale,
         wire_dtype=args.wire_dtype,
         max_message_bytes=int(args.max_message_mb * 2**20),
+        drop=_drops(getattr(args, "drop", [])),
         **{k: getattr(args, k) for k in _SERVER_RUN_SETTINGS if getattr(args, k, None) is not None},
     )
 
 
 # RunConfig fields set by `fedembed server` flags (absent from `simulate`'s namespace)
-_SERVER_RUN_SETTINGS = ("min_orgs", "round_timeout", "secure", "row_set", "neighbours", "threshold")
+_SERVER_RUN_SETTINGS = ("min_orgs", "round_timeout", "secure", "row_set", "neighbours", "threshold", "secure_clip")
 
 
 class _Progress:
@@ -216,15 +251,14 @@ def _add_server(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--config", type=Path, default=None, help="TOML file with any of these options")
     _add_run_options(p)
+    _add_secure_options(p)
     c = p.add_argument_group("coordinator")
     c.add_argument("--min-orgs", type=_positive_int, default=1,
                    help="organisations a round waits for (and needs replies from)")
+    c.add_argument("--start-orgs", type=int, default=None,
+                   help="start the rounds once this many organisations are online (default: --min-orgs)")
     c.add_argument("--round-timeout", type=float, default=600.0,
                    help="seconds a round waits for replies; late or dead organisations are left out")
-    c.add_argument("--secure", action=argparse.BooleanOptionalAction, default=False, help="secure aggregation")
-    c.add_argument("--row-set", choices=ROW_SETS, default="union", help="secure mode: rows the masks cover")
-    c.add_argument("--neighbours", type=int, default=None, help="secure mode: SecAgg+ neighbourhood size k")
-    c.add_argument("--threshold", type=int, default=None, help="secure mode: share threshold t")
     c.add_argument("--state-dir", type=Path, default=Path("runs/server"),
                    help="checkpoints, outputs, logs; reuse it to resume")
     n = p.add_argument_group("network")
@@ -319,6 +353,10 @@ class _DeployProgress(_Progress):
     """Progress of a deployed run, from the ServerApp's progress events."""
 
     def __call__(self, event: dict) -> None:
+        if event.get("event") == "waiting":
+            if self.enabled:
+                self.console.print(f"organisations online: {event['online']}/{event['wanted']}")
+            return
         if event.get("event") == "done":
             if self.enabled:
                 self.console.print("[bold]run finished[/]")
@@ -350,7 +388,8 @@ def cmd_server(args: argparse.Namespace, argv: list[str] | None = None) -> int:
         f"{len(opts.auth_keys)} authorised org keys -> {opts.state_dir}"
         + (f"\nresuming after round {done}" if done else "")
     )
-    result = run_server(cfg, opts, on_event=progress)
+    start_orgs = args.start_orgs if args.start_orgs is not None else cfg.min_orgs
+    result = run_server(cfg, opts, on_event=progress, start_orgs=start_orgs)
     if result["done"] and result["status"] == "finished:completed":
         doc = json.loads((opts.state_dir / "metrics.json").read_text())
         _print_final(doc, progress.console)

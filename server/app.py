@@ -49,12 +49,20 @@ class GridTransport:
         for msg in self.grid.send_and_receive(messages, timeout=timeout):
             node = msg.metadata.src_node_id
             if msg.has_error():
-                replies.append(Reply(node, None, f"{msg.error.code}: {msg.error.reason}"))
+                replies.append(Reply(node, None, f"error {msg.error.code}: {_short(msg.error.reason)}"))
             else:
                 replies.append(Reply(node, msg.content))
         answered = {r.node for r in replies}
         replies += [Reply(n, None, f"no reply within {timeout:.0f} s") for n in contents if n not in answered]
         return replies
+
+
+def _short(reason: str, limit: int = 300) -> str:
+    """The useful end of a remote traceback (Flower forwards whole Ray tracebacks)."""
+    lines = [ln.strip() for ln in str(reason).replace("\\n", "\n").splitlines() if ln.strip()]
+    msg = next((ln for ln in reversed(lines) if "Message:" in ln), lines[-1] if lines else "")
+    msg = msg.split("Message:", 1)[-1].strip().strip("'>")
+    return msg[:limit]
 
 
 def make_server_app(
