@@ -85,7 +85,7 @@ class Organisation:
         if not 0 <= self.org < task.num_orgs:
             raise ValueError(f"organisation index {self.org} outside the task's {task.num_orgs} organisations")
         name = task.org_names()[self.org]
-        cfg = TrainConfig.from_dict(json.loads(plan.train))
+        cfg = TrainConfig.from_dict(json.loads(plan.train)).at_round(plan.round)
         shapes = task.table_shapes()
         local = plan.mode == "local"
         key = plan.run_key + ("|local" if local else "")

@@ -58,6 +58,10 @@ def run_pooled(cfg: RunConfig, on_round: Callable[[dict], None] | None = None) -
     for round_ in range(1, cfg.rounds + 1):
         t0 = time.perf_counter()
         entry = runlog.new_round(round_)
+        recipe = cfg.train.at_round(round_)  # the same learning-rate schedule as the federated modes
+        for opt, lr in ((head_opt, recipe.head_lr), (table_opt, recipe.table_lr)):
+            for g in opt.param_groups:
+                g["lr"] = lr
         steps = [(i, b) for i in range(n) for b in task.batches(i, "train", cfg.train.batch_size, rng)]
         for j in rng.permutation(len(steps)):
             org, batch = steps[j]

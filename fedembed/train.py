@@ -10,7 +10,7 @@ head and its optimizer state stay with the caller, who keeps them private.
 from __future__ import annotations
 
 import logging
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, fields, replace
 from typing import Any
 
 import numpy as np
@@ -68,6 +68,9 @@ class TrainConfig:
         Let the guard also serve the mean of the shared model's and the twin's outputs.
     head_weight_decay : float
         Decoupled weight decay of the head's optimizer (AdamW); 0 is plain Adam.
+    lr_decay : float
+        Per-round decay of both learning rates: round ``r`` (1-based) trains with
+        ``lr * lr_decay ** (r - 1)`` (see :meth:`at_round`); 1 keeps them constant.
     """
 
     epochs: int = 1
@@ -85,6 +88,7 @@ class TrainConfig:
     guard_window: int = 3
     guard_blend: bool = False
     head_weight_decay: float = 0.0
+    lr_decay: float = 1.0
 
     def __post_init__(self) -> None:
         if self.table_optimizer not in TABLE_OPTIMIZERS:
@@ -94,12 +98,19 @@ class TrainConfig:
                 raise ValueError(f"{f} must be positive, got {getattr(self, f)}")
         if not (self.table_lr > 0 and self.head_lr > 0 and self.max_row_weight >= 1):
             raise ValueError("learning rates must be > 0 and max_row_weight >= 1")
+        if not 0 < self.lr_decay <= 1:
+            raise ValueError(f"lr_decay must be in (0, 1], got {self.lr_decay}")
         if self.head_weight_decay < 0:
             raise ValueError(f"head_weight_decay must be >= 0, got {self.head_weight_decay}")
 
     def to_dict(self) -> dict[str, Any]:
         """Plain dict (for messages and metrics.json)."""
         return asdict(self)
+
+    def at_round(self, round_: int) -> TrainConfig:
+        """The recipe of round ``round_`` (1-based): learning rates decayed by ``lr_decay``."""
+        f = self.lr_decay ** max(int(round_) - 1, 0)
+        return replace(self, table_lr=self.table_lr * f, head_lr=self.head_lr * f)
 
     @staticmethod
     def from_dict(d: dict[str, Any]) -> TrainConfig:
