@@ -38,10 +38,50 @@ def atomic_write(path: Path, data: bytes) -> None:
     os.replace(tmp, path)
 
 
-def _npz_bytes(arrays: dict[str, np.ndarray]) -> bytes:
-    buf = io.BytesIO()
-    np.savez(buf, **arrays)
-    return buf.getvalue()
+class _HashingWriter:
+    """A write-only, unseekable file that hashes what passes through (zipfile then streams)."""
+
+    def __init__(self, f: Any) -> None:
+        self._f = f
+        self.sha256 = hashlib.sha256()
+
+    def write(self, data: bytes) -> int:
+        self.sha256.update(data)
+        return self._f.write(data)
+
+    def flush(self) -> None:
+        self._f.flush()
+
+    def read(self, *args: Any) -> bytes:  # numpy takes objects with ``read`` for open files
+        raise io.UnsupportedOperation("write-only")
+
+
+def atomic_write_npz(path: Path, arrays: dict[str, np.ndarray]) -> str:
+    """Write ``arrays`` as an ``.npz`` to ``path`` atomically; returns the file's SHA-256 (hex).
+
+    The archive is streamed to the temporary file and hashed on the way, so no copy of
+    the arrays' bytes is held in memory (a 1M x 64 table would otherwise cost two more
+    table-sized buffers at every checkpoint).
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    with open(tmp, "wb") as f:
+        writer = _HashingWriter(f)
+        np.savez(writer, **arrays)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    return writer.sha256.hexdigest()
+
+
+def file_sha256(path: Path, chunk: int = 8 * 2**20) -> str:
+    """SHA-256 (hex) of a file, read in chunks."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
 
 
 # ------------------------------------------------------------------ coordinator checkpoints
@@ -85,10 +125,9 @@ def save_checkpoint(directory: Path, ckpt: Checkpoint, keep: int = 2) -> Path:
         arrays[f"opt/{name}"] = s
     meta = {"round": ckpt.round, "config": ckpt.config}
     arrays["meta"] = np.frombuffer(json.dumps(meta).encode(), dtype=np.uint8)
-    data = _npz_bytes(arrays)
     path = directory / f"checkpoint-{ckpt.round:06d}.npz"
-    atomic_write(path, data)
-    atomic_write(path.with_suffix(".sha256"), hashlib.sha256(data).hexdigest().encode())
+    digest = atomic_write_npz(path, arrays)
+    atomic_write(path.with_suffix(".sha256"), digest.encode())
     for old in sorted(_list_checkpoints(directory))[:-keep]:
         for p in (old, old.with_suffix(".sha256")):
             p.unlink(missing_ok=True)
@@ -104,11 +143,10 @@ def _list_checkpoints(directory: Path) -> list[Path]:
 def load_checkpoint(path: Path) -> Checkpoint:
     """Read and verify one checkpoint file; raises ``ValueError`` if corrupt."""
     path = Path(path)
-    data = path.read_bytes()
     digest_file = path.with_suffix(".sha256")
-    if not digest_file.exists() or digest_file.read_text().strip() != hashlib.sha256(data).hexdigest():
+    if not digest_file.exists() or digest_file.read_text().strip() != file_sha256(path):
         raise ValueError(f"checkpoint {path} fails its SHA-256 check (partial or corrupt)")
-    with np.load(io.BytesIO(data), allow_pickle=False) as z:
+    with np.load(path, allow_pickle=False) as z:
         meta = json.loads(bytes(z["meta"]).decode())
         tables = {k[6:]: z[k] for k in z.files if k.startswith("table/")}
         versions = {k[8:]: z[k] for k in z.files if k.startswith("version/")}
@@ -180,10 +218,9 @@ class OrgState:
         if meta_p.exists() and data_p.exists():
             try:
                 meta = json.loads(meta_p.read_text())
-                data = data_p.read_bytes()
-                if meta.get("key") == key and meta.get("sha256") == hashlib.sha256(data).hexdigest():
-                    with np.load(io.BytesIO(data), allow_pickle=False) as z:
-                        tables = {n: z[n].copy() for n in shapes}
+                if meta.get("key") == key and meta.get("sha256") == file_sha256(data_p):
+                    with np.load(data_p, allow_pickle=False) as z:
+                        tables = {n: z[n] for n in shapes}
                     if all(tables[n].shape == tuple(s) for n, s in shapes.items()):
                         return tables, int(meta["version"])
                 log.warning("table cache in %s belongs to another run or is corrupt; rebuilding", self.dir)
@@ -193,7 +230,6 @@ class OrgState:
 
     def save_tables(self, tables: dict[str, np.ndarray], version: int, key: str) -> None:
         """Save the cache of the global tables at ``version`` atomically."""
-        data = _npz_bytes(tables)
-        atomic_write(self.dir / "tables.npz", data)
-        meta = {"version": version, "key": key, "sha256": hashlib.sha256(data).hexdigest()}
+        digest = atomic_write_npz(self.dir / "tables.npz", tables)
+        meta = {"version": version, "key": key, "sha256": digest}
         atomic_write(self.dir / "tables.json", json.dumps(meta).encode())
