@@ -94,7 +94,8 @@ def _add_secure_options(p: argparse.ArgumentParser) -> None:
     s.add_argument("--neighbours", type=_positive_int, default=None,
                    help="SecAgg+ neighbourhood size k (default: everyone up to 10 orgs, then 2*ceil(log2 n)+2)")
     s.add_argument("--threshold", type=_positive_int, default=None,
-                   help="Shamir threshold t (default k//2+1); a round survives up to k-t dropouts per neighbourhood")
+                   help="Shamir threshold t of the k+1 share holders (neighbours and self; default (k+1)//2+1); "
+                        "a round survives up to k+1-t dropouts per neighbourhood")
     s.add_argument("--secure-clip", type=float, default=4.0,
                    help="largest |delta| of a table entry encoded exactly (larger ones are clipped)")
 

@@ -386,6 +386,26 @@ class CoordinatorProcess:
         else:
             raise RuntimeError(f"could not register organisation key {public_key}: {out.get('error-message')}")
 
+    def online_nodes(self) -> list[str]:
+        """Node ids of the SuperNodes connected right now."""
+        out = self.flwr("supernode", "list")
+        return [str(n.get("node-id")) for n in out.get("nodes") or [] if n.get("status") == "online"]
+
+    def wait_for_orgs(self, count: int, timeout: float, on_change: Callable[[int], None] | None = None) -> int:
+        """Wait until ``count`` organisations are online (or ``timeout`` s); how many are."""
+        deadline, seen = time.monotonic() + timeout, -1
+        while True:
+            online = len(self.online_nodes())
+            if online != seen:
+                seen = online
+                if on_change is not None:
+                    on_change(online)
+            if online >= count or time.monotonic() > deadline:
+                return online
+            if self.proc is not None and self.proc.poll() is not None:
+                raise RuntimeError(f"SuperLink exited with {self.proc.returncode}; see {self.opts.state_dir / 'superlink.log'}")
+            time.sleep(1.0)
+
     # -------------------------------------------------------------- run
     def submit(self, cfg: RunConfig) -> int:
         """Submit the fedembed ServerApp for ``cfg``; returns Flower's run id."""
@@ -456,7 +476,11 @@ def resume_round(state_dir: Path) -> int:
 
 
 def run_server(
-    cfg: RunConfig, opts: ServerOptions, on_event: Callable[[dict], None] | None = None
+    cfg: RunConfig,
+    opts: ServerOptions,
+    on_event: Callable[[dict], None] | None = None,
+    start_orgs: int = 0,
+    start_timeout: float = 600.0,
 ) -> dict[str, Any]:
     """``fedembed server``: SuperLink + run, until the run ends. Resumes from ``opts.state_dir``.
 
@@ -467,7 +491,14 @@ def run_server(
     opts : ServerOptions
         Listening, TLS, organisation keys, state directory.
     on_event : callable, optional
-        Called with each progress event (``round``, ``closing``, ``done``).
+        Called with each progress event (``round``, ``closing``, ``done``, and
+        ``waiting`` with ``online`` while organisations join).
+    start_orgs : int
+        Submit the run only once this many organisations are online (waiting at most
+        ``start_timeout`` s); 0 submits at once and the ServerApp waits for
+        ``cfg.min_orgs``.
+    start_timeout : float
+        See ``start_orgs``.
 
     Returns
     -------
@@ -482,6 +513,12 @@ def run_server(
     coord = CoordinatorProcess(opts)
     with _forward_signals(), _stopping(coord):
         coord.start()
+        if start_orgs > 0:
+            def joined(n: int) -> None:
+                if on_event is not None:
+                    on_event({"event": "waiting", "online": n, "wanted": start_orgs})
+
+            coord.wait_for_orgs(start_orgs, start_timeout, joined)
         run_id = coord.submit(cfg)
         log.info("submitted run %d; waiting for %s organisation(s)", run_id, cfg.min_orgs)
         return coord.follow(run_id, on_event)
@@ -521,7 +558,7 @@ class ClientOptions:
         Port of the SuperNode's local Runtime API (127.0.0.1); None picks a free one,
         so several organisations can run on one machine.
     restart : bool
-        Restart the SuperNode when it exits with an error (coordinator away).
+        Start the SuperNode again whenever it exits (coordinator restarted or away).
     """
 
     superlink: str
@@ -579,11 +616,11 @@ def _forward_signals() -> Iterator[None]:
         signal.signal(signal.SIGTERM, old)
 
 
-def run_client(opts: ClientOptions, max_restarts: int | None = None) -> int:
+def run_client(opts: ClientOptions, max_restarts: int | None = None, restart_delay: float = 3.0) -> int:
     """``fedembed client``: run the organisation's SuperNode until interrupted.
 
-    A SuperNode that exits with an error (coordinator restarting, network gone) is
-    started again after a pause, unless ``opts.restart`` is off.
+    A SuperNode that exits (coordinator restarted, network gone) is started again after
+    ``restart_delay`` seconds, unless ``opts.restart`` is off.
 
     Returns
     -------
@@ -603,11 +640,14 @@ def run_client(opts: ClientOptions, max_restarts: int | None = None) -> int:
                 proc[0] = subprocess.Popen(cmd, env=env, preexec_fn=_die_with_parent)
                 code = proc[0].wait()
                 proc[0] = None
-                if code == 0 or not opts.restart or (max_restarts is not None and restarts >= max_restarts):
+                # A SuperNode also exits (with 0) when a restarted coordinator no longer knows its
+                # node id: starting it again re-activates it with its key.
+                if not opts.restart or (max_restarts is not None and restarts >= max_restarts):
                     return code
                 restarts += 1
-                log.warning("organisation %d: SuperNode exited with %d; restarting in 3 s", opts.org, code)
-                time.sleep(3.0)
+                log.warning("organisation %d: SuperNode exited with %d; starting it again in %.0f s",
+                            opts.org, code, restart_delay)
+                time.sleep(restart_delay)
         except KeyboardInterrupt:
             return 0
         finally:

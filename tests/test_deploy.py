@@ -1,0 +1,334 @@
+"""The coordinator and the organisations as real processes on loopback.
+
+Every test starts real ``fedembed server`` (Flower SuperLink + ServerApp), ``fedembed
+client`` / stock ``flower-supernode`` (Flower SuperNode + ClientApp) processes on free
+ports, with real TLS certificates and SuperNode authentication keys from
+``fedembed certs``, on a small synthetic task. Each process runs in its own session and
+a finalizer SIGKILLs its whole process tree, whatever the test's outcome.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import ssl
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from fedembed.certs import write_test_certs
+from fedembed.deploy import ClientOptions, descendants, flower_env, free_port, supernode_command, wait_for_port
+from fedembed.store import load_checkpoint
+from fedembed.tables import init_table
+from fedembed.wiretap import RecordingProxy, find_in_capture, value_windows
+
+pytestmark = [pytest.mark.slow, pytest.mark.deploy]
+
+ROOT = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+TASK = ["--task", "synthetic", "--rows", "2000", "--dim", "8", "--task-option", "examples=300", "--orgs", "3"]
+
+
+# ------------------------------------------------------------------ process handling
+
+
+class Procs:
+    """Processes of one scenario; every one is SIGKILLed with its whole tree at the end."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.procs: list[subprocess.Popen] = []
+        self.env = flower_env(root / "flwr-home")
+        self.env["HOME"] = str(root / "home")  # never the user's ~/.flwr
+        self.env["PYTHONPATH"] = os.pathsep.join([str(ROOT), self.env.get("PYTHONPATH", "")])
+
+    def start(self, name: str, cmd: list[str]) -> subprocess.Popen:
+        log = open(self.root / f"{name}.log", "ab")  # noqa: SIM115
+        proc = subprocess.Popen(cmd, cwd=ROOT, env=self.env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        log.close()
+        proc.name = name  # type: ignore[attr-defined]
+        self.procs.append(proc)
+        return proc
+
+    def log(self, name: str) -> str:
+        p = self.root / f"{name}.log"
+        return p.read_text(errors="replace") if p.exists() else ""
+
+    @staticmethod
+    def kill(proc: subprocess.Popen) -> None:
+        """SIGKILL ``proc`` and all its descendants at once (a crash, not a shutdown)."""
+        for pid in [proc.pid, *descendants(proc.pid)]:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        proc.wait(timeout=30)
+
+    def kill_all(self) -> None:
+        for proc in self.procs:
+            if proc.poll() is None:
+                self.kill(proc)
+            else:  # its children may live on in their own sessions
+                for pid in descendants(proc.pid):
+                    try:
+                        os.kill(pid, signal.SIGKILL)
+                    except ProcessLookupError:
+                        pass
+
+
+@pytest.fixture(scope="module")
+def certs(tmp_path_factory):
+    return write_test_certs(tmp_path_factory.mktemp("certs"), orgs=4)
+
+
+def server_cmd(state: Path, port: int, certs, rounds: int, min_orgs: int, timeout: float, keys: list[int],
+               insecure: bool = False, task: list[str] = TASK) -> list[str]:
+    cmd = [str(BIN / "fedembed"), "server", *task, "--rounds", str(rounds), "--min-orgs", str(min_orgs),
+           "--start-orgs", "3", "--round-timeout", str(timeout), "--state-dir", str(state), "--port", str(port),
+           "--quiet"]
+    if insecure:
+        return cmd + ["--insecure"]
+    cmd += ["--certfile", str(certs.server_cert), "--keyfile", str(certs.server_key), "--ca-certfile", str(certs.ca_cert)]
+    for k in keys:
+        cmd += ["--auth-key", str(certs.org_public_keys[k])]
+    return cmd
+
+
+def client_cmd(org: int, port: int, state: Path, certs, key: int | None = None) -> list[str]:
+    key = org if key is None else key
+    return [str(BIN / "fedembed"), "client", "--superlink", f"127.0.0.1:{port}", "--org", str(org),
+            "--state-dir", str(state), "--root-cert", str(certs.ca_cert), "--auth-key", str(certs.org_private_keys[key])]
+
+
+def events(state: Path) -> list[dict]:
+    p = state / "progress.jsonl"
+    if not p.exists():
+        return []
+    return [json.loads(line) for line in p.read_text().splitlines() if line.strip()]
+
+
+def wait_until(what: str, predicate, timeout: float, procs: Procs, server: subprocess.Popen | None = None):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        got = predicate()
+        if got:
+            return got
+        if server is not None and server.poll() is not None:
+            pytest.fail(f"server exited ({server.returncode}) while waiting for {what}:\n{procs.log(server.name)[-3000:]}")
+        time.sleep(0.5)
+    pytest.fail(f"timed out after {timeout:.0f} s waiting for {what}; server log:\n"
+                f"{procs.log(server.name)[-3000:] if server is not None else ''}")
+
+
+def rounds_done(state: Path) -> list[dict]:
+    return [e for e in events(state) if e.get("event") == "round"]
+
+
+# ------------------------------------------------------------------ 1 coordinator + 3 orgs over TLS
+
+
+@pytest.fixture(scope="module")
+def tls_run(tmp_path_factory, certs):
+    root = tmp_path_factory.mktemp("tls")
+    procs = Procs(root)
+    try:
+        port = free_port()
+        state = root / "coordinator"
+        t0 = time.monotonic()
+        server = procs.start("server", server_cmd(state, port, certs, rounds=2, min_orgs=3, timeout=180, keys=[0, 1, 2]))
+        for org in (0, 1):
+            procs.start(f"org{org}", client_cmd(org, port, root / f"org{org}", certs))
+        # org 2 runs the stock flower-supernode with the node config `fedembed client` would give it;
+        # unlike `fedembed client` it gives up if its key is not registered yet, so it starts after that
+        wait_until("org keys registered", lambda: "registered organisation key org-2.pub" in procs.log("server"),
+                   120, procs, server)
+        stock = ClientOptions(superlink=f"127.0.0.1:{port}", org=2, state_dir=root / "org2", root_cert=certs.ca_cert,
+                              auth_key=certs.org_private_keys[2])
+        procs.start("org2", supernode_command(stock, free_port()))
+        ctx = ssl.create_default_context(cafile=str(certs.ca_cert))
+        with socket.create_connection(("127.0.0.1", port)) as raw, ctx.wrap_socket(raw, server_hostname="127.0.0.1") as tls:
+            peer = tls.getpeercert()
+        wait_until("round 1", lambda: rounds_done(state), 240, procs, server)
+        # an organisation whose key is not listed tries to join while the run is going
+        intruder = ClientOptions(superlink=f"127.0.0.1:{port}", org=0, state_dir=root / "intruder",
+                                 root_cert=certs.ca_cert, auth_key=certs.org_private_keys[3])
+        bad = procs.start("intruder", supernode_command(intruder, free_port()))
+        server.wait(timeout=300)
+        bad_code = bad.wait(timeout=60)
+        return {"root": root, "state": state, "server_code": server.returncode, "procs": procs, "peer": peer,
+                "intruder_code": bad_code, "seconds": time.monotonic() - t0}
+    finally:
+        procs.kill_all()
+
+
+def test_three_orgs_over_tls_complete_two_rounds(tls_run):
+    run = tls_run
+    assert run["server_code"] == 0, run["procs"].log("server")[-3000:]
+    assert ("DNS", "localhost") in run["peer"]["subjectAltName"]  # TLS with our CA's server certificate
+    assert "Uvicorn running on https://" in (run["state"] / "superlink.log").read_text()
+    doc = json.loads((run["state"] / "metrics.json").read_text())
+    assert [r["round"] for r in doc["rounds"]] == [1, 2]
+    for r in doc["rounds"]:
+        assert r["clients"] == 3 and r["rejected"] == {}
+        assert 0 < r["upload_bytes"] < r["dense_upload_bytes"]
+    assert len([k for k in doc["final"] if k != "mean"]) == 3
+    with np.load(run["state"] / "embeddings.npz") as z:
+        assert z.files and all(z[k].shape == (2000, 8) for k in z.files)
+    assert (run["state"] / "report.png").stat().st_size > 0
+    for org in range(3):  # each head stayed in its organisation's own state directory
+        assert (run["root"] / f"org{org}" / "head.pt").exists()
+
+
+def test_stock_flower_supernode_with_the_same_node_config_joins(tls_run):
+    doc = json.loads((tls_run["state"] / "metrics.json").read_text())
+    assert all(r["clients"] == 3 for r in doc["rounds"])
+    assert (tls_run["root"] / "org2" / "head.pt").exists()  # org 2 ran on the stock flower-supernode
+    assert "flower-supernode" in tls_run["procs"].log("org2") or (tls_run["root"] / "org2" / "tables.npz").exists()
+
+
+def test_unlisted_org_key_is_refused(tls_run):
+    assert tls_run["intruder_code"] != 0
+    assert "Failed to activate SuperNode" in tls_run["procs"].log("intruder")
+    assert "No SuperNode found with the given public key" in (tls_run["state"] / "superlink.log").read_text()
+    assert not (tls_run["root"] / "intruder" / "head.pt").exists()  # it never got a message
+    doc = json.loads((tls_run["state"] / "metrics.json").read_text())
+    assert all(r["clients"] == 3 and not r["rejected"] for r in doc["rounds"])
+
+
+# ------------------------------------------------------------------ faults: an org dies, the coordinator dies
+
+
+@pytest.fixture(scope="module")
+def fault_run(tmp_path_factory, certs):
+    root = tmp_path_factory.mktemp("faults")
+    procs = Procs(root)
+    try:
+        port = free_port()
+        state = root / "coordinator"
+        t0 = time.monotonic()
+        cmd = server_cmd(state, port, certs, rounds=4, min_orgs=2, timeout=40, keys=[0, 1, 2])
+        server = procs.start("server", cmd)
+        clients = {org: procs.start(f"org{org}", client_cmd(org, port, root / f"org{org}", certs)) for org in range(3)}
+        wait_until("round 1", lambda: rounds_done(state), 240, procs, server)
+
+        # org 2 is killed once it has received round 2's message, then comes back
+        started = procs.log("org2").count("Start `flwr-clientapp`")
+        wait_until("org 2 to start round 2", lambda: procs.log("org2").count("Start `flwr-clientapp`") > started,
+                   120, procs, server)
+        time.sleep(1.0)
+        procs.kill(clients[2])
+        killed_at = len(rounds_done(state))
+        time.sleep(3.0)
+        clients[2] = procs.start("org2-again", client_cmd(2, port, root / "org2", certs))
+        wait_until("round 3", lambda: len(rounds_done(state)) >= 3, 240, procs, server)
+
+        # the coordinator dies in round 4 and is started again with the same state dir
+        time.sleep(3.0)
+        assert len(rounds_done(state)) == 3, "round 4 finished before the coordinator could be killed"
+        procs.kill(server)
+        ckpt3 = load_checkpoint(state / "coordinator" / "checkpoint-000003.npz")
+        server2 = procs.start("server-again", cmd)
+        server2.wait(timeout=400)
+        return {"root": root, "state": state, "server_code": server2.returncode, "procs": procs,
+                "killed_in_round": killed_at + 1, "ckpt3": ckpt3, "seconds": time.monotonic() - t0}
+    finally:
+        procs.kill_all()
+
+
+def test_org_killed_mid_round_is_left_out_and_rejoins(fault_run):
+    run = fault_run
+    assert run["server_code"] == 0, run["procs"].log("server-again")[-3000:]
+    assert run["killed_in_round"] == 2
+    doc = json.loads((run["state"] / "metrics.json").read_text())
+    by_round = {r["round"]: r for r in doc["rounds"]}
+    assert by_round[2]["clients"] == 2  # the round finished without it
+    assert len(by_round[2]["rejected"]) == 1 and "no reply" in next(iter(by_round[2]["rejected"].values()))
+    assert by_round[2].get("rows_changed", 1) > 0  # and the others' updates were applied
+    assert by_round[3]["clients"] == 3 and not by_round[3]["rejected"]  # it rejoined and synced
+
+
+def test_coordinator_killed_and_restarted_continues(fault_run):
+    run = fault_run
+    assert run["server_code"] == 0, run["procs"].log("server-again")[-3000:]
+    assert "resuming after round 3" in run["procs"].log("server-again")
+    doc = json.loads((run["state"] / "metrics.json").read_text())
+    assert [r["round"] for r in doc["rounds"]] == [1, 2, 3, 4]
+    assert doc["rounds"][3]["clients"] == 3  # all organisations came back to the new coordinator
+    after = [e for e in events(run["state"]) if e.get("event") == "round"]
+    assert [e["round"] for e in after] == [1, 2, 3, 4]  # round 4 ran once, after the restart
+    # the resumed run started from checkpoint 3's tables: rows round 4 did not touch are identical
+    ckpt4 = load_checkpoint(run["state"] / "coordinator" / "checkpoint-000004.npz")
+    ckpt3 = run["ckpt3"]
+    for name, table in ckpt4.tables.tables.items():
+        untouched = ckpt4.tables.versions[name] <= 3
+        assert untouched.any()
+        np.testing.assert_array_equal(table[untouched], ckpt3.tables.tables[name][untouched])
+        changed_before = ckpt3.tables.versions[name] > 0
+        assert (changed_before & untouched).any()  # and those include rows trained in rounds 1-3
+
+
+# ------------------------------------------------------------------ what an observer of an insecure run sees
+
+
+CLICKS = ["--task", "examples.my_task:ClicksTask", "--orgs", "3", "--task-option", "products=2000"]
+
+
+@pytest.fixture(scope="module")
+def captured_run(tmp_path_factory):
+    root = tmp_path_factory.mktemp("capture")
+    procs = Procs(root)
+    proxy = None
+    try:
+        port = free_port()
+        state = root / "coordinator"
+        server = procs.start("server", server_cmd(state, port, None, rounds=2, min_orgs=3, timeout=180, keys=[],
+                                                  insecure=True, task=CLICKS))
+        wait_for_port("127.0.0.1", port, 60, server)
+        proxy = RecordingProxy(("127.0.0.1", port), root / "capture").start()
+        for org in range(3):
+            procs.start(f"org{org}", [str(BIN / "fedembed"), "client", "--insecure", "--superlink",
+                                      f"127.0.0.1:{proxy.port}", "--org", str(org), "--state-dir", str(root / f"org{org}")])
+        server.wait(timeout=400)
+        time.sleep(1.0)
+        return {"root": root, "state": state, "server_code": server.returncode, "procs": procs,
+                "capture": proxy.capture(), "connections": proxy.connections}
+    finally:
+        if proxy is not None:
+            proxy.close()
+        procs.kill_all()
+
+
+def test_insecure_run_traffic_holds_no_head_parameter(captured_run):
+    run = captured_run
+    assert run["server_code"] == 0, run["procs"].log("server")[-3000:]
+    wire = run["capture"]["up"] + run["capture"]["down"]
+    assert run["connections"] >= 3 and len(wire) > 10_000
+    heads = sorted(run["root"].glob("org*/head.pt"))
+    assert len(heads) == 3
+    for path in heads:
+        head = {k: v.numpy() for k, v in torch.load(path, weights_only=True)["head"].items()}
+        assert head and not find_in_capture(wire, head), f"{path.parent.name}'s head is in the traffic"
+
+
+def test_the_capture_search_finds_what_was_sent(captured_run):
+    """Control: the capture is plaintext and the same search finds synced table rows and metric names."""
+    run = captured_run
+    up, down = run["capture"]["up"], run["capture"]["down"]
+    assert b"val_score" in up  # metrics travel up in clear in insecure mode
+    with np.load(run["state"] / "embeddings.npz") as z:
+        final = z["products"]
+    init = init_table("products", final.shape, 0, 0.1)
+    changed = np.flatnonzero(np.any(final != init, axis=1))
+    assert changed.size > 0
+    # the closing evaluation synced the final value of every changed row down to every org
+    rows = final[changed[:: max(1, changed.size // 8)]]
+    found = sum(w.astype(np.float32).tobytes() in down for row in rows for w in value_windows(row))
+    total = sum(1 for row in rows for _ in value_windows(row))
+    assert found == total
