@@ -51,7 +51,9 @@ class RunConfig:
     row_set : str
         ``dense``, ``union`` or ``revealed`` (secure mode).
     neighbours, threshold : int or None
-        SecAgg+ neighbourhood size k and share threshold t (None: derived).
+        SecAgg+ neighbourhood size k and Shamir threshold t out of the k + 1 share
+        holders (the neighbours and the organisation itself); None: derived
+        (:mod:`fedembed.secagg.graph`).
     max_message_bytes : int
         Replies larger than this are refused.
     round_timeout : float
@@ -107,8 +109,8 @@ class RunConfig:
             raise ConfigError(f"neighbours must be >= 1, got {self.neighbours}")
         if self.threshold is not None and self.threshold < 1:
             raise ConfigError(f"threshold must be >= 1, got {self.threshold}")
-        if self.neighbours is not None and self.threshold is not None and self.threshold > self.neighbours:
-            raise ConfigError(f"threshold {self.threshold} exceeds the neighbourhood size {self.neighbours}")
+        if self.neighbours is not None and self.threshold is not None and self.threshold > self.neighbours + 1:
+            raise ConfigError(f"threshold {self.threshold} exceeds the {self.neighbours + 1} share holders (k neighbours + self)")
         for key, orgs in self.drop.items():
             stage = key.partition("@")[0]
             if stage not in DROP_STAGES or not all(isinstance(o, int) for o in orgs):

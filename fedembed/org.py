@@ -170,7 +170,8 @@ def handle_content(organisation: Organisation, content: RecordDict) -> RecordDic
     cfg = dict(content["config"])
     stage = str(cfg.get("stage", "train"))
     round_ = int(cfg["round"])
-    if should_drop(str(cfg.get("drop", "{}")), stage, round_, organisation.org):
+    dropping_stage = "evaluate" if cfg.get("evaluate_only") else stage  # drops never hit the closing evaluation
+    if should_drop(str(cfg.get("drop", "{}")), dropping_stage, round_, organisation.org):
         log.warning("organisation %d vanishes at stage %s of round %d (injected dropout)", organisation.org, stage, round_)
         raise SimulatedDropout(f"organisation {organisation.org} dropped at stage {stage} of round {round_}")
     task = load_task(TaskSpec.from_json(str(cfg["task"])))

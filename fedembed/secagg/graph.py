@@ -21,12 +21,14 @@ def default_neighbours(n: int) -> int:
 
 
 def default_threshold(k: int) -> int:
-    """t for k neighbours: a strict majority, ``k // 2 + 1``.
+    """t for k neighbours: a strict majority of the k + 1 share holders, ``(k + 1) // 2 + 1``.
 
-    A majority is what keeps a coordinator that lies about who dropped from collecting
-    both the self-mask seed and the mask key of one organisation.
+    Each organisation's secrets are shared among its k neighbours and itself. A majority
+    is what keeps a coordinator that lies about who dropped from collecting both the
+    self-mask seed and the mask key of one organisation; up to ``k + 1 - t`` holders may
+    vanish (3 organisations: t = 2 of 3, one may drop).
     """
-    return k // 2 + 1
+    return (k + 1) // 2 + 1
 
 
 def neighbour_graph(parties: list[int], k: int, seed: int) -> dict[int, list[int]]:

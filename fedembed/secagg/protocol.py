@@ -12,7 +12,7 @@ advertisement and the share exchange:
 2. **share**: the coordinator numbers the parties 1..n, draws the neighbour graph
    (:mod:`fedembed.secagg.graph`) and sends each its neighbours' adverts.
    :meth:`ClientSession.make_shares` splits every seed and mask private key t-of-k
-   (Shamir) among the neighbours and encrypts each neighbour's shares with an AEAD key
+   (Shamir) among its neighbours and itself (k + 1 holders) and encrypts each neighbour's shares with an AEAD key
    from X25519 + HKDF; the associated data binds run, round, sender and receiver.
 3. **masked** (once per phase): the coordinator forwards each party the ciphertexts
    addressed to it and the set U2 of parties that shared. :meth:`ClientSession.accept_shares`
@@ -178,18 +178,19 @@ class ClientSession:
         neighbours : dict[int, dict[str, bytes]]
             Neighbour party id -> its advert.
         """
-        if party in neighbours or not 1 <= threshold <= len(neighbours):
+        if party in neighbours or not 1 <= threshold <= len(neighbours) + 1:
             raise ProtocolError(f"bad share request: party {party}, t={threshold}, {len(neighbours)} neighbours")
         for q, adv in neighbours.items():
             _check_advert(adv, self.phases, q)
         self.party, self.threshold, self.neighbours = party, threshold, dict(neighbours)
-        xs = sorted(neighbours)
+        xs = sorted(neighbours) + [party]  # we hold a share of our own secrets too
         split = {}
         for p in self.phases:
             split[f"seed.{p}"] = shamir_split(self.seeds[p], threshold, xs)
             split[f"key.{p}"] = shamir_split(self.mask[p].private, threshold, xs)
+        self.received = {party: {name: split[name][party] for name in self._share_names()}}
         out = {}
-        for q in xs:
+        for q in sorted(neighbours):
             plaintext = b"".join(split[name][q] for name in self._share_names())
             key = derive_key(agree(self.enc.private, neighbours[q]["enc"]), "share-key", self.context + _pair(party, q))
             out[q] = seal(key, plaintext, _share_ad(self.context, party, q))
@@ -211,13 +212,13 @@ class ClientSession:
             Fewer than t neighbours shared (our secrets could never be recovered).
         """
         mine = sorted(set(u2) & set(self.neighbours))
-        if len(mine) < self.threshold:
+        if len(mine) + 1 < self.threshold:
             raise ProtocolError(f"only {len(mine)} neighbours shared, threshold {self.threshold}")
         extra = set(ciphertexts) - set(mine)
         if extra:
             raise ProtocolError(f"shares from parties that are not sharing neighbours: {sorted(extra)}")
         names = self._share_names()
-        received = {}
+        received = {self.party: self.received[self.party]}
         for q in mine:
             if q not in ciphertexts:
                 raise ShareError(q, "missing")
@@ -263,8 +264,10 @@ class ClientSession:
         unknown = (alive_s | dropped_s) - set(self.received)
         if unknown:
             raise ProtocolError(f"no shares held for parties {sorted(unknown)}")
-        if len(alive_s) + 1 < self.threshold:
-            raise ProtocolError(f"only {len(alive_s) + 1} parties alive in the neighbourhood, threshold {self.threshold}")
+        if self.party in dropped_s:
+            raise ProtocolError("asked for our own mask key: we are alive")
+        if len(alive_s | {self.party}) < self.threshold:
+            raise ProtocolError(f"only {len(alive_s | {self.party})} parties alive in the neighbourhood, threshold {self.threshold}")
         out = {}
         for q, kind in [(q, "seed") for q in sorted(alive_s)] + [(q, "key") for q in sorted(dropped_s)]:
             tag = f"{phase}:{q}"
@@ -370,10 +373,10 @@ class ServerSession:
         parties = sorted(self.node_of)
         k = min(neighbours, len(parties) - 1)
         self.graph = neighbour_graph(parties, k, seed) if len(parties) > 1 else {p: [] for p in parties}
-        degree = min((len(v) for v in self.graph.values()), default=0)
-        self.threshold = max(1, min(threshold, degree))
+        holders = min((len(v) for v in self.graph.values()), default=0) + 1  # neighbours and oneself
+        self.threshold = max(1, min(threshold, holders))
         if self.threshold != threshold:
-            log.warning("secure aggregation: threshold lowered from %d to %d (neighbourhood of %d)", threshold, self.threshold, degree)
+            log.warning("secure aggregation: threshold lowered from %d to %d (%d share holders)", threshold, self.threshold, holders)
         self.u2: set[int] = set()
         self.routed: dict[int, dict[int, bytes]] = {}
         self.delivered: dict[str, set[int]] = {p: set() for p in self.phases}
@@ -398,7 +401,7 @@ class ServerSession:
             for dst, ct in cts.items():
                 self.routed.setdefault(dst, {})[party] = ct
         for party in self.parties:
-            if party in self.u2 and len(set(self.graph[party]) & self.u2) < self.threshold:
+            if party in self.u2 and len(set(self.graph[party]) & self.u2) + 1 < self.threshold:
                 log.warning("secure aggregation: party %d has fewer than t sharing neighbours", party)
 
     def masked_request(self, party: int) -> tuple[list[int], dict[int, bytes]]:
@@ -420,8 +423,8 @@ class ServerSession:
         self.delivered[phase].add(party)
 
     def unmask_request(self, phase: str, party: int) -> tuple[list[int], list[int]]:
-        """(alive, dropped) among ``party``'s sharing neighbours in ``phase``."""
-        mine = set(self.graph[party]) & self.u2
+        """(alive, dropped) among ``party`` and its sharing neighbours in ``phase``."""
+        mine = (set(self.graph[party]) | {party}) & self.u2
         alive = sorted(mine & self.delivered[phase])
         return alive, sorted(mine - self.delivered[phase])
 
@@ -446,13 +449,13 @@ class ServerSession:
             raise RoundAbandoned(f"phase {phase}: {len(delivered)} vectors delivered, {max(2, minimum)} needed")
         total = self.sums[phase].copy()
         for j in sorted(delivered):
-            shares = {q: r[f"seed.{j}"] for q, r in responses.items() if q in self.graph[j] and f"seed.{j}" in r}
+            shares = {q: r[f"seed.{j}"] for q, r in responses.items() if self._holds(q, j) and f"seed.{j}" in r}
             seed = self._combine(shares, j, phase, "seed")
             if seed_commitment(self.context, phase, seed) != self.adverts[j][f"commit.{phase}"]:
                 raise RoundAbandoned(f"phase {phase}: the seed of party {j} does not match its commitment")
             total -= self_mask(seed, j, self.context, phase, length, dtype)
         for j in sorted(self.u2 - delivered):
-            shares = {q: r[f"key.{j}"] for q, r in responses.items() if q in self.graph[j] and f"key.{j}" in r}
+            shares = {q: r[f"key.{j}"] for q, r in responses.items() if self._holds(q, j) and f"key.{j}" in r}
             private = self._combine(shares, j, phase, "key")
             try:
                 kp = KeyPair.from_private(private)
@@ -467,6 +470,10 @@ class ServerSession:
                 else:
                     total += m
         return total
+
+    def _holds(self, q: int, j: int) -> bool:
+        """Whether party ``q`` holds shares of party ``j``'s secrets (j's neighbours and j itself)."""
+        return q == j or q in self.graph[j]
 
     def _combine(self, shares: dict[int, bytes], j: int, phase: str, kind: str) -> bytes:
         if len(shares) < self.threshold:

@@ -1,0 +1,231 @@
+"""SecAgg+ without Flower: N parties, random sparse updates, dropouts at every stage, all row-set modes."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from fedembed.config import RunConfig
+from fedembed.coordinator import Coordinator
+from fedembed.secagg.graph import default_threshold
+from fedembed.secagg.protocol import (
+    ClientSession,
+    ProtocolError,
+    RoundAbandoned,
+    ServerSession,
+    ShareError,
+    session_context,
+)
+from fedembed.task import TaskSpec
+
+CTX = session_context("run", 1)
+
+
+def _sessions(n: int, phases=("values",), k: int | None = None, t: int | None = None):
+    clients = {i: ClientSession.new(CTX, list(phases)) for i in range(n)}  # keyed by node id
+    k = n - 1 if k is None else k
+    server = ServerSession(CTX, list(phases), {i: c.advert() for i, c in clients.items()}, k, t or default_threshold(k), seed=0)
+    by_party = {server.party_of[i]: c for i, c in clients.items()}
+    return server, by_party
+
+
+def _secure_sum(n, vectors, drop_before_share=(), drop_before_mask=(), drop_before_unmask=(), k=None, t=None):
+    """Run the protocol for one 'values' phase; vectors by party (1-based)."""
+    server, clients = _sessions(n, k=k, t=t)
+    shares = {}
+    for p, c in clients.items():
+        if p in drop_before_share:
+            continue
+        shares[p] = c.make_shares(p, server.threshold, server.share_request(p))
+    server.route_shares(shares)
+    for p, c in clients.items():
+        if p in drop_before_share or p in drop_before_mask:
+            continue
+        u2, cts = server.masked_request(p)
+        c.accept_shares(u2, cts)
+        v = vectors[p]
+        server.add_masked("values", p, c.mask_vector("values", v), v.size, v.dtype.type)
+    responses = {}
+    for p in sorted(server.delivered["values"]):
+        if p in drop_before_unmask:
+            continue
+        alive, dropped = server.unmask_request("values", p)
+        responses[p] = clients[p].unmask("values", alive, dropped)
+    return server.finish("values", responses, vectors[1].size, vectors[1].dtype.type)
+
+
+@pytest.mark.parametrize(
+    "drops",
+    [
+        {},
+        {"drop_before_share": {2}},
+        {"drop_before_mask": {3}},
+        {"drop_before_unmask": {4}},
+        {"drop_before_share": {1}, "drop_before_mask": {2}, "drop_before_unmask": {5}},
+    ],
+    ids=["none", "before-share", "before-mask", "after-mask", "one-at-every-stage"],
+)
+def test_secure_sum_equals_the_plain_sum_of_the_parties_that_delivered(drops):
+    n = 8  # k = 7, t = 5 of 8 holders: tolerates 3 dropouts per neighbourhood
+    rng = np.random.default_rng(1)
+    vectors = {p: rng.integers(0, 2**32, size=5000, dtype=np.uint32) for p in range(1, n + 1)}
+    total = _secure_sum(n, vectors, **drops)
+    gone = set(drops.get("drop_before_share", ())) | set(drops.get("drop_before_mask", ()))
+    expected = np.zeros(5000, dtype=np.uint32)
+    for p, v in vectors.items():
+        if p not in gone:
+            expected += v
+    assert np.array_equal(total, expected)
+
+
+def test_sparse_neighbourhoods_with_dropouts_still_sum_exactly():
+    n = 30
+    rng = np.random.default_rng(2)
+    vectors = {p: rng.integers(0, 255, size=2000, dtype=np.uint8) for p in range(1, n + 1)}
+    total = _secure_sum(n, vectors, drop_before_mask={3, 17}, drop_before_unmask={8, 25}, k=8, t=4)
+    expected = np.zeros(2000, dtype=np.uint8)
+    for p, v in vectors.items():
+        if p not in (3, 17):
+            expected += v
+    assert np.array_equal(total, expected)
+
+
+def test_too_many_dropouts_abandon_the_sum():
+    rng = np.random.default_rng(3)
+    vectors = {p: rng.integers(0, 2**32, size=100, dtype=np.uint32) for p in range(1, 6)}
+    with pytest.raises(RoundAbandoned):  # t = 3 of 5 holders; 3 gone before unmask leaves 2 shares
+        _secure_sum(5, vectors, drop_before_unmask={1, 2, 3})
+
+
+def test_tampered_replayed_and_misrouted_share_ciphertexts_are_rejected():
+    server, clients = _sessions(4)
+    shares = {p: c.make_shares(p, server.threshold, server.share_request(p)) for p, c in clients.items()}
+    server.route_shares(shares)
+    u2, cts = server.masked_request(1)
+    tampered = dict(cts)
+    bad = bytearray(tampered[2])
+    bad[20] ^= 0x80
+    tampered[2] = bytes(bad)
+    with pytest.raises(ShareError) as err:
+        clients[1].accept_shares(u2, tampered)
+    assert err.value.party == 2
+    misrouted = dict(cts)
+    misrouted[2] = shares[2][3]  # party 2's ciphertext for party 3, handed to party 1
+    with pytest.raises(ShareError):
+        clients[1].accept_shares(u2, misrouted)
+    # replay: the same parties' ciphertext from a session of another round
+    other = ClientSession.new(session_context("run", 2), ["values"])
+    other.enc, other.mask, other.seeds = clients[2].enc, clients[2].mask, clients[2].seeds
+    old = other.make_shares(2, server.threshold, server.share_request(2))
+    replayed = dict(cts)
+    replayed[2] = old[1]
+    with pytest.raises(ShareError):
+        clients[1].accept_shares(u2, replayed)
+    clients[1].accept_shares(u2, cts)  # the genuine ones open
+
+
+def test_a_party_never_reveals_both_secrets_of_one_neighbour():
+    server, clients = _sessions(4)
+    shares = {p: c.make_shares(p, server.threshold, server.share_request(p)) for p, c in clients.items()}
+    server.route_shares(shares)
+    c = clients[1]
+    c.accept_shares(*server.masked_request(1))
+    c.unmask("values", alive=[2, 3], dropped=[4])
+    with pytest.raises(ProtocolError):  # a lying coordinator now claims 4 was alive
+        c.unmask("values", alive=[2, 3, 4], dropped=[])
+    with pytest.raises(ProtocolError):
+        c.unmask("values", alive=[2], dropped=[2])
+
+
+def test_session_survives_serialisation_between_stages():
+    server, clients = _sessions(3)
+    c = clients[1]
+    c.make_shares(1, server.threshold, server.share_request(1))
+    again = ClientSession.from_json(c.to_json())
+    assert again == c
+
+
+def _chi2_uniform(values: np.ndarray, bins: int) -> float:
+    counts = np.bincount(values, minlength=bins).astype(np.float64)
+    expected = values.size / bins
+    return float(((counts - expected) ** 2 / expected).sum())
+
+
+def test_a_masked_vector_alone_is_statistically_uniform():
+    server, clients = _sessions(3, phases=("indicators", "values"))
+    shares = {p: c.make_shares(p, server.threshold, server.share_request(p)) for p, c in clients.items()}
+    server.route_shares(shares)
+    c = clients[1]
+    c.accept_shares(*server.masked_request(1))
+    # the most structured inputs there are: all zeros, and a 0/1 indicator of a few rows
+    zeros = np.zeros(1_000_000, dtype=np.uint8)
+    ones = zeros.copy()
+    ones[:1000] = 1
+    # chi-square with 255 degrees of freedom: mean 255, sd 22.6; 400 is > 6 sd (p < 1e-9)
+    for vec in (zeros, ones):
+        assert _chi2_uniform(c.mask_vector("indicators", vec), 256) < 400
+    masked = c.mask_vector("values", np.zeros(1_000_000, dtype=np.uint32))
+    assert _chi2_uniform((masked >> 24).astype(np.int64), 256) < 400  # top byte
+    assert _chi2_uniform((masked & 0xFF).astype(np.int64), 256) < 400  # bottom byte
+    # and unrelated to the input: masking x and x + 1 gives vectors that differ by exactly 1 ...
+    x = np.arange(1_000_000, dtype=np.uint32)
+    mx = c.mask_vector("values", x)
+    assert abs(np.corrcoef(x.astype(np.float64), mx.astype(np.float64))[0, 1]) < 0.01
+
+
+# ---------------------------------------------------------------- through the coordinator (no Flower)
+def _run(tmp_path, direct_transport, secure, row_set="union", drop=None, rounds=1, orgs=4, **kw):
+    cfg = RunConfig(
+        task=TaskSpec("synthetic", {"orgs": orgs, "seed": 0, "rows": 3000, "dim": 4}),
+        rounds=rounds, secure=secure, row_set=row_set, drop=drop or {}, **kw,
+    )
+    c = Coordinator(cfg, direct_transport(tmp_path / f"{secure}-{row_set}-{sorted((drop or {}).items())}", orgs))
+    c.run()
+    return c
+
+
+STAGES = {
+    "dense": ["train", "share", "masked", "unmask"],
+    "revealed": ["train", "share", "masked", "unmask"],
+    "union": ["train", "share", "indicators", "unmask_indicators", "masked", "unmask"],
+}
+
+
+@pytest.mark.parametrize("row_set", ["dense", "union", "revealed"])
+def test_secure_round_equals_plain_round_with_a_dropout_at_every_stage(tmp_path, direct_transport, row_set):
+    plain_all = _run(tmp_path, direct_transport, False)
+    plain_without = _run(tmp_path, direct_transport, False, drop={"train": [1]})
+    for stage in STAGES[row_set]:
+        secure = _run(tmp_path, direct_transport, True, row_set, drop={stage: [1]})
+        entry = secure.log.rounds[-1]
+        assert "abandoned" not in entry
+        who = "org-1" if "org-1" in entry["rejected"] else "node 101"  # unnamed if it never replied
+        assert "dropped at stage" in entry["rejected"][who]
+        # an org that vanished after its masked vector arrived is still in the sum
+        after_mask = stage in ("unmask", "unmask_indicators")
+        ref = plain_all if after_mask else plain_without
+        bound = entry["secure"]["error_bound"]
+        diff = np.abs(ref.tables.tables["ids"] - secure.tables.tables["ids"]).max()
+        assert diff <= bound, (stage, diff, bound)
+        stages = entry["stages"]
+        assert set(STAGES[row_set]) <= set(stages)
+        assert all(stages[s]["upload_bytes"] >= 0 and stages[s]["seconds"] >= 0 for s in STAGES[row_set])
+
+
+def test_union_upload_is_far_smaller_than_dense(tmp_path, direct_transport):
+    dense = _run(tmp_path, direct_transport, True, "dense").log.rounds[-1]
+    union = _run(tmp_path, direct_transport, True, "union").log.rounds[-1]
+    assert union["upload_bytes"] < dense["upload_bytes"] / 3
+    assert union["secure"]["rows"] < 3000
+
+
+def test_too_many_dropouts_abandon_the_round_cleanly_and_the_next_round_runs(tmp_path, direct_transport):
+    c = _run(tmp_path, direct_transport, True, "union", drop={"unmask@1": [1, 2]}, rounds=2, neighbours=3, threshold=3)
+    r1, r2 = c.log.rounds
+    assert "abandoned" in r1 and r1.get("rows_changed") is None
+    assert "abandoned" not in r2 and r2["rows_changed"] > 0
+    assert c.tables.version == 2
+    plain = _run(tmp_path, direct_transport, False, rounds=1)
+    # round 1 changed nothing: every row still at version 0 or stamped by round 2 only
+    assert set(np.unique(c.tables.versions["ids"])) <= {0, 2}
+    del plain
