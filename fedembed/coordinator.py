@@ -13,7 +13,7 @@ from __future__ import annotations
 import logging
 import random
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
@@ -54,6 +54,10 @@ class Transport(Protocol):
 
     def exchange(self, message_type: str, contents: dict[int, RecordDict], timeout: float) -> list[Reply]:
         """Send one message per node and collect the replies that arrive in time."""
+        ...
+
+    def exchange_iter(self, message_type: str, contents: dict[int, RecordDict], timeout: float) -> Iterator[Reply]:
+        """Like :meth:`exchange`, yielding each reply as it arrives (a missing node last, with an error)."""
         ...
 
 

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from flwr.app import Context, Message, RecordDict
@@ -44,17 +44,36 @@ class GridTransport:
 
     def exchange(self, message_type: str, contents: dict[int, RecordDict], timeout: float) -> list[Reply]:
         """Send one message per node, return the replies received within ``timeout``."""
+        return list(self.exchange_iter(message_type, contents, timeout))
+
+    def exchange_iter(self, message_type: str, contents: dict[int, RecordDict], timeout: float) -> Iterator[Reply]:
+        """Send one message per node and yield each reply as soon as it arrives.
+
+        The caller can fold a large reply into a running sum and drop it before the next
+        one is pulled, so the coordinator never holds every organisation's vector at once.
+        Nodes that do not answer within ``timeout`` get a ``Reply`` with an error at the end.
+        """
         messages = [Message(content=c, dst_node_id=n, message_type=message_type) for n, c in contents.items()]
-        replies = []
-        for msg in self.grid.send_and_receive(messages, timeout=timeout):
-            node = msg.metadata.src_node_id
-            if msg.has_error():
-                replies.append(Reply(node, None, f"error {msg.error.code}: {_short(msg.error.reason)}"))
-            else:
-                replies.append(Reply(node, msg.content))
-        answered = {r.node for r in replies}
-        replies += [Reply(n, None, f"no reply within {timeout:.0f} s") for n in contents if n not in answered]
-        return replies
+        pending = set(self.grid.push_messages(messages))
+        del messages
+        answered: set[int] = set()
+        deadline = time.monotonic() + timeout
+        while pending and time.monotonic() < deadline:
+            got = list(self.grid.pull_messages(pending))
+            for msg in got:
+                pending.discard(msg.metadata.reply_to_message_id)
+                node = msg.metadata.src_node_id
+                answered.add(node)
+                if msg.has_error():
+                    yield Reply(node, None, f"error {msg.error.code}: {_short(msg.error.reason)}")
+                else:
+                    yield Reply(node, msg.content)
+            del got
+            if pending:
+                time.sleep(0.1)
+        for n in contents:
+            if n not in answered:
+                yield Reply(n, None, f"no reply within {timeout:.0f} s")
 
 
 def _short(reason: str, limit: int = 300) -> str:

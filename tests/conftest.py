@@ -31,19 +31,20 @@ class DirectTransport:
         return sorted(self.orgs)
 
     def exchange(self, message_type, contents, timeout):
-        replies = []
+        return list(self.exchange_iter(message_type, contents, timeout))
+
+    def exchange_iter(self, message_type, contents, timeout):
         for node, content in contents.items():
             try:
                 out = handle_content(self.orgs[node], content)
             except Exception as exc:  # what Flower turns into an error reply
                 self.seen.append((node, message_type, exc))
-                replies.append(Reply(node, None, f"{type(exc).__name__}: {exc}"))
+                yield Reply(node, None, f"{type(exc).__name__}: {exc}")
                 continue
             if self.tamper is not None:
                 out = self.tamper(node, out)
             self.seen.append((node, message_type, out))
-            replies.append(Reply(node, out))
-        return replies
+            yield Reply(node, out)
 
 
 @pytest.fixture

@@ -23,6 +23,7 @@ from __future__ import annotations
 import json
 import logging
 import time
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -48,7 +49,7 @@ from fedembed.sparse import AggregateSum, UpdateError
 from fedembed.wire import decode_arrays, encode_arrays, record_bytes
 
 if TYPE_CHECKING:
-    from fedembed.coordinator import Coordinator, Reply
+    from fedembed.coordinator import Coordinator
 
 log = logging.getLogger(__name__)
 
@@ -97,13 +98,19 @@ class SecureRound:
             }
         )
 
-    def _exchange(self, stage: str, contents: dict[int, RecordDict]) -> dict[int, RecordDict]:
-        """Send a stage, account bytes and seconds, return the usable replies by node."""
+    def _exchange(self, stage: str, contents: dict[int, RecordDict], handle: Callable[[int, RecordDict], None]) -> None:
+        """Send a stage and hand each valid reply to ``handle`` as it arrives; account bytes and seconds.
+
+        Replies are processed one at a time and not kept, so a stage of large masked
+        vectors costs the coordinator one vector and the running sum, not n vectors. A
+        fault raised by ``handle`` removes that organisation from the round, by name.
+        """
         t0 = time.perf_counter()
         down = sum(record_bytes(c) for c in contents.values())
-        replies = self.coord.transport.exchange(f"train.{stage}", contents, self.cfg.round_timeout)
-        up, good = 0, {}
-        for rep in replies:
+        transport = self.coord.transport
+        exchange = getattr(transport, "exchange_iter", None) or transport.exchange
+        up = 0
+        for rep in exchange(f"train.{stage}", contents, self.cfg.round_timeout):
             if rep.error is not None or rep.content is None:
                 self._fault(rep.node, f"{stage}: no reply: {rep.error}")
                 continue
@@ -115,9 +122,12 @@ class SecureRound:
             elif info.get("status") != "ok":
                 self._fault(rep.node, f"{stage}: {info.get('error', 'status ' + repr(info.get('status')))}")
             else:
-                good[rep.node] = rep.content
+                try:
+                    handle(rep.node, rep.content)
+                except _FAULTS as exc:
+                    self._fault(rep.node, f"{stage}: {exc}")
+            del rep
         self._account(stage, time.perf_counter() - t0, up, down)
-        return good
 
     def _account(self, stage: str, seconds: float, up: int, down: int) -> None:
         self.entry["stages"][stage] = {"seconds": seconds, "upload_bytes": up, "download_bytes": down}
@@ -192,12 +202,12 @@ class SecureRound:
             for q, adv in s.share_request(p).items():
                 sec.update({f"adv.{q}.{f}": v for f, v in adv.items()})
             contents[s.node_of[p]] = RecordDict({"config": self._config("share", n), "secagg": ConfigRecord(sec)})
-        shares = {}
-        for node, c in self._exchange("share", contents).items():
-            try:
-                shares[s.party_of[node]] = {int(q): bytes(v) for q, v in c["shares"].items()}
-            except _FAULTS as exc:
-                self._fault(node, f"share: malformed shares: {exc}")
+        shares: dict[int, dict[int, bytes]] = {}
+
+        def take_shares(node: int, c: RecordDict) -> None:
+            shares[s.party_of[node]] = {int(q): bytes(v) for q, v in c["shares"].items()}
+
+        self._exchange("share", contents, take_shares)
         s.route_shares(shares)
         for node, reason in s.faults.items():
             if self.org_of.get(node, f"node {node}") not in self.entry["rejected"]:
@@ -227,12 +237,12 @@ class SecureRound:
                     c["rowset"] = encode_arrays({name: ids.astype(np.int32) for name, ids in rowset.items()})
                 contents[s.node_of[p]] = c
             first = False
-            for node, c in self._exchange(stage, contents).items():
-                try:
-                    vec = c["masked"]["vector"].numpy()
-                    s.add_masked(phase, s.party_of[node], vec, length, dtype)
-                except _FAULTS as exc:
-                    self._fault(node, f"{stage}: {exc}")
+            self._exchange(
+                stage,
+                contents,
+                lambda node, c: s.add_masked(phase, s.party_of[node], c["masked"]["vector"].numpy(), length, dtype),
+            )
+            del contents
             delivered = sorted(s.delivered[phase])
             if len(delivered) < minimum:
                 raise RoundAbandoned(f"phase {phase}: {len(delivered)} vectors delivered, {minimum} needed")
@@ -242,12 +252,12 @@ class SecureRound:
                 contents[s.node_of[p]] = RecordDict(
                     {"config": self._config(unstage, n), "secagg": ConfigRecord({"alive": alive, "dropped": dropped})}
                 )
-            responses = {}
-            for node, c in self._exchange(unstage, contents).items():
-                try:
-                    responses[s.party_of[node]] = {k: bytes(v) for k, v in c["unmask"].items()}
-                except _FAULTS as exc:
-                    self._fault(node, f"{unstage}: {exc}")
+            responses: dict[int, dict[str, bytes]] = {}
+
+            def take_unmask(node: int, c: RecordDict) -> None:
+                responses[s.party_of[node]] = {k: bytes(v) for k, v in c["unmask"].items()}
+
+            self._exchange(unstage, contents, take_unmask)
             total = s.finish(phase, responses, length, dtype, minimum)
             if phase == "indicators":
                 rowset, counts = rowset_from_counts(total, self.shapes)
