@@ -54,7 +54,11 @@ class GridTransport:
         Nodes that do not answer within ``timeout`` get a ``Reply`` with an error at the end.
         """
         messages = [Message(content=c, dst_node_id=n, message_type=message_type) for n, c in contents.items()]
-        pending = set(self.grid.push_messages(messages))
+        ids = list(self.grid.push_messages(messages))
+        # Flower's own error replies (node unavailable) come from the SuperLink (src node 1):
+        # name the node by the message a reply answers.
+        sent = dict(zip(ids, contents))
+        pending = set(ids)
         del messages
         answered: set[int] = set()
         deadline = time.monotonic() + timeout
@@ -62,7 +66,7 @@ class GridTransport:
             got = list(self.grid.pull_messages(pending))
             for msg in got:
                 pending.discard(msg.metadata.reply_to_message_id)
-                node = msg.metadata.src_node_id
+                node = sent.get(msg.metadata.reply_to_message_id, msg.metadata.src_node_id)
                 answered.add(node)
                 if msg.has_error():
                     yield Reply(node, None, f"error {msg.error.code}: {_short(msg.error.reason)}")
