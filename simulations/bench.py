@@ -100,7 +100,7 @@ def _fedembed_rounds(method: str, work: Workload, total_rounds: int, num_cpus: i
         seed=work.seed,
         secure=secure,
         row_set=SECURE_ROW_SET.get(method, "union"),
-        neighbours=work.neighbours if secure else None,
+        neighbours=work.shares - 1 if secure else None,
         threshold=work.threshold if secure else None,
     )
     runlog = simulate(cfg, out / method, num_cpus=num_cpus)
@@ -154,6 +154,7 @@ def run_one(method: str, work: Workload, warmup: int, num_cpus: int, out: Path) 
     total_seconds = time.perf_counter() - t0
     return {
         "method": method,
+        "workload": asdict(work),
         "rounds": rounds,
         "warmup": warmup,
         "total_seconds": total_seconds,
@@ -183,6 +184,7 @@ def summarise(res: dict[str, Any]) -> dict[str, Any]:
         "stage_seconds": stages,
         "peak_rss_bytes": res["peak_rss_bytes"],
         "peak_rise_bytes": res["peak_rss_bytes"] - res["start_rss_bytes"],
+        "reused": res.get("reused"),
     }
 
 
@@ -250,7 +252,7 @@ def print_report(s: dict[str, dict[str, Any]], targets: dict[str, dict[str, Any]
         up_fa = _ratio(fedavg and fedavg["upload_per_org"], v["upload_per_org"])
         up_sa = _ratio(sap and sap["upload_per_org"], v["upload_per_org"])
         sp_sa = _ratio(sap and sap["seconds_per_round"], v["seconds_per_round"])
-        tab.add_row(m, _mib(v["upload_per_org"]), _mib(v["download_per_org"]), f"{v['seconds_per_round']:.2f}", stages,
+        tab.add_row(m + (" (reused)" if v.get("reused") else ""), _mib(v["upload_per_org"]), _mib(v["download_per_org"]), f"{v['seconds_per_round']:.2f}", stages,
                     f"{v['peak_rss_bytes'] / 2**20:,.0f} ({v['peak_rise_bytes'] / 2**20:,.0f})",
                     *[f"{x:,.1f}x" if x else "-" for x in (up_fa, up_sa, sp_sa)])
     c.print(tab)
@@ -282,12 +284,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--shares", type=int, default=None,
                    help="SecAgg+ shares per secret incl. the owner's (Flower's num_shares; default: all orgs)")
-    p.add_argument("--threshold", type=int, default=None, help="Shamir threshold t (default: shares // 2 + 1)")
+    p.add_argument("--threshold", type=int, default=None,
+                   help="Shamir threshold t (default: fedembed's, a strict majority of the k = shares - 1 neighbours)")
     p.add_argument("--methods", default=",".join(METHODS), help="comma-separated subset of " + ",".join(METHODS))
     p.add_argument("--cpus", type=int, default=None, help="CPUs for the simulation engine (default: all)")
     p.add_argument("--quick", action="store_true", help=f"small workload {QUICK}")
     p.add_argument("--out", type=Path, default=Path("runs/bench"))
     p.add_argument("--timeout", type=float, default=7200.0, help="seconds allowed per method")
+    p.add_argument("--reuse", default="",
+                   help="comma-separated methods whose result already in OUT (same workload and warm-up) is reused "
+                        "instead of re-run, e.g. flower-secaggplus (marked 'reused' in the JSON)")
     p.add_argument("--one", default=None, help=argparse.SUPPRESS)  # child mode: run one method
     p.add_argument("--work", default=None, help=argparse.SUPPRESS)
     return p
@@ -297,10 +303,12 @@ def _workload(args: argparse.Namespace) -> Workload:
     if args.quick:
         for k, v in QUICK.items():
             setattr(args, k, v)
-    shares = args.shares or args.orgs
-    threshold = args.threshold or shares // 2 + 1
+    from fedembed.secagg.graph import default_neighbours, default_threshold
+
+    shares = args.shares or default_neighbours(args.orgs) + 1
+    threshold = args.threshold or default_threshold(shares - 1)
     return Workload(rows=args.rows, dim=args.dim, orgs=args.orgs, touch=args.touch, seed=args.seed, rounds=args.rounds,
-                    neighbours=shares, threshold=threshold)
+                    shares=shares, threshold=threshold)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -324,9 +332,17 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     raw: dict[str, Any] = {}
     errors: dict[str, str] = {}
+    reuse = {m.strip() for m in args.reuse.split(",") if m.strip()}
     for m in methods:
-        log.info("running %s ...", m)
         path = args.out / f"{m}.json"
+        if m in reuse and path.exists():
+            old = json.loads(path.read_text())
+            if old.get("workload") == asdict(work) and old.get("warmup") == args.warmup:
+                log.info("%s: reusing %s (measured %s)", m, path, time.ctime(path.stat().st_mtime))
+                raw[m] = {**old, "reused": time.ctime(path.stat().st_mtime)}
+                continue
+            log.warning("%s: %s is for another workload; running it again", m, path)
+        log.info("running %s ...", m)
         path.unlink(missing_ok=True)
         cmd = [sys.executable, str(Path(__file__).resolve()), "--one", m, "--work", json.dumps(asdict(work)),
                "--warmup", str(args.warmup), "--cpus", str(cpus), "--out", str(args.out)]

@@ -152,8 +152,10 @@ class Workload:
     touch: float
     seed: int
     rounds: int
-    neighbours: int
+    shares: int
     threshold: int
+    """``shares``: Flower's ``num_shares`` (the owner's own share included), i.e. fedembed's
+    neighbourhood size k = shares - 1; ``threshold``: Shamir's t, the same for both."""
 
     def task_options(self) -> dict[str, Any]:
         """Options of the synthetic task."""
@@ -291,7 +293,7 @@ def run_flower_secaggplus(work: Workload, num_cpus: int) -> Meter:
                           initial_parameters=ndarrays_to_parameters([initial_table(work)]))
         legacy = LegacyContext(context=context, config=ServerConfig(num_rounds=work.rounds), strategy=strategy)
         workflow = DefaultWorkflow(fit_workflow=SecAggPlusWorkflow(
-            num_shares=work.neighbours, reconstruction_threshold=work.threshold, max_weight=float(max_examples)))
+            num_shares=work.shares, reconstruction_threshold=work.threshold, max_weight=float(max_examples)))
         workflow(mgrid, legacy)
         meter.t_end = time.perf_counter()
 
