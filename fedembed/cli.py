@@ -79,6 +79,9 @@ def _add_run_options(p: argparse.ArgumentParser) -> None:
     t.add_argument("--fraction", type=float, default=1.0, help="share of organisations sampled per round")
     w = p.add_argument_group("wire")
     w.add_argument("--wire-dtype", choices=["float16", "float32"], default="float16", help="dtype of uploaded deltas")
+    w.add_argument("--delta-clip", type=float, default=4.0,
+                   help="largest |delta| of one table entry the aggregate takes as is (larger ones are clipped); "
+                        "sets the fixed-point scale both plain and secure aggregation sum in")
     w.add_argument("--max-message-mb", type=float, default=512.0, help="replies larger than this are refused")
 
 
@@ -96,8 +99,6 @@ def _add_secure_options(p: argparse.ArgumentParser) -> None:
     s.add_argument("--threshold", type=_positive_int, default=None,
                    help="Shamir threshold t of the k+1 share holders (neighbours and self; default (k+1)//2+1); "
                         "a round survives up to k+1-t dropouts per neighbourhood")
-    s.add_argument("--secure-clip", type=float, default=4.0,
-                   help="largest |delta| of a table entry encoded exactly (larger ones are clipped)")
 
 
 def _drops(items: list[str]) -> dict[str, list[int]]:
@@ -156,12 +157,13 @@ def config_from_args(args: argparse.Namespace) -> RunConfig:
         wire_dtype=args.wire_dtype,
         max_message_bytes=int(args.max_message_mb * 2**20),
         drop=_drops(getattr(args, "drop", [])),
+        delta_clip=args.delta_clip,
         **{k: getattr(args, k) for k in _SERVER_RUN_SETTINGS if getattr(args, k, None) is not None},
     )
 
 
 # RunConfig fields set by `fedembed server` flags (absent from `simulate`'s namespace)
-_SERVER_RUN_SETTINGS = ("min_orgs", "round_timeout", "secure", "row_set", "neighbours", "threshold", "secure_clip")
+_SERVER_RUN_SETTINGS = ("min_orgs", "round_timeout", "secure", "row_set", "neighbours", "threshold")
 
 
 class _Progress:
@@ -357,6 +359,11 @@ class _DeployProgress(_Progress):
         if event.get("event") == "waiting":
             if self.enabled:
                 self.console.print(f"organisations online: {event['online']}/{event['wanted']}")
+            return
+        if event.get("event") == "start":
+            if self.enabled and event["round"] > 1:
+                self.console.print(f"ServerApp resumed at round {event['round']} "
+                                   f"(tables sha256 {event['tables_sha256'][:12]})")
             return
         if event.get("event") == "done":
             if self.enabled:

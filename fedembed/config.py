@@ -58,9 +58,10 @@ class RunConfig:
         Replies larger than this are refused.
     round_timeout : float
         Seconds to wait for replies in a stage.
-    secure_clip : float
-        Secure mode: largest ``|delta|`` of one table entry that is encoded exactly;
-        larger ones are clipped (see :mod:`fedembed.secagg.quantize`).
+    delta_clip : float
+        Largest ``|delta|`` of one table entry the aggregate takes as is; larger ones are
+        clipped. Plain and secure rounds both sum ``weight * delta`` in the same exact
+        fixed point, whose scale this sets (:mod:`fedembed.secagg.quantize`).
     drop : dict[str, list[int]]
         Injected dropouts (simulation, tests, demos): ``{"<stage>": [org, ...]}`` or
         ``{"<stage>@<round>": [...]}``; a listed organisation fails that stage's message
@@ -85,7 +86,7 @@ class RunConfig:
     threshold: int | None = None
     max_message_bytes: int = 512 * 2**20
     round_timeout: float = 600.0
-    secure_clip: float = 4.0
+    delta_clip: float = 4.0
     drop: dict[str, list[int]] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -103,8 +104,8 @@ class RunConfig:
             raise ConfigError("--secure applies to --mode fedembed only")
         if self.secure and self.num_orgs < 2:
             raise ConfigError("secure aggregation needs at least 2 organisations (a sum of one is no secret)")
-        if not self.secure_clip > 0:
-            raise ConfigError(f"secure_clip must be > 0, got {self.secure_clip}")
+        if not self.delta_clip > 0:
+            raise ConfigError(f"delta_clip must be > 0, got {self.delta_clip}")
         if self.neighbours is not None and self.neighbours < 1:
             raise ConfigError(f"neighbours must be >= 1, got {self.neighbours}")
         if self.threshold is not None and self.threshold < 1:

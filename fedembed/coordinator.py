@@ -24,7 +24,8 @@ from flwr.app import ConfigRecord, RecordDict
 from fedembed.aggregate import ServerOptimizer
 from fedembed.config import ConfigError, RoundPlan, RunConfig
 from fedembed.report import RunLog
-from fedembed.sparse import RowUpdate, UpdateError, sum_updates
+from fedembed.secagg.vector import ValueScales, fixed_point_sum
+from fedembed.sparse import RowUpdate, UpdateError
 from fedembed.store import Checkpoint, load_latest_checkpoint, save_checkpoint
 from fedembed.tables import VersionedTables
 from fedembed.task import load_task
@@ -252,7 +253,10 @@ class Coordinator:
         }
         entry["clients"] = len(updates) if self.cfg.mode != "local" else len(replies) - len(entry["rejected"])
         entry["dense_upload_bytes"] = self.dense_bytes * max(len(replies), 1) if self.cfg.mode != "local" else 0
-        agg = sum_updates(updates, list(self.shapes)) if updates else None
+        agg = None
+        if updates:  # summed in the secure path's exact fixed point: the two paths agree bit for bit
+            scales = ValueScales(n=len(updates), clip_delta=self.cfg.delta_clip, max_weight=self.cfg.train.max_row_weight)
+            agg = fixed_point_sum(updates, self.shapes, scales, self.cfg.wire_dtype)
         return agg, heads
 
     def closing_evaluation(self, nodes: list[int]) -> None:

@@ -229,3 +229,11 @@ def test_too_many_dropouts_abandon_the_round_cleanly_and_the_next_round_runs(tmp
     # round 1 changed nothing: every row still at version 0 or stamped by round 2 only
     assert set(np.unique(c.tables.versions["ids"])) <= {0, 2}
     del plain
+
+
+@pytest.mark.parametrize("row_set", ["dense", "union", "revealed"])
+def test_secure_and_plain_runs_agree_bit_for_bit_over_several_rounds(tmp_path, direct_transport, row_set):
+    plain = _run(tmp_path, direct_transport, False, rounds=3)
+    secure = _run(tmp_path, direct_transport, True, row_set, rounds=3)
+    assert np.array_equal(plain.tables.tables["ids"], secure.tables.tables["ids"])
+    assert [r["rows_changed"] for r in plain.log.rounds] == [r["rows_changed"] for r in secure.log.rounds]

@@ -65,3 +65,23 @@ def test_values_vector_round_trip_equals_the_plain_per_row_sum_within_the_bound(
         assert np.array_equal(secure[name].ids, plain[name].ids)
         assert np.array_equal(secure[name].weight, plain[name].weight)  # integer weights: exact
         assert np.abs(secure[name].weighted_delta - plain[name].weighted_delta).max() <= scales.bound()
+
+
+def test_plain_fixed_point_sum_is_order_independent_and_within_the_bound_of_float_sums():
+    from fedembed.secagg.vector import fixed_point_sum
+
+    rng = np.random.default_rng(5)
+    shapes = {"t": (1000, 6)}
+    updates = []
+    for _ in range(6):
+        ids = np.sort(rng.choice(1000, size=120, replace=False))
+        delta = rng.normal(0, 0.2, size=(120, 6)).astype(np.float16).astype(np.float32)
+        updates.append({"t": TableUpdate(ids, delta, rng.integers(1, 100, size=120).astype(np.float32))})
+    scales = ValueScales(n=6, clip_delta=4.0, max_weight=100.0)
+    a = fixed_point_sum(updates, shapes, scales, "float16")
+    b = fixed_point_sum(updates[::-1], shapes, scales, "float16")
+    assert np.array_equal(a["t"].weighted_delta, b["t"].weighted_delta)  # exact: integer sums
+    ref = sum_updates(updates, ["t"])
+    assert np.array_equal(a["t"].ids, ref["t"].ids)
+    assert np.abs(a["t"].weighted_delta - ref["t"].weighted_delta).max() <= scales.bound()
+    assert np.array_equal(a["t"].weight, ref["t"].weight)

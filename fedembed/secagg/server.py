@@ -90,7 +90,7 @@ class SecureRound:
                 "run_key": c.run_key(),
                 "task": c.task.to_json(),
                 "n": n,
-                "clip_delta": float(c.secure_clip),
+                "clip_delta": float(c.delta_clip),
                 "max_weight": float(c.train.max_row_weight),
                 "wire_dtype": c.wire_dtype,
                 "row_set": c.row_set,
@@ -258,14 +258,16 @@ class SecureRound:
                 responses[s.party_of[node]] = {k: bytes(v) for k, v in c["unmask"].items()}
 
             self._exchange(unstage, contents, take_unmask)
+            t_finish = time.perf_counter()
             total = s.finish(phase, responses, length, dtype, minimum)
+            self.entry["stages"][unstage]["seconds"] += time.perf_counter() - t_finish  # mask removal
             if phase == "indicators":
                 rowset, counts = rowset_from_counts(total, self.shapes)
                 self.entry["secure"]["union_rows"] = int(sum(ids.size for ids in rowset.values()))
                 active = delivered  # only those whose rows are in U may send values
         self.entry["secure"]["rows"] = int(sum(ids.size for ids in rowset.values()))
         self.entry["clients"] = len(s.delivered["values"])
-        scales = ValueScales(n=n, clip_delta=cfg.secure_clip, max_weight=cfg.train.max_row_weight)
+        scales = ValueScales(n=n, clip_delta=cfg.delta_clip, max_weight=cfg.train.max_row_weight)
         self.entry["secure"]["error_bound"] = scales.bound()
         try:
             return decode_values(total, rowset, self.shapes, scales)

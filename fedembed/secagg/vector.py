@@ -19,6 +19,7 @@ bound.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Mapping
 from dataclasses import dataclass
 
@@ -26,6 +27,8 @@ import numpy as np
 
 from fedembed.secagg.quantize import count_clipped, dequantize, error_bound, quantize, scale_for
 from fedembed.sparse import WIRE_DTYPES, AggregateSum, RowUpdate, TableSum, UpdateError
+
+log = logging.getLogger(__name__)
 
 RowSet = dict[str, np.ndarray]
 """Agreed rows per table: table name -> sorted unique int64 ids."""
@@ -214,3 +217,21 @@ def decode_values(total: np.ndarray, rowset: RowSet, shapes: Shapes, scales: Val
         if keep.any():
             out[name] = TableSum(ids=ids[keep], weighted_delta=data[keep], weight=weight[keep])
     return out
+
+
+def fixed_point_sum(updates: list[RowUpdate], shapes: Shapes, scales: ValueScales, wire_dtype: str) -> AggregateSum:
+    """Per-row sums of plain updates in the very fixed point the secure path sums in.
+
+    The plain path aggregates with this, so a plain and a secure round over the same
+    updates give bit-identical sums (masking cancels exactly), and the sum does not
+    depend on the order replies arrived in. Against exact arithmetic it deviates by at
+    most :meth:`ValueScales.bound` per coordinate of ``sum w*delta``; weights are exact.
+    """
+    rowset = union_of([{name: tu.ids for name, tu in u.items()} for u in updates], shapes)
+    total = np.zeros(values_length(rowset, shapes), dtype=np.uint32)
+    for u in updates:
+        vector, clipped = encode_values(u, rowset, shapes, scales, wire_dtype)
+        if clipped:
+            log.warning("aggregation: %d delta entries beyond +-%g were clipped", clipped, scales.clip_delta)
+        total += vector
+    return decode_values(total, rowset, shapes, scales)
