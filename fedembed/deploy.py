@@ -71,6 +71,11 @@ class DeployedRunFiles:
             f.flush()
             os.fsync(f.fileno())
 
+    def on_start(self, coordinator: Any) -> None:
+        """Record where the ServerApp starts: first round and a digest of its tables."""
+        self._append({"event": "start", "round": coordinator.start_round,
+                      "tables_sha256": tables_digest(coordinator.tables.tables), "time": time.time()})
+
     def on_round(self, entry: dict) -> None:
         """Append one finished round (its log entry) to ``progress.jsonl``."""
         self._append({"event": "closing" if entry.get("closing") else "round", **entry, "time": time.time()})
@@ -79,6 +84,20 @@ class DeployedRunFiles:
         """Write ``metrics.json``, ``embeddings.npz``, ``report.png``; mark the run done."""
         coordinator.log.write(self.state_dir, coordinator.tables.tables)
         self._append({"event": "done", "rounds": coordinator.cfg.rounds, "time": time.time()})
+
+
+def tables_digest(tables: dict[str, Any]) -> str:
+    """SHA-256 over table names, shapes, dtypes and values (resume checks)."""
+    import hashlib
+
+    import numpy as np
+
+    h = hashlib.sha256()
+    for name in sorted(tables):
+        a = np.ascontiguousarray(tables[name])
+        h.update(f"{name}|{a.shape}|{a.dtype}|".encode())
+        h.update(a.tobytes())
+    return h.hexdigest()
 
 
 def _json_default(o: Any) -> Any:

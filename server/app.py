@@ -121,6 +121,8 @@ def make_server_app(
             files = DeployedRunFiles(Path(str(context.run_config["state-dir"])))
             ckpt_dir, round_hook, done_hook = files.coordinator_dir, files.on_round, files.on_done
         coordinator = Coordinator(run_cfg, GridTransport(grid), state_dir=ckpt_dir, on_round=round_hook)
+        if cfg is None and "state-dir" in context.run_config:
+            files.on_start(coordinator)
         coordinator.run()
         if done_hook is not None:
             done_hook(coordinator)
