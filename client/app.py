@@ -9,19 +9,22 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from flwr.app import Context, Message
 from flwr.clientapp import ClientApp
 
 from fedembed.audit import AuditMod
-from fedembed.org import Organisation, handle_content
-from fedembed.secagg.client import SECURE_STAGES
+from fedembed.secagg.client import SECURE_STAGES, handle_message
+
+if TYPE_CHECKING:
+    from fedembed.org import Organisation
 
 log = logging.getLogger(__name__)
 
 
-def organisation_from_context(context: Context, state_root: str | None) -> Organisation:
-    """The organisation this node is, from its node config."""
+def where_from_context(context: Context, state_root: str | None) -> tuple[int, Path]:
+    """This node's organisation index and private state directory, from its node config."""
     nc = context.node_config
     if "org" in nc:
         org = int(nc["org"])
@@ -35,7 +38,14 @@ def organisation_from_context(context: Context, state_root: str | None) -> Organ
         state = Path(state_root) / f"org-{org}"
     else:
         raise ValueError("node config has no state-dir: pass --node-config 'org=<index> state-dir=<dir>'")
-    return Organisation(org, state)
+    return org, state
+
+
+def organisation_from_context(context: Context, state_root: str | None) -> Organisation:
+    """The organisation this node is, from its node config."""
+    from fedembed.org import Organisation
+
+    return Organisation(*where_from_context(context, state_root))
 
 
 def make_client_app(state_root: str | None = None, audit_dir: str | None = None) -> ClientApp:
@@ -47,14 +57,20 @@ def make_client_app(state_root: str | None = None, audit_dir: str | None = None)
 
     @app.train()
     def train(msg: Message, context: Context) -> Message:
+        from fedembed.org import handle_content
+
         return Message(handle_content(organisation_from_context(context, state_root), msg.content), reply_to=msg)
 
     @app.evaluate()
     def evaluate(msg: Message, context: Context) -> Message:
+        from fedembed.org import handle_content
+
         return Message(handle_content(organisation_from_context(context, state_root), msg.content), reply_to=msg)
 
     def secure_stage(msg: Message, context: Context) -> Message:
-        return Message(handle_content(organisation_from_context(context, state_root), msg.content), reply_to=msg)
+        # no task, no torch: a secure stage only loads the session from the org's state dir
+        org, state_dir = where_from_context(context, state_root)
+        return Message(handle_message(state_dir, org, msg.content), reply_to=msg)
 
     for stage in SECURE_STAGES:  # message types train.<stage> of secure aggregation
         app.train(stage)(secure_stage)

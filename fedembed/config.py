@@ -203,12 +203,3 @@ class RoundPlan:
             drop=json.dumps(cfg.drop),
         )
 
-
-class SimulatedDropout(RuntimeError):
-    """Raised by an organisation told to vanish at a stage (:attr:`RunConfig.drop`)."""
-
-
-def should_drop(drop: str | dict, stage: str, round_: int, org: int) -> bool:
-    """Whether organisation ``org`` is to vanish at ``stage`` of ``round_`` (see :attr:`RunConfig.drop`)."""
-    spec = json.loads(drop) if isinstance(drop, str) else drop
-    return org in spec.get(stage, []) or org in spec.get(f"{stage}@{round_}", [])

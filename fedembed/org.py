@@ -17,11 +17,12 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from flwr.app import ConfigRecord, RecordDict
+from flwr.app import RecordDict
 
-from fedembed.config import RoundPlan, SimulatedDropout, should_drop
+from fedembed.config import RoundPlan
+from fedembed.faults import SimulatedDropout, should_drop
 from fedembed.guard import Guard
-from fedembed.sparse import RowUpdate, UpdateError
+from fedembed.sparse import RowUpdate
 from fedembed.store import OrgState
 from fedembed.tables import RowSync, apply_sync, init_table
 from fedembed.task import Task, TaskSpec, load_task
@@ -169,6 +170,10 @@ def handle_content(organisation: Organisation, content: RecordDict) -> RecordDic
     """
     cfg = dict(content["config"])
     stage = str(cfg.get("stage", "train"))
+    if stage != "train":
+        from fedembed.secagg.client import handle_message
+
+        return handle_message(organisation.state.dir, organisation.org, content)
     round_ = int(cfg["round"])
     dropping_stage = "evaluate" if cfg.get("evaluate_only") else stage  # drops never hit the closing evaluation
     if should_drop(str(cfg.get("drop", "{}")), dropping_stage, round_, organisation.org):
@@ -176,18 +181,6 @@ def handle_content(organisation: Organisation, content: RecordDict) -> RecordDic
         raise SimulatedDropout(f"organisation {organisation.org} dropped at stage {stage} of round {round_}")
     task = load_task(TaskSpec.from_json(str(cfg["task"])))
     shapes = task.table_shapes()
-    if stage != "train":
-        from fedembed.secagg.client import handle_stage
-        from fedembed.secagg.primitives import CryptoError
-        from fedembed.secagg.protocol import ProtocolError
-
-        name = task.org_names()[organisation.org]
-        try:
-            records = handle_stage(organisation.state.dir, stage, cfg, content, shapes)
-        except (UpdateError, ProtocolError, CryptoError, KeyError, ValueError) as exc:
-            log.warning("%s: secure stage %s failed: %s", name, stage, exc)
-            return RecordDict({"info": ConfigRecord({"org": name, "status": "error", "error": str(exc)})})
-        return RecordDict({"info": ConfigRecord({"org": name, "status": "ok"}), **records})
 
     plan = RoundPlan.from_config(cfg)
     sync = decode_sync(content["sync"], shapes) if "sync" in content else {}

@@ -19,7 +19,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
 
 from fedembed.tables import VersionedTables, init_table
 
@@ -194,14 +193,18 @@ class OrgState:
         if not p.exists():
             return None
         try:
+            import torch
+
             return torch.load(p, map_location="cpu", weights_only=True)
         except Exception as exc:  # corrupt file: start the head afresh, loudly
             log.error("head state %s unreadable (%s); starting a fresh head", p, exc)
             return None
 
-    def save_head(self, head: dict[str, torch.Tensor], optimizer: dict[str, Any], round_: int, **extra: Any) -> None:
+    def save_head(self, head: dict[str, Any], optimizer: dict[str, Any], round_: int, **extra: Any) -> None:
         """Save the head, its optimizer state and the round atomically."""
         buf = io.BytesIO()
+        import torch
+
         torch.save({"head": head, "optimizer": optimizer, "round": round_, **extra}, buf)
         atomic_write(self.dir / "head.pt", buf.getvalue())
 

@@ -34,9 +34,11 @@ import shutil
 from pathlib import Path
 
 import numpy as np
-from flwr.app import ArrayRecord, ConfigRecord, RecordDict
+from flwr.app import Array, ArrayRecord, ConfigRecord, RecordDict
 
-from fedembed.secagg.protocol import ClientSession, session_context
+from fedembed.faults import check_drop
+from fedembed.secagg.primitives import CryptoError
+from fedembed.secagg.protocol import ClientSession, ProtocolError, session_context
 from fedembed.secagg.vector import (
     ValueScales,
     check_rowset,
@@ -186,12 +188,37 @@ def handle_stage(state_dir: Path, stage: str, cfg: dict, content: RecordDict, sh
     return out
 
 
-def _array(v: np.ndarray):
-    from flwr.app import Array
-
+def _array(v: np.ndarray) -> Array:
     return Array(np.ascontiguousarray(v))
 
 
-def stage_config(**kw) -> ConfigRecord:
-    """The config record of a secure stage (plain JSON-able values)."""
-    return ConfigRecord({k: (json.dumps(v) if isinstance(v, dict) else v) for k, v in kw.items()})
+def handle_message(state_dir: Path, org: int, content: RecordDict) -> RecordDict:
+    """An organisation's reply to a secure-stage message (everything but ``train``).
+
+    Light on purpose: it needs neither the task nor torch (the table shapes travel in the
+    stage's config), so a stage costs a deployed organisation no model or data loading.
+
+    Parameters
+    ----------
+    state_dir : Path
+        The organisation's private state directory.
+    org : int
+        Its index (for injected dropouts).
+    content : RecordDict
+        The coordinator's message.
+
+    Raises
+    ------
+    fedembed.faults.SimulatedDropout
+        When the run's injected dropouts name this organisation at this stage.
+    """
+    cfg = dict(content["config"])
+    stage = str(cfg["stage"])
+    check_drop(str(cfg.get("drop", "{}")), stage, int(cfg["round"]), org)
+    try:
+        shapes = {k: (int(v[0]), int(v[1])) for k, v in json.loads(str(cfg["shapes"])).items()}
+        records = handle_stage(state_dir, stage, cfg, content, shapes)
+    except (UpdateError, ProtocolError, CryptoError, KeyError, TypeError, ValueError) as exc:
+        log.warning("organisation %d: secure stage %s failed: %s", org, stage, exc)
+        return RecordDict({"info": ConfigRecord({"status": "error", "error": str(exc)})})
+    return RecordDict({"info": ConfigRecord({"status": "ok"}), **records})

@@ -95,6 +95,7 @@ class SecureRound:
                 "wire_dtype": c.wire_dtype,
                 "row_set": c.row_set,
                 "drop": json.dumps(c.drop),
+                "shapes": json.dumps({k: list(v) for k, v in self.shapes.items()}),
             }
         )
 
