@@ -107,14 +107,19 @@ class RecordingProxy:
         return {k: (self.dir / f"{k}.bin").read_bytes() for k in ("up", "down")}
 
 
-def value_windows(values: np.ndarray, width: int = 4, count: int = 16) -> Iterator[np.ndarray]:
-    """Up to ``count`` runs of ``width`` consecutive values, spread over ``values``."""
+def value_windows(values: np.ndarray, width: int = 4, count: int | None = 16) -> Iterator[np.ndarray]:
+    """Up to ``count`` runs of ``width`` consecutive values, spread over ``values``.
+
+    ``count=None`` yields the run starting at every position (an exhaustive search).
+    """
     flat = np.asarray(values).ravel()
     if flat.size < width:
         if flat.size:
             yield flat
         return
-    for start in np.unique(np.linspace(0, flat.size - width, num=min(count, flat.size - width + 1)).astype(int)):
+    starts = flat.size - width + 1
+    positions = range(starts) if count is None else np.unique(np.linspace(0, starts - 1, num=min(count, starts)).astype(int))
+    for start in positions:
         yield flat[start : start + width]
 
 
@@ -124,7 +129,14 @@ def encodings(window: np.ndarray) -> Iterable[bytes]:
         yield np.asarray(window, dtype=dtype).tobytes()
 
 
-def find_in_capture(capture: bytes, arrays: dict[str, np.ndarray], names: bool = True) -> list[str]:
+MIN_PATTERN_BYTES = 8
+"""Shorter byte patterns are not searched: in megabytes of traffic they occur by chance
+(a single float16 value is 2 bytes). Parameters of one value are searched as float64 only."""
+
+
+def find_in_capture(
+    capture: bytes, arrays: dict[str, np.ndarray], names: bool = True, count: int | None = 16
+) -> list[str]:
     """Which of ``arrays`` appear in ``capture``, by name or by any window of values.
 
     Parameters
@@ -135,20 +147,25 @@ def find_in_capture(capture: bytes, arrays: dict[str, np.ndarray], names: bool =
         Name -> values (e.g. an organisation's head parameters).
     names : bool
         Also search for each name as ASCII.
+    count : int or None
+        Windows searched per array (see :func:`value_windows`); None: all of them.
 
     Returns
     -------
     list of str
-        One line per hit, e.g. ``"head.0.weight: value window 3 as float32"``.
+        One line per hit, e.g. ``"head.0.weight: value window 3 as float32"``. Windows are
+        4 consecutive values; patterns under :data:`MIN_PATTERN_BYTES` are skipped.
     """
     hits = []
     for name, values in arrays.items():
         if names and name.encode() in capture:
             hits.append(f"{name}: name")
-        for i, w in enumerate(value_windows(values)):
+        for i, w in enumerate(value_windows(values, count=count)):
             if not np.any(w):  # all-zero windows match any padding
                 continue
             for enc, dtype in zip(encodings(w), ("float32", "float16", "float64")):
+                if len(enc) < MIN_PATTERN_BYTES:  # a 2- or 4-byte pattern matches somewhere by chance
+                    continue
                 if enc in capture:
                     hits.append(f"{name}: value window {i} as {dtype}")
     return hits
