@@ -237,3 +237,21 @@ def test_secure_and_plain_runs_agree_bit_for_bit_over_several_rounds(tmp_path, d
     secure = _run(tmp_path, direct_transport, True, row_set, rounds=3)
     assert np.array_equal(plain.tables.tables["ids"], secure.tables.tables["ids"])
     assert [r["rows_changed"] for r in plain.log.rounds] == [r["rows_changed"] for r in secure.log.rounds]
+
+
+def test_a_bad_share_from_one_holder_does_not_stop_the_sum():
+    n = 5
+    rng = np.random.default_rng(7)
+    vectors = {p: rng.integers(0, 2**32, size=300, dtype=np.uint32) for p in range(1, n + 1)}
+    server, clients = _sessions(n)
+    server.route_shares({p: c.make_shares(p, server.threshold, server.share_request(p)) for p, c in clients.items()})
+    for p, c in clients.items():
+        c.accept_shares(*server.masked_request(p))
+        server.add_masked("values", p, c.mask_vector("values", vectors[p]), 300, np.uint32)
+    responses = {p: clients[p].unmask("values", *server.unmask_request("values", p)) for p in clients}
+    responses[1] = {k: bytes(66) for k in responses[1]}  # party 1 answers garbage for everyone
+    total = server.finish("values", responses, 300, np.uint32)
+    expected = np.zeros(300, dtype=np.uint32)
+    for v in vectors.values():
+        expected += v
+    assert np.array_equal(total, expected)

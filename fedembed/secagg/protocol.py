@@ -34,10 +34,12 @@ If fewer than t of some neighbourhood answer, or fewer than two vectors were del
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import logging
 import os
 import struct
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -61,6 +63,8 @@ from fedembed.secagg.primitives import (
 log = logging.getLogger(__name__)
 
 PHASES = ("indicators", "values")
+MAX_SUBSETS = 64
+"""Subsets of t shares tried per secret before a round is abandoned (bad shares)."""
 
 
 class ShareError(CryptoError):
@@ -450,19 +454,13 @@ class ServerSession:
         total = self.sums[phase].copy()
         for j in sorted(delivered):
             shares = {q: r[f"seed.{j}"] for q, r in responses.items() if self._holds(q, j) and f"seed.{j}" in r}
-            seed = self._combine(shares, j, phase, "seed")
-            if seed_commitment(self.context, phase, seed) != self.adverts[j][f"commit.{phase}"]:
-                raise RoundAbandoned(f"phase {phase}: the seed of party {j} does not match its commitment")
+            commit = self.adverts[j][f"commit.{phase}"]
+            seed = self._combine(shares, j, phase, "seed", lambda v: seed_commitment(self.context, phase, v) == commit)
             total -= self_mask(seed, j, self.context, phase, length, dtype)
         for j in sorted(self.u2 - delivered):
             shares = {q: r[f"key.{j}"] for q, r in responses.items() if self._holds(q, j) and f"key.{j}" in r}
-            private = self._combine(shares, j, phase, "key")
-            try:
-                kp = KeyPair.from_private(private)
-            except (CryptoError, ValueError) as exc:
-                raise RoundAbandoned(f"phase {phase}: the mask key of party {j} cannot be rebuilt: {exc}") from exc
-            if kp.public != self.adverts[j][f"mask.{phase}"]:
-                raise RoundAbandoned(f"phase {phase}: the mask key of party {j} does not match its advert")
+            public = self.adverts[j][f"mask.{phase}"]
+            private = self._combine(shares, j, phase, "key", lambda v: _public_of(v) == public)
             for i in sorted(set(self.graph[j]) & delivered):
                 m = pair_mask(private, self.adverts[i][f"mask.{phase}"], j, i, self.context, phase, length, dtype)
                 if i < j:
@@ -475,12 +473,33 @@ class ServerSession:
         """Whether party ``q`` holds shares of party ``j``'s secrets (j's neighbours and j itself)."""
         return q == j or q in self.graph[j]
 
-    def _combine(self, shares: dict[int, bytes], j: int, phase: str, kind: str) -> bytes:
+    def _combine(self, shares: dict[int, bytes], j: int, phase: str, kind: str, valid: Callable[[bytes], bool]) -> bytes:
+        """Rebuild a secret from ``t`` of the shares, checked by ``valid``.
+
+        A bad share (a faulty or malicious holder) only fails its own subsets: other
+        subsets of ``t`` are tried, up to :data:`MAX_SUBSETS`, before giving up.
+        """
         if len(shares) < self.threshold:
             raise RoundAbandoned(
                 f"phase {phase}: {len(shares)} shares of the {kind} of party {j}, {self.threshold} needed"
             )
-        try:
-            return shamir_combine(shares, self.threshold)
-        except CryptoError as exc:
-            raise RoundAbandoned(f"phase {phase}: the {kind} of party {j} cannot be rebuilt: {exc}") from exc
+        for n, subset in enumerate(itertools.combinations(sorted(shares), self.threshold)):
+            if n >= MAX_SUBSETS:
+                break
+            try:
+                secret = shamir_combine({q: shares[q] for q in subset}, self.threshold)
+            except CryptoError:
+                continue
+            if valid(secret):
+                bad = sorted(set(shares) - set(subset)) if n else []
+                if n:
+                    log.warning("phase %s: shares of party %d's %s from some of %s were bad", phase, j, kind, bad)
+                return secret
+        raise RoundAbandoned(f"phase {phase}: no {self.threshold} shares rebuild the committed {kind} of party {j}")
+
+
+def _public_of(private: bytes) -> bytes | None:
+    try:
+        return KeyPair.from_private(private).public
+    except (CryptoError, ValueError):
+        return None

@@ -125,8 +125,8 @@ class SecureRound:
             else:
                 try:
                     handle(rep.node, rep.content)
-                except _FAULTS as exc:
-                    self._fault(rep.node, f"{stage}: {exc}")
+                except Exception as exc:  # noqa: BLE001 - any malformed reply: that org leaves, the round goes on
+                    self._fault(rep.node, f"{stage}: {type(exc).__name__}: {exc}")
             del rep
         self._account(stage, time.perf_counter() - t0, up, down)
 
