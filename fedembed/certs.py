@@ -171,5 +171,5 @@ def write_test_certs(directory: Path, orgs: int, hosts: list[str] | None = None,
     _write(paths.server_key, _pem_key(server_key), private=True)
     for i, (priv, pub) in enumerate(zip(paths.org_private_keys, paths.org_public_keys)):
         make_org_key(priv, pub, comment=f"fedembed-org-{i}")
-    log.info("wrote a test CA, a server certificate for %s and %d org key pairs to %s", names, orgs, d)
+    log.debug("wrote a test CA, a server certificate for %s and %d org key pairs to %s", names, orgs, d)
     return paths

@@ -623,16 +623,21 @@ def supernode_command(opts: ClientOptions, runtime_port: int) -> list[str]:
 
 @contextmanager
 def _forward_signals() -> Iterator[None]:
-    """SIGTERM raises KeyboardInterrupt, so ``finally`` blocks stop child processes."""
+    """SIGTERM and SIGINT raise KeyboardInterrupt, so ``finally`` blocks stop child processes.
+
+    SIGINT is set explicitly: a process started in the background by a script inherits
+    it ignored, and Python then never raises KeyboardInterrupt.
+    """
 
     def handler(signum: int, _frame: Any) -> None:
         raise KeyboardInterrupt
 
-    old = signal.signal(signal.SIGTERM, handler)
+    old = {sig: signal.signal(sig, handler) for sig in (signal.SIGTERM, signal.SIGINT)}
     try:
         yield
     finally:
-        signal.signal(signal.SIGTERM, old)
+        for sig, h in old.items():
+            signal.signal(sig, h)
 
 
 def run_client(opts: ClientOptions, max_restarts: int | None = None, restart_delay: float = 3.0) -> int:
@@ -663,6 +668,7 @@ def run_client(opts: ClientOptions, max_restarts: int | None = None, restart_del
                 # node id: starting it again re-activates it with its key.
                 if not opts.restart or (max_restarts is not None and restarts >= max_restarts):
                     return code
+                time.sleep(0.5)  # a Ctrl-C that also stopped the SuperNode surfaces here, not as a restart
                 restarts += 1
                 log.warning("organisation %d: SuperNode exited with %d; starting it again in %.0f s",
                             opts.org, code, restart_delay)
