@@ -7,7 +7,7 @@ from flwr.supercore.inflatable.inflatable_object import get_all_nested_objects
 
 from fedembed.config import RunConfig
 from fedembed.coordinator import Coordinator
-from fedembed.guard import BLEND, LOCAL, SHARED, Blend, Guard, choose
+from fedembed.guard import BLEND, LOCAL, SHARED, WEIGHTS, Blend, Guard, choose
 from fedembed.tables import init_table
 from fedembed.task import TaskSpec, load_task
 from fedembed.train import TrainConfig
@@ -71,9 +71,10 @@ def test_the_twin_is_the_local_baseline_and_every_choice_matches_validation(tmp_
         assert len(hist) == 4
         for i, m in enumerate(hist):
             window = hist[max(0, i - 1) : i + 1]
-            local_better = np.mean([h["local_val_score"] for h in window]) > np.mean([h["shared_val_score"] for h in window])
-            assert m["guard_local"] == float(local_better)
-            assert m["val_score"] == (m["local_val_score"] if local_better else m["shared_val_score"])
+            means = {n: np.mean([h[f"{n}_val_score"] for h in window]) for n in WEIGHTS}
+            best = max(WEIGHTS, key=lambda n: (means[n], WEIGHTS[n]))
+            assert m["guard_weight"] == WEIGHTS[best]
+            assert m["val_score"] == m[f"{best}_val_score"]
 
 
 def _wire(content) -> bytes:

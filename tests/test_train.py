@@ -10,7 +10,7 @@ def test_update_carries_exactly_the_rows_the_training_data_looked_up():
     task = load_task(TaskSpec("examples.my_task:ClicksTask", {"orgs": 2, "products": 3000}))
     model = task.build_model(0)
     start = model.get_tables()
-    cfg = TrainConfig(max_row_weight=2)
+    cfg = TrainConfig(max_row_weight=2, batch_size=64)
     update, stats = train_local(task, model, 0, cfg, make_head_optimizer(model, cfg, None), np.random.default_rng(0), start)
     x, _ = task.data[0]
     train_ids, counts = np.unique(x[:400], return_counts=True)
@@ -34,7 +34,7 @@ def test_local_baseline_computes_no_update():
 
 def test_table_optimizer_state_of_touched_rows_carries_over_rounds(tmp_path):
     task = load_task(TaskSpec("examples.my_task:ClicksTask", {"orgs": 2, "products": 3000}))
-    cfg = TrainConfig(keep_table_state=True)
+    cfg = TrainConfig(keep_table_state=True, batch_size=64)
     state: dict = {}
     model = task.build_model(0)
     train_local(task, model, 0, cfg, make_head_optimizer(model, cfg, None), np.random.default_rng(0), model.get_tables(), state)
