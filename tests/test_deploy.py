@@ -35,7 +35,7 @@ pytestmark = [pytest.mark.slow, pytest.mark.deploy]
 
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
-TASK = ["--task", "synthetic", "--rows", "2000", "--dim", "8", "--task-option", "examples=300", "--orgs", "3"]
+TASK = ["--task", "synthetic", "--rows", "2000", "--dim", "8", "--task-option", "examples=300", "--orgs", "3", "--batch-size", "64"]
 
 
 # ------------------------------------------------------------------ process handling
@@ -289,7 +289,7 @@ def test_coordinator_killed_and_restarted_continues(fault_run):
 # ------------------------------------------------------------------ what an observer of an insecure run sees
 
 
-CLICKS = ["--task", "examples.my_task:ClicksTask", "--orgs", "3", "--task-option", "products=2000"]
+CLICKS = ["--task", "examples.my_task:ClicksTask", "--orgs", "3", "--task-option", "products=2000", "--batch-size", "64"]
 
 
 @pytest.fixture(scope="module")
