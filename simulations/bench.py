@@ -46,6 +46,7 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from simulations.flower_baselines import Workload, workload_from_json  # noqa: E402
+from simulations.proctree import tree_cpu_seconds  # noqa: E402
 
 log = logging.getLogger("fedembed.bench")
 
@@ -103,8 +104,20 @@ def _fedembed_rounds(method: str, work: Workload, total_rounds: int, num_cpus: i
         neighbours=work.shares - 1 if secure else None,
         threshold=work.threshold if secure else None,
     )
-    runlog = simulate(cfg, out / method, num_cpus=num_cpus)
-    return [dict(r) for r in runlog.rounds]
+    cpu_at_end: dict[int, float] = {}
+
+    def on_round(entry: dict) -> None:
+        if not entry.get("closing"):
+            cpu_at_end[int(entry["round"])] = tree_cpu_seconds()
+
+    cpu_start = tree_cpu_seconds()
+    runlog = simulate(cfg, out / method, num_cpus=num_cpus, on_round=on_round)
+    rounds = [dict(r) for r in runlog.rounds]
+    for r in rounds:  # a round's CPU: from the end of the previous one to its own end
+        n = int(r["round"])
+        if n in cpu_at_end:
+            r["cpu_seconds"] = cpu_at_end[n] - cpu_at_end.get(n - 1, cpu_start)
+    return rounds
 
 
 def start_ray(num_cpus: int) -> None:
@@ -158,6 +171,7 @@ def run_one(method: str, work: Workload, warmup: int, num_cpus: int, out: Path) 
         "rounds": rounds,
         "warmup": warmup,
         "total_seconds": total_seconds,
+        "finished": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()),
         "start_rss_bytes": start_rss,
         "peak_rss_bytes": peak_rss(),
     }
@@ -181,6 +195,8 @@ def summarise(res: dict[str, Any]) -> dict[str, Any]:
         "upload_per_org": per_org("upload_bytes"),
         "download_per_org": per_org("download_bytes"),
         "seconds_per_round": sum(float(r["wall_seconds"]) for r in rounds) / n,
+        "cpu_seconds_per_round": (sum(float(r["cpu_seconds"]) for r in rounds) / n
+                                  if all("cpu_seconds" in r for r in rounds) else None),
         "stage_seconds": stages,
         "peak_rss_bytes": res["peak_rss_bytes"],
         "peak_rise_bytes": res["peak_rss_bytes"] - res["start_rss_bytes"],
@@ -224,6 +240,13 @@ def evaluate_targets(s: dict[str, dict[str, Any]], work: Workload) -> dict[str, 
     worst = max((v["peak_rise_bytes"] for v in ours.values()), default=None)
     add("coordinator_memory_vs_table", worst / table_bytes if worst is not None else None, 3, False,
         "largest coordinator peak rise over fedembed methods / table bytes")
+    cpu = lambda x: x and x.get("cpu_seconds_per_round")  # noqa: E731
+    for name, a, b, what in (
+        ("union_cpu_vs_secaggplus", sap, union, "Flower SecAgg+ / fedembed union"),
+        ("dense_cpu_vs_secaggplus", sap, dense, "Flower SecAgg+ / fedembed secure dense"),
+        ("union_cpu_vs_plain", union, plain, "fedembed union / fedembed plain"),
+    ):
+        t[name] = {"what": f"(info) CPU seconds per round of the process tree: {what}", "value": _ratio(cpu(a), cpu(b))}
     t["dense_upload_only_vs_secaggplus"] = {
         "what": "(info) Flower SecAgg+ upload / fedembed secure dense upload",
         "value": _ratio(sap and sap["upload_per_org"], dense and dense["upload_per_org"]),
@@ -244,17 +267,21 @@ def print_report(s: dict[str, dict[str, Any]], targets: dict[str, dict[str, Any]
     fedavg, sap = s.get("flower-fedavg"), s.get("flower-secaggplus")
     tab = Table(title=(f"{work.rows:,} x {work.dim} table, {work.orgs} orgs, touch {work.touch}, "
                        f"{work.rounds} measured round(s); per organisation per round; MiB"))
-    for col in ("method", "up MiB", "down MiB", "s/round", "stages (s)", "coord. peak MiB (rise)",
-                "up vs FedAvg", "up vs SecAgg+", "speed vs SecAgg+"):
+    for col in ("method", "up MiB", "down MiB", "s/round", "CPU s/round", "stages (s)", "coord. peak MiB (rise)",
+                "up vs FedAvg", "up vs SecAgg+", "speed vs SecAgg+ (CPU)"):
         tab.add_column(col, justify="left" if col in ("method", "stages (s)") else "right")
     for m, v in s.items():
         stages = " ".join(f"{k} {x:.1f}" for k, x in v["stage_seconds"].items())
         up_fa = _ratio(fedavg and fedavg["upload_per_org"], v["upload_per_org"])
         up_sa = _ratio(sap and sap["upload_per_org"], v["upload_per_org"])
         sp_sa = _ratio(sap and sap["seconds_per_round"], v["seconds_per_round"])
-        tab.add_row(m + (" (reused)" if v.get("reused") else ""), _mib(v["upload_per_org"]), _mib(v["download_per_org"]), f"{v['seconds_per_round']:.2f}", stages,
+        cpu_sa = _ratio(sap and sap.get("cpu_seconds_per_round"), v.get("cpu_seconds_per_round"))
+        cpu = v.get("cpu_seconds_per_round")
+        tab.add_row(m + (" (reused)" if v.get("reused") else ""), _mib(v["upload_per_org"]), _mib(v["download_per_org"]),
+                    f"{v['seconds_per_round']:.2f}", "-" if cpu is None else f"{cpu:.1f}", stages,
                     f"{v['peak_rss_bytes'] / 2**20:,.0f} ({v['peak_rise_bytes'] / 2**20:,.0f})",
-                    *[f"{x:,.1f}x" if x else "-" for x in (up_fa, up_sa, sp_sa)])
+                    *[f"{x:,.1f}x" if x else "-" for x in (up_fa, up_sa)],
+                    (f"{sp_sa:,.1f}x" if sp_sa else "-") + (f" ({cpu_sa:,.1f}x)" if cpu_sa else ""))
     c.print(tab)
     tt = Table(title="targets")
     for col in ("target", "measured", "bound", "status"):
@@ -267,6 +294,9 @@ def print_report(s: dict[str, dict[str, Any]], targets: dict[str, dict[str, Any]
         tt.add_row(v["what"], val, f"{'>=' if name != 'union_time_vs_plain' and name != 'coordinator_memory_vs_table' else '<='} {v['bound']}",
                    f"[{style}]{v['status']}[/]")
     c.print(tt)
+    for name, v in targets.items():
+        if "status" not in v and v.get("value") is not None:
+            c.print(f"{v['what']}: {v['value']:.2f}")
 
 
 # --------------------------------------------------------------------------- driver
@@ -338,8 +368,9 @@ def main(argv: list[str] | None = None) -> int:
         if m in reuse and path.exists():
             old = json.loads(path.read_text())
             if old.get("workload") == asdict(work) and old.get("warmup") == args.warmup:
-                log.info("%s: reusing %s (measured %s)", m, path, time.ctime(path.stat().st_mtime))
-                raw[m] = {**old, "reused": time.ctime(path.stat().st_mtime)}
+                when = old.get("finished") or time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(path.stat().st_mtime))
+                log.info("%s: reusing %s (measured %s)", m, path, when)
+                raw[m] = {**old, "reused": when}
                 continue
             log.warning("%s: %s is for another workload; running it again", m, path)
         log.info("running %s ...", m)

@@ -52,12 +52,15 @@ from fedembed.org import Organisation, handle_content  # noqa: E402
 log = logging.getLogger("evaluate")
 
 MODES = ("fedembed", "local", "fedavg-all", "pooled")
+#: Ablation: fedembed with the guard off (the shared model always served), in-process only.
+NO_GUARD = "fedembed-noguard"
 SCENARIOS: dict[str, list[str]] = {
     "movies-same": ["--task", "movies", "--scenario", "same"],
     "movies-mixed": ["--task", "movies", "--scenario", "mixed"],
     "synthetic": ["--task", "synthetic", "--rows", "20000", "--touch", "0.05", "--task-option", "examples=1000"],
 }
 HEADS_DIFFER = {"movies-mixed"}
+GUARD_NAMES = {"shared": 1.0, "blend": 0.5, "local twin": 0.0}
 ROUNDS = None  # None: the CLI's default (10 rounds x 1 local epoch)  # fedavg-all needs identical heads
 
 
@@ -86,19 +89,21 @@ class InProcessTransport:
 
 def run_args(scenario: str, mode: str, seed: int, rounds: int | None, out: Path) -> list[str]:
     """``fedembed simulate`` arguments of one run (defaults for everything not named)."""
+    mode = "fedembed" if mode == NO_GUARD else mode
     args = ["simulate", *SCENARIOS[scenario], "--orgs", "5", "--mode", mode, "--seed", str(seed), "--out", str(out)]
     if rounds is not None:
         args += ["--rounds", str(rounds)]
     return args
 
 
-def run_one(args: list[str], out: Path, engine: str) -> None:
-    """Run one simulation, writing ``out/metrics.json``."""
+def run_one(args: list[str], out: Path, engine: str, guard: bool = True) -> None:
+    """Run one simulation, writing ``out/metrics.json`` (``guard=False``: the ablation)."""
     if engine == "flower":
         exe = Path(sys.executable).with_name("fedembed")
         subprocess.run([str(exe), *args, "--quiet", "--cpus", "1"], check=True, cwd=ROOT)
         return
     cfg: RunConfig = config_from_args(build_parser().parse_args(args))
+    cfg.train.guard = guard
     out.mkdir(parents=True, exist_ok=True)
     if cfg.mode == "pooled":
         from fedembed.pooled import run_pooled
@@ -122,7 +127,7 @@ def summarise(out: Path, seeds: list[int]) -> dict[str, Any]:
     summary: dict[str, Any] = {}
     for scenario in SCENARIOS:
         summary[scenario] = {}
-        for mode in MODES:
+        for mode in (*MODES, NO_GUARD):
             docs = [out / scenario / mode / f"seed{s}" / "metrics.json" for s in seeds]
             docs = [json.loads(p.read_text()) for p in docs if p.exists()]
             if not docs:
@@ -130,9 +135,9 @@ def summarise(out: Path, seeds: list[int]) -> dict[str, Any]:
             orgs = [k for k in docs[0]["final"] if k != "mean"]
             row = {o: _mean_std([d["final"][o]["score"] for d in docs]) for o in orgs}
             row["mean"] = _mean_std([d["final"]["mean"]["score"] for d in docs])
-            served = [d["final"][o].get("guard_local") for d in docs for o in orgs]
-            if any(v is not None for v in served):
-                row["guard_served_local"] = float(np.mean([v or 0.0 for v in served]))
+            served = [d["final"][o].get("guard_weight") for d in docs for o in orgs]
+            if all(v is not None for v in served):  # share of (organisation, seed) pairs per served candidate
+                row["guard_served"] = {k: float(np.mean([v == w for v in served])) for k, w in GUARD_NAMES.items()}
             summary[scenario][mode] = row
     return summary
 
@@ -155,7 +160,7 @@ def targets(summary: dict[str, Any]) -> list[dict[str, Any]]:
     if {"fedembed", "local"} <= set(mixed):
         f, lo = mixed["fedembed"], mixed["local"]
         add("mixed: fedembed - local (mean)", f["mean"]["mean"] - lo["mean"]["mean"], 0.03)
-        for org in (k for k in f if k not in ("mean", "guard_served_local")):
+        for org in (k for k in f if k not in ("mean", "guard_served")):
             add(f"mixed: fedembed - local ({org})", f[org]["mean"] - lo[org]["mean"], 0.0)
     return out
 
@@ -167,7 +172,7 @@ def markdown(summary: dict[str, Any], checks: list[dict[str, Any]], seeds: list[
         if not modes:
             continue
         names = list(modes)
-        orgs = [k for k in modes[names[0]] if k not in ("mean", "guard_served_local")]
+        orgs = [k for k in modes[names[0]] if k not in ("mean", "guard_served")]
         lines += [f"**{scenario}** (test score, mean ± std over seeds {', '.join(map(str, seeds))})", ""]
         lines += ["| organisation | " + " | ".join(names) + " |", "|---|" + "---:|" * len(names)]
         for org in [*orgs, "mean"]:
@@ -177,9 +182,9 @@ def markdown(summary: dict[str, Any], checks: list[dict[str, Any]], seeds: list[
                 cells.append(f"{v['mean']:.4f} ± {v['std']:.4f}" if v else "—")
             label = f"**{org}**" if org == "mean" else org
             lines.append(f"| {label} | " + " | ".join(cells) + " |")
-        if "guard_served_local" in modes.get("fedembed", {}):
-            lines += ["", f"fedembed's guard served the private local twin for "
-                          f"{100 * modes['fedembed']['guard_served_local']:.0f}% of (organisation, seed) pairs."]
+        if "guard_served" in modes.get("fedembed", {}):
+            shares = ", ".join(f"{k} {100 * v:.0f}%" for k, v in modes["fedembed"]["guard_served"].items())
+            lines += ["", f"fedembed's guard served, over (organisation, seed) pairs after the last round: {shares}."]
         lines.append("")
     if checks:
         lines += ["**Targets** (issue 6)", "", "| target | value | goal | met |", "|---|---:|---:|---|"]
@@ -196,7 +201,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--rounds", type=int, default=ROUNDS, help="rounds per run (default: the CLI's)")
     p.add_argument("--scenarios", nargs="+", choices=list(SCENARIOS), default=list(SCENARIOS))
-    p.add_argument("--modes", nargs="+", choices=MODES, default=list(MODES))
+    p.add_argument("--modes", nargs="+", choices=[*MODES, NO_GUARD], default=[*MODES, NO_GUARD],
+                   help=f"{NO_GUARD}: fedembed with the guard off (in-process engine only)")
     p.add_argument("--engine", choices=["inprocess", "flower"], default="inprocess")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
@@ -205,12 +211,15 @@ def main(argv: list[str] | None = None) -> int:
         for mode in args.modes:
             if mode == "fedavg-all" and scenario in HEADS_DIFFER:
                 continue
+            if mode == NO_GUARD and args.engine == "flower":
+                log.warning("%s needs the in-process engine (the CLI has no switch for the guard); skipped", NO_GUARD)
+                continue
             for seed in args.seeds:
                 out = args.out / scenario / mode / f"seed{seed}"
                 if (out / "metrics.json").exists():
                     continue
                 t0 = time.perf_counter()
-                run_one(run_args(scenario, mode, seed, args.rounds, out), out, args.engine)
+                run_one(run_args(scenario, mode, seed, args.rounds, out), out, args.engine, guard=mode != NO_GUARD)
                 score = json.loads((out / "metrics.json").read_text())["final"]["mean"]["score"]
                 log.info("%-13s %-10s seed %d: mean score %.4f (%.0f s)", scenario, mode, seed, score, time.perf_counter() - t0)
     summary = summarise(args.out, args.seeds)

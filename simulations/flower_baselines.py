@@ -34,6 +34,7 @@ from typing import Any
 import numpy as np
 
 from fedembed.wire import record_bytes
+from simulations.proctree import tree_cpu_seconds
 
 log = logging.getLogger(__name__)
 
@@ -54,6 +55,7 @@ class Call:
     down: int
     up: int
     meter_seconds: float
+    cpu0: float = 0.0
 
 
 @dataclass
@@ -62,6 +64,7 @@ class Meter:
 
     calls: list[Call] = field(default_factory=list)
     t_end: float | None = None
+    cpu_end: float | None = None
 
     def rounds(self, first_stage: str) -> list[dict[str, Any]]:
         """Per-round entries shaped like fedembed's metrics.json rounds.
@@ -72,13 +75,15 @@ class Meter:
         if not self.calls:
             return []
         ends = [c.t0 for c in self.calls[1:]] + [self.t_end if self.t_end is not None else time.perf_counter()]
+        cpu_ends = [c.cpu0 for c in self.calls[1:]] + [self.cpu_end if self.cpu_end is not None else self.calls[-1].cpu0]
         out: list[dict[str, Any]] = []
-        for call, end in zip(self.calls, ends):
+        for call, end, cpu_end in zip(self.calls, ends, cpu_ends):
             if call.stage == first_stage or not out:
                 out.append({"round": len(out) + 1, "upload_bytes": 0, "download_bytes": 0, "clients": 0,
-                            "wall_seconds": 0.0, "stages": {}})
+                            "wall_seconds": 0.0, "cpu_seconds": 0.0, "stages": {}})
             r = out[-1]
             secs = max(end - call.t0 - call.meter_seconds, 0.0)
+            r["cpu_seconds"] += max(cpu_end - call.cpu0 - call.meter_seconds, 0.0)
             st = r["stages"].setdefault(call.stage, {"seconds": 0.0, "upload_bytes": 0, "download_bytes": 0})
             st["seconds"] += secs
             st["upload_bytes"] += call.up
@@ -125,6 +130,7 @@ def _make_metered_grid(grid: Any, meter: Meter, stage_of: Any) -> Any:
             if not messages:  # e.g. FedAvg's skipped evaluation: nothing is sent
                 return self._inner.send_and_receive(messages, timeout=timeout)
             t0 = time.perf_counter()
+            cpu0 = tree_cpu_seconds()
             stage = stage_of(messages[0])
             down = sum(record_bytes(m.content) for m in messages)
             meter_s = time.perf_counter() - t0
@@ -133,7 +139,7 @@ def _make_metered_grid(grid: Any, meter: Meter, stage_of: Any) -> Any:
             ok = [r for r in replies if not r.has_error()]
             up = sum(record_bytes(r.content) for r in ok)
             meter_s += time.perf_counter() - t1
-            meter.calls.append(Call(stage, t0, len(messages), len(ok), down, up, meter_s))
+            meter.calls.append(Call(stage, t0, len(messages), len(ok), down, up, meter_s, cpu0))
             return replies
 
     return MeteredGrid()
@@ -237,7 +243,7 @@ def run_flower_fedavg(work: Workload, num_cpus: int) -> Meter:
                           min_available_nodes=work.orgs)
         arrays = ArrayRecord({"ids": Array(initial_table(work))})
         strategy.start(grid=mgrid, initial_arrays=arrays, num_rounds=work.rounds, timeout=3600.0)
-        meter.t_end = time.perf_counter()
+        meter.t_end, meter.cpu_end = time.perf_counter(), tree_cpu_seconds()
 
     client = ClientApp()
 
@@ -295,7 +301,7 @@ def run_flower_secaggplus(work: Workload, num_cpus: int) -> Meter:
         workflow = DefaultWorkflow(fit_workflow=SecAggPlusWorkflow(
             num_shares=work.shares, reconstruction_threshold=work.threshold, max_weight=float(max_examples)))
         workflow(mgrid, legacy)
-        meter.t_end = time.perf_counter()
+        meter.t_end, meter.cpu_end = time.perf_counter(), tree_cpu_seconds()
 
     class Org(NumPyClient):
         def __init__(self, context: Context) -> None:

@@ -26,41 +26,15 @@ import threading
 import time
 from pathlib import Path
 
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+from simulations.proctree import process_tree, status_kib  # noqa: E402
+
 log = logging.getLogger("fedembed.scale")
 
 DEFAULT_ARGS = ["--task", "movies", "--orgs", "100", "--rounds", "5"]
-
-
-def _children(pid: int) -> list[int]:
-    out: list[int] = []
-    try:
-        for tid in os.listdir(f"/proc/{pid}/task"):
-            with open(f"/proc/{pid}/task/{tid}/children") as f:
-                out += [int(x) for x in f.read().split()]
-    except OSError:
-        pass
-    return out
-
-
-def process_tree(pid: int) -> list[int]:
-    """``pid`` and all its descendants (those alive now)."""
-    todo, seen = [pid], []
-    while todo:
-        p = todo.pop()
-        seen.append(p)
-        todo += _children(p)
-    return seen
-
-
-def _kib(path: str, field: str) -> int:
-    try:
-        with open(path) as f:
-            for line in f:
-                if line.startswith(field + ":"):
-                    return int(line.split()[1])
-    except OSError:
-        pass
-    return 0
 
 
 class TreeSampler(threading.Thread):
@@ -75,10 +49,10 @@ class TreeSampler(threading.Thread):
     def run(self) -> None:  # noqa: D102
         while not self._stop.is_set():
             tree = process_tree(self.pid)
-            rss = sum(_kib(f"/proc/{p}/status", "VmRSS") for p in tree) * 1024
-            pss = sum(_kib(f"/proc/{p}/smaps_rollup", "Pss") for p in tree) * 1024
+            rss = sum(status_kib(p, "VmRSS") for p in tree) * 1024
+            pss = sum(status_kib(p, "Pss", "smaps_rollup") for p in tree) * 1024
             self.peak_rss, self.peak_pss = max(self.peak_rss, rss), max(self.peak_pss, pss)
-            self.root_hwm = max(self.root_hwm, _kib(f"/proc/{self.pid}/status", "VmHWM") * 1024)
+            self.root_hwm = max(self.root_hwm, status_kib(self.pid, "VmHWM") * 1024)
             self.peak_procs = max(self.peak_procs, len(tree))
             self._stop.wait(self.interval)
 
