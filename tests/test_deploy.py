@@ -91,10 +91,10 @@ def certs(tmp_path_factory):
 
 
 def server_cmd(state: Path, port: int, certs, rounds: int, min_orgs: int, timeout: float, keys: list[int],
-               insecure: bool = False, task: list[str] = TASK) -> list[str]:
+               insecure: bool = False, task: list[str] = TASK, extra: list[str] = []) -> list[str]:
     cmd = [str(BIN / "fedembed"), "server", *task, "--rounds", str(rounds), "--min-orgs", str(min_orgs),
            "--start-orgs", "3", "--round-timeout", str(timeout), "--state-dir", str(state), "--port", str(port),
-           "--quiet"]
+           "--quiet", *extra]
     if insecure:
         return cmd + ["--insecure"]
     cmd += ["--certfile", str(certs.server_cert), "--keyfile", str(certs.server_key), "--ca-certfile", str(certs.ca_cert)]
@@ -144,7 +144,9 @@ def tls_run(tmp_path_factory, certs):
         port = free_port()
         state = root / "coordinator"
         t0 = time.monotonic()
-        server = procs.start("server", server_cmd(state, port, certs, rounds=2, min_orgs=3, timeout=180, keys=[0, 1, 2]))
+        # with secure aggregation: its SecAgg+ stages run over the deployment too
+        server = procs.start("server", server_cmd(state, port, certs, rounds=2, min_orgs=3, timeout=180, keys=[0, 1, 2],
+                                                  extra=["--secure"]))
         for org in (0, 1):
             procs.start(f"org{org}", client_cmd(org, port, root / f"org{org}", certs))
         # org 2 runs the stock flower-supernode with the node config `fedembed client` would give it;
@@ -186,6 +188,14 @@ def test_three_orgs_over_tls_complete_two_rounds(tls_run):
     assert (run["state"] / "report.png").stat().st_size > 0
     for org in range(3):  # each head stayed in its organisation's own state directory
         assert (run["root"] / f"org{org}" / "head.pt").exists()
+
+
+def test_secure_aggregation_runs_between_processes(tls_run):
+    doc = json.loads((tls_run["state"] / "metrics.json").read_text())
+    assert doc["config"]["secure"] is True
+    for r in doc["rounds"]:
+        assert {"train", "share", "masked", "unmask"} <= set(r["stages"])
+        assert r["clients"] == 3 and r["rows_changed"] > 0
 
 
 def test_stock_flower_supernode_with_the_same_node_config_joins(tls_run):
