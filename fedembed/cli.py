@@ -389,11 +389,12 @@ def cmd_server(args: argparse.Namespace, argv: list[str] | None = None) -> int:
     )
     progress = _DeployProgress(cfg.rounds, not args.quiet)
     done = resume_round(opts.state_dir)
-    scheme = "http (INSECURE)" if opts.insecure else "https"
+    scheme = "http" if opts.insecure else "https"
     progress.console.print(
         f"[bold]fedembed[/] server: task {cfg.task.name}, {cfg.num_orgs} orgs, {cfg.rounds} rounds, mode {cfg.mode}"
         f"{', secure' if cfg.secure else ''} on {scheme}://{opts.host}:{opts.port}, "
-        f"{len(opts.auth_keys)} authorised org keys -> {opts.state_dir}"
+        + ("[red]INSECURE: no TLS, any SuperNode may join[/]" if opts.insecure else f"{len(opts.auth_keys)} authorised org keys")
+        + f" -> {opts.state_dir}"
         + (f"\nresuming after round {done}" if done else "")
     )
     start_orgs = args.start_orgs if args.start_orgs is not None else cfg.min_orgs

@@ -524,9 +524,16 @@ def run_server(
     dict
         Final status (see :meth:`CoordinatorProcess.follow`).
     """
-    done = resume_round(opts.state_dir)
-    if done:
-        log.info("state dir %s holds round %d of %d: continuing from there", opts.state_dir, done, cfg.rounds)
+    from fedembed.store import load_latest_checkpoint
+
+    ckpt = load_latest_checkpoint(opts.state_dir / "coordinator")
+    if ckpt is not None:
+        if ckpt.config.get("run", {}).get("task") != cfg.to_dict()["task"]:
+            raise ConfigError(
+                f"state dir {opts.state_dir} holds a run of another task "
+                f"({ckpt.config.get('run', {}).get('task')}); use a new --state-dir or the same task"
+            )
+        log.info("state dir %s holds round %d of %d: continuing from there", opts.state_dir, ckpt.round, cfg.rounds)
     (opts.state_dir).mkdir(parents=True, exist_ok=True)
     (opts.state_dir / "run.json").write_text(json.dumps(cfg.to_dict(), indent=1))
     coord = CoordinatorProcess(opts)
