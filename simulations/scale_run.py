@@ -44,21 +44,21 @@ class TreeSampler(threading.Thread):
         super().__init__(daemon=True)
         self.pid, self.interval = pid, interval
         self.peak_rss = self.peak_pss = self.root_hwm = self.peak_procs = 0
-        self._stop = threading.Event()
+        self._halt = threading.Event()
 
     def run(self) -> None:  # noqa: D102
-        while not self._stop.is_set():
+        while not self._halt.is_set():
             tree = process_tree(self.pid)
             rss = sum(status_kib(p, "VmRSS") for p in tree) * 1024
             pss = sum(status_kib(p, "Pss", "smaps_rollup") for p in tree) * 1024
             self.peak_rss, self.peak_pss = max(self.peak_rss, rss), max(self.peak_pss, pss)
             self.root_hwm = max(self.root_hwm, status_kib(self.pid, "VmHWM") * 1024)
             self.peak_procs = max(self.peak_procs, len(tree))
-            self._stop.wait(self.interval)
+            self._halt.wait(self.interval)
 
     def stop(self) -> None:
         """Stop sampling."""
-        self._stop.set()
+        self._halt.set()
         self.join()
 
 
