@@ -50,7 +50,8 @@ def run_pooled(cfg: RunConfig, on_round: Callable[[dict], None] | None = None) -
             m.load_head_state_dict(models[0].head_state_dict())
     if shared_heads:
         models = [models[0]] * n
-    heads = {id(p): p for m in models for p in m.head_parameters()}
+    shared = {id(p) for p in models[0].table_parameters()}  # tied into every model: not a head parameter
+    heads = {id(p): p for m in models for p in m.head_parameters() if id(p) not in shared}
     head_opt = torch.optim.AdamW(list(heads.values()), lr=cfg.train.head_lr, weight_decay=cfg.train.head_weight_decay)
     table_opt = _table_optimizer(models[0], cfg.train)
     runlog = RunLog(config=cfg.to_dict())
