@@ -69,10 +69,26 @@ def _add_run_options(p: argparse.ArgumentParser) -> None:
     d = TrainConfig()
     t.add_argument("--epochs", type=_positive_int, default=d.epochs, help="local epochs per round")
     t.add_argument("--head-epochs", type=int, default=d.head_epochs, help="head-only re-fit epochs before the table is touched")
-    t.add_argument("--batch-size", type=_positive_int, default=d.batch_size)
-    t.add_argument("--table-lr", type=float, default=d.table_lr)
-    t.add_argument("--head-lr", type=float, default=d.head_lr)
+    t.add_argument("--batch-size", type=_positive_int, default=d.batch_size, help="local mini-batch size")
+    t.add_argument("--table-lr", type=float, default=d.table_lr, help="local learning rate of the shared tables")
+    t.add_argument("--head-lr", type=float, default=d.head_lr, help="local learning rate of the private head")
     t.add_argument("--table-optimizer", choices=TABLE_OPTIMIZERS, default=d.table_optimizer)
+    t.add_argument("--lr-decay", type=float, default=d.lr_decay,
+                   help="local learning rates are multiplied by this every round (1: constant)")
+    t.add_argument("--keep-table-state", action=argparse.BooleanOptionalAction, default=d.keep_table_state,
+                   help="keep the local table optimizer's state of touched rows across rounds (private)")
+    t.add_argument("--head-weight-decay", type=float, default=d.head_weight_decay, help="AdamW weight decay of the head")
+    t.add_argument("--max-row-weight", type=float, default=d.max_row_weight,
+                   help="cap of a row's weight (its lookup count) in the per-row weighted mean")
+    t.add_argument("--cooc-weight", type=float, default=d.cooc_weight,
+                   help="weight of the shared co-occurrence objective (0: off; measured not to help on movies)")
+    t.add_argument("--residual", action=argparse.BooleanOptionalAction, default=d.residual,
+                   help="a private per-organisation residual on every shared table (never uploaded)")
+    t.add_argument("--guard", action=argparse.BooleanOptionalAction, default=d.guard,
+                   help="each organisation also trains a private local twin and serves, by its own validation "
+                        "score, the shared model, the twin or their blend (fedembed mode; doubles local training)")
+    t.add_argument("--guard-blend", action=argparse.BooleanOptionalAction, default=d.guard_blend,
+                   help="let the guard serve the mean of the shared model's and the twin's outputs")
     t.add_argument("--server-optimizer", choices=["sgd", "adagrad"], default="sgd")
     t.add_argument("--server-lr", type=float, default=1.0)
     t.add_argument("--table-scale", type=float, default=0.1, help="std of the seeded version-0 tables")
@@ -143,6 +159,14 @@ def config_from_args(args: argparse.Namespace) -> RunConfig:
         table_lr=args.table_lr,
         head_lr=args.head_lr,
         table_optimizer=args.table_optimizer,
+        lr_decay=args.lr_decay,
+        keep_table_state=args.keep_table_state,
+        head_weight_decay=args.head_weight_decay,
+        max_row_weight=args.max_row_weight,
+        cooc_weight=args.cooc_weight,
+        residual=args.residual,
+        guard=args.guard,
+        guard_blend=args.guard_blend,
     )
     return RunConfig(
         task=TaskSpec(args.task, _task_options(args)),
