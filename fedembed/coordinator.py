@@ -226,8 +226,8 @@ class Coordinator:
         if heads:
             self.head = _average_heads(heads)
         entry["stages"]["aggregate"] = {"seconds": time.perf_counter() - t1}
+        entry["wall_seconds"] = time.perf_counter() - t0  # before the checkpoint, so a resumed log keeps it
         self._checkpoint()
-        entry["wall_seconds"] = time.perf_counter() - t0
         if self.on_round:
             self.on_round(entry)
         return entry
