@@ -91,6 +91,7 @@ def peak_rss() -> int:
 def _fedembed_rounds(method: str, work: Workload, total_rounds: int, num_cpus: int, out: Path) -> list[dict]:
     from fedembed.config import RunConfig
     from fedembed.simulation import simulate
+    from simulations import flower_baselines as fb
     from fedembed.task import TaskSpec
 
     secure = method in SECURE_ROW_SET
@@ -103,6 +104,7 @@ def _fedembed_rounds(method: str, work: Workload, total_rounds: int, num_cpus: i
         row_set=SECURE_ROW_SET.get(method, "union"),
         neighbours=work.shares - 1 if secure else None,
         threshold=work.threshold if secure else None,
+        train=fb.bench_train_config(),
     )
     cpu_at_end: dict[int, float] = {}
 
@@ -168,6 +170,7 @@ def run_one(method: str, work: Workload, warmup: int, num_cpus: int, out: Path) 
     return {
         "method": method,
         "workload": asdict(work),
+        "train": fb.bench_train_config().to_dict(),
         "rounds": rounds,
         "warmup": warmup,
         "total_seconds": total_seconds,

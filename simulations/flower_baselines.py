@@ -168,6 +168,16 @@ class Workload:
         return {"orgs": self.orgs, "rows": self.rows, "dim": self.dim, "touch": self.touch, "seed": self.seed}
 
 
+def bench_train_config() -> Any:
+    """The local recipe of every method in the benchmark, pinned so that it does not follow
+    the library's defaults: batch 64, sparse Adam, one epoch; no guard twin (a second,
+    private model per organisation, unrelated to aggregation) and no table-optimizer
+    state kept across rounds, which the Flower clients do not have either."""
+    from fedembed.train import TrainConfig
+
+    return TrainConfig(batch_size=64, guard=False, keep_table_state=False)
+
+
 def dense_local_update(
     work: Workload, org: int, table: np.ndarray, round_: int, head: dict[str, np.ndarray] | None
 ) -> tuple[np.ndarray, float, dict[str, np.ndarray]]:
@@ -185,11 +195,11 @@ def dense_local_update(
     import torch
 
     from fedembed.task import TaskSpec, load_task
-    from fedembed.train import TrainConfig, make_head_optimizer, train_local
+    from fedembed.train import make_head_optimizer, train_local
 
     torch.set_num_threads(1)
     task = load_task(TaskSpec("synthetic", work.task_options()))
-    cfg = TrainConfig()
+    cfg = bench_train_config()
     model = task.build_model(org)
     model.set_tables({"ids": table})
     if head is not None:
@@ -228,7 +238,7 @@ def initial_table(work: Workload) -> np.ndarray:
 
 def run_flower_fedavg(work: Workload, num_cpus: int) -> Meter:
     """Flower dense FedAvg (Message API strategy) over ``work``; returns the meter."""
-    from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+    from flwr.app import Array, ArrayRecord, Context, Message, MetricRecord, RecordDict
     from flwr.clientapp import ClientApp
     from flwr.serverapp import Grid, ServerApp
     from flwr.serverapp.strategy import FedAvg
