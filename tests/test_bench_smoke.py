@@ -68,3 +68,15 @@ def test_tiny_benchmark_runs_flower_and_fedembed_and_writes_json(tmp_path):
     assert 0 < un["upload_per_org"] and un["seconds_per_round"] > 0 and un["peak_rss_bytes"] > 0
     assert {"share", "masked", "unmask"} <= set(un["stage_seconds"])
     assert doc["targets"]["union_upload_vs_secaggplus"]["status"] == "not run"
+
+
+def test_cheaper_metering_counts_the_same_bytes_as_record_bytes():
+    import numpy as np
+    from flwr.app import Array, ArrayRecord, ConfigRecord, RecordDict
+
+    from fedembed.wire import record_bytes
+    from simulations.flower_baselines import content_bytes
+
+    c = RecordDict({"c": ConfigRecord({"x": [bytes(range(256)) * 1000], "y": 3}),
+                    "a": ArrayRecord({"z": Array(np.arange(10_000))})})
+    assert content_bytes(c) == record_bytes(c)
