@@ -302,6 +302,28 @@ def print_report(s: dict[str, dict[str, Any]], targets: dict[str, dict[str, Any]
             c.print(f"{v['what']}: {v['value']:.2f}")
 
 
+def markdown_report(s: dict[str, dict[str, Any]], targets: dict[str, dict[str, Any]]) -> str:
+    """The table and the targets as Markdown (for the README)."""
+    sap = s.get("flower-secaggplus")
+    lines = ["| method | upload MiB | download MiB | s/round | CPU s/round | secure stages (s) | coordinator peak rise MiB "
+             "| upload vs SecAgg+ | speed vs SecAgg+ |", "|---|--:|--:|--:|--:|---|--:|--:|--:|"]
+    for m, v in s.items():
+        stages = ", ".join(f"{k} {x:.1f}" for k, x in v["stage_seconds"].items() if k not in ("train", "aggregate"))
+        up = _ratio(sap and sap["upload_per_org"], v["upload_per_org"])
+        sp = _ratio(sap and sap["seconds_per_round"], v["seconds_per_round"])
+        cpu = v.get("cpu_seconds_per_round")
+        lines.append(f"| {m} | {v['upload_per_org'] / 2**20:,.2f} | {v['download_per_org'] / 2**20:,.2f} | "
+                     f"{v['seconds_per_round']:.1f} | {'-' if cpu is None else f'{cpu:.1f}'} | {stages or '-'} | "
+                     f"{v['peak_rise_bytes'] / 2**20:,.0f} | {f'{up:,.1f}x' if up else '-'} | {f'{sp:,.1f}x' if sp else '-'} |")
+    lines += ["", "| target | measured | bound | status |", "|---|--:|--:|---|"]
+    for name, v in targets.items():
+        if "status" in v:
+            op = "<=" if name in ("union_time_vs_plain", "coordinator_memory_vs_table") else ">="
+            val = "-" if v["value"] is None else f"{v['value']:.2f}"
+            lines.append(f"| {v['what']} | {val} | {op} {v['bound']} | {v['status']} |")
+    return "\n".join(lines)
+
+
 # --------------------------------------------------------------------------- driver
 
 
@@ -408,6 +430,7 @@ def main(argv: list[str] | None = None) -> int:
         "raw": raw,
     }
     (args.out / "bench.json").write_text(json.dumps(doc, indent=1, default=float))
+    (args.out / "bench.md").write_text(markdown_report(summary, targets) + "\n")
     print(f"wrote {args.out / 'bench.json'}")
     return 0 if not errors else 1
 
