@@ -121,6 +121,9 @@ def flower_env(flwr_home: Path | None = None) -> dict[str, str]:
     env["PATH"] = os.pathsep.join([_venv_bin(), env.get("PATH", "")])
     env["FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION"] = "1"
     env["FLWR_DISABLE_UPDATE_CHECK"] = "1"
+    # A SuperNode's SuperExec looks for a ClientApp task to launch every second by default;
+    # secure aggregation is several messages in a row, each waiting on that poll.
+    env.setdefault("FLWR_SUPEREXEC_TASK_POLL_INTERVAL", "0.1")
     if flwr_home is not None:
         env["FLWR_HOME"] = str(flwr_home)
     # the ServerApp / ClientApp processes must find fedembed, server, client and user tasks
@@ -615,10 +618,15 @@ def node_config(opts: ClientOptions) -> str:
     return " ".join(f"{k}={v}" for k, v in items.items())
 
 
-def supernode_command(opts: ClientOptions, runtime_port: int) -> list[str]:
-    """The ``flower-supernode`` command line for ``opts`` (the same works by hand)."""
-    cmd = [_command("flower-supernode"), "--superlink", opts.superlink, "--node-config", node_config(opts),
-           "--port", str(runtime_port)]
+def supernode_command(opts: ClientOptions, runtime_port: int, stock: bool = False) -> list[str]:
+    """The SuperNode command line for ``opts``.
+
+    By default ``python -m fedembed.supernode`` (the stock SuperNode with a shorter idle
+    poll, see :mod:`fedembed.supernode`); ``stock=True`` gives the same arguments to
+    Flower's own ``flower-supernode``, which works as well.
+    """
+    head = [_command("flower-supernode")] if stock else [sys.executable, "-m", "fedembed.supernode"]
+    cmd = [*head, "--superlink", opts.superlink, "--node-config", node_config(opts), "--port", str(runtime_port)]
     if opts.insecure:
         cmd.append("--insecure")
     else:

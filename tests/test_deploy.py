@@ -155,7 +155,7 @@ def tls_run(tmp_path_factory, certs):
                    120, procs, server)
         stock = ClientOptions(superlink=f"127.0.0.1:{port}", org=2, state_dir=root / "org2", root_cert=certs.ca_cert,
                               auth_key=certs.org_private_keys[2])
-        procs.start("org2", supernode_command(stock, free_port()))
+        procs.start("org2", supernode_command(stock, free_port(), stock=True))
         ctx = ssl.create_default_context(cafile=str(certs.ca_cert))
         with socket.create_connection(("127.0.0.1", port)) as raw, ctx.wrap_socket(raw, server_hostname="127.0.0.1") as tls:
             peer = tls.getpeercert()
@@ -163,7 +163,7 @@ def tls_run(tmp_path_factory, certs):
         # an organisation whose key is not listed tries to join while the run is going
         intruder = ClientOptions(superlink=f"127.0.0.1:{port}", org=0, state_dir=root / "intruder",
                                  root_cert=certs.ca_cert, auth_key=certs.org_private_keys[3])
-        bad = procs.start("intruder", supernode_command(intruder, free_port()))
+        bad = procs.start("intruder", supernode_command(intruder, free_port(), stock=True))
         server.wait(timeout=300)
         bad_code = bad.wait(timeout=60)
         return {"root": root, "state": state, "server_code": server.returncode, "procs": procs, "peer": peer,
