@@ -8,6 +8,7 @@ with a message saying what was wrong.
 
 from __future__ import annotations
 
+import io
 import logging
 from collections.abc import Mapping
 
@@ -57,6 +58,33 @@ def encode_sync(sync: Mapping[str, RowSync], shapes: Mapping[str, tuple[int, int
         arrays[f"{name}.ids"] = rs.ids.astype(_ids_dtype(shapes[name][0]))
         arrays[f"{name}.rows"] = rs.values.astype(np.float32)
     return encode_arrays(arrays)
+
+
+def array_view(arr: Array) -> np.ndarray:
+    """A read-only numpy view of an ``Array``'s bytes, without the copy ``Array.numpy()`` makes.
+
+    For large vectors the coordinator folds into a sum: the message's bytes are the only
+    copy. Only plain numeric dtypes are accepted (never objects or pickles).
+
+    Raises
+    ------
+    UpdateError
+        If the array is not a well-formed, plain numeric ``.npy`` payload.
+    """
+    if arr.stype != "numpy.ndarray":
+        raise UpdateError(f"array of serialization type {arr.stype!r}, expected numpy.ndarray")
+    data = arr.data
+    try:
+        fp = io.BytesIO(data)
+        version = np.lib.format.read_magic(fp)
+        reader = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+        shape, fortran, dtype = reader(fp)
+        if fortran or dtype.hasobject or dtype.kind not in "uif":
+            raise ValueError(f"unsupported array layout or dtype {dtype}")
+        count = int(np.prod(shape, dtype=np.int64))
+        return np.frombuffer(data, dtype=dtype, count=count, offset=fp.tell()).reshape(shape)
+    except (ValueError, TypeError, OSError) as exc:
+        raise UpdateError(f"array cannot be read: {exc}") from exc
 
 
 def decode_sync(record: ArrayRecord, shapes: Mapping[str, tuple[int, int]]) -> dict[str, RowSync]:

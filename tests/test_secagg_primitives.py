@@ -110,3 +110,33 @@ def test_pairwise_masks_cancel():
     assert np.array_equal(ma, mb)
     x = np.arange(10_000, dtype=np.uint32)
     assert np.array_equal((x + ma) - mb, x)
+
+
+def test_keystream_add_in_chunks_equals_adding_the_whole_keystream():
+    from fedembed.secagg.primitives import keystream_add
+
+    key = derive_key(b"k" * 32, "mask/self/values", b"ctx")
+    for dtype in (np.uint8, np.uint32):
+        x = np.arange(10_007, dtype=dtype)
+        y = x.copy()
+        keystream_add(key, y, chunk=1000)  # chunk boundaries inside the stream
+        assert np.array_equal(y, x + keystream(key, x.size, dtype))
+        keystream_add(key, y, subtract=True, chunk=333)
+        assert np.array_equal(y, x)
+
+
+def test_array_view_reads_without_copy_and_refuses_what_is_not_plain_numbers():
+    from flwr.app import Array
+
+    from fedembed.sparse import UpdateError
+    from fedembed.wire import array_view
+
+    a = np.arange(1000, dtype=np.uint32)
+    v = array_view(Array(a))
+    assert np.array_equal(v, a) and not v.flags.writeable and not v.flags.owndata
+    with pytest.raises(UpdateError):
+        array_view(Array(np.array(["x", "y"])))
+    bad = Array(a)
+    bad.data = b"\x93NUMPY garbage"
+    with pytest.raises(UpdateError):
+        array_view(bad)

@@ -185,6 +185,32 @@ def keystream(key: bytes, n: int, dtype: type = np.uint32) -> np.ndarray:
     return out.view(np.dtype(dtype).newbyteorder("<")).astype(dtype, copy=False)
 
 
+def keystream_add(key: bytes, target: np.ndarray, subtract: bool = False, chunk: int = 1 << 22) -> None:
+    """Add (or subtract) :func:`keystream` ``(key, target.size, target.dtype)`` into ``target`` in place.
+
+    The same modular arithmetic as ``target += keystream(...)``, generated ``chunk``
+    elements at a time, so masking a vector costs no second vector of memory.
+    """
+    if len(key) != KEY_BYTES:
+        raise CryptoError(f"a keystream key has {KEY_BYTES} bytes, got {len(key)}")
+    if not target.flags.c_contiguous or target.dtype.kind != "u":
+        raise ValueError("target must be a C-contiguous unsigned integer array")
+    flat = target.reshape(-1)
+    dtype = target.dtype
+    enc = Cipher(algorithms.ChaCha20(key, b"\0" * 16), mode=None).encryptor()
+    buf = np.empty(min(chunk, flat.size) * dtype.itemsize, dtype=np.uint8)
+    zeros = bytes(buf.size)
+    for start in range(0, flat.size, chunk):
+        stop = min(start + chunk, flat.size)
+        nbytes = (stop - start) * dtype.itemsize
+        enc.update_into(zeros[:nbytes], memoryview(buf)[:nbytes])
+        stream = buf[:nbytes].view(dtype.newbyteorder("<")).astype(dtype, copy=False)
+        if subtract:
+            flat[start:stop] -= stream
+        else:
+            flat[start:stop] += stream
+
+
 # --------------------------------------------------------------------------- Shamir
 def shamir_split(secret: bytes, threshold: int, xs: list[int]) -> dict[int, bytes]:
     """Split ``secret`` into shares at points ``xs``; any ``threshold`` of them recover it.

@@ -54,6 +54,7 @@ from fedembed.secagg.primitives import (
     check_public_key,
     derive_key,
     keystream,
+    keystream_add,
     open_sealed,
     seal,
     shamir_combine,
@@ -101,18 +102,26 @@ def seed_commitment(context: bytes, phase: str, seed: bytes) -> bytes:
     return hashlib.sha256(DOMAIN + b"seed|" + phase.encode() + b"|" + context + seed).digest()
 
 
+def pair_key(private: bytes, peer_public: bytes, me: int, peer: int, context: bytes, phase: str) -> bytes:
+    """Keystream key of the pairwise mask of ``me`` and ``peer`` for ``phase`` (equal on both sides)."""
+    return derive_key(agree(private, peer_public), f"mask/pair/{phase}", context + _pair(me, peer))
+
+
+def self_key(seed: bytes, party: int, context: bytes, phase: str) -> bytes:
+    """Keystream key of the self mask of ``party`` for ``phase``."""
+    return derive_key(seed, f"mask/self/{phase}", context + struct.pack(">I", party))
+
+
 def pair_mask(
     private: bytes, peer_public: bytes, me: int, peer: int, context: bytes, phase: str, n: int, dtype: type
 ) -> np.ndarray:
     """The pairwise mask of ``me`` and ``peer`` for ``phase`` (the same array on both sides)."""
-    key = derive_key(agree(private, peer_public), f"mask/pair/{phase}", context + _pair(me, peer))
-    return keystream(key, n, dtype)
+    return keystream(pair_key(private, peer_public, me, peer, context, phase), n, dtype)
 
 
 def self_mask(seed: bytes, party: int, context: bytes, phase: str, n: int, dtype: type) -> np.ndarray:
     """The self mask of ``party`` for ``phase``."""
-    key = derive_key(seed, f"mask/self/{phase}", context + struct.pack(">I", party))
-    return keystream(key, n, dtype)
+    return keystream(self_key(seed, party, context, phase), n, dtype)
 
 
 # =========================================================================== client
@@ -241,15 +250,11 @@ class ClientSession:
         """``vector`` + self mask + pairwise masks with the neighbours in U2 (modular, same dtype)."""
         if phase not in self.phases:
             raise ProtocolError(f"phase {phase!r} not in this session")
-        n, dtype = vector.size, vector.dtype.type
-        out = vector.astype(dtype, copy=True)
-        out += self_mask(self.seeds[phase], self.party, self.context, phase, n, dtype)
+        out = np.ascontiguousarray(vector).copy()
+        keystream_add(self_key(self.seeds[phase], self.party, self.context, phase), out)
         for q in self.u2:
-            m = pair_mask(self.mask[phase].private, self.neighbours[q][f"mask.{phase}"], self.party, q, self.context, phase, n, dtype)
-            if self.party < q:
-                out += m
-            else:
-                out -= m
+            key = pair_key(self.mask[phase].private, self.neighbours[q][f"mask.{phase}"], self.party, q, self.context, phase)
+            keystream_add(key, out, subtract=self.party > q)  # + toward a larger id, - toward a smaller
         return out
 
     # ---------------------------------------------------------------- stage 4
@@ -422,8 +427,8 @@ class ServerSession:
             raise ProtocolError(f"masked vector is {vector.dtype}{vector.shape}, expected {np.dtype(dtype)}({length},)")
         if phase in self.sums:
             self.sums[phase] += vector
-        else:
-            self.sums[phase] = vector.copy()
+        else:  # the running sum: the one vector-sized buffer the coordinator keeps
+            self.sums[phase] = vector.copy() if not vector.flags.writeable or not vector.flags.owndata else vector
         self.delivered[phase].add(party)
 
     def unmask_request(self, phase: str, party: int) -> tuple[list[int], list[int]]:
@@ -451,22 +456,21 @@ class ServerSession:
         delivered = self.delivered[phase]
         if len(delivered) < max(2, minimum):
             raise RoundAbandoned(f"phase {phase}: {len(delivered)} vectors delivered, {max(2, minimum)} needed")
-        total = self.sums[phase].copy()
+        total = self.sums.pop(phase)  # unmasked in place: finish is the phase's last step
+        if total.shape != (length,) or total.dtype != np.dtype(dtype):
+            raise ProtocolError(f"phase {phase}: the sum is {total.dtype}{total.shape}, expected {np.dtype(dtype)}({length},)")
         for j in sorted(delivered):
             shares = {q: r[f"seed.{j}"] for q, r in responses.items() if self._holds(q, j) and f"seed.{j}" in r}
             commit = self.adverts[j][f"commit.{phase}"]
             seed = self._combine(shares, j, phase, "seed", lambda v: seed_commitment(self.context, phase, v) == commit)
-            total -= self_mask(seed, j, self.context, phase, length, dtype)
+            keystream_add(self_key(seed, j, self.context, phase), total, subtract=True)
         for j in sorted(self.u2 - delivered):
             shares = {q: r[f"key.{j}"] for q, r in responses.items() if self._holds(q, j) and f"key.{j}" in r}
             public = self.adverts[j][f"mask.{phase}"]
             private = self._combine(shares, j, phase, "key", lambda v: _public_of(v) == public)
             for i in sorted(set(self.graph[j]) & delivered):
-                m = pair_mask(private, self.adverts[i][f"mask.{phase}"], j, i, self.context, phase, length, dtype)
-                if i < j:
-                    total -= m  # i added +m toward the larger id j
-                else:
-                    total += m
+                key = pair_key(private, self.adverts[i][f"mask.{phase}"], j, i, self.context, phase)
+                keystream_add(key, total, subtract=i < j)  # i added +m toward a larger id j, -m toward a smaller
         return total
 
     def _holds(self, q: int, j: int) -> bool:

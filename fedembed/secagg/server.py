@@ -46,7 +46,7 @@ from fedembed.secagg.vector import (
     values_length,
 )
 from fedembed.sparse import AggregateSum, UpdateError
-from fedembed.wire import decode_arrays, encode_arrays, record_bytes
+from fedembed.wire import array_view, decode_arrays, encode_arrays, record_bytes
 
 if TYPE_CHECKING:
     from fedembed.coordinator import Coordinator
@@ -241,7 +241,7 @@ class SecureRound:
             self._exchange(
                 stage,
                 contents,
-                lambda node, c: s.add_masked(phase, s.party_of[node], c["masked"]["vector"].numpy(), length, dtype),
+                lambda node, c: s.add_masked(phase, s.party_of[node], array_view(c["masked"]["vector"]), length, dtype),
             )
             del contents
             delivered = sorted(s.delivered[phase])

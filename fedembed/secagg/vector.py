@@ -207,15 +207,17 @@ def decode_values(total: np.ndarray, rowset: RowSet, shapes: Shapes, scales: Val
     for name in sorted(shapes):
         ids, dim = rowset[name], shapes[name][1]
         m = ids.size
-        data = dequantize(total[offset : offset + m * dim], scales.data_scale).reshape(m, dim)
         weight = dequantize(total[offset + m * dim : offset + m * (dim + 1)], scales.weight_scale)
-        offset += m * (dim + 1)
         tol = error_bound(scales.n, scales.weight_scale)
         if np.any(weight < -tol) or np.any(weight > scales.n * scales.max_weight + tol):
             raise UpdateError(f"table {name!r}: aggregated weights out of range (a faulty contribution)")
         keep = weight > 0
         if keep.any():
-            out[name] = TableSum(ids=ids[keep], weighted_delta=data[keep], weight=weight[keep])
+            block = total[offset : offset + m * dim].reshape(m, dim)
+            # dequantize only the rows someone touched (in dense mode a small part of the table)
+            data = dequantize(block if keep.all() else block[keep], scales.data_scale)
+            out[name] = TableSum(ids=ids[keep], weighted_delta=data, weight=weight[keep])
+        offset += m * (dim + 1)
     return out
 
 
