@@ -96,11 +96,15 @@ class Organisation:
             if plan.since != version and plan.since != 0:
                 log.warning("%s: cache at version %d, coordinator assumed %d; asking for a resync", name, version, plan.since)
                 return OrgReply(name, "stale", version)
-            if plan.since == 0 and version != 0:
+            rebuilt = plan.since == 0 and version != 0
+            if rebuilt:
                 tables = {n: init_table(n, s, plan.seed, plan.table_scale) for n, s in shapes.items()}
             apply_sync(tables, sync)
             version = plan.round - 1
-            self.state.save_tables(tables, version, key)
+            if rebuilt:
+                self.state.save_tables(tables, version, key)
+            else:  # only the synced rows are written
+                self.state.save_sync(tables, sync, version, key)
 
         model = task.build_model(self.org)
         if cfg.residual and plan.mode == "fedembed":
