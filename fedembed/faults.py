@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+import logging
+
+log = logging.getLogger(__name__)
 
 
 class SimulatedDropout(RuntimeError):
@@ -29,6 +32,7 @@ def should_drop(drop: str | dict, stage: str, round_: int, org: int) -> bool:
 
 
 def check_drop(drop: str | dict, stage: str, round_: int, org: int) -> None:
-    """Raise :class:`SimulatedDropout` when :func:`should_drop` says so."""
+    """Raise :class:`SimulatedDropout` (and log it) when :func:`should_drop` says so."""
     if should_drop(drop, stage, round_, org):
+        log.warning("organisation %d vanishes at stage %s of round %d (injected dropout)", org, stage, round_)
         raise SimulatedDropout(f"organisation {org} dropped at stage {stage} of round {round_}")

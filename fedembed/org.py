@@ -20,7 +20,7 @@ import torch
 from flwr.app import RecordDict
 
 from fedembed.config import RoundPlan
-from fedembed.faults import SimulatedDropout, should_drop
+from fedembed.faults import check_drop
 from fedembed.guard import Guard
 from fedembed.sparse import RowUpdate
 from fedembed.store import OrgState
@@ -169,7 +169,7 @@ def handle_content(organisation: Organisation, content: RecordDict) -> RecordDic
 
     Raises
     ------
-    SimulatedDropout
+    fedembed.faults.SimulatedDropout
         When the run's injected dropouts name this organisation at this stage.
     """
     cfg = dict(content["config"])
@@ -178,15 +178,11 @@ def handle_content(organisation: Organisation, content: RecordDict) -> RecordDic
         from fedembed.secagg.client import handle_message
 
         return handle_message(organisation.state.dir, organisation.org, content)
-    round_ = int(cfg["round"])
-    dropping_stage = "evaluate" if cfg.get("evaluate_only") else stage  # drops never hit the closing evaluation
-    if should_drop(str(cfg.get("drop", "{}")), dropping_stage, round_, organisation.org):
-        log.warning("organisation %d vanishes at stage %s of round %d (injected dropout)", organisation.org, stage, round_)
-        raise SimulatedDropout(f"organisation {organisation.org} dropped at stage {stage} of round {round_}")
-    task = load_task(TaskSpec.from_json(str(cfg["task"])))
-    shapes = task.table_shapes()
-
     plan = RoundPlan.from_config(cfg)
+    # the closing evaluation is its own stage: a dropout injected at "train" never hits it
+    check_drop(plan.drop, "evaluate" if plan.evaluate_only else "train", plan.round, organisation.org)
+    task = load_task(TaskSpec.from_json(plan.task))
+    shapes = task.table_shapes()
     sync = decode_sync(content["sync"], shapes) if "sync" in content else {}
     head_in = decode_arrays(content["head"]) if "head" in content else None
     reply = organisation.handle(plan, sync, head_in)

@@ -27,14 +27,13 @@ unmask               config, ``secagg`` (alive, dropped)          info, ``unmask
 
 from __future__ import annotations
 
-import io
 import json
 import logging
 import shutil
 from pathlib import Path
 
 import numpy as np
-from flwr.app import Array, ArrayRecord, ConfigRecord, RecordDict
+from flwr.app import ConfigRecord, RecordDict
 
 from fedembed.faults import check_drop
 from fedembed.secagg.primitives import CryptoError
@@ -47,7 +46,7 @@ from fedembed.secagg.vector import (
     indicator_vector,
 )
 from fedembed.sparse import RowUpdate, TableUpdate, UpdateError
-from fedembed.store import atomic_write
+from fedembed.store import atomic_write, atomic_write_npz
 from fedembed.wire import decode_arrays, encode_arrays
 
 log = logging.getLogger(__name__)
@@ -72,9 +71,7 @@ def _save(state_dir: Path, session: ClientSession, update: RowUpdate | None = No
         arrays = {}
         for name, tu in update.items():
             arrays[f"{name}.ids"], arrays[f"{name}.delta"], arrays[f"{name}.weight"] = tu.ids, tu.delta, tu.weight
-        buf = io.BytesIO()
-        np.savez(buf, **arrays)
-        atomic_write(d / "update.npz", buf.getvalue())
+        atomic_write_npz(d / "update.npz", arrays)
     atomic_write(d / "session.json", session.to_json().encode())
 
 
@@ -175,7 +172,7 @@ def handle_stage(state_dir: Path, stage: str, cfg: dict, content: RecordDict, sh
             vector, clipped = encode_values(update, rowset, shapes, scales, str(cfg["wire_dtype"]))
             if clipped:
                 log.warning("secure aggregation: %d delta entries beyond +-%g were clipped", clipped, scales.clip_delta)
-        out["masked"] = ArrayRecord({"vector": _array(session.mask_vector(STAGE_PHASE[stage], vector))})
+        out["masked"] = encode_arrays({"vector": session.mask_vector(STAGE_PHASE[stage], vector)})
     else:  # unmask stages
         revealed = session.unmask(
             STAGE_PHASE[stage], [int(q) for q in sec.get("alive", [])], [int(q) for q in sec.get("dropped", [])]
@@ -186,10 +183,6 @@ def handle_stage(state_dir: Path, stage: str, cfg: dict, content: RecordDict, sh
     else:
         _save(state_dir, session)
     return out
-
-
-def _array(v: np.ndarray) -> Array:
-    return Array(np.ascontiguousarray(v))
 
 
 def handle_message(state_dir: Path, org: int, content: RecordDict) -> RecordDict:

@@ -40,7 +40,6 @@ SHARE_BYTES = 66
 KEY_BYTES = 32
 NONCE_BYTES = 12
 DOMAIN = b"fedembed/secagg/v1/"
-_CHUNK = 1 << 24
 
 
 class CryptoError(ValueError):
@@ -172,17 +171,9 @@ def keystream(key: bytes, n: int, dtype: type = np.uint32) -> np.ndarray:
     range: a mask modulo 2^8, 2^16 or 2^32. Deterministic in ``(key, n, dtype)``, and a
     prefix of a longer stream with the same key.
     """
-    if len(key) != KEY_BYTES:
-        raise CryptoError(f"a keystream key has {KEY_BYTES} bytes, got {len(key)}")
-    itemsize = np.dtype(dtype).itemsize
-    out = np.empty(n * itemsize, dtype=np.uint8)
-    enc = Cipher(algorithms.ChaCha20(key, b"\0" * 16), mode=None).encryptor()
-    zeros = bytes(min(_CHUNK, out.size))
-    view = memoryview(out)
-    for start in range(0, out.size, _CHUNK):
-        stop = min(start + _CHUNK, out.size)
-        enc.update_into(zeros[: stop - start], view[start:stop])
-    return out.view(np.dtype(dtype).newbyteorder("<")).astype(dtype, copy=False)
+    out = np.zeros(n, dtype=dtype)
+    keystream_add(key, out)
+    return out
 
 
 def keystream_add(key: bytes, target: np.ndarray, subtract: bool = False, chunk: int = 1 << 22) -> None:
