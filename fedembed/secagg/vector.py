@@ -15,6 +15,50 @@ Both sides lay vectors out the same way, tables in sorted name order:
 The deltas are first rounded to the wire dtype exactly as the plain path sends them, so a
 secure and a plain run aggregate the same numbers and differ only by the quantization
 bound.
+
+Bounds on an unmasked sum
+-------------------------
+Clipping happens in the sender, before masking, so a hostile organisation can skip it or
+send any uint32 it likes. After unmasking, the coordinator therefore checks every entry of
+the secure sum against what honest organisations can produce, and refuses the sum
+(:class:`~fedembed.sparse.UpdateError`) when any entry is outside. With ``d`` the number of
+vectors summed (``delivered``), ``W = max_weight``, ``c = clip_delta`` and the scales
+``s_w``, ``s_d`` of :class:`ValueScales`:
+
+- **indicators** (:func:`rowset_from_counts`): every per-row count ``<= d``;
+- **weights** (:func:`decode_values`): ``0 <= sum_w <= d * W`` (checked on the integers:
+  ``0 <= sum q_w <= d * round(W * s_w)``, i.e. a tolerance of ``d / (2 s_w)``); in
+  ``union`` mode also ``sum_w <= count_r * W`` per row (on the integers likewise), where
+  ``count_r`` is the row's indicator count. Organisations that dropped between the two
+  phases only lower ``sum_w``, so the bound is sound;
+- **weighted deltas**: per entry ``|sum w*delta| <= c * (sum_w + d / (2 s_w)) + d / (2 s_d)``
+  (each organisation's quantized weight is off by at most ``1 / (2 s_w)`` and its quantized
+  ``w*delta`` by at most ``1 / (2 s_d)``), plus a relative float slack of 1e-12. Every
+  per-row mean ``sum w*delta / sum w`` is therefore in the honest range ``[-c, c]``.
+
+Whoever sent the offending values cannot be identified inside a masked sum, so the whole
+sum is refused (the round is abandoned), and nobody is named.
+
+**What the checks cannot stop** (that needs zero-knowledge proofs on each vector). The
+checks bound the *sum*, not one organisation's share of it. An accepted sum is always one
+that honest organisations could have produced, but within it one hostile organisation can:
+
+- put any row of ``U`` (touched by it or not) anywhere in ``[-c, c]`` per entry: its own
+  vector is unbounded, so it can add up to ``2 * c * sum_w`` to a row whose honest mean is
+  at ``-c`` (an honest organisation with extreme data and weight ``w`` moves a row's mean
+  by at most ``2 * c * w / sum_w``). The values it adds are blind (it does not know the
+  masked honest sums), so overshooting gets the sum refused rather than accepted;
+- get any sum refused, every round (a denial of service), without being identified;
+- inflate a row's ``sum_w`` up to what the bounds leave (``d * W`` in all, ``count_r * W``
+  per row in ``union`` mode): with no ``w*delta`` of its own this shrinks the row's mean
+  toward 0, one more way of moving it within ``[-c, c]``;
+- in ``union`` mode: add rows to ``U`` (claiming to touch them), and set any row's count
+  to any value in ``[0, d]`` -- not only lower it by 1: a counter of ``2^bits - j``
+  cancels ``j`` honest indicators. A count brought to 0 removes the row from ``U``; the
+  honest organisations that touched it see their row missing from ``U`` (the
+  organisation-side check, :mod:`fedembed.secagg.client`). A count lowered but still
+  positive tightens that row's weight bound, which can only get an honest sum refused
+  (denial of service again); a count raised loosens it, at most to the global ``d * W``.
 """
 
 from __future__ import annotations
@@ -62,8 +106,33 @@ def indicator_vector(update: RowUpdate, shapes: Shapes, n: int) -> np.ndarray:
     return out
 
 
-def rowset_from_counts(counts: np.ndarray, shapes: Shapes) -> tuple[RowSet, dict[str, np.ndarray]]:
-    """The union row set (rows with a positive count) and the counts of those rows."""
+def rowset_from_counts(counts: np.ndarray, shapes: Shapes, delivered: int) -> tuple[RowSet, dict[str, np.ndarray]]:
+    """The union row set (rows with a positive count) and the counts of those rows.
+
+    Parameters
+    ----------
+    counts : np.ndarray
+        The unmasked sum of the indicator vectors, unsigned, length :func:`indicator_length`.
+    shapes : Mapping[str, tuple[int, int]]
+        ``(rows, dim)`` of every shared table.
+    delivered : int
+        How many indicator vectors were summed: no honest count exceeds it.
+
+    Returns
+    -------
+    rowset : dict[str, np.ndarray]
+        Per table, the sorted ids of the rows with a positive count.
+    counts : dict[str, np.ndarray]
+        Per table, the int64 counts of those rows (for :func:`decode_values` in ``union`` mode).
+
+    Raises
+    ------
+    UpdateError
+        If the sum has the wrong shape, or a count exceeds ``delivered`` (a cancel or
+        garbage indicator vector; the sum is refused, its sender cannot be identified).
+    """
+    if delivered < 1:
+        raise ValueError(f"delivered must be >= 1, got {delivered}")
     if counts.shape != (indicator_length(shapes),):
         raise UpdateError(f"indicator sum has shape {counts.shape}, expected ({indicator_length(shapes)},)")
     rowset, per_row = {}, {}
@@ -71,6 +140,14 @@ def rowset_from_counts(counts: np.ndarray, shapes: Shapes) -> tuple[RowSet, dict
     for name in sorted(shapes):
         rows = shapes[name][0]
         block = counts[offset : offset + rows]
+        if block.size and int(block.max()) > delivered:
+            bad = int(np.count_nonzero(block > delivered))
+            raise _refused(
+                "indicator bound (count <= parties whose indicators were summed)",
+                name,
+                bad,
+                f"largest count {int(block.max())}, {delivered} indicator vectors summed",
+            )
         ids = np.flatnonzero(block).astype(np.int64)
         rowset[name] = ids
         per_row[name] = block[ids].astype(np.int64)
@@ -191,31 +268,144 @@ def encode_values(
     return out, clipped
 
 
-def decode_values(total: np.ndarray, rowset: RowSet, shapes: Shapes, scales: ValueScales) -> AggregateSum:
+_FLOAT_SLACK = 1e-12
+"""Relative slack on the weighted-delta bound: float64 rounding in computing it (about 1e-16)."""
+
+_COUNT_CHUNK = 1 << 16
+"""Rows per chunk when counting out-of-bounds entries (bounds the temporaries)."""
+
+
+def _refused(bound: str, table: str, entries: int, detail: str) -> UpdateError:
+    """The error refusing a secure sum: which bound, which table, how many entries."""
+    return UpdateError(
+        f"secure sum refused: {bound} violated in table {table!r} at {entries} "
+        f"entr{'y' if entries == 1 else 'ies'} ({detail}); the values that broke it are inside a "
+        "masked sum, so the organisation that sent them cannot be identified"
+    )
+
+
+def _count_outside(block: np.ndarray, rows: np.ndarray, limit: np.ndarray) -> int:
+    """Entries of ``block[rows]`` (int32 quanta) with ``|q| > limit[rows]``, counted chunk by chunk."""
+    total = 0
+    for start in range(0, rows.size, _COUNT_CHUNK):
+        r = rows[start : start + _COUNT_CHUNK]
+        part = block[r].astype(np.int64)
+        np.abs(part, out=part)
+        total += int(np.count_nonzero(part > limit[r, None]))
+    return total
+
+
+def decode_values(
+    total: np.ndarray,
+    rowset: RowSet,
+    shapes: Shapes,
+    scales: ValueScales,
+    delivered: int,
+    counts: Mapping[str, np.ndarray] | None = None,
+) -> AggregateSum:
     """Per-row sums from the unmasked sum of value vectors (rows with positive weight only).
+
+    Every entry of the sum is first checked against what ``delivered`` honest
+    organisations can produce (see the module docstring, "Bounds on an unmasked sum").
+
+    Parameters
+    ----------
+    total : np.ndarray
+        The unmasked modular sum of the value vectors, uint32, length :func:`values_length`.
+    rowset : dict[str, np.ndarray]
+        The agreed rows the vectors were laid out over.
+    shapes : Mapping[str, tuple[int, int]]
+        ``(rows, dim)`` of every shared table.
+    scales : ValueScales
+        The round's quantization (``scales.n`` >= ``delivered``).
+    delivered : int
+        How many value vectors were summed.
+    counts : Mapping[str, np.ndarray], optional
+        ``union`` mode: per table, the indicator count of every row of ``rowset`` (as
+        returned by :func:`rowset_from_counts`); adds the per-row bound
+        ``sum_w <= count_r * max_weight``.
 
     Raises
     ------
     UpdateError
-        If the sum has the wrong length or decodes to impossible values (negative or
-        excessive weights: a faulty or malicious contribution).
+        If the sum has the wrong length, or any entry is outside the honest bounds: a
+        negative weight sum, a weight sum above ``delivered * max_weight`` (or above
+        ``count_r * max_weight`` in ``union`` mode), or a weighted delta above
+        ``clip_delta * sum_w`` plus the quantization tolerance. The sender cannot be
+        identified: the whole sum is refused.
+    ValueError
+        If ``delivered`` is not in ``[1, scales.n]`` or ``counts`` does not match ``rowset``
+        (a caller's mistake, not a faulty contribution).
     """
+    if not 1 <= delivered <= scales.n:
+        raise ValueError(f"delivered must be in [1, {scales.n}] (the round's n), got {delivered}")
     if total.shape != (values_length(rowset, shapes),):
         raise UpdateError(f"value sum has shape {total.shape}, expected ({values_length(rowset, shapes)},)")
+    total = np.asarray(total, dtype=np.uint32)
+    s_d, s_w = scales.data_scale, scales.weight_scale
+    # an honest weight w <= max_weight quantizes to at most this (quantize rounds monotonically)
+    q_w_max = int(np.rint(np.float64(scales.max_weight) * s_w))
+    # per-row |sum q_d| <= ratio * (sum q_w + d/2) + d/2: |w*delta| <= c*w, w <= (q_w + 1/2)/s_w
+    ratio = scales.clip_delta * s_d / s_w
+    half = delivered / 2.0
     out: AggregateSum = {}
     offset = 0
     for name in sorted(shapes):
         ids, dim = rowset[name], shapes[name][1]
         m = ids.size
-        weight = dequantize(total[offset + m * dim : offset + m * (dim + 1)], scales.weight_scale)
-        tol = error_bound(scales.n, scales.weight_scale)
-        if np.any(weight < -tol) or np.any(weight > scales.n * scales.max_weight + tol):
-            raise UpdateError(f"table {name!r}: aggregated weights out of range (a faulty contribution)")
+        qw = total[offset + m * dim : offset + m * (dim + 1)].view(np.int32).astype(np.int64)
+        if m and qw.min() < 0:
+            raise _refused(
+                "weight bound (sum_w >= 0)",
+                name,
+                int(np.count_nonzero(qw < 0)),
+                f"smallest sum_w {qw.min() / s_w:.6g}",
+            )
+        if m and qw.max() > delivered * q_w_max:
+            raise _refused(
+                "weight bound (sum_w <= delivered * max_weight)",
+                name,
+                int(np.count_nonzero(qw > delivered * q_w_max)),
+                f"largest sum_w {qw.max() / s_w:.6g} > {delivered} x {scales.max_weight:g}"
+                f" + tolerance {error_bound(delivered, s_w):.3g}",
+            )
+        if counts is not None:
+            c = counts[name]
+            if c.shape != (m,):
+                raise ValueError(f"counts of {name!r} have shape {c.shape}, expected ({m},) like the row set")
+            over = qw > c.astype(np.int64) * q_w_max
+            if over.any():
+                worst = int(np.argmax(qw - c.astype(np.int64) * q_w_max))
+                raise _refused(
+                    "union weight bound (sum_w <= count_r * max_weight per row)",
+                    name,
+                    int(np.count_nonzero(over)),
+                    f"e.g. row {int(ids[worst])}: sum_w {qw[worst] / s_w:.6g} with count {int(c[worst])},"
+                    f" cap {scales.max_weight:g}",
+                )
+        block = total[offset : offset + m * dim].reshape(m, dim)
+        if m and dim:
+            q = block.view(np.int32)
+            # per-row extremes by reduction: no block-sized temporary
+            peak = np.maximum(q.max(axis=1).astype(np.int64), -q.min(axis=1).astype(np.int64))
+            limit = (ratio * (qw + half) + half) * (1.0 + _FLOAT_SLACK)
+            bad = peak > limit
+            if bad.any():
+                rows = np.flatnonzero(bad)
+                worst = int(rows[np.argmax(peak[rows] - limit[rows])])
+                raise _refused(
+                    "weighted-delta bound (|sum w*delta| <= clip_delta * sum_w + tolerance)",
+                    name,
+                    _count_outside(q, rows, limit),
+                    f"e.g. row {int(ids[worst])}: |sum w*delta| {peak[worst] / s_d:.6g} > "
+                    f"{limit[worst] / s_d:.6g} = {scales.clip_delta:g} x sum_w {qw[worst] / s_w:.6g}"
+                    " + tolerance",
+                )
+        weight = dequantize(total[offset + m * dim : offset + m * (dim + 1)], s_w)
         keep = weight > 0
         if keep.any():
-            block = total[offset : offset + m * dim].reshape(m, dim)
             # dequantize only the rows someone touched (in dense mode a small part of the table)
-            data = dequantize(block if keep.all() else block[keep], scales.data_scale)
+            data = dequantize(block if keep.all() else block[keep], s_d)
             out[name] = TableSum(ids=ids[keep], weighted_delta=data, weight=weight[keep])
         offset += m * (dim + 1)
     return out
@@ -228,7 +418,11 @@ def fixed_point_sum(updates: list[RowUpdate], shapes: Shapes, scales: ValueScale
     updates give bit-identical sums (masking cancels exactly), and the sum does not
     depend on the order replies arrived in. Against exact arithmetic it deviates by at
     most :meth:`ValueScales.bound` per coordinate of ``sum w*delta``; weights are exact.
+    The sum goes through the same bound checks as a secure one (``delivered`` is the
+    number of updates), which honest, validated updates always pass.
     """
+    if not updates:
+        return {}
     rowset = union_of([{name: tu.ids for name, tu in u.items()} for u in updates], shapes)
     total = np.zeros(values_length(rowset, shapes), dtype=np.uint32)
     for u in updates:
@@ -236,4 +430,4 @@ def fixed_point_sum(updates: list[RowUpdate], shapes: Shapes, scales: ValueScale
         if clipped:
             log.warning("aggregation: %d delta entries beyond +-%g were clipped", clipped, scales.clip_delta)
         total += vector
-    return decode_values(total, rowset, shapes, scales)
+    return decode_values(total, rowset, shapes, scales, delivered=len(updates))
