@@ -108,11 +108,29 @@ class Coordinator:
 
     # ------------------------------------------------------------------ state
     def _resume(self) -> None:
-        ckpt = load_latest_checkpoint(self.state_dir)
+        """Continue from the newest usable checkpoint in the state dir (none: a fresh start).
+
+        Raises
+        ------
+        ConfigError
+            Checkpoints exist but none is usable (starting over would silently discard the
+            trained tables), or they belong to another run.
+        """
+        try:
+            ckpt = load_latest_checkpoint(self.state_dir)
+        except ValueError as exc:
+            raise ConfigError(str(exc)) from exc
         if ckpt is None:
             return
-        if ckpt.config.get("run", {}).get("task") != self.cfg.to_dict()["task"]:
+        run = ckpt.config.get("run")
+        if not isinstance(run, dict) or run.get("task") != self.cfg.to_dict()["task"]:
             raise ConfigError(f"state dir {self.state_dir} holds a different run; use a new --state-dir")
+        shapes = {n: tuple(t.shape) for n, t in ckpt.tables.tables.items()}
+        if shapes != {n: tuple(s) for n, s in self.shapes.items()}:
+            raise ConfigError(
+                f"state dir {self.state_dir} holds tables of shapes {shapes}, this run's are {self.shapes}; "
+                "use a new --state-dir or the run's own settings"
+            )
         self.tables = ckpt.tables
         self.optimizer.state = ckpt.optimizer_state
         self.log.rounds = ckpt.config.get("rounds", [])

@@ -666,7 +666,7 @@ def run_client(opts: ClientOptions, max_restarts: int | None = None, restart_del
     int
         The SuperNode's last exit code (0 on Ctrl-C).
     """
-    opts.state_dir.mkdir(parents=True, exist_ok=True)
+    opts.state_dir.mkdir(mode=0o700, parents=True, exist_ok=True)  # the org's private state: owner only
     env = flower_env(opts.state_dir / "flwr-home")
     proc: list[subprocess.Popen | None] = [None]
     restarts, code = 0, 0

@@ -110,10 +110,12 @@ class Organisation:
         if cfg.residual and plan.mode == "fedembed":
             model.add_residuals()
         model.set_tables(tables)
-        saved = self.state.load_head()
+        saved = self.state.load_head(model)  # another model's head.pt is set aside, not failed on
         if saved is not None:
             model.load_head_state_dict(saved["head"])
         if head_in is not None:
+            if plan.mode != "fedavg-all":  # a head from outside only in the baseline that averages heads
+                raise ValueError(f"refused a head sent in mode {plan.mode!r}: this organisation's head is its own")
             model.load_head_state_dict({k: torch.from_numpy(v) for k, v in head_in.items()})
         metrics = self._evaluate(task, model)
         if cfg.guard and plan.mode == "fedembed":  # serve shared or private twin, chosen on validation

@@ -11,19 +11,25 @@
 
 ``metrics`` of round r are measured on each organisation's own validation (``val_*``)
 and test data after round r's update. Byte counts are serialized sizes of what was sent.
+
+``metrics.json`` is strict JSON: a non-finite metric (NaN, inf) is never stored (it is
+dropped with a warning naming the organisation), means are over finite values only, and
+any other non-finite number that reaches the document is written as ``null``.
 """
 
 from __future__ import annotations
 
+import io
 import json
 import logging
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from fedembed.store import atomic_write
+from fedembed.store import atomic_write, atomic_write_npz
 
 log = logging.getLogger(__name__)
 
@@ -54,7 +60,18 @@ class RunLog:
         return entry
 
     def set_metrics(self, round_: int, org: str, metrics: dict[str, float]) -> None:
-        """Record ``org``'s evaluation after ``round_`` (0 = before training)."""
+        """Record ``org``'s evaluation after ``round_`` (0 = before training).
+
+        Parameters
+        ----------
+        round_ : int
+            The round the evaluation follows (0: before training).
+        org : str
+            The organisation's name.
+        metrics : dict of str to float
+            Its metrics; values that are not finite numbers are dropped, with a warning.
+        """
+        metrics = _finite_metrics(metrics, f"metrics of {org!r} after round {round_}")
         if round_ == 0:
             self.initial[org] = metrics
             return
@@ -67,7 +84,8 @@ class RunLog:
         """Metrics after the last round per organisation, and their mean."""
         if not self.rounds:
             return {"mean": {}}
-        last = self.rounds[-1]["metrics"]
+        # finite values only, whatever a resumed log from before this check may hold
+        last = {org: _finite_metrics(m) for org, m in self.rounds[-1]["metrics"].items()}
         out: dict[str, Any] = {org: dict(m) for org, m in sorted(last.items())}
         names = sorted({k for m in last.values() for k in m})
         out["mean"] = {k: float(np.mean([m[k] for m in last.values() if k in m])) for k in names}
@@ -83,17 +101,43 @@ class RunLog:
         """Write metrics.json, embeddings.npz (if tables) and report.png into ``out_dir``."""
         out_dir = Path(out_dir)
         out_dir.mkdir(parents=True, exist_ok=True)
-        atomic_write(out_dir / "metrics.json", json.dumps(self.to_dict(), indent=1, default=_json_default).encode())
+        doc = json.dumps(_finite_json(self.to_dict()), indent=1, default=_json_default, allow_nan=False)
+        atomic_write(out_dir / "metrics.json", doc.encode())
         if tables is not None:
-            import io
-
-            buf = io.BytesIO()
-            np.savez(buf, **tables)
-            atomic_write(out_dir / "embeddings.npz", buf.getvalue())
+            atomic_write_npz(out_dir / "embeddings.npz", tables)
         try:
             plot_report(self.to_dict(), out_dir / "report.png")
         except Exception as exc:  # a plot must never cost the run its results
             log.error("could not draw report.png: %s", exc)
+
+
+def _finite_metrics(metrics: dict[str, Any], what: str | None = None) -> dict[str, float]:
+    """The entries of ``metrics`` that are finite numbers, as floats; the others are logged (if ``what``)."""
+    kept: dict[str, float] = {}
+    dropped: list[str] = []
+    for k, v in metrics.items():
+        try:
+            f = float(v)
+        except (TypeError, ValueError):
+            f = math.nan
+        if math.isfinite(f):
+            kept[k] = f
+        else:
+            dropped.append(f"{k}={v!r}")
+    if dropped and what is not None:
+        log.warning("%s: not finite, not stored: %s", what, ", ".join(dropped))
+    return kept
+
+
+def _finite_json(o: Any) -> Any:
+    """``o`` with every non-finite float (numpy's included) replaced by None: strict JSON."""
+    if isinstance(o, dict):
+        return {k: _finite_json(v) for k, v in o.items()}
+    if isinstance(o, (list, tuple)):
+        return [_finite_json(v) for v in o]
+    if isinstance(o, (float, np.floating)):
+        return float(o) if math.isfinite(o) else None
+    return o
 
 
 def _json_default(o: Any) -> Any:
@@ -145,5 +189,7 @@ def plot_report(doc: dict[str, Any], path: Path) -> None:
     ax.legend(fontsize=8)
     ax.grid(alpha=0.3, axis="y")
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    buf = io.BytesIO()  # written like every other output: atomically, owner-only
+    fig.savefig(buf, format="png", dpi=110)
     plt.close(fig)
+    atomic_write(path, buf.getvalue())

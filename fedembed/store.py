@@ -3,7 +3,13 @@
 Every file is written to a temporary name in the same directory, flushed, fsync'ed and
 renamed over the old one, so a crash leaves either the old or the new file, never half of
 one. Coordinator checkpoints carry a SHA-256 of their bytes; a corrupt or partial one is
-detected on load and the previous one is used.
+detected on load and the previous one is used; when every kept checkpoint is unusable the
+coordinator refuses to start rather than silently starting over.
+
+Every file written here is private by default: created with mode 0600 (``os.open`` with
+that mode, never widened then narrowed), in directories created 0700. The organisation's
+head, optimizer state, table cache and secure-aggregation session, and the coordinator's
+checkpoints, are all written through :func:`atomic_write` / :func:`atomic_write_npz`.
 """
 
 from __future__ import annotations
@@ -14,27 +20,101 @@ import json
 import logging
 import os
 import re
+import secrets
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from fedembed.tables import VersionedTables, init_table
 
+if TYPE_CHECKING:
+    from fedembed.model import SplitModel
+
 log = logging.getLogger(__name__)
 
+PRIVATE = 0o600
+"""Mode of every file written here unless a caller asks otherwise: owner read/write only."""
+PRIVATE_DIR = 0o700
+"""Mode of the directories created here (existing ones are left as they are)."""
 
-def atomic_write(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` atomically (temp file + fsync + rename)."""
+
+def make_private_dir(directory: Path) -> Path:
+    """Create ``directory`` (and missing parents) with mode 0700; an existing one is kept as is.
+
+    Parameters
+    ----------
+    directory : Path
+        The directory.
+
+    Returns
+    -------
+    Path
+        ``directory``.
+    """
+    directory = Path(directory)
+    directory.mkdir(mode=PRIVATE_DIR, parents=True, exist_ok=True)
+    return directory
+
+
+@contextmanager
+def _new_file(path: Path, mode: int) -> Iterator[Any]:
+    """A fresh temporary file next to ``path``, created with ``mode``; renamed over ``path`` on success.
+
+    The file is created by ``os.open(..., O_CREAT | O_EXCL, mode)`` under a random name,
+    so it has ``mode`` (less the umask) from its first byte: never another file's mode,
+    never a symlink followed. On an error it is removed and ``path`` is left untouched.
+    """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "wb") as f:
+    make_private_dir(path.parent)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}-{secrets.token_hex(4)}")
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0) | getattr(os, "O_NOFOLLOW", 0)
+    fd = os.open(tmp, flags, mode)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            yield f
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    _fsync_dir(path.parent)
+
+
+def _fsync_dir(directory: Path) -> None:
+    """Make a rename in ``directory`` durable (best effort: not every platform can)."""
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def atomic_write(path: Path, data: bytes, mode: int = PRIVATE) -> None:
+    """Write ``data`` to ``path`` atomically (temp file + fsync + rename).
+
+    Parameters
+    ----------
+    path : Path
+        Destination; its directory is created 0700 if missing.
+    data : bytes
+        The whole content.
+    mode : int
+        Permission bits the file is created with (before the umask); private (0600) by
+        default. Pass e.g. ``0o644`` only for files meant to be shared.
+    """
+    with _new_file(path, mode) as f:
         f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 class _HashingWriter:
@@ -55,22 +135,25 @@ class _HashingWriter:
         raise io.UnsupportedOperation("write-only")
 
 
-def atomic_write_npz(path: Path, arrays: dict[str, np.ndarray]) -> str:
+def atomic_write_npz(path: Path, arrays: dict[str, np.ndarray], mode: int = PRIVATE) -> str:
     """Write ``arrays`` as an ``.npz`` to ``path`` atomically; returns the file's SHA-256 (hex).
 
     The archive is streamed to the temporary file and hashed on the way, so no copy of
     the arrays' bytes is held in memory (a 1M x 64 table would otherwise cost two more
     table-sized buffers at every checkpoint).
+
+    Parameters
+    ----------
+    path : Path
+        Destination; its directory is created 0700 if missing.
+    arrays : dict of str to ndarray
+        The arrays (no object arrays: they are read back with ``allow_pickle=False``).
+    mode : int
+        Permission bits the file is created with; private (0600) by default.
     """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "wb") as f:
+    with _new_file(path, mode) as f:
         writer = _HashingWriter(f)
         np.savez(writer, **arrays)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
     return writer.sha256.hexdigest()
 
 
@@ -125,8 +208,14 @@ def save_checkpoint(directory: Path, ckpt: Checkpoint, keep: int = 2) -> Path:
     meta = {"round": ckpt.round, "config": ckpt.config}
     arrays["meta"] = np.frombuffer(json.dumps(meta).encode(), dtype=np.uint8)
     path = directory / f"checkpoint-{ckpt.round:06d}.npz"
-    digest = atomic_write_npz(path, arrays)
+    # Staged, digest, then renamed: a crash at any point leaves no checkpoint-N.npz without
+    # its digest, so an interrupted first checkpoint is no checkpoint (a fresh start), never
+    # an unverifiable one that would stop the next start.
+    staged = path.with_name(f".{path.name}.staged")
+    digest = atomic_write_npz(staged, arrays)
     atomic_write(path.with_suffix(".sha256"), digest.encode())
+    os.replace(staged, path)
+    _fsync_dir(directory)
     for old in sorted(_list_checkpoints(directory))[:-keep]:
         for p in (old, old.with_suffix(".sha256")):
             p.unlink(missing_ok=True)
@@ -140,29 +229,108 @@ def _list_checkpoints(directory: Path) -> list[Path]:
 
 
 def load_checkpoint(path: Path) -> Checkpoint:
-    """Read and verify one checkpoint file; raises ``ValueError`` if corrupt."""
+    """Read and verify one checkpoint file.
+
+    Parameters
+    ----------
+    path : Path
+        A ``checkpoint-<round>.npz`` with its ``.sha256`` next to it.
+
+    Returns
+    -------
+    Checkpoint
+        The checkpoint.
+
+    Raises
+    ------
+    ValueError
+        The file is missing its digest, fails it, or (digest or not) is not a readable
+        checkpoint of that round: whatever is wrong with the file, never another error.
+    """
     path = Path(path)
     digest_file = path.with_suffix(".sha256")
-    if not digest_file.exists() or digest_file.read_text().strip() != file_sha256(path):
-        raise ValueError(f"checkpoint {path} fails its SHA-256 check (partial or corrupt)")
-    with np.load(path, allow_pickle=False) as z:
-        meta = json.loads(bytes(z["meta"]).decode())
-        tables = {k[6:]: z[k] for k in z.files if k.startswith("table/")}
-        versions = {k[8:]: z[k] for k in z.files if k.startswith("version/")}
-        opt = {k[4:]: z[k] for k in z.files if k.startswith("opt/")}
-    return Checkpoint(VersionedTables(tables, versions, int(meta["round"])), opt, meta["config"])
+    try:
+        if not digest_file.exists() or digest_file.read_text().strip() != file_sha256(path):
+            raise ValueError("fails its SHA-256 check (partial or corrupt)")
+        with np.load(path, allow_pickle=False) as z:
+            meta = json.loads(bytes(z["meta"]).decode())
+            tables = {k[6:]: z[k] for k in z.files if k.startswith("table/")}
+            versions = {k[8:]: z[k] for k in z.files if k.startswith("version/")}
+            opt = {k[4:]: z[k] for k in z.files if k.startswith("opt/")}
+        round_ = _check_checkpoint(path, meta, tables, versions)
+    except ValueError as exc:
+        raise ValueError(f"checkpoint {path} {exc}") from exc
+    except Exception as exc:  # BadZipFile, EOFError, TypeError on an .npy, ...: unreadable, not a crash
+        raise ValueError(f"checkpoint {path} is unreadable ({type(exc).__name__}: {exc})") from exc
+    return Checkpoint(VersionedTables(tables, versions, round_), opt, meta["config"])
+
+
+def _check_checkpoint(path: Path, meta: Any, tables: dict[str, np.ndarray], versions: dict[str, np.ndarray]) -> int:
+    """The round of a decoded checkpoint whose parts fit together; ``ValueError`` otherwise."""
+    if not isinstance(meta, dict) or not isinstance(meta.get("config"), dict):
+        raise ValueError("has no run metadata")
+    round_ = meta.get("round")
+    if not isinstance(round_, int) or isinstance(round_, bool) or round_ < 0:
+        raise ValueError(f"names no valid round ({round_!r})")
+    named = _CKPT.match(path.name)
+    if named and int(named.group(1)) != round_:
+        raise ValueError(f"holds round {round_}, not the round of its name")
+    if not tables or set(tables) != set(versions):
+        raise ValueError("does not hold one version array per table")
+    for name, t in tables.items():
+        v = versions[name]
+        if t.ndim != 2 or v.shape != (t.shape[0],) or not np.issubdtype(v.dtype, np.integer):
+            raise ValueError(f"table {name!r} and its row versions do not fit together")
+    return round_
 
 
 def load_latest_checkpoint(directory: Path) -> Checkpoint | None:
-    """The newest checkpoint that verifies, or None; corrupt ones are logged and skipped."""
-    for path in reversed(_list_checkpoints(directory)):
+    """The newest checkpoint that verifies; None when there is none at all.
+
+    A corrupt or unreadable newest checkpoint is skipped, with a warning, for the one
+    before it. When checkpoints exist but none of them is usable, starting afresh would
+    silently throw the trained tables away, so this refuses instead.
+
+    Parameters
+    ----------
+    directory : Path
+        The directory holding ``checkpoint-<round>.npz`` files.
+
+    Returns
+    -------
+    Checkpoint or None
+        The newest usable checkpoint, or None when the directory holds no checkpoint.
+
+    Raises
+    ------
+    ValueError
+        Checkpoints exist but none is usable; the message lists each and what to do.
+    """
+    found = list(reversed(_list_checkpoints(directory)))
+    problems: list[str] = []
+    for path in found:
         try:
             ckpt = load_checkpoint(path)
-        except (ValueError, OSError, KeyError) as exc:
-            log.warning("skipping checkpoint %s: %s", path, exc)
+        except (ValueError, OSError) as exc:
+            log.warning("checkpoint %s is unusable: %s", path.name, exc)
+            problems.append(f"{path.name}: {exc}")
             continue
-        log.info("resuming from %s (round %d)", path.name, ckpt.round)
+        if problems:
+            log.warning(
+                "resuming from the older checkpoint %s (round %d): %d newer one(s) unusable, their rounds run again",
+                path.name, ckpt.round, len(problems),
+            )
+        else:
+            log.info("resuming from %s (round %d)", path.name, ckpt.round)
         return ckpt
+    if found:
+        raise ValueError(
+            f"{directory} holds {len(found)} checkpoint(s) and none of them is usable, so the run cannot "
+            "resume; refusing to start over at round 1 with fresh tables, which would silently discard "
+            "the trained ones. Found: " + "; ".join(problems) + ". What to do: restore a good "
+            f"checkpoint-<round>.npz with its .sha256 into {directory} (from a backup) and start again, or, "
+            f"to really start a new run, move {directory} away or give a new --state-dir."
+        )
     return None
 
 
@@ -183,22 +351,62 @@ class OrgState:
     """
 
     def __init__(self, directory: Path) -> None:
-        self.dir = Path(directory)
-        self.dir.mkdir(parents=True, exist_ok=True)
+        self.dir = make_private_dir(Path(directory))
 
     # head -----------------------------------------------------------------
-    def load_head(self) -> dict[str, Any] | None:
-        """``{"head": state_dict, "optimizer": state_dict, ...}`` or None for a new org."""
+    def load_head(self, model: SplitModel | None = None) -> dict[str, Any] | None:
+        """The saved head, or None for a new organisation or an unusable file.
+
+        An unreadable ``head.pt``, or one that does not fit ``model`` (another model's:
+        other parameter names or shapes, or an optimizer state for other parameters), is
+        never loaded, never deleted and never silently overwritten: it is renamed to
+        ``head.pt.unusable-<time>`` next to it, an error names the file and what is wrong,
+        and the organisation goes on with a fresh head.
+
+        Parameters
+        ----------
+        model : SplitModel, optional
+            The model the head is for; when given, the saved head is checked against it.
+
+        Returns
+        -------
+        dict or None
+            ``{"head": state_dict, "optimizer": state_dict, "round": int, ...}``, or None.
+        """
         p = self.dir / "head.pt"
         if not p.exists():
             return None
         try:
             import torch
 
-            return torch.load(p, map_location="cpu", weights_only=True)
-        except Exception as exc:  # corrupt file: start the head afresh, loudly
-            log.error("head state %s unreadable (%s); starting a fresh head", p, exc)
+            saved = torch.load(p, map_location="cpu", weights_only=True)
+            if not isinstance(saved, dict) or not isinstance(saved.get("head"), dict):
+                raise ValueError("not a saved head (no 'head' state dict in it)")
+        except Exception as exc:  # corrupt or foreign file: kept aside, the head starts afresh, loudly
+            self._set_aside(p, f"is unreadable ({exc})")
             return None
+        problem = _head_mismatch(model, saved) if model is not None else None
+        if problem is not None:
+            self._set_aside(p, f"belongs to another model: {problem}")
+            return None
+        return saved
+
+    def _set_aside(self, path: Path, why: str) -> Path:
+        """Rename an unusable private file to ``<name>.unusable-<time>`` and say so."""
+        stamp = time.strftime("%Y%m%dT%H%M%S")
+        dest = path.with_name(f"{path.name}.unusable-{stamp}")
+        n = 1
+        while dest.exists():
+            n += 1
+            dest = path.with_name(f"{path.name}.unusable-{stamp}-{n}")
+        os.replace(path, dest)
+        log.error(
+            "%s %s. Moved it aside to %s (kept, not deleted) and starting with a fresh head. "
+            "If it is a head you need, it only fits the model it was trained for (same task and "
+            "organisation); otherwise delete %s.",
+            path, why, dest.name, dest,
+        )
+        return dest
 
     def save_head(self, head: dict[str, Any], optimizer: dict[str, Any], round_: int, **extra: Any) -> None:
         """Save the head, its optimizer state and the round atomically."""
@@ -219,20 +427,39 @@ class OrgState:
         a cache of another run is never reused.
         """
         meta_p, data_p = self.dir / "tables.json", self.dir / "tables.npz"
-        if meta_p.exists() and data_p.exists():
+        if meta_p.exists():
             try:
                 meta = json.loads(meta_p.read_text())
-                if meta.get("key") == key and meta.get("sha256") == file_sha256(data_p):
-                    with np.load(data_p, allow_pickle=False) as z:
-                        tables = {n: z[n] for n in shapes}
-                    if all(tables[n].shape == tuple(s) for n, s in shapes.items()):
-                        for d in meta.get("deltas", []):
-                            self._apply_delta(tables, d)
-                        return tables, int(meta["version"])
-                log.warning("table cache in %s belongs to another run or is corrupt; rebuilding", self.dir)
-            except (OSError, ValueError, KeyError) as exc:
-                log.warning("table cache in %s unreadable (%s); rebuilding", self.dir, exc)
+                if not isinstance(meta, dict):
+                    raise ValueError("tables.json is not a cache description")
+                if meta.get("key") != key:  # overwritten by the first save of this run
+                    log.warning("table cache in %s belongs to another run; starting from version 0", self.dir)
+                    return {n: init_table(n, s, seed, scale) for n, s in shapes.items()}, 0
+                if meta.get("sha256") != file_sha256(data_p):
+                    raise ValueError("tables.npz does not match its checksum")
+                with np.load(data_p, allow_pickle=False) as z:
+                    tables = {n: z[n] for n in shapes}
+                if not all(tables[n].shape == tuple(s) for n, s in shapes.items()):
+                    raise ValueError("tables.npz holds tables of other shapes")
+                for d in meta.get("deltas", []):
+                    self._apply_delta(tables, d)
+                return tables, int(meta["version"])
+            except Exception as exc:  # any damage: the cache is rebuilt, never half used
+                self._discard_tables(exc)
         return {n: init_table(n, s, seed, scale) for n, s in shapes.items()}, 0
+
+    def _discard_tables(self, why: Exception) -> None:
+        """Drop a corrupt cache's description so the next save starts a new base.
+
+        Without this, the next row sync would be appended to the same broken chain and the
+        cache would fail again at the following round, and so on forever.
+        """
+        (self.dir / "tables.json").unlink(missing_ok=True)
+        log.warning(
+            "table cache in %s is corrupt (%s): discarded it; the tables start again from version 0 "
+            "and the coordinator resends the rows changed since (one round is spent resyncing)",
+            self.dir, why,
+        )
 
     def _apply_delta(self, tables: dict[str, np.ndarray], d: dict[str, Any]) -> None:
         path = self.dir / d["file"]
@@ -264,14 +491,16 @@ class OrgState:
         meta_p = self.dir / "tables.json"
         try:
             meta = json.loads(meta_p.read_text()) if meta_p.exists() else None
-        except (OSError, ValueError):
-            meta = None
+            deltas = list(meta["deltas"]) if isinstance(meta, dict) else []
+            synced = sum(int(d["rows"]) for d in deltas)
+            usable = isinstance(meta, dict) and meta.get("key") == key and isinstance(meta.get("sha256"), str)
+        except (OSError, ValueError, KeyError, TypeError):
+            usable = False
         total = sum(t.shape[0] for t in tables.values())
         new_rows = sum(int(rs.ids.shape[0]) for rs in sync.values())
-        if meta is None or meta.get("key") != key or not (self.dir / "tables.npz").exists():
+        if not usable or not (self.dir / "tables.npz").exists():
             return self.save_tables(tables, version, key)
-        deltas = list(meta.get("deltas", []))
-        if sum(d["rows"] for d in deltas) + new_rows > max_share * total:
+        if synced + new_rows > max_share * total:
             return self.save_tables(tables, version, key)
         if new_rows:
             arrays: dict[str, np.ndarray] = {}
@@ -282,3 +511,32 @@ class OrgState:
             deltas.append({"file": name, "sha256": digest, "rows": new_rows})
         meta = {"version": version, "key": key, "sha256": meta["sha256"], "deltas": deltas}
         atomic_write(meta_p, json.dumps(meta).encode())
+
+
+def _head_mismatch(model: SplitModel, saved: dict[str, Any]) -> str | None:
+    """What keeps ``saved`` (a :meth:`OrgState.load_head` document) from fitting ``model``, or None."""
+    import torch
+
+    want = {k: tuple(v.shape) for k, v in model.head_state_dict().items()}
+    got = {k: tuple(getattr(v, "shape", ())) for k, v in saved["head"].items()}
+    problems = []
+    if missing := sorted(want.keys() - got.keys()):
+        problems.append(f"missing {missing}")
+    if unexpected := sorted(got.keys() - want.keys()):
+        problems.append(f"unexpected {unexpected}")
+    problems += [f"{k}: saved {got[k]}, model {want[k]}" for k in sorted(want.keys() & got.keys()) if got[k] != want[k]]
+    opt = saved.get("optimizer")
+    if not problems and opt:
+        params = model.head_parameters()
+        try:
+            ids = [i for g in opt["param_groups"] for i in g["params"]]
+            state = opt.get("state", {})
+        except (KeyError, TypeError, AttributeError):
+            return "its optimizer state is not a torch optimizer state"
+        if len(ids) != len(params):
+            return f"its optimizer state is for {len(ids)} parameters, the head has {len(params)}"
+        for i, param in zip(ids, params):
+            for name, v in (state.get(i) or {}).items():
+                if isinstance(v, torch.Tensor) and v.ndim > 0 and tuple(v.shape) != tuple(param.shape):
+                    return f"its optimizer state {name!r} has shape {tuple(v.shape)}, the parameter {tuple(param.shape)}"
+    return "; ".join(problems) or None

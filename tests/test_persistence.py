@@ -1,0 +1,343 @@
+"""Nothing private is lost or silently reset: persistence faults played as attacks.
+
+Each test corrupts, swaps or poisons what a party keeps on disk (or reports) and checks
+that the fault is refused or repaired loudly, never turned into a silent restart, a crash
+at start-up, a state that stays broken, or a secret readable by other users.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import math
+import os
+import stat
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from fedembed.config import ConfigError, RunConfig
+from fedembed.coordinator import Coordinator
+from fedembed.report import RunLog
+from fedembed.store import file_sha256
+from fedembed.task import TaskSpec
+
+TASK = TaskSpec("examples.my_task:ClicksTask", {"orgs": 3, "products": 400})
+
+
+def _checkpoints(state: Path) -> list[Path]:
+    return sorted(state.glob("checkpoint-*.npz"))
+
+
+def _two_rounds(tmp_path: Path, direct_transport) -> tuple[Path, object]:
+    """A finished 2-round run with its checkpoints in ``tmp_path / "coord"``."""
+    t = direct_transport(tmp_path, 3)
+    Coordinator(RunConfig(task=TASK, rounds=2), t, state_dir=tmp_path / "coord").run()
+    assert [p.name for p in _checkpoints(tmp_path / "coord")] == ["checkpoint-000001.npz", "checkpoint-000002.npz"]
+    return tmp_path / "coord", t
+
+
+def _flip_a_byte(path: Path) -> None:
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    path.write_bytes(bytes(data))
+
+
+def _strict_json(text: str):
+    """``json.loads`` that refuses NaN / Infinity (what any other JSON reader does)."""
+    def refuse(constant: str):
+        raise ValueError(f"non-standard JSON constant {constant}")
+
+    return json.loads(text, parse_constant=refuse)
+
+
+# ------------------------------------------------------------------ 1. every checkpoint corrupt
+
+
+def test_all_checkpoints_corrupt_refuses_to_start_instead_of_silent_restart(tmp_path, direct_transport, caplog):
+    state, t = _two_rounds(tmp_path, direct_transport)
+    for p in _checkpoints(state):
+        _flip_a_byte(p)
+    before = {p.name: p.read_bytes() for p in state.iterdir()}
+    with pytest.raises(ConfigError) as err:
+        Coordinator(RunConfig(task=TASK, rounds=4), t, state_dir=state)
+    msg = str(err.value)
+    assert "checkpoint-000001.npz" in msg and "checkpoint-000002.npz" in msg  # what was found
+    assert "SHA-256" in msg
+    assert "--state-dir" in msg and "restore" in msg  # what to do
+    assert {p.name: p.read_bytes() for p in state.iterdir()} == before  # nothing touched, nothing deleted
+
+
+def test_a_corrupt_newest_checkpoint_still_resumes_from_the_previous_with_a_warning(tmp_path, direct_transport, caplog):
+    state, t = _two_rounds(tmp_path, direct_transport)
+    _flip_a_byte(_checkpoints(state)[-1])
+    with caplog.at_level(logging.WARNING):
+        c = Coordinator(RunConfig(task=TASK, rounds=4), t, state_dir=state)
+    assert c.start_round == 2 and c.tables.version == 1
+    assert any("checkpoint-000002.npz" in r.message and r.levelno == logging.WARNING for r in caplog.records)
+
+
+def test_no_checkpoint_at_all_is_a_fresh_start(tmp_path, direct_transport):
+    (tmp_path / "coord").mkdir()
+    c = Coordinator(RunConfig(task=TASK, rounds=2), direct_transport(tmp_path, 3), state_dir=tmp_path / "coord")
+    assert c.start_round == 1 and c.tables.version == 0
+
+
+def test_all_checkpoints_corrupt_server_command_refuses_and_exits_non_zero(tmp_path, direct_transport, caplog, monkeypatch):
+    """``fedembed server`` on such a state dir says why and exits 2 before starting anything."""
+    import fedembed.deploy as deploy
+    from fedembed.cli import main
+
+    state, _ = _two_rounds(tmp_path / "run", direct_transport)
+    for p in _checkpoints(state):
+        p.write_bytes(b"")  # truncated to nothing, digest kept
+    server_dir = tmp_path / "server"
+    (server_dir / "coordinator").parent.mkdir(parents=True)
+    state.rename(server_dir / "coordinator")
+
+    def no_superlink(*args, **kwargs):
+        raise AssertionError("a SuperLink was started on a state dir whose checkpoints are all corrupt")
+
+    monkeypatch.setattr(deploy, "CoordinatorProcess", no_superlink)
+    with caplog.at_level(logging.ERROR):
+        rc = main(["server", "--task", "examples.my_task:ClicksTask", "--orgs", "3", "--task-option", "products=400",
+                   "--rounds", "4", "--insecure", "--state-dir", str(server_dir), "--quiet"])
+    assert rc == 2
+    errors = [r.message for r in caplog.records if r.levelno >= logging.ERROR]
+    assert any("checkpoint-000002.npz" in m and "--state-dir" in m for m in errors), errors
+    assert not (server_dir / "superlink.log").exists()
+
+
+# ------------------------------------------------------------------ 2. unreadable checkpoint with a matching digest
+
+
+def _npy_bytes() -> bytes:
+    buf = io.BytesIO()
+    np.save(buf, np.arange(5))
+    return buf.getvalue()
+
+
+def _zip_without_meta() -> bytes:
+    buf = io.BytesIO()
+    np.savez(buf, x=np.arange(3))
+    return buf.getvalue()
+
+
+def _zip_with_bad_meta() -> bytes:
+    buf = io.BytesIO()
+    np.savez(buf, meta=np.frombuffer(b'["not", "a", "dict"]', dtype=np.uint8))
+    return buf.getvalue()
+
+
+def _truncated_zip() -> bytes:
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w") as z:
+        z.writestr("meta.npy", b"x" * 100)
+    return buf.getvalue()[:40]
+
+
+NOT_A_CHECKPOINT = {
+    "empty": b"",
+    "text": b"hello, this is not a zip archive\n",
+    "npy": _npy_bytes(),
+    "truncated zip": _truncated_zip(),
+    "zip without meta": _zip_without_meta(),
+    "zip with bad meta": _zip_with_bad_meta(),
+}
+
+
+@pytest.mark.parametrize("kind", list(NOT_A_CHECKPOINT))
+def test_non_zip_checkpoint_with_matching_sha256_does_not_crash_startup(tmp_path, direct_transport, kind):
+    state, t = _two_rounds(tmp_path, direct_transport)
+    newest, oldest = _checkpoints(state)[-1], _checkpoints(state)[0]
+    for p in (newest,):
+        p.write_bytes(NOT_A_CHECKPOINT[kind])
+        p.with_suffix(".sha256").write_text(file_sha256(p))  # the digest matches: only the content is wrong
+    c = Coordinator(RunConfig(task=TASK, rounds=4), t, state_dir=state)  # no traceback
+    assert c.start_round == 2  # treated as corrupt: the previous checkpoint is used
+    oldest.write_bytes(NOT_A_CHECKPOINT[kind])
+    oldest.with_suffix(".sha256").write_text(file_sha256(oldest))
+    with pytest.raises(ConfigError, match="none of them is usable"):  # every one unreadable: refused (fault 1)
+        Coordinator(RunConfig(task=TASK, rounds=4), t, state_dir=state)
+
+
+# ------------------------------------------------------------------ 3. corrupt org table cache
+
+
+@pytest.mark.parametrize("part", ["sync file", "base file"])
+def test_corrupt_table_cache_is_rebuilt_and_stays_repaired(tmp_path, direct_transport, part):
+    task = TaskSpec("examples.my_task:ClicksTask", {"orgs": 3, "products": 60000})
+    t = direct_transport(tmp_path, 3)
+    cfg = RunConfig(task=task, rounds=8)
+    c = Coordinator(cfg, t)
+    nodes = sorted(t.orgs)
+    for r in (1, 2):
+        c.run_round(r, nodes)
+    org_dir = t.orgs[101].state.dir
+    deltas = sorted(org_dir.glob("tables.delta-*.npz"))
+    assert deltas, "the cache should hold a base plus row syncs by now"
+    _flip_a_byte(deltas[0] if part == "sync file" else org_dir / "tables.npz")
+    stale = []
+    for r in range(3, 9):
+        entry = c.run_round(r, nodes)
+        assert set(entry["rejected"]) <= {"shop-1"}
+        if "shop-1" in entry["rejected"]:
+            assert "stale" in entry["rejected"]["shop-1"]
+            stale.append(r)
+    assert stale == [3]  # one resync, then repaired for good (not stale every other round)
+    c.closing_evaluation(nodes)
+    cache, version = t.orgs[101].state.load_tables(c.shapes, cfg.seed, cfg.table_scale, cfg.run_key())
+    assert version == 8 and np.array_equal(cache["products"], c.tables.tables["products"])
+
+
+# ------------------------------------------------------------------ 4. head.pt of another model
+
+
+def _foreign_head(kind: str) -> dict:
+    from examples.my_task import Net
+
+    from fedembed.model import SplitModel
+
+    if kind == "other shapes":
+        other = SplitModel(Net(400, dim=8), tables=["products"])
+        head = other.head_state_dict()
+        opt = torch.optim.AdamW(other.head_parameters()).state_dict()
+    else:  # other keys
+        head = {"encoder.weight": torch.zeros(3, 3), "encoder.bias": torch.zeros(3)}
+        opt = {}
+    return {"head": head, "optimizer": opt, "round": 7}
+
+
+@pytest.mark.parametrize("kind", ["other shapes", "other keys"])
+def test_head_of_another_model_is_reported_and_set_aside(tmp_path, direct_transport, caplog, kind):
+    t = direct_transport(tmp_path, 3)
+    c = Coordinator(RunConfig(task=TASK, rounds=4), t)
+    nodes = sorted(t.orgs)
+    c.run_round(1, nodes)
+    head = t.orgs[101].state.dir / "head.pt"
+    torch.save(_foreign_head(kind), head)
+    foreign = head.read_bytes()
+    with caplog.at_level(logging.ERROR):
+        entries = [c.run_round(r, nodes) for r in (2, 3, 4)]
+    assert all(e["rejected"] == {} for e in entries)  # the organisation is not failed, round after round
+    aside = list(head.parent.glob("head.pt.unusable-*"))
+    assert len(aside) == 1 and aside[0].read_bytes() == foreign  # kept, not deleted
+    errors = [r.message for r in caplog.records if r.levelno >= logging.ERROR]
+    assert len(errors) == 1, errors  # reported once, then the fresh head is used
+    assert "head.pt" in errors[0] and aside[0].name in errors[0] and "fresh head" in errors[0]
+    assert ("encoder.weight" if kind == "other keys" else "saved (32, 8)") in errors[0]  # names the mismatch
+    assert torch.load(head, weights_only=True)["round"] == 4  # the fresh head trained on
+
+
+def test_unreadable_head_is_set_aside_not_silently_overwritten(tmp_path, caplog):
+    from fedembed.store import OrgState
+
+    state = OrgState(tmp_path / "org")
+    (state.dir / "head.pt").write_bytes(b"not a torch file")
+    with caplog.at_level(logging.ERROR):
+        assert state.load_head() is None
+    aside = list(state.dir.glob("head.pt.unusable-*"))
+    assert len(aside) == 1 and aside[0].read_bytes() == b"not a torch file"
+    assert any(aside[0].name in r.message for r in caplog.records)
+
+
+# ------------------------------------------------------------------ 5. NaN / inf metrics
+
+
+def test_nan_metrics_keep_metrics_json_valid(tmp_path, caplog):
+    log = RunLog(config={"mode": "fedembed"})
+    log.set_metrics(0, "a", {"score": float("nan"), "loss": 1.0})
+    log.new_round(1)
+    log.set_metrics(1, "a", {"score": float("nan"), "loss": float("inf")})
+    log.set_metrics(1, "b", {"score": 0.5, "loss": float("-inf")})
+    log.set_metrics(1, "c", {"score": np.float32("nan"), "loss": np.float64(2.0)})
+    log.rounds[0]["wall_seconds"] = float("inf")  # whatever else slips in is not written as Infinity either
+    with caplog.at_level(logging.WARNING):
+        log.write(tmp_path, None)
+    doc = _strict_json((tmp_path / "metrics.json").read_text())
+    assert doc["rounds"][0]["metrics"] == {"a": {}, "b": {"score": 0.5}, "c": {"loss": 2.0}}
+    assert doc["initial"] == {"a": {"loss": 1.0}}
+    assert doc["final"]["mean"] == {"loss": 2.0, "score": 0.5}
+    assert all(math.isfinite(v) for v in log.final()["mean"].values())
+    assert doc["rounds"][0]["wall_seconds"] is None
+    assert any("'a'" in r.message and "score" in r.message for r in caplog.records)
+
+
+def test_nan_metrics_from_an_org_keep_metrics_json_valid(tmp_path, direct_transport):
+    """Through the coordinator: an organisation reports NaN / inf metrics every round."""
+    def poison(node, content):
+        if node == 101 and "metrics" in content:
+            for k in list(content["metrics"]):
+                content["metrics"][k] = float("nan") if k.startswith("val") else float("inf")
+        return content
+
+    c = Coordinator(RunConfig(task=TASK, rounds=2), direct_transport(tmp_path, 3, tamper=poison))
+    c.run()
+    c.log.write(tmp_path / "out", c.tables.tables)
+    doc = _strict_json((tmp_path / "out" / "metrics.json").read_text())
+    assert doc["final"]["mean"] and all(math.isfinite(v) for v in doc["final"]["mean"].values())
+    assert all(not m for r in doc["rounds"] for org, m in r["metrics"].items() if org == "shop-1")
+
+
+# ------------------------------------------------------------------ 6. secrets 0600 from creation
+
+
+@pytest.fixture
+def open_umask(monkeypatch):
+    """umask 0 (a file gets exactly the mode it is created with) and no chmod anywhere."""
+    old = os.umask(0)
+
+    def no_chmod(*args, **kwargs):
+        raise AssertionError("a file was chmod'ed after creation")
+
+    monkeypatch.setattr(os, "chmod", no_chmod)
+    monkeypatch.setattr(os, "fchmod", no_chmod)
+    yield
+    os.umask(old)
+
+
+def _private(path: Path) -> bool:
+    return stat.S_IMODE(path.stat().st_mode) & 0o077 == 0
+
+
+def test_secret_files_are_0600_from_creation(tmp_path, direct_transport, open_umask, monkeypatch):
+    created: dict[str, int] = {}
+    real_replace = os.replace
+
+    def watching_replace(src, dst, *args, **kwargs):  # the mode every atomic write had when it landed
+        created[str(dst)] = stat.S_IMODE(os.stat(src).st_mode)
+        return real_replace(src, dst, *args, **kwargs)
+
+    monkeypatch.setattr(os, "replace", watching_replace)
+    cfg = RunConfig(task=TaskSpec("synthetic", {"orgs": 3, "seed": 0, "rows": 3000, "dim": 4}), rounds=2,
+                    secure=True, row_set="union")
+    t = direct_transport(tmp_path / "orgs", 3)
+    c = Coordinator(cfg, t, state_dir=tmp_path / "coord")
+    c.run()
+    c.log.write(tmp_path / "coord", c.tables.tables)
+
+    kinds = {"head.pt", "tables.npz", "tables.json", "session.json", "update.npz", "checkpoint", "guard"}
+    seen = {k for k in kinds if any(k in p for p in created)}
+    assert seen == kinds, f"the run did not write {kinds - seen}"
+    wide = {p: oct(m) for p, m in created.items() if m & 0o077}
+    assert not wide, f"written readable by others: {wide}"
+    for d in [tmp_path / "coord", *(o.state.dir for o in t.orgs.values())]:
+        assert stat.S_IMODE(d.stat().st_mode) == 0o700, d
+        for p in d.rglob("*"):
+            if p.is_file():
+                assert _private(p), p
+
+
+def test_org_private_keys_from_certs_are_0600_from_creation(tmp_path, open_umask):
+    from fedembed.cli import main
+
+    assert main(["certs", str(tmp_path / "certs"), "--orgs", "2"]) == 0
+    d = tmp_path / "certs"
+    for name in ("ca.key", "server.key", "org-0.key", "org-1.key"):
+        assert stat.S_IMODE((d / name).stat().st_mode) == 0o600, name
+    for name in ("ca.crt", "server.crt", "org-0.pub"):  # public halves stay readable
+        assert stat.S_IMODE((d / name).stat().st_mode) & 0o044 == 0o044, name
