@@ -2,7 +2,11 @@
 
 Where the organisation's state lives: node config ``state-dir`` (deployment), or
 ``<state_root>/org-<partition-id>`` in simulation. Its index in the task: node config
-``org`` or, in simulation, ``partition-id``.
+``org`` or, in simulation, ``partition-id``. Its identity: node config ``identity-key``
+(its private key, OpenSSH) and ``roster`` (the federation's public keys, a directory of
+``<name>.pub`` or a JSON file), or in simulation ``<key_dir>/<index>.key`` and the
+simulation's roster file. Node config ``secure-*`` keys set its secure-aggregation policy
+(:meth:`fedembed.secagg.protocol.SecurePolicy.from_mapping`).
 """
 
 from __future__ import annotations
@@ -15,7 +19,9 @@ from flwr.app import Context, Message
 from flwr.clientapp import ClientApp
 
 from fedembed.audit import AuditMod
-from fedembed.secagg.client import SECURE_STAGES, handle_message
+from fedembed.identity import Identity
+from fedembed.secagg.client import SECURE_STAGES, SecureMember, handle_message
+from fedembed.secagg.protocol import SecurePolicy
 
 if TYPE_CHECKING:
     from fedembed.org import Organisation
@@ -41,36 +47,59 @@ def where_from_context(context: Context, state_root: str | None) -> tuple[int, P
     return org, state
 
 
-def organisation_from_context(context: Context, state_root: str | None) -> Organisation:
-    """The organisation this node is, from its node config."""
-    from fedembed.org import Organisation
+def member_from_context(context: Context, state_root: str | None, key_dir: str | None, roster: str | None) -> SecureMember:
+    """This node's organisation, identity and policy (no task, no torch)."""
+    nc = context.node_config
+    org, state = where_from_context(context, state_root)
+    if "identity-key" in nc:
+        key = Path(str(nc["identity-key"]))
+    elif key_dir is not None:
+        key = Path(key_dir) / f"{org}.key"
+    else:
+        raise ValueError("node config has no identity-key: pass --node-config '... identity-key=<private key file>'")
+    roster_path = str(nc["roster"]) if "roster" in nc else roster
+    if roster_path is None:
+        raise ValueError("node config has no roster: pass --node-config '... roster=<dir of .pub files or JSON>'")
+    return SecureMember(org, state, Identity.load(key, roster_path), SecurePolicy.from_mapping(nc))
 
-    return Organisation(*where_from_context(context, state_root))
 
-
-def make_client_app(state_root: str | None = None, audit_dir: str | None = None) -> ClientApp:
-    """A ClientApp whose organisations keep their state under ``state_root`` (simulation).
+def make_client_app(
+    state_root: str | None = None,
+    audit_dir: str | None = None,
+    key_dir: str | None = None,
+    roster: str | None = None,
+) -> ClientApp:
+    """A ClientApp; in simulation, organisations keep state under ``state_root`` and keys in ``key_dir``.
 
     With ``audit_dir``, every reply is also written there (:class:`fedembed.audit.AuditMod`).
     """
     app = ClientApp(mods=[AuditMod(audit_dir)] if audit_dir else None)
 
+    def organisation(context: Context) -> Organisation:
+        from fedembed.org import Organisation
+
+        m = member_from_context(context, state_root, key_dir, roster)
+        return Organisation(m.org, m.state_dir, m.identity, m.policy)
+
     @app.train()
     def train(msg: Message, context: Context) -> Message:
         from fedembed.org import handle_content
 
-        return Message(handle_content(organisation_from_context(context, state_root), msg.content), reply_to=msg)
+        content = handle_content(organisation(context), msg.content, msg.metadata.message_type, context.node_id)
+        return Message(content, reply_to=msg)
 
     @app.evaluate()
     def evaluate(msg: Message, context: Context) -> Message:
         from fedembed.org import handle_content
 
-        return Message(handle_content(organisation_from_context(context, state_root), msg.content), reply_to=msg)
+        content = handle_content(organisation(context), msg.content, msg.metadata.message_type, context.node_id)
+        return Message(content, reply_to=msg)
 
     def secure_stage(msg: Message, context: Context) -> Message:
         # no task, no torch: a secure stage only loads the session from the org's state dir
-        org, state_dir = where_from_context(context, state_root)
-        return Message(handle_message(state_dir, org, msg.content), reply_to=msg)
+        member = member_from_context(context, state_root, key_dir, roster)
+        stage = msg.metadata.message_type.partition(".")[2]
+        return Message(handle_message(member, stage, msg.content, context.node_id), reply_to=msg)
 
     for stage in SECURE_STAGES:  # message types train.<stage> of secure aggregation
         app.train(stage)(secure_stage)

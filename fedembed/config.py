@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields, replace
 from typing import Any
 
 from fedembed.task import TaskSpec
@@ -11,7 +11,7 @@ from fedembed.train import TrainConfig
 
 MODES = ("fedembed", "local", "fedavg-all", "pooled")
 ROW_SETS = ("dense", "union", "revealed")
-DROP_STAGES = ("train", "share", "indicators", "unmask_indicators", "masked", "unmask")
+DROP_STAGES = ("train", "share", "indicators", "check_indicators", "unmask_indicators", "masked", "check", "unmask")
 
 
 class ConfigError(ValueError):
@@ -66,7 +66,11 @@ class RunConfig:
         Injected dropouts (simulation, tests, demos): ``{"<stage>": [org, ...]}`` or
         ``{"<stage>@<round>": [...]}``; a listed organisation fails that stage's message
         as a vanished one would. Stages: ``train``, ``share``, ``indicators``,
-        ``unmask_indicators``, ``masked``, ``unmask``.
+        ``unmask_indicators``, ``masked``, ``unmask`` (and ``check_indicators``, ``check``).
+    roster : dict[str, str]
+        The federation's organisations: name -> OpenSSH public identity key
+        (:class:`fedembed.identity.Roster`). Replies are attributed by these keys'
+        signatures; ``fedembed simulate`` makes one, ``fedembed server`` reads it.
     """
 
     task: TaskSpec
@@ -88,6 +92,7 @@ class RunConfig:
     round_timeout: float = 600.0
     delta_clip: float = 4.0
     drop: dict[str, list[int]] = field(default_factory=dict)
+    roster: dict[str, str] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
@@ -125,6 +130,10 @@ class RunConfig:
     def run_key(self) -> str:
         """Identifies the tables of this run (task, seed, init): guards organisation caches."""
         return json.dumps([self.task.to_json(), self.seed, self.table_scale])
+
+    def with_roster(self, roster: dict[str, str]) -> RunConfig:
+        """This run with ``roster`` (name -> OpenSSH public key) as its organisations."""
+        return replace(self, roster=dict(roster))
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-able dict (metrics.json ``config``, checkpoints)."""
@@ -173,6 +182,7 @@ class RoundPlan:
     secure: bool = False
     row_set: str = "union"
     drop: str = "{}"
+    delta_clip: float = 4.0
 
     def to_config(self) -> dict[str, Any]:
         """Flat dict for a ``ConfigRecord``."""
@@ -201,5 +211,6 @@ class RoundPlan:
             secure=cfg.secure,
             row_set=cfg.row_set,
             drop=json.dumps(cfg.drop),
+            delta_clip=cfg.delta_clip,
         )
 

@@ -23,6 +23,7 @@ from flwr.app import ArrayRecord, ConfigRecord, RecordDict
 
 from fedembed.aggregate import ServerOptimizer
 from fedembed.config import ConfigError, RoundPlan, RunConfig
+from fedembed.identity import SIG_RECORD, IdentityError, Roster, verify_reply
 from fedembed.report import RunLog
 from fedembed.secagg.vector import ValueScales, fixed_point_sum
 from fedembed.sparse import RowUpdate, UpdateError
@@ -75,6 +76,10 @@ class Coordinator:
         Where checkpoints go (and are resumed from); None keeps everything in memory.
     on_round : callable, optional
         Called with each finished round's log entry (progress display).
+    roster : Roster, optional
+        The federation's organisations; default ``cfg.roster``, else the transport's
+        ``roster`` attribute (an in-process transport that made the keys). Replies are
+        attributed by these keys only.
     """
 
     def __init__(
@@ -83,6 +88,7 @@ class Coordinator:
         transport: Transport,
         state_dir: Path | None = None,
         on_round: Callable[[dict], None] | None = None,
+        roster: Roster | None = None,
     ) -> None:
         self.cfg = cfg
         self.transport = transport
@@ -93,12 +99,18 @@ class Coordinator:
             raise ConfigError("fedavg-all averages heads, which needs identical heads; this task's heads differ")
         self.shapes = task.table_shapes()
         self.org_names = task.org_names()
+        if roster is None:
+            roster = Roster.from_dict(cfg.roster) if cfg.roster else getattr(transport, "roster", None)
+        if roster is None:
+            raise ConfigError("the run has no roster of organisation keys (RunConfig.roster, `--roster`)")
+        self.roster = roster
         self.optimizer = ServerOptimizer(cfg.server_optimizer, cfg.server_lr)
         self.tables = VersionedTables.initial(self.shapes, cfg.seed, cfg.table_scale)
         self.log = RunLog(config=cfg.to_dict())
         self.start_round = 1
         self.known: dict[int, int] = {}  # node -> table version its cache holds
-        self.node_org: dict[int, str] = {}
+        self.node_org: dict[int, str] = {}  # node -> roster name it last signed as (for naming a silent node)
+        self._round_names: dict[int, str] = {}  # node -> roster name verified this round
         self.head: dict[str, np.ndarray] | None = None  # fedavg-all only
         self.head_shapes: dict[str, tuple[int, ...]] | None = None
         self._sync_records: dict[tuple[int, int], ArrayRecord] = {}  # (tables version, since) -> sync
@@ -161,49 +173,113 @@ class Coordinator:
             content["head"] = encode_arrays(self.head)
         return content
 
-    def _org(self, node: int, content: RecordDict | None) -> str:
-        if content is not None and "info" in content:
-            org = content["info"].get("org")
-            if isinstance(org, str):
-                self.node_org[node] = org
-        return self.node_org.get(node, f"node {node}")
+    def train_message(self, node: int, round_: int) -> RecordDict:
+        """The ``train`` message of ``round_`` for ``node``: the plan and its row sync."""
+        return self._message(node, round_, False)
 
-    def _read_reply(self, rep: Reply, entry: dict, evaluated_round: int) -> tuple[str, RowUpdate | None, dict | None, float]:
-        """Validate one reply; returns (org, update, head, examples). Faults are logged and recorded."""
-        org = self._org(rep.node, rep.content)
+    def refuse(self, entry: dict, who: str, reason: str, verb: str = "refused") -> None:
+        """Record and log a refusal under ``who`` (a roster name or ``node <id>``); the reason is made printable."""
+        reason = _printable(reason)
+        entry["rejected"][who] = reason
+        log.warning("round %d: %s %s: %s", entry["round"], who, verb, reason)
+
+    def check_signed(self, node: int, content: RecordDict, round_: int, stage: str, expected: str | None = None) -> str | None:
+        """Bind a reply to the organisation whose roster key signed it; returns a fault, or None.
+
+        The reply must be signed for this run, ``round_``, ``stage`` and ``node``; a name may
+        answer from one node per round only (nobody is counted twice), and, when
+        ``expected`` is given, it must be the name this node answered as earlier in the round.
+        """
+        try:
+            name = verify_reply(content, self.roster, self.cfg.run_key(), round_, stage, node)
+        except (IdentityError, UpdateError) as exc:
+            return str(exc)
+        if expected is not None and name != expected:
+            return f"signed as {name!r}, but this node answered as {expected!r} earlier in the round"
+        other = next((n for n, nm in self._round_names.items() if nm == name and n != node), None)
+        if other is not None:
+            return f"{name!r} already answered this round from node {other}; an organisation is counted once"
+        self._round_names[node] = name
+        self.node_org[node] = name
+        return None
+
+    def read_train_reply(self, rep: Reply, entry: dict, round_: int, secure: bool = False) -> tuple[str | None, RowUpdate | None]:
+        """Validate a ``train`` reply; returns (organisation, update), (None, None) when refused.
+
+        In secure mode the "update" is the organisation's key advertisement: the returned
+        update is an empty dict when the reply is usable.
+        """
+        name, update, head, _ = self._read_reply(rep, entry, round_, "train", round_ - 1, secure=secure)
+        if name is not None and secure:
+            return name, {}
+        return name, update
+
+    def _read_reply(
+        self, rep: Reply, entry: dict, round_: int, stage: str, evaluated_round: int, secure: bool = False
+    ) -> tuple[str | None, RowUpdate | None, dict | None, float]:
+        """Validate one reply; returns (org, update, head, examples). Faults are logged and recorded.
+
+        Nothing a reply says about itself is believed: the organisation is the roster key
+        that signed it for this run, round, stage and node; records outside the schema
+        (a ``head`` outside the ``fedavg-all`` baseline), non-finite metrics, and an ``ok``
+        training reply without its update are refused.
+        """
+        who = self.node_org.get(rep.node, f"node {rep.node}")
         if rep.error is not None or rep.content is None:
-            entry["rejected"][org] = f"no reply: {rep.error}"
-            log.warning("round %d: %s failed: %s", entry["round"], org, rep.error)
-            return org, None, None, 0.0
+            self.refuse(entry, who, f"no reply: {rep.error}", "failed")
+            return None, None, None, 0.0
         c = rep.content
         size = record_bytes(c)
         entry["upload_bytes"] += size
+        if size > self.cfg.max_message_bytes:
+            self.refuse(entry, who, f"reply of {size} bytes exceeds the limit of {self.cfg.max_message_bytes}")
+            return None, None, None, 0.0
+        fault = self.check_signed(rep.node, c, round_, stage)
+        if fault is not None:
+            self.refuse(entry, f"node {rep.node}", fault)
+            return None, None, None, 0.0
+        org = self._round_names[rep.node]
+        training = stage == TRAIN and self.cfg.mode != "local"
+        allowed = {"info", "metrics", "train", SIG_RECORD}
+        if training:
+            allowed |= {"secagg"} | ({"rows"} if self.cfg.row_set == "revealed" else set()) if secure else {"update"}
+        if self.cfg.mode == "fedavg-all" and stage == TRAIN:
+            allowed.add("head")
         try:
-            if size > self.cfg.max_message_bytes:
-                raise UpdateError(f"reply of {size} bytes exceeds the limit of {self.cfg.max_message_bytes}")
+            extra = sorted(set(c.keys()) - allowed)
+            if extra:
+                raise UpdateError(f"records outside the reply schema: {extra}")
             info = c["info"]
             status = info.get("status")
-            cache_version = int(info.get("cache_version", 0))
-            if "metrics" in c:
-                self.log.set_metrics(evaluated_round, org, {k: float(v) for k, v in c["metrics"].items()})
+            cache_version = info.get("cache_version", 0)
+            if not isinstance(cache_version, int) or isinstance(cache_version, bool):
+                raise UpdateError(f"cache_version must be an integer, got {cache_version!r}")
+            metrics = _finite_metrics(c["metrics"]) if "metrics" in c else {}
+            examples = float(_finite_metrics(c["train"]).get("examples", 0.0)) if "train" in c else 0.0
             if status == "stale":
                 self.known[rep.node] = cache_version if 0 <= cache_version <= self.tables.version else 0
+                if metrics:
+                    self.log.set_metrics(evaluated_round, org, metrics)
                 raise UpdateError(f"cache at version {cache_version} was stale; resync next round")
             if status != "ok":
                 raise UpdateError(f"unknown status {status!r}")
-            self.known[rep.node] = self.tables.version
             update = None
             if "update" in c:
                 update = decode_update(c["update"], self.shapes, max_weight=self.cfg.train.max_row_weight)
+            elif training and not secure:
+                raise UpdateError("status ok but no update in a training reply")
+            if training and secure and "secagg" not in c:
+                raise UpdateError("status ok but no key advertisement in a secure training reply")
             head = decode_arrays(c["head"]) if "head" in c else None
             if head is not None:
                 self._check_head(head)
-            examples = float(c["train"].get("examples", 0.0)) if "train" in c else 0.0
+            self.known[rep.node] = self.tables.version
+            if metrics:
+                self.log.set_metrics(evaluated_round, org, metrics)
             return org, update, head, examples
         except (UpdateError, KeyError, TypeError, ValueError) as exc:
-            entry["rejected"][org] = str(exc)
-            log.warning("round %d: refused the reply of %s: %s", entry["round"], org, exc)
-            return org, None, None, 0.0
+            self.refuse(entry, org, str(exc))
+            return None, None, None, 0.0
 
     def _check_head(self, head: dict[str, np.ndarray]) -> None:
         shapes = {k: v.shape for k, v in head.items()}
@@ -231,6 +307,7 @@ class Coordinator:
         """One round: sync + train + aggregate (plain or secure) + update + checkpoint."""
         t0 = time.perf_counter()
         entry = self.log.new_round(round_)
+        self._round_names = {}
         if self.cfg.secure:
             from fedembed.secagg.server import run_secure_round
 
@@ -265,8 +342,10 @@ class Coordinator:
         replies = self.transport.exchange(TRAIN, contents, self.cfg.round_timeout)
         updates: list[RowUpdate] = []
         heads: list[tuple[dict, float]] = []
+        answered = 0
         for rep in replies:
-            org, update, head, examples = self._read_reply(rep, entry, round_ - 1)
+            org, update, head, examples = self._read_reply(rep, entry, round_, TRAIN, round_ - 1)
+            answered += org is not None
             if update is not None:
                 updates.append(update)
             if head is not None:
@@ -276,7 +355,7 @@ class Coordinator:
             "upload_bytes": entry["upload_bytes"],
             "download_bytes": down,
         }
-        entry["clients"] = len(updates) if self.cfg.mode != "local" else len(replies) - len(entry["rejected"])
+        entry["clients"] = len(updates) if self.cfg.mode != "local" else answered
         entry["dense_upload_bytes"] = self.dense_bytes * max(len(replies), 1) if self.cfg.mode != "local" else 0
         agg = None
         if updates:  # summed in the secure path's exact fixed point: the two paths agree bit for bit
@@ -292,8 +371,9 @@ class Coordinator:
         down = sum(record_bytes(c) for c in contents.values())
         replies = self.transport.exchange(EVALUATE, contents, self.cfg.round_timeout)
         scratch = {"round": self.cfg.rounds, "rejected": {}, "upload_bytes": 0}
+        self._round_names = {}
         for rep in replies:
-            self._read_reply(rep, scratch, self.cfg.rounds)
+            self._read_reply(rep, scratch, self.cfg.rounds + 1, EVALUATE, self.cfg.rounds)
         self.log.extra["closing_evaluation"] = {
             "download_bytes": down,
             "upload_bytes": scratch["upload_bytes"],
@@ -302,6 +382,21 @@ class Coordinator:
         }
         if self.on_round:
             self.on_round({**last, "closing": True})
+
+
+def _printable(text: str, limit: int = 500) -> str:
+    """``text`` with control characters (newlines that would forge a log line) replaced, cut to ``limit``."""
+    return "".join(ch if ch.isprintable() else "?" for ch in str(text))[:limit]
+
+
+def _finite_metrics(record: object) -> dict[str, float]:
+    """Metric values as floats; raises UpdateError for anything but finite numbers."""
+    out = {}
+    for key, value in record.items():  # type: ignore[attr-defined]
+        if isinstance(value, bool) or not isinstance(value, int | float) or not np.isfinite(value):
+            raise UpdateError(f"metric {_printable(key, 60)!r} is not a finite number: {_printable(repr(value), 60)}")
+        out[str(key)] = float(value)
+    return out
 
 
 def _average_heads(heads: list[tuple[dict[str, np.ndarray], float]]) -> dict[str, np.ndarray]:

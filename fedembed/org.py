@@ -22,6 +22,9 @@ from flwr.app import RecordDict
 from fedembed.config import RoundPlan
 from fedembed.faults import check_drop
 from fedembed.guard import Guard
+from fedembed.identity import Identity, sign_reply
+from fedembed.secagg.client import SecureMember
+from fedembed.secagg.protocol import SecurePolicy
 from fedembed.sparse import RowUpdate
 from fedembed.store import OrgState
 from fedembed.tables import RowSync, apply_sync, init_table
@@ -71,11 +74,23 @@ class Organisation:
         Index of the organisation in the task (its data partition).
     state_dir : Path
         Its own state directory (head, optimizer state, table cache).
+    identity : Identity
+        Its roster name, private identity key and the federation's roster: every reply is
+        signed with it.
+    policy : SecurePolicy, optional
+        The rules it holds secure-aggregation sessions to (defaults if None).
     """
 
-    def __init__(self, org: int, state_dir: Path) -> None:
+    def __init__(self, org: int, state_dir: Path, identity: Identity, policy: SecurePolicy | None = None) -> None:
         self.org = int(org)
         self.state = OrgState(Path(state_dir))
+        self.identity = identity
+        self.policy = policy or SecurePolicy()
+
+    @property
+    def member(self) -> SecureMember:
+        """What the secure stages need of this organisation (no task, no torch)."""
+        return SecureMember(self.org, self.state.dir, self.identity, self.policy)
 
     def handle(
         self, plan: RoundPlan, sync: dict[str, RowSync], head_in: dict[str, np.ndarray] | None = None
@@ -151,36 +166,47 @@ class Organisation:
         return out
 
 
-def handle_content(organisation: Organisation, content: RecordDict) -> RecordDict:
-    """Decode a coordinator message, run the stage, encode the reply (no Flower process needed).
+def handle_content(organisation: Organisation, content: RecordDict, message_type: str, node: int) -> RecordDict:
+    """Decode a coordinator message, run the stage, encode and sign the reply (no Flower process needed).
 
     Parameters
     ----------
     organisation : Organisation
         Who answers.
     content : RecordDict
-        The coordinator's message content (``config``, ``sync``, optionally ``head``; or a
-        secure stage's records, see :mod:`fedembed.secagg.client`).
+        The coordinator's message content (``config``, ``sync``; or a secure stage's
+        records, see :mod:`fedembed.secagg.client`).
+    message_type : str
+        The Flower message type: ``train``, ``evaluate`` or ``train.<secure stage>``; the
+        one thing that picks the handler.
+    node : int
+        This organisation's Flower node id (bound into the reply's signature).
 
     Returns
     -------
     RecordDict
         ``info``, ``metrics``, ``train`` and ``update`` (and ``head`` in fedavg-all); in
-        secure mode the key advertisement instead of ``update``, and each secure stage's
-        own records.
+        secure mode the signed key advertisement instead of ``update``, and each secure
+        stage's own records; always the ``sig`` record (:func:`fedembed.identity.sign_reply`).
 
     Raises
     ------
     fedembed.faults.SimulatedDropout
         When the run's injected dropouts name this organisation at this stage.
+    ValueError
+        A message of an unknown type, or a plan this organisation refuses.
     """
-    cfg = dict(content["config"])
-    stage = str(cfg.get("stage", "train"))
-    if stage != "train":
+    if message_type.startswith("train."):
         from fedembed.secagg.client import handle_message
 
-        return handle_message(organisation.state.dir, organisation.org, content)
-    plan = RoundPlan.from_config(cfg)
+        return handle_message(organisation.member, message_type.partition(".")[2], content, node)
+    if message_type not in ("train", "evaluate"):
+        raise ValueError(f"unknown message type {message_type!r}")
+    plan = RoundPlan.from_config(dict(content["config"]))
+    if plan.evaluate_only != (message_type == "evaluate"):
+        raise ValueError(f"a {message_type!r} message whose plan says evaluate_only={plan.evaluate_only}")
+    if plan.secure and plan.row_set not in organisation.policy.row_sets:  # refused before any training
+        raise ValueError(f"row-set mode {plan.row_set!r} refused: this organisation takes part in {organisation.policy.row_sets}")
     # the closing evaluation is its own stage: a dropout injected at "train" never hits it
     check_drop(plan.drop, "evaluate" if plan.evaluate_only else "train", plan.round, organisation.org)
     task = load_task(TaskSpec.from_json(plan.task))
@@ -192,12 +218,16 @@ def handle_content(organisation: Organisation, content: RecordDict) -> RecordDic
     record = None
     if reply.update is not None and not secure:
         record = encode_update(reply.update, shapes, plan.wire_dtype)
-    out = reply_content(
-        reply.org, reply.status, reply.cache_version, record, reply.metrics, reply.train_stats, reply.head
-    )
+    metrics = {k: v for k, v in reply.metrics.items() if np.isfinite(v)}
+    if len(metrics) != len(reply.metrics):
+        log.warning("%s: non-finite metrics not reported: %s", organisation.identity.name, sorted(set(reply.metrics) - set(metrics)))
+    out = reply_content(reply.status, reply.cache_version, record, metrics, reply.train_stats, reply.head)
     if secure:
         from fedembed.secagg.client import begin
 
-        for key, rec in begin(organisation.state.dir, plan.run_key, plan.round, plan.row_set, reply.update).items():
+        cfg = TrainConfig.from_dict(json.loads(plan.train))
+        records = begin(organisation.member, plan.run_key, plan.round, plan.row_set, reply.update, shapes,
+                        plan.delta_clip, cfg.max_row_weight, plan.wire_dtype)
+        for key, rec in records.items():
             out[key] = rec
-    return out
+    return sign_reply(out, organisation.identity, plan.run_key, plan.round, message_type, node)

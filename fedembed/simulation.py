@@ -70,13 +70,27 @@ def simulate(
     from client.app import make_client_app
     from server.app import make_server_app
 
+    from fedembed.identity import make_identities
+    from fedembed.task import load_task
+
+    # every simulated organisation gets its own identity key; the roster of their public
+    # halves is the federation's (the coordinator attributes replies by it)
+    keys = state / "keys"
+    roster = make_identities(load_task(cfg.task).org_names(), keys)
+    roster_path = roster.write(state / "roster.json")
+    cfg = cfg.with_roster(roster.to_dict())
     result: dict = {}
 
     def done(coordinator) -> None:
         result["coordinator"] = coordinator
 
     server_app = make_server_app(cfg, state_dir=state / "coordinator", on_round=on_round, on_done=done)
-    client_app = make_client_app(str((state / "orgs").resolve()), str((state / "audit").resolve()) if audit else None)
+    client_app = make_client_app(
+        str((state / "orgs").resolve()),
+        str((state / "audit").resolve()) if audit else None,
+        key_dir=str(keys.resolve()),
+        roster=str(roster_path.resolve()),
+    )
     cpus = num_cpus or os.cpu_count() or 1
     backend = {
         "client_resources": {"num_cpus": 1, "num_gpus": 0.0},

@@ -8,9 +8,11 @@ with a message saying what was wrong.
 
 from __future__ import annotations
 
+import hashlib
 import io
 import logging
-from collections.abc import Mapping
+import math
+from collections.abc import Iterable, Mapping
 
 import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, MetricRecord, RecordDict
@@ -33,6 +35,60 @@ def record_bytes(content: RecordDict) -> int:
     the gRPC/HTTP framing.
     """
     return sum(len(obj.deflate()) for obj in get_all_nested_objects(content).values())
+
+
+def _canonical(value: object) -> bytes:
+    """Type-tagged bytes of one config/metric value (bool before int: True is an int in Python)."""
+    if isinstance(value, bool):
+        return b"b1" if value else b"b0"
+    if isinstance(value, int):
+        return b"i" + str(value).encode()
+    if isinstance(value, float):
+        return b"f" + (value.hex() if math.isfinite(value) else repr(value)).encode()
+    if isinstance(value, str):
+        return b"s" + value.encode()
+    if isinstance(value, bytes | bytearray):
+        return b"y" + bytes(value)
+    if isinstance(value, list):
+        return b"l" + b"".join(len(c).to_bytes(8, "big") + c for c in map(_canonical, value))
+    raise UpdateError(f"unsupported record value of type {type(value).__name__}")
+
+
+def content_digest(content: RecordDict, skip: Iterable[str] = ()) -> bytes:
+    """SHA-256 over everything in a message's content, in a canonical order.
+
+    Every record (name, kind), every entry (key, value; arrays by dtype, shape,
+    serialization type and bytes) is length-prefixed, so two different contents never
+    share a digest. Used to sign replies (:mod:`fedembed.identity`); records in ``skip``
+    (the signature itself) are left out.
+
+    Raises
+    ------
+    UpdateError
+        If a record holds something that is not a plain config, metric or array value.
+    """
+    h = hashlib.sha256()
+    skip = set(skip)
+
+    def put(b: bytes) -> None:
+        h.update(len(b).to_bytes(8, "big"))
+        h.update(b)
+
+    for name in sorted(content.keys()):
+        if name in skip:
+            continue
+        rec = content[name]
+        put(name.encode())
+        put(type(rec).__name__.encode())
+        for key in sorted(rec.keys()):
+            put(key.encode())
+            value = rec[key]
+            if isinstance(rec, ArrayRecord):
+                put(f"{value.dtype}|{tuple(value.shape)}|{value.stype}".encode())
+                put(hashlib.sha256(value.data).digest())
+            else:
+                put(_canonical(value))
+    return h.digest()
 
 
 def encode_arrays(arrays: Mapping[str, np.ndarray]) -> ArrayRecord:
@@ -172,7 +228,6 @@ def dense_upload_bytes(shapes: Mapping[str, tuple[int, int]]) -> int:
 
 
 def reply_content(
-    org: str,
     status: str,
     cache_version: int,
     update_record: ArrayRecord | None,
@@ -181,7 +236,7 @@ def reply_content(
     head: dict[str, np.ndarray] | None,
 ) -> RecordDict:
     """The record an organisation sends back (the one layout both sides agree on)."""
-    c = RecordDict({"info": ConfigRecord({"org": org, "status": status, "cache_version": int(cache_version)})})
+    c = RecordDict({"info": ConfigRecord({"status": status, "cache_version": int(cache_version)})})
     if metrics:
         c["metrics"] = MetricRecord({k: float(v) for k, v in metrics.items()})
     if train_stats:

@@ -12,18 +12,27 @@ if str(ROOT) not in sys.path:  # examples/ is importable as a user's own package
     sys.path.insert(0, str(ROOT))
 
 from fedembed.coordinator import Reply  # noqa: E402
+from fedembed.identity import Identity, make_identities, sign_reply  # noqa: E402
 from fedembed.org import Organisation, handle_content  # noqa: E402
 
 
 class DirectTransport:
     """Delivers coordinator messages straight to in-process organisations (no Flower).
 
-    ``tamper`` may rewrite a reply (node, content) -> content, to play a faulty org;
-    every reply content is kept in ``seen`` for inspection.
+    Every organisation gets a fresh identity key (``org-<i>`` in :attr:`roster`; pass
+    ``roster=transport.roster`` to the Coordinator). ``tamper`` may rewrite a reply
+    (node, content) -> content, to play a faulty org (``tamper3`` also gets the message
+    type); every reply content is kept in ``seen`` for inspection.
     """
 
-    def __init__(self, state_root: Path, num_orgs: int, tamper=None) -> None:
-        self.orgs = {100 + i: Organisation(i, state_root / f"org-{i}") for i in range(num_orgs)}
+    def __init__(self, state_root: Path, num_orgs: int, tamper=None, names=None, policy=None, resign=True) -> None:
+        self.resign = resign
+        names = names or [f"org-{i}" for i in range(num_orgs)]
+        self.roster = make_identities(names, state_root / "keys")
+        self.identities = [Identity.load(state_root / "keys" / f"{i}.key", self.roster) for i in range(num_orgs)]
+        self.orgs = {
+            100 + i: Organisation(i, state_root / f"org-{i}", self.identities[i], policy) for i in range(num_orgs)
+        }
         self.tamper = tamper
         self.seen: list[tuple[int, str, object]] = []
 
@@ -36,13 +45,16 @@ class DirectTransport:
     def exchange_iter(self, message_type, contents, timeout):
         for node, content in contents.items():
             try:
-                out = handle_content(self.orgs[node], content)
+                out = handle_content(self.orgs[node], content, message_type, node)
             except Exception as exc:  # what Flower turns into an error reply
                 self.seen.append((node, message_type, exc))
                 yield Reply(node, None, f"{type(exc).__name__}: {exc}")
                 continue
             if self.tamper is not None:
-                out = self.tamper(node, out)
+                out = self.tamper(node, out, message_type) if getattr(self, "tamper_gets_type", False) else self.tamper(node, out)
+                if self.resign and out is not None:  # the hostile org signs what it sends, as a real one would
+                    cfg = content["config"]
+                    out = sign_reply(out, self.identities[node - 100], str(cfg["run_key"]), int(cfg["round"]), message_type, node)
             self.seen.append((node, message_type, out))
             yield Reply(node, out)
 

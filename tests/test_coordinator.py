@@ -68,10 +68,10 @@ def test_bad_update_is_refused_naming_the_org_and_the_round_goes_on(tmp_path, di
     honest = run(tmp_path / "a", direct_transport(tmp_path / "a", 3), rounds=1)
     c = run(tmp_path / "b", direct_transport(tmp_path / "b", 3, tamper=corrupt(kind)), rounds=1)
     entry = c.log.rounds[0]
-    assert list(entry["rejected"]) == ["shop-1"]
-    assert fault in entry["rejected"]["shop-1"]
+    assert list(entry["rejected"]) == ["org-1"]
+    assert fault in entry["rejected"]["org-1"]
     assert entry["clients"] == 2
-    assert any("shop-1" in r.message and fault in r.message for r in caplog.records)
+    assert any("org-1" in r.message and fault in r.message for r in caplog.records)
     assert np.all(np.isfinite(c.tables.tables["products"]))
     assert not np.array_equal(c.tables.tables["products"], honest.tables.tables["products"])  # went on without it
     assert c.log.final()["mean"]  # the closing evaluation still ran
@@ -91,7 +91,7 @@ def test_lost_org_cache_is_detected_and_resynced(tmp_path, direct_transport):
     c.run_round(2, sorted(t.orgs))
     (t.orgs[102].state.dir / "tables.json").unlink()  # org 2 lost its cache
     entry = c.run_round(3, sorted(t.orgs))
-    assert "stale" in entry["rejected"]["shop-2"]
+    assert "stale" in entry["rejected"]["org-2"]
     assert c.known[102] == 0
     c.closing_evaluation(sorted(t.orgs))
     cache, v = t.orgs[102].state.load_tables(c.shapes, 0, 0.1, cfg.run_key())

@@ -4,54 +4,25 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from secagg_harness import CTX, Harness
 
 from fedembed.config import RunConfig
 from fedembed.coordinator import Coordinator
-from fedembed.secagg.graph import default_threshold
-from fedembed.secagg.protocol import (
-    ClientSession,
-    ProtocolError,
-    RoundAbandoned,
-    ServerSession,
-    ShareError,
-    session_context,
-)
+from fedembed.secagg.protocol import ClientSession, ProtocolError, RoundAbandoned
 from fedembed.task import TaskSpec
-
-CTX = session_context("run", 1)
-
-
-def _sessions(n: int, phases=("values",), k: int | None = None, t: int | None = None):
-    clients = {i: ClientSession.new(CTX, list(phases)) for i in range(n)}  # keyed by node id
-    k = n - 1 if k is None else k
-    server = ServerSession(CTX, list(phases), {i: c.advert() for i, c in clients.items()}, k, t or default_threshold(k), seed=0)
-    by_party = {server.party_of[i]: c for i, c in clients.items()}
-    return server, by_party
 
 
 def _secure_sum(n, vectors, drop_before_share=(), drop_before_mask=(), drop_before_unmask=(), k=None, t=None):
     """Run the protocol for one 'values' phase; vectors by party (1-based)."""
-    server, clients = _sessions(n, k=k, t=t)
-    shares = {}
-    for p, c in clients.items():
-        if p in drop_before_share:
-            continue
-        shares[p] = c.make_shares(p, server.threshold, server.share_request(p))
-    server.route_shares(shares)
-    for p, c in clients.items():
+    h = Harness(n, k=k, t=t)
+    h.share(skip=drop_before_share)
+    for p in h.clients:
         if p in drop_before_share or p in drop_before_mask:
             continue
-        u2, cts = server.masked_request(p)
-        c.accept_shares(u2, cts)
-        v = vectors[p]
-        server.add_masked("values", p, c.mask_vector("values", v), v.size, v.dtype.type)
-    responses = {}
-    for p in sorted(server.delivered["values"]):
-        if p in drop_before_unmask:
-            continue
-        alive, dropped = server.unmask_request("values", p)
-        responses[p] = clients[p].unmask("values", alive, dropped)
-    return server.finish("values", responses, vectors[1].size, vectors[1].dtype.type)
+        h.accept(p)
+        h.deliver(p, vectors[p])
+    responses = h.check_and_unmask(skip=drop_before_unmask)
+    return h.server.finish("values", responses, vectors[1].size, vectors[1].dtype.type)
 
 
 @pytest.mark.parametrize(
@@ -82,7 +53,7 @@ def test_sparse_neighbourhoods_with_dropouts_still_sum_exactly():
     n = 30
     rng = np.random.default_rng(2)
     vectors = {p: rng.integers(0, 255, size=2000, dtype=np.uint8) for p in range(1, n + 1)}
-    total = _secure_sum(n, vectors, drop_before_mask={3, 17}, drop_before_unmask={8, 25}, k=8, t=4)
+    total = _secure_sum(n, vectors, drop_before_mask={3, 17}, drop_before_unmask={8, 25}, k=8, t=5)
     expected = np.zeros(2000, dtype=np.uint8)
     for p, v in vectors.items():
         if p not in (3, 17):
@@ -97,50 +68,33 @@ def test_too_many_dropouts_abandon_the_sum():
         _secure_sum(5, vectors, drop_before_unmask={1, 2, 3})
 
 
-def test_tampered_replayed_and_misrouted_share_ciphertexts_are_rejected():
-    server, clients = _sessions(4)
-    shares = {p: c.make_shares(p, server.threshold, server.share_request(p)) for p, c in clients.items()}
-    server.route_shares(shares)
-    u2, cts = server.masked_request(1)
-    tampered = dict(cts)
-    bad = bytearray(tampered[2])
-    bad[20] ^= 0x80
-    tampered[2] = bytes(bad)
-    with pytest.raises(ShareError) as err:
-        clients[1].accept_shares(u2, tampered)
-    assert err.value.party == 2
-    misrouted = dict(cts)
-    misrouted[2] = shares[2][3]  # party 2's ciphertext for party 3, handed to party 1
-    with pytest.raises(ShareError):
-        clients[1].accept_shares(u2, misrouted)
-    # replay: the same parties' ciphertext from a session of another round
-    other = ClientSession.new(session_context("run", 2), ["values"])
-    other.enc, other.mask, other.seeds = clients[2].enc, clients[2].mask, clients[2].seeds
-    old = other.make_shares(2, server.threshold, server.share_request(2))
-    replayed = dict(cts)
-    replayed[2] = old[1]
-    with pytest.raises(ShareError):
-        clients[1].accept_shares(u2, replayed)
-    clients[1].accept_shares(u2, cts)  # the genuine ones open
-
-
-def test_a_party_never_reveals_both_secrets_of_one_neighbour():
-    server, clients = _sessions(4)
-    shares = {p: c.make_shares(p, server.threshold, server.share_request(p)) for p, c in clients.items()}
-    server.route_shares(shares)
-    c = clients[1]
-    c.accept_shares(*server.masked_request(1))
-    c.unmask("values", alive=[2, 3], dropped=[4])
-    with pytest.raises(ProtocolError):  # a lying coordinator now claims 4 was alive
-        c.unmask("values", alive=[2, 3, 4], dropped=[])
-    with pytest.raises(ProtocolError):
-        c.unmask("values", alive=[2], dropped=[2])
+def test_tampered_replayed_and_misrouted_share_ciphertexts_are_complaints_against_their_sender():
+    h = Harness(4)
+    shares = h.share()
+    u2, cts = h.server.masked_request(1)
+    assert h.clients[1].accept_shares(h.roster, u2, cts) == {}  # the genuine ones open
+    for name, bad in [
+        ("tampered", (bytes([cts[2][0][0] ^ 1]) + cts[2][0][1:], cts[2][1])),
+        ("misrouted", shares[2][3]),  # party 2's ciphertext for party 3, handed to party 1
+    ]:
+        h2 = Harness(4, keys=h.keys)
+        h2.share()
+        u2, cts2 = h2.server.masked_request(1)
+        complaints = h2.clients[1].accept_shares(h2.roster, u2, {**cts2, 2: bad})
+        assert list(complaints) == [2], name
+        assert 2 not in h2.clients[1].received
+    # replay: party 2's ciphertext for party 1 from a session of another round
+    h3 = Harness(4, keys=h.keys)
+    h3.share()
+    u2, cts3 = h3.server.masked_request(1)
+    complaints = h3.clients[1].accept_shares(h3.roster, u2, {**cts3, 2: cts[2]})
+    assert list(complaints) == [2]
 
 
 def test_session_survives_serialisation_between_stages():
-    server, clients = _sessions(3)
-    c = clients[1]
-    c.make_shares(1, server.threshold, server.share_request(1))
+    h = Harness(3)
+    h.share()
+    c = h.clients[1]
     again = ClientSession.from_json(c.to_json())
     assert again == c
 
@@ -152,25 +106,47 @@ def _chi2_uniform(values: np.ndarray, bins: int) -> float:
 
 
 def test_a_masked_vector_alone_is_statistically_uniform():
-    server, clients = _sessions(3, phases=("indicators", "values"))
-    shares = {p: c.make_shares(p, server.threshold, server.share_request(p)) for p, c in clients.items()}
-    server.route_shares(shares)
-    c = clients[1]
-    c.accept_shares(*server.masked_request(1))
     # the most structured inputs there are: all zeros, and a 0/1 indicator of a few rows
     zeros = np.zeros(1_000_000, dtype=np.uint8)
     ones = zeros.copy()
     ones[:1000] = 1
     # chi-square with 255 degrees of freedom: mean 255, sd 22.6; 400 is > 6 sd (p < 1e-9)
     for vec in (zeros, ones):
-        assert _chi2_uniform(c.mask_vector("indicators", vec), 256) < 400
-    masked = c.mask_vector("values", np.zeros(1_000_000, dtype=np.uint32))
+        h = Harness(3, phases=("indicators", "values"))
+        h.share()
+        h.accept(1)
+        assert _chi2_uniform(h.clients[1].mask_vector("indicators", vec), 256) < 400
+    h = Harness(3)
+    h.share()
+    h.accept(1)
+    masked = h.clients[1].mask_vector("values", np.zeros(1_000_000, dtype=np.uint32))
     assert _chi2_uniform((masked >> 24).astype(np.int64), 256) < 400  # top byte
     assert _chi2_uniform((masked & 0xFF).astype(np.int64), 256) < 400  # bottom byte
-    # and unrelated to the input: masking x and x + 1 gives vectors that differ by exactly 1 ...
+    # and unrelated to the input
     x = np.arange(1_000_000, dtype=np.uint32)
-    mx = c.mask_vector("values", x)
+    h = Harness(3)
+    h.share()
+    h.accept(1)
+    mx = h.clients[1].mask_vector("values", x)
     assert abs(np.corrcoef(x.astype(np.float64), mx.astype(np.float64))[0, 1]) < 0.01
+
+
+def test_a_bad_share_from_one_holder_does_not_stop_the_sum():
+    n = 5
+    rng = np.random.default_rng(7)
+    vectors = {p: rng.integers(0, 2**32, size=300, dtype=np.uint32) for p in range(1, n + 1)}
+    h = Harness(n)
+    h.share()
+    for p in h.clients:
+        h.accept(p)
+        h.deliver(p, vectors[p])
+    responses = h.check_and_unmask()
+    responses[1] = {k: bytes(66) for k in responses[1]}  # party 1 answers garbage for everyone
+    total = h.server.finish("values", responses, 300, np.uint32)
+    expected = np.zeros(300, dtype=np.uint32)
+    for v in vectors.values():
+        expected += v
+    assert np.array_equal(total, expected)
 
 
 # ---------------------------------------------------------------- through the coordinator (no Flower)
@@ -185,9 +161,9 @@ def _run(tmp_path, direct_transport, secure, row_set="union", drop=None, rounds=
 
 
 STAGES = {
-    "dense": ["train", "share", "masked", "unmask"],
-    "revealed": ["train", "share", "masked", "unmask"],
-    "union": ["train", "share", "indicators", "unmask_indicators", "masked", "unmask"],
+    "dense": ["train", "share", "masked", "check", "unmask"],
+    "revealed": ["train", "share", "masked", "check", "unmask"],
+    "union": ["train", "share", "indicators", "check_indicators", "unmask_indicators", "masked", "check", "unmask"],
 }
 
 
@@ -201,8 +177,9 @@ def test_secure_round_equals_plain_round_with_a_dropout_at_every_stage(tmp_path,
         assert "abandoned" not in entry
         who = "org-1" if "org-1" in entry["rejected"] else "node 101"  # unnamed if it never replied
         assert "dropped at stage" in entry["rejected"][who]
-        # an org that vanished after its masked vector arrived is still in the sum
-        after_mask = stage in ("unmask", "unmask_indicators")
+        # an org that vanished after its masked values arrived is still in the sum; one that
+        # vanished in the indicator phase sends no values
+        after_mask = stage in ("check", "unmask")
         ref = plain_all if after_mask else plain_without
         bound = entry["secure"]["error_bound"]
         diff = np.abs(ref.tables.tables["ids"] - secure.tables.tables["ids"]).max()
@@ -237,21 +214,3 @@ def test_secure_and_plain_runs_agree_bit_for_bit_over_several_rounds(tmp_path, d
     secure = _run(tmp_path, direct_transport, True, row_set, rounds=3)
     assert np.array_equal(plain.tables.tables["ids"], secure.tables.tables["ids"])
     assert [r["rows_changed"] for r in plain.log.rounds] == [r["rows_changed"] for r in secure.log.rounds]
-
-
-def test_a_bad_share_from_one_holder_does_not_stop_the_sum():
-    n = 5
-    rng = np.random.default_rng(7)
-    vectors = {p: rng.integers(0, 2**32, size=300, dtype=np.uint32) for p in range(1, n + 1)}
-    server, clients = _sessions(n)
-    server.route_shares({p: c.make_shares(p, server.threshold, server.share_request(p)) for p, c in clients.items()})
-    for p, c in clients.items():
-        c.accept_shares(*server.masked_request(p))
-        server.add_masked("values", p, c.mask_vector("values", vectors[p]), 300, np.uint32)
-    responses = {p: clients[p].unmask("values", *server.unmask_request("values", p)) for p in clients}
-    responses[1] = {k: bytes(66) for k in responses[1]}  # party 1 answers garbage for everyone
-    total = server.finish("values", responses, 300, np.uint32)
-    expected = np.zeros(300, dtype=np.uint32)
-    for v in vectors.values():
-        expected += v
-    assert np.array_equal(total, expected)

@@ -22,15 +22,22 @@ What each ``row_set`` reveals to the coordinator: ``dense`` nothing beyond the s
 ``union`` which rows anyone touched and how many organisations touched each; ``revealed``
 each organisation's own row ids (never their values).
 
-Threat model: an honest-but-curious coordinator, or one that lies about who dropped
-(organisations never reveal both secrets of one neighbour), colluding with fewer than
-``t`` organisations of any neighbourhood. Not covered: a coordinator that sends different
-participants different key sets (SecAgg+'s consistency round with signatures, which
-needs a PKI of organisation signing keys), and organisations that submit bounded but
-wrong values (a masked vector cannot be range-checked without zero-knowledge proofs;
-quantization bounds what one organisation can add).
+Threat model: an actively malicious coordinator (it may re-ask stages, change parameters
+mid-session, lie about who shared or delivered, show parties different lists, add keys of
+its own), alone or colluding with organisations within the bounds of
+:class:`~fedembed.secagg.protocol.SecurePolicy`; organisations that skip clipping or send
+garbage are caught by the bounds of the decoded sum (:mod:`~fedembed.secagg.vector`), and
+those that can be identified (forged or copied keys, unsigned shares, refused stages) are
+named. See :mod:`~fedembed.secagg.protocol` and the README's "Secure aggregation" section
+for exactly what is and is not covered.
 """
 
-from fedembed.secagg.protocol import ClientSession, ProtocolError, RoundAbandoned, ServerSession, ShareError
+__all__ = ["ClientSession", "ServerSession", "RoundAbandoned", "ProtocolError", "ShareError", "SecurePolicy"]
 
-__all__ = ["ClientSession", "ServerSession", "RoundAbandoned", "ProtocolError", "ShareError"]
+
+def __getattr__(name: str) -> object:  # lazy: fedembed.identity imports primitives from this package
+    if name in __all__:
+        from fedembed.secagg import protocol
+
+        return getattr(protocol, name)
+    raise AttributeError(name)

@@ -17,17 +17,26 @@ raw cipher:
   bits), the mask is a cryptographic PRG of a full-strength key.
 - **Secret sharing**: Shamir t-of-n over the prime field GF(2^521 - 1)
   (:func:`shamir_split`, :func:`shamir_combine`); a 32-byte secret is an element of it.
+- **Signatures**: an organisation's long-term identity key (:class:`SigningKey`,
+  :class:`VerifyKey`): ECDSA over P-256/P-384/P-521 with SHA-2 or Ed25519, in OpenSSH
+  format (the same key type Flower's SuperNode authentication uses). Every signed
+  message is a :func:`statement`: a domain-separated, length-prefixed encoding of its
+  kind and parts, so a signature for one purpose never verifies for another.
 """
 
 from __future__ import annotations
 
+import hashlib
 import os
 import secrets
-from dataclasses import dataclass
+import struct
+from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
-from cryptography.exceptions import InvalidTag
+from cryptography.exceptions import InvalidSignature, InvalidTag
 from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec, ed25519
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X25519PublicKey
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms
 from cryptography.hazmat.primitives.ciphers.aead import ChaCha20Poly1305
@@ -59,8 +68,11 @@ class KeyPair:
         Public key, 32 bytes.
     """
 
-    private: bytes
+    private: bytes = field(repr=False)
     public: bytes
+
+    def __repr__(self) -> str:  # never print the private half
+        return f"KeyPair(public={self.public.hex()}, private=<hidden>)"
 
     @staticmethod
     def generate() -> KeyPair:
@@ -89,11 +101,23 @@ def _private(raw: bytes) -> X25519PrivateKey:
     return X25519PrivateKey.from_private_bytes(raw)
 
 
+_PROBE = X25519PrivateKey.from_private_bytes(hashlib.sha256(DOMAIN + b"low-order-probe").digest())
+
+
 def check_public_key(raw: bytes) -> None:
-    """Raise :class:`CryptoError` unless ``raw`` is a usable X25519 public key."""
+    """Raise :class:`CryptoError` unless ``raw`` is a usable X25519 public key.
+
+    A low-order point (any of the small-subgroup encodings, canonical or not) is refused:
+    every private key's clamped scalar is a multiple of the cofactor 8, so agreement with
+    such a point is all zeros whatever the private key, and a mask or share key derived
+    from it would be known to everyone.
+    """
     if not isinstance(raw, bytes | bytearray) or len(raw) != KEY_BYTES:
         raise CryptoError(f"an X25519 public key has {KEY_BYTES} bytes")
-    X25519PublicKey.from_public_bytes(bytes(raw))
+    try:
+        _PROBE.exchange(X25519PublicKey.from_public_bytes(bytes(raw)))
+    except ValueError as exc:  # cryptography refuses an all-zero shared secret
+        raise CryptoError("X25519 public key is a low-order point") from exc
 
 
 def agree(private: bytes, peer_public: bytes) -> bytes:
@@ -262,3 +286,137 @@ def shamir_combine(shares: dict[int, bytes], threshold: int, length: int = KEY_B
     if secret >= 1 << (8 * length):
         raise CryptoError("shares are inconsistent (the result does not fit the secret's size)")
     return secret.to_bytes(length, "big")
+
+
+# --------------------------------------------------------------------------- signatures
+def statement(kind: str, *parts: bytes | str | int) -> bytes:
+    """The bytes a signature covers: domain, kind and every part, length-prefixed.
+
+    Parameters
+    ----------
+    kind : str
+        What is signed (``"advert"``, ``"share"``, ``"check"``, ``"reply"``...): a
+        signature made for one kind never verifies for another.
+    *parts : bytes, str or int
+        The signed fields, in a fixed order (ints as 8-byte big-endian, str as UTF-8).
+    """
+    out = [DOMAIN, b"sig/", kind.encode(), b"|"]
+    for p in parts:
+        if isinstance(p, bool) or not isinstance(p, bytes | bytearray | str | int):
+            raise TypeError(f"cannot sign a part of type {type(p).__name__}")
+        b = p.encode() if isinstance(p, str) else struct.pack(">q", p) if isinstance(p, int) else bytes(p)
+        out += [struct.pack(">I", len(b)), b]
+    return b"".join(out)
+
+
+_SIGNING_TYPES = (ec.EllipticCurvePrivateKey, ed25519.Ed25519PrivateKey)
+_CURVE_HASH = {"secp256r1": hashes.SHA256, "secp384r1": hashes.SHA384, "secp521r1": hashes.SHA512}
+
+
+class VerifyKey:
+    """An organisation's public identity key (ECDSA P-256/384/521 or Ed25519).
+
+    Parameters
+    ----------
+    key : EllipticCurvePublicKey or Ed25519PublicKey
+        The key, as loaded by ``cryptography``.
+    """
+
+    def __init__(self, key: ec.EllipticCurvePublicKey | ed25519.Ed25519PublicKey) -> None:
+        if isinstance(key, ec.EllipticCurvePublicKey):
+            if key.curve.name not in _CURVE_HASH:
+                raise CryptoError(f"unsupported curve {key.curve.name} (use P-256, P-384, P-521 or Ed25519)")
+        elif not isinstance(key, ed25519.Ed25519PublicKey):
+            raise CryptoError(f"unsupported identity key type {type(key).__name__} (use ECDSA or Ed25519)")
+        self._key = key
+        self.openssh = key.public_bytes(serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH).decode()
+
+    @staticmethod
+    def from_openssh(text: str | bytes) -> VerifyKey:
+        """Parse an OpenSSH public key line (``ecdsa-sha2-nistp384 AAAA... comment``)."""
+        data = text.encode() if isinstance(text, str) else bytes(text)
+        try:
+            return VerifyKey(serialization.load_ssh_public_key(data.strip()))
+        except (ValueError, TypeError, serialization.UnsupportedAlgorithm) as exc:
+            raise CryptoError(f"not an OpenSSH public key: {exc}") from exc
+
+    @property
+    def fingerprint(self) -> str:
+        """SHA-256 of the key's OpenSSH encoding, hex (identifies the key in logs)."""
+        return hashlib.sha256(self.openssh.split()[1].encode()).hexdigest()
+
+    def verify(self, message: bytes, signature: bytes) -> bool:
+        """Whether ``signature`` is this key's signature of ``message``."""
+        try:
+            if isinstance(self._key, ed25519.Ed25519PublicKey):
+                self._key.verify(bytes(signature), message)
+            else:
+                self._key.verify(bytes(signature), message, ec.ECDSA(_CURVE_HASH[self._key.curve.name]()))
+        except (InvalidSignature, ValueError, TypeError):
+            return False
+        return True
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, VerifyKey) and other.openssh.split()[:2] == self.openssh.split()[:2]
+
+    def __hash__(self) -> int:
+        return hash(tuple(self.openssh.split()[:2]))
+
+    def __repr__(self) -> str:
+        return f"VerifyKey({self.openssh.split()[0]} SHA256:{self.fingerprint[:16]})"
+
+
+class SigningKey:
+    """An organisation's private identity key; signs :func:`statement` bytes.
+
+    Parameters
+    ----------
+    key : EllipticCurvePrivateKey or Ed25519PrivateKey
+        The key, as loaded by ``cryptography``.
+    """
+
+    def __init__(self, key: ec.EllipticCurvePrivateKey | ed25519.Ed25519PrivateKey) -> None:
+        if not isinstance(key, _SIGNING_TYPES):
+            raise CryptoError(f"unsupported identity key type {type(key).__name__} (use ECDSA or Ed25519)")
+        self._key = key
+        self.public = VerifyKey(key.public_key())
+
+    @staticmethod
+    def generate() -> SigningKey:
+        """A fresh ECDSA P-384 key (the type ``fedembed certs`` and ``ssh-keygen -t ecdsa -b 384`` make)."""
+        return SigningKey(ec.generate_private_key(ec.SECP384R1()))
+
+    @staticmethod
+    def load(path: Path | str) -> SigningKey:
+        """Load an unencrypted private key file (OpenSSH or PEM).
+
+        Raises
+        ------
+        CryptoError
+            If the file cannot be read or holds no supported private key.
+        """
+        try:
+            data = Path(path).read_bytes()
+        except OSError as exc:
+            raise CryptoError(f"cannot read identity key {path}: {exc}") from exc
+        try:
+            key = (serialization.load_ssh_private_key(data, password=None) if b"OPENSSH" in data
+                   else serialization.load_pem_private_key(data, password=None))
+        except (ValueError, TypeError, serialization.UnsupportedAlgorithm) as exc:
+            raise CryptoError(f"{path} holds no usable unencrypted private key: {exc}") from exc
+        return SigningKey(key)
+
+    def private_openssh(self) -> bytes:
+        """The private key in OpenSSH format (to be written 0600 by the caller)."""
+        return self._key.private_bytes(
+            serialization.Encoding.PEM, serialization.PrivateFormat.OpenSSH, serialization.NoEncryption()
+        )
+
+    def sign(self, message: bytes) -> bytes:
+        """Signature of ``message`` (build it with :func:`statement`)."""
+        if isinstance(self._key, ed25519.Ed25519PrivateKey):
+            return self._key.sign(message)
+        return self._key.sign(message, ec.ECDSA(_CURVE_HASH[self._key.curve.name]()))
+
+    def __repr__(self) -> str:
+        return f"SigningKey(public={self.public!r}, private=<hidden>)"

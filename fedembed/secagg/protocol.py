@@ -1,34 +1,56 @@
-"""SecAgg+ (Bell et al. 2020) as two state machines, one per side, with no transport in them.
+"""SecAgg+ (Bell et al. 2020) against an active coordinator: two state machines, no transport.
 
-One round of secure aggregation over one or two *phases* (vectors summed in turn:
-``values``, preceded by ``indicators`` in ``union`` mode). Each phase is an independent
-SecAgg+ instance (its own mask key pair and self-mask seed) sharing the key
-advertisement and the share exchange:
+One session sums one or two *phases* (vectors summed in turn: ``values``, preceded by
+``indicators`` in ``union`` mode). Each phase is an independent SecAgg+ instance (its
+own mask key pair and self-mask seed) sharing the key advertisement and the share
+exchange. Every organisation holds the federation's **roster** (name -> identity key,
+:mod:`fedembed.identity`) and a local :class:`SecurePolicy`, and trusts nothing the
+coordinator says that it can check itself:
 
 1. **advertise** (merged with local training): :meth:`ClientSession.new` makes an X25519
-   pair for share encryption, and per phase an X25519 mask pair and a 32-byte self-mask
-   seed; :meth:`ClientSession.advert` returns the public keys and a hash commitment to
-   each seed.
-2. **share**: the coordinator numbers the parties 1..n, draws the neighbour graph
-   (:mod:`fedembed.secagg.graph`) and sends each its neighbours' adverts.
-   :meth:`ClientSession.make_shares` splits every seed and mask private key t-of-k
-   (Shamir) among its neighbours and itself (k + 1 holders) and encrypts each neighbour's shares with an AEAD key
-   from X25519 + HKDF; the associated data binds run, round, sender and receiver.
-3. **masked** (once per phase): the coordinator forwards each party the ciphertexts
-   addressed to it and the set U2 of parties that shared. :meth:`ClientSession.accept_shares`
-   opens them (a tampered, replayed or misrouted one raises :class:`ShareError`);
-   :meth:`ClientSession.mask` adds to the vector its self mask and, for each neighbour in
-   U2, the pairwise mask (+ toward a larger party id, - toward a smaller one), all
-   ChaCha20 keystreams modulo 2^bits.
-4. **unmask** (once per phase): for each neighbour that delivered its vector the party
-   reveals its share of that neighbour's seed; for each that did not, its share of that
-   neighbour's mask key; never both for one neighbour in one phase
-   (:meth:`ClientSession.unmask` enforces it). :meth:`ServerSession.finish` recombines,
-   checks each result against its commitment (seeds) or advertised public key (mask keys),
-   strips the masks and returns the exact modular sum over the parties that delivered.
+   pair for share encryption and, per phase, an X25519 mask pair and a 32-byte self-mask
+   seed. :meth:`ClientSession.advert` returns the public keys and a hash commitment to
+   each seed, **signed** with the organisation's identity key over the session context.
+2. **share**: the coordinator lists the parties that advertised (U1; a party's id is its
+   position in the roster), draws the neighbour graph and sends each its neighbours'
+   adverts and the threshold. :meth:`ClientSession.make_shares` checks every advert's
+   signature against its *own* roster (no Sybil, no substituted key, no low-order or
+   copied key), the neighbour count and the threshold against its policy (t at least a
+   strict majority of its k + 1 share holders), fixes all of it for the session, splits
+   every seed and mask private key t-of-(k+1) and encrypts each neighbour's shares
+   (X25519 + HKDF + ChaCha20-Poly1305; associated data binds run, round, sender,
+   receiver), **signing** each ciphertext.
+3. **mask** (once per phase): the coordinator sends U2 (who shared) and the ciphertexts
+   for the party. :meth:`ClientSession.accept_shares` checks each ciphertext's signature
+   and opens it; a bad one is a *complaint against its sender* (the receiver stays in the
+   round). :meth:`ClientSession.mask_vector` adds the self mask and, per neighbour in U2,
+   the pairwise mask. A mask is applied once: the stage is never answered twice.
+4. **check** (once per phase, the consistency check of Bonawitz et al. 2017): the
+   coordinator sends U3 (whose vectors arrived). :meth:`ClientSession.sign_check` checks
+   it against its policy (it is in U3, enough delivered, no more dropouts among its
+   neighbours than it will help recover) and signs the statement ``(session, phase, n,
+   U1, U2, U3, row set digest)``.
+5. **unmask** (once per phase): the coordinator forwards the signatures.
+   :meth:`ClientSession.unmask` requires valid roster signatures on *its own* statement
+   from at least :meth:`SecurePolicy.min_signers` parties of U3, then reveals, for each
+   neighbour, its seed share if the neighbour is in U3 and its mask-key share if not:
+   derived from the signed statement, never from a list in the message.
+   :meth:`ServerSession.finish` recombines, checks each secret against its commitment
+   (seeds) or advertised public key (mask keys), strips the masks and returns the sum.
 
-If fewer than t of some neighbourhood answer, or fewer than two vectors were delivered,
-:class:`RoundAbandoned` is raised and the caller leaves its state unchanged.
+Every stage is answered at most once per session and only in this order
+(:data:`stage_order`); anything else is refused with :class:`ProtocolError` before
+anything is revealed. If fewer than t of some neighbourhood answer, or too few vectors
+were delivered, :class:`RoundAbandoned` is raised and the caller leaves its state
+unchanged.
+
+**Who is covered.** Honest organisations each sign one statement per phase, and a
+statement needs ``floor((N + c) / 2) + 1`` signatures of the N-organisation roster, so
+two conflicting statements cannot both gather enough signatures unless more than ``c``
+organisations sign both: a coordinator colluding with at most ``c`` organisations
+(``SecurePolicy.colluders``, default 0) cannot show parties different lists. With one
+agreed U3, no honest holder reveals a seed share and a mask-key share of the same party,
+so recovering one organisation's vector needs ``t`` colluding share holders of it.
 """
 
 from __future__ import annotations
@@ -39,11 +61,12 @@ import json
 import logging
 import os
 import struct
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
 import numpy as np
 
+from fedembed.identity import Identity, IdentityError, Roster
 from fedembed.secagg.graph import neighbour_graph
 from fedembed.secagg.primitives import (
     DOMAIN,
@@ -59,11 +82,15 @@ from fedembed.secagg.primitives import (
     seal,
     shamir_combine,
     shamir_split,
+    statement,
 )
 
 log = logging.getLogger(__name__)
 
 PHASES = ("indicators", "values")
+MASK_STAGE = {"indicators": "indicators", "values": "masked"}
+CHECK_STAGE = {"indicators": "check_indicators", "values": "check"}
+UNMASK_STAGE = {"indicators": "unmask_indicators", "values": "unmask"}
 MAX_SUBSETS = 64
 """Subsets of t shares tried per secret before a round is abandoned (bad shares)."""
 
@@ -81,7 +108,72 @@ class RoundAbandoned(RuntimeError):
 
 
 class ProtocolError(ValueError):
-    """A request that breaks the protocol (inconsistent lists, unknown parties)."""
+    """A request that breaks the protocol or the organisation's policy; nothing was revealed."""
+
+
+def stage_order(phases: list[str]) -> list[str]:
+    """The secure stages of a session after ``train``, in the only order they are answered."""
+    out = ["share"]
+    for p in phases:
+        out += [MASK_STAGE[p], CHECK_STAGE[p], UNMASK_STAGE[p]]
+    return out
+
+
+@dataclass(frozen=True)
+class SecurePolicy:
+    """The rules an organisation holds locally and checks every session against.
+
+    Parameters
+    ----------
+    min_neighbours : int
+        Fewest neighbours (share holders besides itself) it accepts.
+    min_delivered : int
+        Fewest delivered vectors it unmasks a sum of.
+    colluders : int
+        Organisations that may collude with the coordinator and still not break the
+        consistency check: a statement needs ``floor((N + colluders) / 2) + 1`` roster
+        signatures, and the threshold must exceed ``colluders``.
+    row_sets : tuple of str
+        Row-set modes it takes part in (``revealed`` tells the coordinator its row ids).
+    """
+
+    min_neighbours: int = 2
+    min_delivered: int = 2
+    colluders: int = 0
+    row_sets: tuple[str, ...] = ("dense", "union", "revealed")
+
+    def __post_init__(self) -> None:
+        if self.min_neighbours < 1 or self.min_delivered < 2 or self.colluders < 0:
+            raise ValueError("secure policy: min_neighbours >= 1, min_delivered >= 2, colluders >= 0")
+        bad = set(self.row_sets) - {"dense", "union", "revealed"}
+        if bad or not self.row_sets:
+            raise ValueError(f"secure policy: row sets must be among dense, union, revealed, got {self.row_sets}")
+
+    def min_threshold(self, k: int) -> int:
+        """Smallest t accepted with k neighbours: a strict majority of the k + 1 holders, above ``colluders``."""
+        return max((k + 1) // 2 + 1, self.colluders + 1)
+
+    @staticmethod
+    def max_dropouts(k: int, t: int) -> int:
+        """Most neighbours it helps recover the mask keys of (the k + 1 - t the threshold tolerates)."""
+        return k + 1 - t
+
+    def min_signers(self, roster_size: int) -> int:
+        """Consistency signatures needed: more than half of ``roster_size + colluders``."""
+        return (roster_size + self.colluders) // 2 + 1
+
+    @staticmethod
+    def from_mapping(d: Mapping[str, object]) -> SecurePolicy:
+        """From node-config style keys ``secure-min-neighbours``, ``secure-min-delivered``,
+        ``secure-colluders``, ``secure-row-sets`` (comma-separated); absent keys keep defaults."""
+        kw: dict = {}
+        for key, name in (("secure-min-neighbours", "min_neighbours"), ("secure-min-delivered", "min_delivered"),
+                          ("secure-colluders", "colluders")):
+            if key in d:
+                kw[name] = int(d[key])  # type: ignore[arg-type]
+        if "secure-row-sets" in d:
+            kw["row_sets"] = tuple(x.strip() for x in str(d["secure-row-sets"]).split(",") if x.strip())
+        return SecurePolicy(**kw)
 
 
 def session_context(run_key: str, round_: int) -> bytes:
@@ -91,6 +183,10 @@ def session_context(run_key: str, round_: int) -> bytes:
 
 def _pair(a: int, b: int) -> bytes:
     return struct.pack(">II", min(a, b), max(a, b))
+
+
+def _ids(xs: list[int]) -> bytes:
+    return b"".join(struct.pack(">I", x) for x in sorted(xs))
 
 
 def _share_ad(context: bytes, src: int, dst: int) -> bytes:
@@ -124,6 +220,59 @@ def self_mask(seed: bytes, party: int, context: bytes, phase: str, n: int, dtype
     return keystream(self_key(seed, party, context, phase), n, dtype)
 
 
+def advert_fields(phases: list[str]) -> list[str]:
+    """The key fields of an advertisement, in signing order."""
+    return ["enc"] + [f"{kind}.{p}" for p in phases for kind in ("mask", "commit")]
+
+
+def advert_statement(context: bytes, name: str, adv: Mapping[str, bytes], phases: list[str]) -> bytes:
+    """What an organisation signs when it advertises its session keys."""
+    return statement("advert", context, name, *[bytes(adv[f]) for f in advert_fields(phases)])
+
+
+def share_statement(context: bytes, src: int, dst: int, ciphertext: bytes) -> bytes:
+    """What the sender of a share ciphertext signs."""
+    return statement("share", context, src, dst, hashlib.sha256(ciphertext).digest())
+
+
+def check_statement(context: bytes, phase: str, n: int, u1: list[int], u2: list[int], u3: list[int], extra: bytes) -> bytes:
+    """The consistency statement of a phase: every signer saw the same parties, sharers and deliverers."""
+    return statement("check", context, phase, n, _ids(u1), _ids(u2), _ids(u3), extra)
+
+
+def check_advert(adv: Mapping[str, object], phases: list[str], roster: Roster, context: bytes, name: str) -> dict[str, bytes]:
+    """A verified advertisement of ``name`` (keys usable, commitments sized, roster signature valid).
+
+    Raises
+    ------
+    ProtocolError
+        Naming ``name`` and what is wrong.
+    """
+    try:
+        out = {f: bytes(adv[f]) for f in advert_fields(phases)}  # type: ignore[arg-type]
+        sig = bytes(adv["sig"])  # type: ignore[arg-type]
+        got = adv.get("name")
+        got = got.decode(errors="replace") if isinstance(got, bytes) else got
+        if got != name:
+            raise ProtocolError(f"advert names {got!r}, expected {name!r}")
+        check_public_key(out["enc"])
+        for p in phases:
+            check_public_key(out[f"mask.{p}"])
+            if len(out[f"commit.{p}"]) != 32:
+                raise CryptoError("seed commitment must be 32 bytes")
+    except (KeyError, TypeError, ValueError) as exc:
+        raise ProtocolError(f"advert of {name!r} is malformed: {exc}") from exc
+    if not roster.verify(name, advert_statement(context, name, out, phases), sig):
+        raise ProtocolError(f"advert of {name!r} is not signed by its roster key (forged or altered)")
+    out["name"] = name.encode()
+    out["sig"] = sig
+    return out
+
+
+def _keys_of(adv: Mapping[str, bytes], phases: list[str]) -> list[bytes]:
+    return [adv["enc"]] + [adv[f"mask.{p}"] for p in phases]
+
+
 # =========================================================================== client
 @dataclass
 class ClientSession:
@@ -141,22 +290,32 @@ class ClientSession:
         Mask key pair per phase.
     seeds : dict[str, bytes]
         Self-mask seed per phase.
+    params : dict
+        Session parameters fixed at the start from the organisation's own training
+        (row-set mode, clip, weight cap, wire dtype, its table shapes); never re-read.
     """
 
     context: bytes
     phases: list[str]
-    enc: KeyPair
-    mask: dict[str, KeyPair]
-    seeds: dict[str, bytes]
+    enc: KeyPair = field(repr=False)
+    mask: dict[str, KeyPair] = field(repr=False)
+    seeds: dict[str, bytes] = field(repr=False)
+    params: dict = field(default_factory=dict)
+    name: str = ""
+    step: int = 0
     party: int = 0
+    n: int = 0
+    u1: list[int] = field(default_factory=list)
     threshold: int = 0
     neighbours: dict[int, dict[str, bytes]] = field(default_factory=dict)
-    received: dict[int, dict[str, bytes]] = field(default_factory=dict)
+    received: dict[int, dict[str, bytes]] = field(default_factory=dict, repr=False)
+    complaints: dict[int, str] = field(default_factory=dict)
     u2: list[int] = field(default_factory=list)
+    checks: dict[str, dict] = field(default_factory=dict)
     revealed: dict[str, str] = field(default_factory=dict)
 
     @staticmethod
-    def new(context: bytes, phases: list[str]) -> ClientSession:
+    def new(context: bytes, phases: list[str], params: dict | None = None) -> ClientSession:
         """Fresh keys and seeds for a session."""
         bad = [p for p in phases if p not in PHASES]
         if bad or not phases:
@@ -167,63 +326,148 @@ class ClientSession:
             enc=KeyPair.generate(),
             mask={p: KeyPair.generate() for p in phases},
             seeds={p: os.urandom(32) for p in phases},
+            params=dict(params or {}),
         )
 
+    # ---------------------------------------------------------------- order
+    @property
+    def next_stage(self) -> str | None:
+        """The one stage this session answers next (None when finished)."""
+        order = stage_order(self.phases)
+        return order[self.step] if self.step < len(order) else None
+
+    def _expect(self, stage: str) -> None:
+        order = stage_order(self.phases)
+        if stage not in order:
+            raise ProtocolError(f"stage {stage!r} is not part of this session ({', '.join(order)})")
+        if self.next_stage != stage:
+            what = "already answered" if order.index(stage) < self.step else "out of order"
+            raise ProtocolError(f"stage {stage!r} refused: {what} (this session expects {self.next_stage!r} next)")
+
+    def _mine(self) -> list[int]:
+        return sorted(set(self.u2) & set(self.neighbours))
+
     # ---------------------------------------------------------------- stage 1
-    def advert(self) -> dict[str, bytes]:
-        """Public keys and seed commitments: ``enc``, ``mask.<phase>``, ``commit.<phase>``."""
-        out = {"enc": self.enc.public}
+    def advert(self, identity: Identity) -> dict[str, bytes | str]:
+        """Signed public keys and seed commitments: ``name``, ``enc``, ``mask.<p>``, ``commit.<p>``, ``sig``."""
+        self.name = identity.name
+        out: dict[str, bytes | str] = {"enc": self.enc.public}
         for p in self.phases:
             out[f"mask.{p}"] = self.mask[p].public
             out[f"commit.{p}"] = seed_commitment(self.context, p, self.seeds[p])
+        out["sig"] = identity.sign(advert_statement(self.context, identity.name, out, self.phases))  # type: ignore[arg-type]
+        out["name"] = identity.name
         return out
 
     # ---------------------------------------------------------------- stage 2
-    def make_shares(self, party: int, threshold: int, neighbours: dict[int, dict[str, bytes]]) -> dict[int, bytes]:
-        """Encrypted t-of-k shares of every seed and mask key, one ciphertext per neighbour.
+    def make_shares(
+        self,
+        identity: Identity,
+        policy: SecurePolicy,
+        u1: list[int],
+        threshold: int,
+        neighbours: dict[int, Mapping[str, object]],
+    ) -> dict[int, tuple[bytes, bytes]]:
+        """Check the session's parties against the roster and policy, fix them, share the secrets.
 
         Parameters
         ----------
-        party : int
-            Our party id (1-based, from the coordinator).
+        identity : Identity
+            Our identity (name, key, roster).
+        policy : SecurePolicy
+            Our local rules.
+        u1 : list[int]
+            Parties of the session (roster positions, 1-based).
         threshold : int
-            t.
-        neighbours : dict[int, dict[str, bytes]]
-            Neighbour party id -> its advert.
+            t, as the coordinator proposes it.
+        neighbours : dict[int, Mapping]
+            Neighbour party id -> its signed advert.
+
+        Returns
+        -------
+        dict[int, tuple[bytes, bytes]]
+            Per neighbour: the share ciphertext and our signature of it.
+
+        Raises
+        ------
+        ProtocolError
+            Out of order, a party not in the roster, a forged, malformed, low-order or
+            copied key, too few parties or neighbours, or a threshold below our rule.
         """
-        if party in neighbours or not 1 <= threshold <= len(neighbours) + 1:
-            raise ProtocolError(f"bad share request: party {party}, t={threshold}, {len(neighbours)} neighbours")
-        for q, adv in neighbours.items():
-            _check_advert(adv, self.phases, q)
-        self.party, self.threshold, self.neighbours = party, threshold, dict(neighbours)
-        xs = sorted(neighbours) + [party]  # we hold a share of our own secrets too
+        self._expect("share")
+        roster = identity.roster
+        party = roster.party(identity.name)
+        u1 = sorted(set(int(x) for x in u1))
+        if party not in u1:
+            raise ProtocolError(f"the party list does not hold us (party {party})")
+        if any(not 1 <= x <= len(roster) for x in u1):
+            raise ProtocolError("the party list names parties outside the roster")
+        if len(u1) < policy.min_signers(len(roster)):
+            raise ProtocolError(
+                f"{len(u1)} parties in the session; the consistency check needs {policy.min_signers(len(roster))} "
+                f"of the roster's {len(roster)} organisations"
+            )
+        if party in neighbours or not set(neighbours) <= set(u1):
+            raise ProtocolError("neighbours must be other parties of the session")
+        k = len(neighbours)
+        if k < policy.min_neighbours:
+            raise ProtocolError(f"{k} neighbours; our policy needs at least {policy.min_neighbours}")
+        if not policy.min_threshold(k) <= threshold <= k + 1:
+            raise ProtocolError(
+                f"threshold {threshold} refused: with {k} neighbours it must be in [{policy.min_threshold(k)}, {k + 1}]"
+            )
+        checked: dict[int, dict[str, bytes]] = {}
+        seen = set(_keys_of({"enc": self.enc.public, **{f"mask.{p}": self.mask[p].public for p in self.phases}}, self.phases))
+        for q in sorted(neighbours):
+            try:
+                adv = check_advert(neighbours[q], self.phases, roster, self.context, roster.name_of_party(q))
+            except IdentityError as exc:
+                raise ProtocolError(str(exc)) from exc
+            keys = _keys_of(adv, self.phases)
+            if seen & set(keys) or len(set(keys)) != len(keys):
+                raise ProtocolError(f"party {q} ({roster.name_of_party(q)!r}) advertises a key already in use (copied)")
+            seen |= set(keys)
+            checked[q] = adv
+        self.party, self.n, self.u1, self.threshold, self.neighbours = party, len(u1), u1, threshold, checked
+        xs = sorted(checked) + [party]  # we hold a share of our own secrets too
         split = {}
         for p in self.phases:
             split[f"seed.{p}"] = shamir_split(self.seeds[p], threshold, xs)
             split[f"key.{p}"] = shamir_split(self.mask[p].private, threshold, xs)
         self.received = {party: {name: split[name][party] for name in self._share_names()}}
         out = {}
-        for q in sorted(neighbours):
+        for q in sorted(checked):
             plaintext = b"".join(split[name][q] for name in self._share_names())
-            key = derive_key(agree(self.enc.private, neighbours[q]["enc"]), "share-key", self.context + _pair(party, q))
-            out[q] = seal(key, plaintext, _share_ad(self.context, party, q))
+            ct = seal(self._share_key(q), plaintext, _share_ad(self.context, party, q))
+            out[q] = (ct, identity.sign(share_statement(self.context, party, q, ct)))
+        self.step += 1
         return out
 
     def _share_names(self) -> list[str]:
         return [f"{kind}.{p}" for p in self.phases for kind in ("seed", "key")]
 
+    def _share_key(self, q: int) -> bytes:
+        return derive_key(agree(self.enc.private, self.neighbours[q]["enc"]), "share-key", self.context + _pair(self.party, q))
+
     # ---------------------------------------------------------------- stage 3
-    def accept_shares(self, u2: list[int], ciphertexts: dict[int, bytes]) -> None:
-        """Open the shares neighbours in U2 sent us; keep them for the unmask stages.
+    def accept_shares(self, roster: Roster, u2: list[int], ciphertexts: Mapping[int, tuple[bytes, bytes]]) -> dict[int, str]:
+        """Open the shares neighbours in U2 sent us; returns complaints against their senders.
+
+        A missing ciphertext, one whose signature does not verify (altered on the way) or
+        one that does not open (its sender's fault: it signed it) is a complaint, not an
+        error: we stay in the round, we just cannot help recover that sender's secrets.
 
         Raises
         ------
-        ShareError
-            A ciphertext is missing, altered, replayed from another round or run, or was
-            made for another receiver.
         ProtocolError
-            Fewer than t neighbours shared (our secrets could never be recovered).
+            Out of order, U2 not within the session's parties or without us, ciphertexts
+            from non-neighbours, or fewer than t sharing holders (our secrets could never
+            be recovered).
         """
+        self._expect(MASK_STAGE[self.phases[0]])
+        u2 = sorted(set(int(x) for x in u2))
+        if self.party not in u2 or not set(u2) <= set(self.u1):
+            raise ProtocolError("U2 must hold us and only parties of the session")
         mine = sorted(set(u2) & set(self.neighbours))
         if len(mine) + 1 < self.threshold:
             raise ProtocolError(f"only {len(mine)} neighbours shared, threshold {self.threshold}")
@@ -232,63 +476,122 @@ class ClientSession:
             raise ProtocolError(f"shares from parties that are not sharing neighbours: {sorted(extra)}")
         names = self._share_names()
         received = {self.party: self.received[self.party]}
+        complaints: dict[int, str] = {}
         for q in mine:
             if q not in ciphertexts:
-                raise ShareError(q, "missing")
-            key = derive_key(agree(self.enc.private, self.neighbours[q]["enc"]), "share-key", self.context + _pair(self.party, q))
+                complaints[q] = "its share ciphertext for us is missing"
+                continue
+            ct, sig = (bytes(x) for x in ciphertexts[q])
+            if not roster.verify(roster.name_of_party(q), share_statement(self.context, q, self.party, ct), sig):
+                complaints[q] = "its share ciphertext does not carry its signature (altered on the way)"
+                continue
             try:
-                plain = open_sealed(key, ciphertexts[q], _share_ad(self.context, q, self.party))
+                plain = open_sealed(self._share_key(q), ct, _share_ad(self.context, q, self.party))
+                if len(plain) != SHARE_BYTES * len(names):
+                    raise CryptoError("wrong plaintext length")
             except CryptoError as exc:
-                raise ShareError(q, str(exc)) from exc
-            if len(plain) != SHARE_BYTES * len(names):
-                raise ShareError(q, "wrong plaintext length")
+                complaints[q] = f"its signed share ciphertext does not open: {exc}"
+                continue
             received[q] = {n: plain[i * SHARE_BYTES : (i + 1) * SHARE_BYTES] for i, n in enumerate(names)}
-        self.u2 = mine
-        self.received = received
+        for q, why in complaints.items():
+            log.warning("secure aggregation: party %d: %s", q, why)
+        self.u2, self.received, self.complaints = u2, received, complaints
+        return complaints
 
     def mask_vector(self, phase: str, vector: np.ndarray) -> np.ndarray:
-        """``vector`` + self mask + pairwise masks with the neighbours in U2 (modular, same dtype)."""
-        if phase not in self.phases:
-            raise ProtocolError(f"phase {phase!r} not in this session")
+        """``vector`` + self mask + pairwise masks with the neighbours in U2 (modular, same dtype).
+
+        Answers the phase's mask stage once: a second call (a coordinator asking again,
+        with any other parameters) is refused, so one mask never hides two plaintexts.
+        """
+        self._expect(MASK_STAGE.get(phase, phase))
         out = np.ascontiguousarray(vector).copy()
         keystream_add(self_key(self.seeds[phase], self.party, self.context, phase), out)
-        for q in self.u2:
+        for q in self._mine():
             key = pair_key(self.mask[phase].private, self.neighbours[q][f"mask.{phase}"], self.party, q, self.context, phase)
             keystream_add(key, out, subtract=self.party > q)  # + toward a larger id, - toward a smaller
+        self.step += 1
         return out
 
     # ---------------------------------------------------------------- stage 4
-    def unmask(self, phase: str, alive: list[int], dropped: list[int]) -> dict[str, bytes]:
-        """Our shares for the coordinator: seeds of ``alive`` neighbours, mask keys of ``dropped``.
+    def sign_check(self, identity: Identity, policy: SecurePolicy, phase: str, u3: list[int], extra: bytes = b"") -> bytes:
+        """Sign the phase's consistency statement after checking U3 against our policy.
 
         Raises
         ------
         ProtocolError
-            Overlapping lists, parties we hold no shares of, fewer than t alive (counting
-            ourselves), or a request that would reveal both secrets of one neighbour.
+            Out of order, U3 without us (we delivered), outside U2, smaller than our
+            minimum, or more dropped neighbours than we help recover.
         """
-        alive_s, dropped_s = set(alive), set(dropped)
-        if alive_s & dropped_s:
-            raise ProtocolError(f"parties both alive and dropped: {sorted(alive_s & dropped_s)}")
-        unknown = (alive_s | dropped_s) - set(self.received)
-        if unknown:
-            raise ProtocolError(f"no shares held for parties {sorted(unknown)}")
-        if self.party in dropped_s:
-            raise ProtocolError("asked for our own mask key: we are alive")
-        if len(alive_s | {self.party}) < self.threshold:
-            raise ProtocolError(f"only {len(alive_s | {self.party})} parties alive in the neighbourhood, threshold {self.threshold}")
+        self._expect(CHECK_STAGE[phase])
+        u3 = sorted(set(int(x) for x in u3))
+        if self.party not in u3:
+            raise ProtocolError("U3 leaves us out although we delivered our vector")
+        if not set(u3) <= set(self.u2):
+            raise ProtocolError("U3 names parties that did not share")
+        earlier = [self.checks[p]["u3"] for p in self.phases[: self.phases.index(phase)]]
+        if earlier and not set(u3) <= set(earlier[-1]):
+            raise ProtocolError("U3 names parties that did not deliver in the previous phase")
+        if len(u3) < policy.min_delivered:
+            raise ProtocolError(f"{len(u3)} vectors delivered; our policy unmasks sums of at least {policy.min_delivered}")
+        dropped = set(self._mine()) - set(u3)
+        if len(dropped) > policy.max_dropouts(len(self.neighbours), self.threshold):
+            raise ProtocolError(
+                f"{len(dropped)} of our neighbours listed as dropped; we help recover at most "
+                f"{policy.max_dropouts(len(self.neighbours), self.threshold)}"
+            )
+        self.checks[phase] = {"u3": u3, "extra": extra.hex()}
+        self.step += 1
+        return identity.sign(self._check_statement(phase))
+
+    def _check_statement(self, phase: str) -> bytes:
+        c = self.checks[phase]
+        return check_statement(self.context, phase, self.n, self.u1, self.u2, c["u3"], bytes.fromhex(c["extra"]))
+
+    # ---------------------------------------------------------------- stage 5
+    def unmask(self, identity: Identity, policy: SecurePolicy, phase: str, signatures: Mapping[int, bytes]) -> dict[str, bytes]:
+        """Our shares for the coordinator, as the signed statement of ``phase`` says.
+
+        For each neighbour in U2 (and ourselves): its seed share if it is in the agreed U3,
+        its mask-key share if not; never both for one party.
+
+        Raises
+        ------
+        ProtocolError
+            Out of order, or fewer valid roster signatures on our own statement than
+            :meth:`SecurePolicy.min_signers` (the coordinator may be showing parties
+            different lists).
+        """
+        self._expect(UNMASK_STAGE[phase])
+        roster = identity.roster
+        u3 = self.checks[phase]["u3"]
+        stmt = self._check_statement(phase)
+        valid = {self.party}
+        for p, sig in signatures.items():
+            if p in u3 and p not in valid and roster.verify(roster.name_of_party(p), stmt, bytes(sig)):
+                valid.add(p)
+        need = policy.min_signers(len(roster))
+        if len(valid) < need:
+            raise ProtocolError(
+                f"only {len(valid)} valid signatures on our view of phase {phase}, {need} needed: "
+                "the parties' lists of who shared and who delivered do not agree"
+            )
         out = {}
-        for q, kind in [(q, "seed") for q in sorted(alive_s)] + [(q, "key") for q in sorted(dropped_s)]:
+        for q in sorted(set(self._mine()) | {self.party}):
+            if q not in self.received:
+                continue  # its share never reached us (complaint sent)
+            kind = "seed" if q in u3 else "key"
             tag = f"{phase}:{q}"
             if self.revealed.get(tag, kind) != kind:
                 raise ProtocolError(f"refusing to reveal both the seed and the mask key of party {q} in phase {phase}")
             self.revealed[tag] = kind
             out[f"{kind}.{q}"] = self.received[q][f"{kind}.{phase}"]
+        self.step += 1
         return out
 
     # ---------------------------------------------------------------- persistence
     def to_json(self) -> str:
-        """Serialise (private material included: store only in the organisation's own state)."""
+        """Serialise (private material included: store only in the organisation's own state, 0600)."""
         h = bytes.hex
         return json.dumps(
             {
@@ -297,11 +600,18 @@ class ClientSession:
                 "enc": h(self.enc.private),
                 "mask": {p: h(kp.private) for p, kp in self.mask.items()},
                 "seeds": {p: h(s) for p, s in self.seeds.items()},
+                "params": self.params,
+                "name": self.name,
+                "step": self.step,
                 "party": self.party,
+                "n": self.n,
+                "u1": self.u1,
                 "threshold": self.threshold,
                 "neighbours": {str(q): {k: h(v) for k, v in adv.items()} for q, adv in self.neighbours.items()},
                 "received": {str(q): {k: h(v) for k, v in sh.items()} for q, sh in self.received.items()},
+                "complaints": {str(q): v for q, v in self.complaints.items()},
                 "u2": self.u2,
+                "checks": self.checks,
                 "revealed": self.revealed,
             }
         )
@@ -317,29 +627,25 @@ class ClientSession:
             enc=KeyPair.from_private(b(d["enc"])),
             mask={p: KeyPair.from_private(b(v)) for p, v in d["mask"].items()},
             seeds={p: b(v) for p, v in d["seeds"].items()},
+            params=d["params"],
+            name=d["name"],
+            step=d["step"],
             party=d["party"],
+            n=d["n"],
+            u1=d["u1"],
             threshold=d["threshold"],
             neighbours={int(q): {k: b(v) for k, v in adv.items()} for q, adv in d["neighbours"].items()},
             received={int(q): {k: b(v) for k, v in sh.items()} for q, sh in d["received"].items()},
+            complaints={int(q): v for q, v in d["complaints"].items()},
             u2=d["u2"],
+            checks=d["checks"],
             revealed=d["revealed"],
         )
 
 
-def _check_advert(adv: dict[str, bytes], phases: list[str], who: object) -> None:
-    try:
-        check_public_key(adv["enc"])
-        for p in phases:
-            check_public_key(adv[f"mask.{p}"])
-            if len(adv[f"commit.{p}"]) != 32:
-                raise CryptoError("seed commitment must be 32 bytes")
-    except (KeyError, TypeError, ValueError) as exc:
-        raise ProtocolError(f"advert of {who} is malformed: {exc}") from exc
-
-
 # =========================================================================== server
 class ServerSession:
-    """The coordinator's side: numbering, graph, routing, sums and mask removal.
+    """The coordinator's side: parties, graph, routing, consistency signatures, sums, mask removal.
 
     Parameters
     ----------
@@ -347,12 +653,17 @@ class ServerSession:
         :func:`session_context` of the run and round.
     phases : list[str]
         Phases of the session.
-    adverts : dict[int, dict[str, bytes]]
-        Advert per node id (malformed ones are dropped and listed in :attr:`faults`).
+    adverts : dict[int, Mapping]
+        Advert per node id; faulty ones (forged, malformed, low-order or copied keys) are
+        dropped and listed by node in :attr:`faults`.
+    names : dict[int, str]
+        Roster name of each node (from its verified reply signature).
+    roster : Roster
+        The federation's roster.
     neighbours : int
         k.
     threshold : int
-        t.
+        t (raised to a strict majority of the share holders if lower: organisations refuse less).
     seed : int
         Seed of the neighbour graph.
     """
@@ -361,60 +672,76 @@ class ServerSession:
         self,
         context: bytes,
         phases: list[str],
-        adverts: dict[int, dict[str, bytes]],
+        adverts: Mapping[int, Mapping[str, object]],
+        names: Mapping[int, str],
+        roster: Roster,
         neighbours: int,
         threshold: int,
         seed: int,
     ) -> None:
         self.context = context
         self.phases = list(phases)
+        self.roster = roster
         self.faults: dict[int, str] = {}  # node -> reason
-        good = {}
+        good: dict[int, dict[str, bytes]] = {}
         for node, adv in adverts.items():
             try:
-                _check_advert(adv, self.phases, f"node {node}")
-                good[node] = adv
-            except ProtocolError as exc:
-                self.faults[node] = str(exc)
-        self.node_of = {i + 1: node for i, node in enumerate(sorted(good))}
+                good[node] = check_advert(adv, self.phases, roster, context, names[node])
+            except (ProtocolError, KeyError) as exc:
+                self.faults[node] = f"bad key advertisement: {exc}"
+        owners: dict[bytes, list[int]] = {}
+        for node, adv in good.items():
+            for key in set(_keys_of(adv, self.phases)):
+                owners.setdefault(key, []).append(node)
+        for nodes in (v for v in owners.values() if len(v) > 1):
+            for node in nodes:  # nobody can tell the copier from the copied: both leave
+                self.faults[node] = f"advertises a public key that {len(nodes) - 1} other organisation(s) also advertise"
+                good.pop(node, None)
+        self.node_of = {roster.party(names[node]): node for node in good}
         self.party_of = {node: p for p, node in self.node_of.items()}
         self.adverts = {p: good[n] for p, n in self.node_of.items()}
         parties = sorted(self.node_of)
         k = min(neighbours, len(parties) - 1)
         self.graph = neighbour_graph(parties, k, seed) if len(parties) > 1 else {p: [] for p in parties}
-        holders = min((len(v) for v in self.graph.values()), default=0) + 1  # neighbours and oneself
-        self.threshold = max(1, min(threshold, holders))
+        degree = min((len(v) for v in self.graph.values()), default=0)
+        floor = (degree + 1) // 2 + 1
+        self.threshold = min(max(threshold, floor), degree + 1)
         if self.threshold != threshold:
-            log.warning("secure aggregation: threshold lowered from %d to %d (%d share holders)", threshold, self.threshold, holders)
+            log.warning("secure aggregation: threshold %d -> %d (%d share holders)", threshold, self.threshold, degree + 1)
         self.u2: set[int] = set()
-        self.routed: dict[int, dict[int, bytes]] = {}
+        self.routed: dict[int, dict[int, tuple[bytes, bytes]]] = {}
         self.delivered: dict[str, set[int]] = {p: set() for p in self.phases}
         self.sums: dict[str, np.ndarray] = {}
+        self.statements: dict[str, bytes] = {}
+        self.signatures: dict[str, dict[int, bytes]] = {p: {} for p in self.phases}
 
     @property
     def parties(self) -> list[int]:
-        """Party ids in the session."""
+        """Party ids in the session (U1)."""
         return sorted(self.node_of)
 
     def share_request(self, party: int) -> dict[int, dict[str, bytes]]:
-        """The adverts of ``party``'s neighbours."""
+        """The signed adverts of ``party``'s neighbours."""
         return {q: self.adverts[q] for q in self.graph[party]}
 
-    def route_shares(self, shares: dict[int, dict[int, bytes]]) -> None:
-        """Take each party's ciphertexts (dst -> ct); parties whose set of receivers is wrong are faulty."""
+    def route_shares(self, shares: Mapping[int, Mapping[int, tuple[bytes, bytes]]]) -> None:
+        """Take each party's signed ciphertexts (dst -> (ct, sig)); a wrong set or signature is that party's fault."""
         for party, cts in shares.items():
-            if set(cts) != set(self.graph[party]) or not all(isinstance(c, bytes) for c in cts.values()):
+            name = self.roster.name_of_party(party)
+            if set(cts) != set(self.graph[party]):
                 self.faults[self.node_of[party]] = "shares not addressed to exactly its neighbours"
                 continue
+            bad = [dst for dst, (ct, sig) in cts.items()
+                   if not self.roster.verify(name, share_statement(self.context, party, dst, bytes(ct)), bytes(sig))]
+            if bad:
+                self.faults[self.node_of[party]] = f"share ciphertexts for parties {bad} are not signed by it"
+                continue
             self.u2.add(party)
-            for dst, ct in cts.items():
-                self.routed.setdefault(dst, {})[party] = ct
-        for party in self.parties:
-            if party in self.u2 and len(set(self.graph[party]) & self.u2) + 1 < self.threshold:
-                log.warning("secure aggregation: party %d has fewer than t sharing neighbours", party)
+            for dst, (ct, sig) in cts.items():
+                self.routed.setdefault(dst, {})[party] = (bytes(ct), bytes(sig))
 
-    def masked_request(self, party: int) -> tuple[list[int], dict[int, bytes]]:
-        """U2 and the ciphertexts addressed to ``party``."""
+    def masked_request(self, party: int) -> tuple[list[int], dict[int, tuple[bytes, bytes]]]:
+        """U2 and the signed ciphertexts addressed to ``party``."""
         return sorted(self.u2), {src: ct for src, ct in self.routed.get(party, {}).items() if src in self.u2}
 
     def add_masked(self, phase: str, party: int, vector: np.ndarray, length: int, dtype: type) -> None:
@@ -423,6 +750,8 @@ class ServerSession:
             raise ProtocolError(f"party {party} did not share; its vector cannot be unmasked")
         if party in self.delivered[phase]:
             raise ProtocolError(f"party {party} already delivered a vector in phase {phase}")
+        if phase in self.statements:
+            raise ProtocolError(f"phase {phase} is closed: its consistency check has started")
         if vector.dtype != np.dtype(dtype) or vector.shape != (length,):
             raise ProtocolError(f"masked vector is {vector.dtype}{vector.shape}, expected {np.dtype(dtype)}({length},)")
         if phase in self.sums:
@@ -431,11 +760,19 @@ class ServerSession:
             self.sums[phase] = vector.copy() if not vector.flags.writeable or not vector.flags.owndata else vector
         self.delivered[phase].add(party)
 
-    def unmask_request(self, phase: str, party: int) -> tuple[list[int], list[int]]:
-        """(alive, dropped) among ``party`` and its sharing neighbours in ``phase``."""
-        mine = (set(self.graph[party]) | {party}) & self.u2
-        alive = sorted(mine & self.delivered[phase])
-        return alive, sorted(mine - self.delivered[phase])
+    def check_request(self, phase: str, extra: bytes = b"") -> list[int]:
+        """Close the phase: U3, the same for every party; fixes the statement signatures must cover."""
+        u3 = sorted(self.delivered[phase])
+        self.statements[phase] = check_statement(self.context, phase, len(self.parties), self.parties, sorted(self.u2), u3, extra)
+        return u3
+
+    def add_check(self, phase: str, party: int, signature: bytes) -> None:
+        """Keep one party's consistency signature (raises ProtocolError unless it verifies)."""
+        if party not in self.delivered[phase]:
+            raise ProtocolError(f"party {party} did not deliver in phase {phase}")
+        if not self.roster.verify(self.roster.name_of_party(party), self.statements[phase], bytes(signature)):
+            raise ProtocolError("its consistency signature does not verify on the statement every party was sent")
+        self.signatures[phase][party] = bytes(signature)
 
     def finish(self, phase: str, responses: dict[int, dict[str, bytes]], length: int, dtype: type, minimum: int = 2) -> np.ndarray:
         """The exact modular sum of the delivered vectors of ``phase``.
@@ -495,8 +832,8 @@ class ServerSession:
             except CryptoError:
                 continue
             if valid(secret):
-                bad = sorted(set(shares) - set(subset)) if n else []
                 if n:
+                    bad = sorted(set(shares) - set(subset))
                     log.warning("phase %s: shares of party %d's %s from some of %s were bad", phase, j, kind, bad)
                 return secret
         raise RoundAbandoned(f"phase {phase}: no {self.threshold} shares rebuild the committed {kind} of party {j}")

@@ -2,25 +2,35 @@
 
 Round trips (message types ``train`` then ``train.<stage>``):
 
-- ``dense`` / ``revealed``: train (+ key advertisement, + row ids when revealed) -> share
-  -> masked -> unmask: **4 round trips** (a plain round takes 1).
-- ``union``: train -> share -> indicators -> unmask_indicators -> masked -> unmask:
-  **6 round trips**; the first secure sum (per-row counters) yields the row set U, the
-  second sums the values over U only.
+- ``dense`` / ``revealed``: train (+ signed key advertisement, + row ids when revealed)
+  -> share -> masked -> check -> unmask: **5 round trips** (a plain round takes 1).
+- ``union``: train -> share -> indicators -> check_indicators -> unmask_indicators ->
+  masked -> check -> unmask: **8 round trips**; the first secure sum (per-row counters)
+  yields the row set U, the second sums the values over U only.
+
+The ``check`` stages are the consistency check against an active coordinator: every
+organisation signs the lists it was given (parties, sharers, deliverers, row set) and
+reveals shares only for a statement signed by a majority of the roster, so the
+coordinator cannot tell different organisations different stories about who dropped.
+They cost one round trip per phase and, per organisation, one signature up (~100
+bytes) and the others' signatures down.
 
 Local training and the key advertisement share a round trip; the share exchange cannot
 share one with the masked upload, because an organisation must know who shared before it
 masks (else a neighbour that vanished before sharing leaves a mask nobody can remove).
 
-Any fault of one organisation (a malformed, oversized or missing reply, a bad share) is
-logged and recorded under its name, and the round goes on without it as a dropout. If the
-secure sum cannot be finished (:class:`fedembed.secagg.protocol.RoundAbandoned`), the round
-is abandoned: tables unchanged, logged, and the next round runs.
+Every reply is identified by its roster signature (:func:`fedembed.identity.verify_reply`),
+never by what it says. Any fault of one organisation (a malformed, oversized, unsigned or
+missing reply, a forged or copied key, an unsigned share) is logged and recorded under
+its name, and the round goes on without it as a dropout. A share that does not open is
+a complaint of its receiver against its sender: the sender is named, the receiver stays.
+If the secure sum cannot be finished (:class:`fedembed.secagg.protocol.RoundAbandoned`),
+or decodes outside what honest organisations can send, the round is abandoned: tables
+unchanged, logged, and the next round runs.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 from collections.abc import Callable
@@ -29,10 +39,18 @@ from typing import TYPE_CHECKING
 import numpy as np
 from flwr.app import ConfigRecord, RecordDict
 
-from fedembed.secagg.client import phases_for
+from fedembed.secagg.client import PHASE_OF, phases_for, rowset_digest
 from fedembed.secagg.graph import default_neighbours, default_threshold
 from fedembed.secagg.primitives import CryptoError
-from fedembed.secagg.protocol import ProtocolError, RoundAbandoned, ServerSession, session_context
+from fedembed.secagg.protocol import (
+    CHECK_STAGE,
+    MASK_STAGE,
+    UNMASK_STAGE,
+    ProtocolError,
+    RoundAbandoned,
+    ServerSession,
+    session_context,
+)
 from fedembed.secagg.vector import (
     RowSet,
     ValueScales,
@@ -54,6 +72,8 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 _FAULTS = (UpdateError, ProtocolError, CryptoError, KeyError, TypeError, ValueError)
+ROWS_MISSING = "RowsMissing"
+"""Error code of an organisation whose touched rows were left out of U (a cancelled indicator)."""
 
 
 class SecureRound:
@@ -62,7 +82,7 @@ class SecureRound:
     Parameters
     ----------
     coord : Coordinator
-        The coordinator (config, transport, tables, log, reply validation).
+        The coordinator (config, roster, transport, tables, log, reply validation).
     round_ : int
         The round.
     entry : dict
@@ -78,29 +98,17 @@ class SecureRound:
         self.context = session_context(self.cfg.run_key(), round_)
         self.phases = phases_for(self.cfg.row_set)
         self.session: ServerSession | None = None
-        self.org_of: dict[int, str] = {}
+        self.names: dict[int, str] = {}  # node -> verified roster name
 
     # ------------------------------------------------------------------ plumbing
-    def _config(self, stage: str, n: int) -> ConfigRecord:
-        c = self.cfg
-        return ConfigRecord(
-            {
-                "stage": stage,
-                "round": self.round,
-                "run_key": c.run_key(),
-                "task": c.task.to_json(),
-                "n": n,
-                "clip_delta": float(c.delta_clip),
-                "max_weight": float(c.train.max_row_weight),
-                "wire_dtype": c.wire_dtype,
-                "row_set": c.row_set,
-                "drop": json.dumps(c.drop),
-                "shapes": json.dumps({k: list(v) for k, v in self.shapes.items()}),
-            }
-        )
+    def _config(self) -> ConfigRecord:
+        return ConfigRecord({"round": self.round, "run_key": self.cfg.run_key(), "drop": _json(self.cfg.drop)})
+
+    def _message(self, secagg: dict, **records: object) -> RecordDict:
+        return RecordDict({"config": self._config(), "secagg": ConfigRecord(secagg), **records})
 
     def _exchange(self, stage: str, contents: dict[int, RecordDict], handle: Callable[[int, RecordDict], None]) -> None:
-        """Send a stage and hand each valid reply to ``handle`` as it arrives; account bytes and seconds.
+        """Send a stage and hand each valid, signed reply to ``handle`` as it arrives; account bytes and seconds.
 
         Replies are processed one at a time and not kept, so a stage of large masked
         vectors costs the coordinator one vector and the running sum, not n vectors. A
@@ -117,11 +125,18 @@ class SecureRound:
                 continue
             size = record_bytes(rep.content)
             up += size
-            info = rep.content["info"] if "info" in rep.content else {}
             if size > self.cfg.max_message_bytes:
                 self._fault(rep.node, f"{stage}: reply of {size} bytes exceeds the limit of {self.cfg.max_message_bytes}")
+                continue
+            reason = self.coord.check_signed(rep.node, rep.content, self.round, f"train.{stage}", self.names.get(rep.node))
+            info = rep.content["info"] if "info" in rep.content else {}
+            if reason is not None:
+                self._fault(rep.node, f"{stage}: {reason}")
             elif info.get("status") != "ok":
-                self._fault(rep.node, f"{stage}: {info.get('error', 'status ' + repr(info.get('status')))}")
+                error = str(info.get("error", "status " + repr(info.get("status"))))
+                if error.startswith(ROWS_MISSING):
+                    raise RoundAbandoned(f"{self._name(rep.node)} reports that rows it touched are missing from U: {error}")
+                self._fault(rep.node, f"{stage}: refused: {error}")
             else:
                 try:
                     handle(rep.node, rep.content)
@@ -135,10 +150,11 @@ class SecureRound:
         self.entry["upload_bytes"] += up
         self.entry["download_bytes"] += down
 
+    def _name(self, node: int) -> str:
+        return self.names.get(node, f"node {node}")
+
     def _fault(self, node: int, reason: str) -> None:
-        org = self.org_of.get(node, self.coord.node_org.get(node, f"node {node}"))
-        self.entry["rejected"][org] = reason
-        log.warning("round %d: %s left the secure round: %s", self.round, org, reason)
+        self.coord.refuse(self.entry, self._name(node), reason, "left the secure round")
 
     # ------------------------------------------------------------------ stages
     def run(self, nodes: list[int]) -> AggregateSum | None:
@@ -150,22 +166,22 @@ class SecureRound:
             log.warning("round %d abandoned, tables unchanged: %s", self.round, exc)
             return None
 
-    def _train(self, nodes: list[int]) -> tuple[dict[int, dict[str, bytes]], dict[int, RowSet]]:
+    def _train(self, nodes: list[int]) -> tuple[dict[int, dict[str, object]], dict[int, RowSet]]:
         coord, entry = self.coord, self.entry
         t0 = time.perf_counter()
-        contents = {n: coord._message(n, self.round, False) for n in nodes}
+        contents = {n: coord.train_message(n, self.round) for n in nodes}
         down = sum(record_bytes(c) for c in contents.values())
         up_before = entry["upload_bytes"]
         replies = coord.transport.exchange("train", contents, self.cfg.round_timeout)
         adverts, rows = {}, {}
         for rep in replies:
-            org, _, _, _ = coord._read_reply(rep, entry, self.round - 1)
-            self.org_of[rep.node] = org
-            if org in entry["rejected"] or rep.content is None:
+            name, update = coord.read_train_reply(rep, entry, self.round, secure=True)
+            if name is None or update is None:
                 continue
+            self.names[rep.node] = name
             try:
                 sec = rep.content["secagg"]
-                adverts[rep.node] = {k: bytes(sec[k]) for k in sec.keys()}
+                adverts[rep.node] = {k: sec[k] for k in sec.keys()}
                 if self.cfg.row_set == "revealed":
                     rs = {k: v.astype(np.int64) for k, v in decode_arrays(rep.content["rows"]).items()}
                     check_rowset(rs, self.shapes)
@@ -187,42 +203,46 @@ class SecureRound:
         minimum = max(2, cfg.min_orgs)
         if len(adverts) < minimum:
             raise RoundAbandoned(f"{len(adverts)} organisations advertised keys, {minimum} needed")
-        n = len(adverts)
-        k = cfg.neighbours or default_neighbours(n)
-        t = cfg.threshold or default_threshold(min(k, n - 1))
-        s = ServerSession(self.context, self.phases, adverts, k, t, seed=cfg.seed * 1_000_003 + self.round)
+        n0 = len(adverts)
+        k = cfg.neighbours or default_neighbours(n0)
+        t = cfg.threshold or default_threshold(min(k, n0 - 1))
+        s = ServerSession(self.context, self.phases, adverts, self.names, self.coord.roster, k, t,
+                          seed=cfg.seed * 1_000_003 + self.round)
         self.session = s
         for node, reason in s.faults.items():
-            self._fault(node, reason)
+            self._fault(node, f"train: {reason}")
+        n = len(s.parties)
+        if n < minimum:
+            raise RoundAbandoned(f"{n} organisations with usable keys, {minimum} needed")
         self.entry["secure"] = {"row_set": cfg.row_set, "parties": n, "neighbours": min(k, n - 1), "threshold": s.threshold}
 
         # share
         contents = {}
         for p in s.parties:
-            sec = {"party": p, "threshold": s.threshold}
+            sec: dict = {"u1": s.parties, "threshold": s.threshold}
             for q, adv in s.share_request(p).items():
-                sec.update({f"adv.{q}.{f}": v for f, v in adv.items()})
-            contents[s.node_of[p]] = RecordDict({"config": self._config("share", n), "secagg": ConfigRecord(sec)})
-        shares: dict[int, dict[int, bytes]] = {}
+                sec.update({f"adv.{q}.{f}": (v.decode() if f == "name" else v) for f, v in adv.items()})
+            contents[s.node_of[p]] = self._message(sec)
+        shares: dict[int, dict[int, tuple[bytes, bytes]]] = {}
 
         def take_shares(node: int, c: RecordDict) -> None:
-            shares[s.party_of[node]] = {int(q): bytes(v) for q, v in c["shares"].items()}
+            cts, sigs = c["shares"], c["share_sigs"]
+            shares[s.party_of[node]] = {int(q): (bytes(cts[q]), bytes(sigs[q])) for q in cts.keys()}
 
         self._exchange("share", contents, take_shares)
+        known = set(s.faults)
         s.route_shares(shares)
         for node, reason in s.faults.items():
-            if self.org_of.get(node, f"node {node}") not in self.entry["rejected"]:
-                self._fault(node, reason)
+            if node not in known:
+                self._fault(node, f"share: {reason}")
 
-        total, rowset = None, None
+        total, rowset, counts = None, None, None
         active = sorted(s.u2)
-        first = True
         for phase in self.phases:
+            stage = MASK_STAGE[phase]
             if phase == "indicators":
-                stage, unstage = "indicators", "unmask_indicators"
                 length, dtype = indicator_length(self.shapes), indicator_dtype(n)
             else:
-                stage, unstage = "masked", "unmask"
                 if cfg.row_set == "dense":
                     rowset = dense_rowset(self.shapes)
                 elif cfg.row_set == "revealed":
@@ -231,52 +251,85 @@ class SecureRound:
             contents = {}
             for p in active:
                 u2, cts = s.masked_request(p)
-                c = RecordDict({"config": self._config(stage, n), "secagg": ConfigRecord({"u2": u2})})
-                if first:
-                    c["shares"] = ConfigRecord({str(q): ct for q, ct in cts.items()})
+                records: dict = {}
+                if phase == self.phases[0]:
+                    records["shares"] = ConfigRecord({str(q): ct for q, (ct, _) in cts.items()})
+                    records["share_sigs"] = ConfigRecord({str(q): sig for q, (_, sig) in cts.items()})
                 if phase == "values" and cfg.row_set != "dense":
-                    c["rowset"] = encode_arrays({name: ids.astype(np.int32) for name, ids in rowset.items()})
-                contents[s.node_of[p]] = c
-            first = False
-            self._exchange(
-                stage,
-                contents,
-                lambda node, c: s.add_masked(phase, s.party_of[node], array_view(c["masked"]["vector"]), length, dtype),
-            )
+                    records["rowset"] = encode_arrays({name: ids.astype(np.int32) for name, ids in rowset.items()})
+                contents[s.node_of[p]] = self._message({"u2": u2}, **records)
+
+            def take_masked(node: int, c: RecordDict, phase: str = phase, length: int = length, dtype: type = dtype) -> None:
+                party = s.party_of[node]
+                s.add_masked(phase, party, array_view(c["masked"]["vector"]), length, dtype)
+                if "complaints" in c:
+                    self._complaints(party, c["complaints"])
+
+            self._exchange(stage, contents, take_masked)
             del contents
             delivered = sorted(s.delivered[phase])
             if len(delivered) < minimum:
                 raise RoundAbandoned(f"phase {phase}: {len(delivered)} vectors delivered, {minimum} needed")
-            contents = {}
-            for p in delivered:
-                alive, dropped = s.unmask_request(phase, p)
-                contents[s.node_of[p]] = RecordDict(
-                    {"config": self._config(unstage, n), "secagg": ConfigRecord({"alive": alive, "dropped": dropped})}
-                )
+            # consistency check: every deliverer signs the same statement
+            u3 = s.check_request(phase, rowset_digest(rowset) if phase == "values" else b"")
+            contents = {s.node_of[p]: self._message({"u3": u3}) for p in delivered}
+            self._exchange(CHECK_STAGE[phase], contents,
+                           lambda node, c, phase=phase: s.add_check(phase, s.party_of[node], bytes(c["check"]["signature"])))
+            signers = sorted(s.signatures[phase])
+            sigs = {f"sig.{p}": sig for p, sig in s.signatures[phase].items()}
+            contents = {s.node_of[p]: self._message(sigs) for p in signers}
             responses: dict[int, dict[str, bytes]] = {}
 
             def take_unmask(node: int, c: RecordDict) -> None:
                 responses[s.party_of[node]] = {k: bytes(v) for k, v in c["unmask"].items()}
 
-            self._exchange(unstage, contents, take_unmask)
+            self._exchange(UNMASK_STAGE[phase], contents, take_unmask)
             t_finish = time.perf_counter()
             total = s.finish(phase, responses, length, dtype, minimum)
-            self.entry["stages"][unstage]["seconds"] += time.perf_counter() - t_finish  # mask removal
+            self.entry["stages"][UNMASK_STAGE[phase]]["seconds"] += time.perf_counter() - t_finish  # mask removal
             if phase == "indicators":
-                rowset, counts = rowset_from_counts(total, self.shapes)
+                try:
+                    rowset, counts = rowset_from_counts(total, self.shapes, len(delivered))
+                except UpdateError as exc:
+                    raise RoundAbandoned(f"the secure indicator sum is impossible: {exc}") from exc
                 self.entry["secure"]["union_rows"] = int(sum(ids.size for ids in rowset.values()))
-                active = delivered  # only those whose rows are in U may send values
+                active = sorted(responses)  # rows in U and the indicator phase finished: they may send values
         self.entry["secure"]["rows"] = int(sum(ids.size for ids in rowset.values()))
-        self.entry["clients"] = len(s.delivered["values"])
+        delivered_values = len(s.delivered["values"])
+        self.entry["clients"] = delivered_values
         scales = ValueScales(n=n, clip_delta=cfg.delta_clip, max_weight=cfg.train.max_row_weight)
         self.entry["secure"]["error_bound"] = scales.bound()
         try:
-            return decode_values(total, rowset, self.shapes, scales)
+            return decode_values(total, rowset, self.shapes, scales, delivered_values, counts)
         except UpdateError as exc:
-            raise RoundAbandoned(f"the secure sum does not decode: {exc}") from exc
+            raise RoundAbandoned(f"the secure sum is outside what honest organisations can send: {exc}") from exc
+
+    def _complaints(self, receiver: int, record: ConfigRecord) -> None:
+        """Record a receiver's complaints against share senders: the sender is named, nobody is removed."""
+        s = self.session
+        who = self.coord.roster.name_of_party(receiver)
+        for src, why in record.items():
+            try:
+                sender = self.coord.roster.name_of_party(int(src))
+            except (ValueError, KeyError) as exc:
+                raise ProtocolError(f"complaint against an unknown party {src!r}") from exc
+            if int(src) not in s.graph.get(receiver, []):
+                raise ProtocolError(f"complaint against {sender!r}, which is not its neighbour")
+            reason = f"its share for {who} did not open ({who} reports: {_printable(str(why))})"
+            self.entry.setdefault("accused", {})[sender] = reason
+            log.warning("round %d: %s is accused: %s", self.round, sender, reason)
+
+
+def _json(value: object) -> str:
+    import json
+
+    return json.dumps(value)
+
+
+def _printable(text: str, limit: int = 200) -> str:
+    return "".join(ch if ch.isprintable() else "?" for ch in text)[:limit]
 
 
 def run_secure_round(coord: Coordinator, round_: int, nodes: list[int], entry: dict) -> AggregateSum | None:
     """Run one secure round (see :class:`SecureRound`); None when abandoned."""
     return SecureRound(coord, round_, entry).run(nodes)
-
