@@ -27,6 +27,7 @@ from fedembed.store import file_sha256
 from fedembed.task import TaskSpec
 
 TASK = TaskSpec("examples.my_task:ClicksTask", {"orgs": 3, "products": 400})
+ORG_1 = {"shop-1", "org-1"}  # organisation 1 (node 101): its task name, or its roster name where replies are signed
 
 
 def _checkpoints(state: Path) -> list[Path]:
@@ -184,9 +185,9 @@ def test_corrupt_table_cache_is_rebuilt_and_stays_repaired(tmp_path, direct_tran
     stale = []
     for r in range(3, 9):
         entry = c.run_round(r, nodes)
-        assert set(entry["rejected"]) <= {"shop-1"}
-        if "shop-1" in entry["rejected"]:
-            assert "stale" in entry["rejected"]["shop-1"]
+        assert set(entry["rejected"]) <= ORG_1
+        if entry["rejected"]:
+            assert all("stale" in why for why in entry["rejected"].values())
             stale.append(r)
     assert stale == [3]  # one resync, then repaired for good (not stale every other round)
     c.closing_evaluation(nodes)
@@ -280,7 +281,7 @@ def test_nan_metrics_from_an_org_keep_metrics_json_valid(tmp_path, direct_transp
     c.log.write(tmp_path / "out", c.tables.tables)
     doc = _strict_json((tmp_path / "out" / "metrics.json").read_text())
     assert doc["final"]["mean"] and all(math.isfinite(v) for v in doc["final"]["mean"].values())
-    assert all(not m for r in doc["rounds"] for org, m in r["metrics"].items() if org == "shop-1")
+    assert all(not m for r in doc["rounds"] for org, m in r["metrics"].items() if org in ORG_1)
 
 
 # ------------------------------------------------------------------ 6. secrets 0600 from creation
@@ -328,7 +329,7 @@ def test_secret_files_are_0600_from_creation(tmp_path, direct_transport, open_um
     for d in [tmp_path / "coord", *(o.state.dir for o in t.orgs.values())]:
         assert stat.S_IMODE(d.stat().st_mode) == 0o700, d
         for p in d.rglob("*"):
-            if p.is_file():
+            if p.is_file() and p.stat().st_size:  # an empty lock file holds nothing
                 assert _private(p), p
 
 
