@@ -105,6 +105,20 @@ class Roster:
         raise IdentityError(f"roster {p} not found (a directory of <name>.pub files or a JSON file)")
 
     @staticmethod
+    def load_key(path: Path | str) -> VerifyKey:
+        """One OpenSSH public key file.
+
+        Raises
+        ------
+        IdentityError
+            Unreadable or not a supported public key.
+        """
+        try:
+            return _key(Path(path).read_text(), str(path))
+        except OSError as exc:
+            raise IdentityError(f"cannot read public key {path}: {exc}") from exc
+
+    @staticmethod
     def from_dict(d: Mapping[str, str]) -> Roster:
         """Inverse of :meth:`to_dict`."""
         return Roster({str(name): _key(text, f"roster entry {name!r}") for name, text in d.items()})

@@ -74,6 +74,10 @@ from fedembed.wire import decode_arrays, encode_arrays
 
 log = logging.getLogger(__name__)
 
+class RowsMissing(ProtocolError):
+    """Rows this organisation touched are missing from the row set U (a cancelled indicator or a dropped row)."""
+
+
 SECURE_STAGES = ("share", "indicators", "check_indicators", "unmask_indicators", "masked", "check", "unmask")
 PHASE_OF = {s: p for table in (MASK_STAGE, CHECK_STAGE, UNMASK_STAGE) for p, s in table.items()}
 
@@ -239,7 +243,7 @@ def _rowset(content: RecordDict, session: ClientSession, update: RowUpdate) -> R
     for name, tu in update.items():
         missing = np.setdiff1d(tu.ids, rowset.get(name, np.zeros(0, np.int64)))
         if missing.size:
-            raise ProtocolError(
+            raise RowsMissing(
                 f"table {name!r}: {missing.size} rows we touched are missing from U (a cancelled indicator or a "
                 "coordinator dropping our rows); refusing to send a vector that would lose them"
             )

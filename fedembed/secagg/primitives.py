@@ -298,13 +298,14 @@ def statement(kind: str, *parts: bytes | str | int) -> bytes:
         What is signed (``"advert"``, ``"share"``, ``"check"``, ``"reply"``...): a
         signature made for one kind never verifies for another.
     *parts : bytes, str or int
-        The signed fields, in a fixed order (ints as 8-byte big-endian, str as UTF-8).
+        The signed fields, in a fixed order (each type-tagged and length-prefixed).
     """
     out = [DOMAIN, b"sig/", kind.encode(), b"|"]
     for p in parts:
         if isinstance(p, bool) or not isinstance(p, bytes | bytearray | str | int):
             raise TypeError(f"cannot sign a part of type {type(p).__name__}")
-        b = p.encode() if isinstance(p, str) else struct.pack(">q", p) if isinstance(p, int) else bytes(p)
+        # type-tagged: an int (any size, e.g. a 64-bit Flower node id) in decimal, str as UTF-8
+        b = b"s" + p.encode() if isinstance(p, str) else b"i" + str(p).encode() if isinstance(p, int) else b"b" + bytes(p)
         out += [struct.pack(">I", len(b)), b]
     return b"".join(out)
 

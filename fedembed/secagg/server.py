@@ -39,7 +39,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 from flwr.app import ConfigRecord, RecordDict
 
-from fedembed.secagg.client import PHASE_OF, phases_for, rowset_digest
+from fedembed.secagg.client import RowsMissing, phases_for, rowset_digest
 from fedembed.secagg.graph import default_neighbours, default_threshold
 from fedembed.secagg.primitives import CryptoError
 from fedembed.secagg.protocol import (
@@ -72,7 +72,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 _FAULTS = (UpdateError, ProtocolError, CryptoError, KeyError, TypeError, ValueError)
-ROWS_MISSING = "RowsMissing"
+ROWS_MISSING = RowsMissing.__name__
 """Error code of an organisation whose touched rows were left out of U (a cancelled indicator)."""
 
 
