@@ -68,12 +68,14 @@ def make_client_app(
     audit_dir: str | None = None,
     key_dir: str | None = None,
     roster: str | None = None,
+    mods: list | None = None,
 ) -> ClientApp:
     """A ClientApp; in simulation, organisations keep state under ``state_root`` and keys in ``key_dir``.
 
-    With ``audit_dir``, every reply is also written there (:class:`fedembed.audit.AuditMod`).
+    With ``audit_dir``, every reply is also written there (:class:`fedembed.audit.AuditMod`);
+    ``mods`` are further Flower mods (after the audit one).
     """
-    app = ClientApp(mods=[AuditMod(audit_dir)] if audit_dir else None)
+    app = ClientApp(mods=([AuditMod(audit_dir)] if audit_dir else []) + list(mods or []) or None)
 
     def organisation(context: Context) -> Organisation:
         from fedembed.org import Organisation

@@ -26,6 +26,7 @@ def simulate(
     on_round: Callable[[dict], None] | None = None,
     num_cpus: int | None = None,
     audit: bool = False,
+    client_mods: list | None = None,
 ) -> RunLog:
     """Run ``cfg`` as a local simulation and write its outputs.
 
@@ -44,6 +45,8 @@ def simulate(
     audit : bool
         Record every byte each organisation sends in ``state/audit/org-<i>/``
         (:class:`fedembed.audit.AuditMod`).
+    client_mods : list, optional
+        More Flower ClientApp mods, innermost last (they see each reply after it is signed).
 
     Returns
     -------
@@ -90,6 +93,7 @@ def simulate(
         str((state / "audit").resolve()) if audit else None,
         key_dir=str(keys.resolve()),
         roster=str(roster_path.resolve()),
+        mods=client_mods,
     )
     cpus = num_cpus or os.cpu_count() or 1
     backend = {
