@@ -47,7 +47,9 @@ if str(ROOT) not in sys.path:
 from fedembed.cli import build_parser, config_from_args  # noqa: E402
 from fedembed.config import RunConfig  # noqa: E402
 from fedembed.coordinator import Coordinator, Reply  # noqa: E402
+from fedembed.identity import Identity, make_identities  # noqa: E402
 from fedembed.org import Organisation, handle_content  # noqa: E402
+from fedembed.task import load_task  # noqa: E402
 
 log = logging.getLogger("evaluate")
 
@@ -75,8 +77,13 @@ class InProcessTransport:
         Organisations (node ids 100, 101, ...).
     """
 
-    def __init__(self, state_root: Path, num_orgs: int) -> None:
-        self.orgs = {100 + i: Organisation(i, state_root / f"org-{i}") for i in range(num_orgs)}
+    def __init__(self, state_root: Path, num_orgs: int, names: list[str]) -> None:
+        # each organisation signs its replies with its own key; the coordinator knows the roster
+        self.roster = make_identities(names, state_root / "keys")
+        self.orgs = {
+            100 + i: Organisation(i, state_root / f"org-{i}", Identity.load(state_root / "keys" / f"{i}.key", self.roster))
+            for i in range(num_orgs)
+        }
 
     def node_ids(self, minimum: int, timeout: float) -> list[int]:
         """Every organisation is always connected."""
@@ -84,7 +91,7 @@ class InProcessTransport:
 
     def exchange(self, message_type: str, contents: dict, timeout: float) -> list[Reply]:
         """Hand each message to its organisation and collect the replies."""
-        return [Reply(node, handle_content(self.orgs[node], content)) for node, content in contents.items()]
+        return [Reply(node, handle_content(self.orgs[node], content, message_type, node)) for node, content in contents.items()]
 
 
 def run_args(scenario: str, mode: str, seed: int, rounds: int | None, out: Path) -> list[str]:
@@ -111,7 +118,7 @@ def run_one(args: list[str], out: Path, engine: str, guard: bool = True) -> None
         runlog, tables = run_pooled(cfg)
     else:
         with tempfile.TemporaryDirectory() as state:
-            coordinator = Coordinator(cfg, InProcessTransport(Path(state), cfg.num_orgs))
+            coordinator = Coordinator(cfg, InProcessTransport(Path(state), cfg.num_orgs, load_task(cfg.task).org_names()))
             runlog = coordinator.run()
             tables = coordinator.tables.tables
     runlog.write(out, tables)

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from secagg_harness import CTX, Harness
+from secagg_harness import Harness
 
 from fedembed.config import RunConfig
 from fedembed.coordinator import Coordinator
-from fedembed.secagg.protocol import ClientSession, ProtocolError, RoundAbandoned
+from fedembed.secagg.protocol import ClientSession, RoundAbandoned
 from fedembed.task import TaskSpec
 
 

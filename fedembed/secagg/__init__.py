@@ -32,7 +32,7 @@ named. See :mod:`~fedembed.secagg.protocol` and the README's "Secure aggregation
 for exactly what is and is not covered.
 """
 
-__all__ = ["ClientSession", "ServerSession", "RoundAbandoned", "ProtocolError", "ShareError", "SecurePolicy"]
+__all__ = ["ClientSession", "ServerSession", "RoundAbandoned", "ProtocolError", "SecurePolicy"]
 
 
 def __getattr__(name: str) -> object:  # lazy: fedembed.identity imports primitives from this package

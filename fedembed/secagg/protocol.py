@@ -95,14 +95,6 @@ MAX_SUBSETS = 64
 """Subsets of t shares tried per secret before a round is abandoned (bad shares)."""
 
 
-class ShareError(CryptoError):
-    """A share ciphertext from a named party that fails to open or is missing."""
-
-    def __init__(self, party: int, reason: str) -> None:
-        super().__init__(f"share from party {party}: {reason}")
-        self.party = party
-
-
 class RoundAbandoned(RuntimeError):
     """Too few parties remain to finish the round's secure sum; nothing was learned."""
 
