@@ -261,9 +261,11 @@ class SecureRound:
 
             def take_masked(node: int, c: RecordDict, phase: str = phase, length: int = length, dtype: type = dtype) -> None:
                 party = s.party_of[node]
+                complaints = self._complaints(party, c["complaints"]) if "complaints" in c else {}
                 s.add_masked(phase, party, array_view(c["masked"]["vector"]), length, dtype)
-                if "complaints" in c:
-                    self._complaints(party, c["complaints"])
+                for sender, reason in complaints.items():  # recorded once the reply is accepted whole
+                    self.entry.setdefault("accused", {})[sender] = reason
+                    log.warning("round %d: %s is accused: %s", self.round, sender, reason)
 
             self._exchange(stage, contents, take_masked)
             del contents
@@ -304,20 +306,23 @@ class SecureRound:
         except UpdateError as exc:
             raise RoundAbandoned(f"the secure sum is outside what honest organisations can send: {exc}") from exc
 
-    def _complaints(self, receiver: int, record: ConfigRecord) -> None:
-        """Record a receiver's complaints against share senders: the sender is named, nobody is removed."""
+    def _complaints(self, receiver: int, record: ConfigRecord) -> dict[str, str]:
+        """A receiver's complaints against share senders (sender name -> reason); nobody is removed.
+
+        Raises
+        ------
+        ProtocolError
+            A complaint against a party that is not the receiver's neighbour.
+        """
         s = self.session
         who = self.coord.roster.name_of_party(receiver)
+        out = {}
         for src, why in record.items():
-            try:
-                sender = self.coord.roster.name_of_party(int(src))
-            except (ValueError, KeyError) as exc:
-                raise ProtocolError(f"complaint against an unknown party {src!r}") from exc
-            if int(src) not in s.graph.get(receiver, []):
-                raise ProtocolError(f"complaint against {sender!r}, which is not its neighbour")
-            reason = f"its share for {who} did not open ({who} reports: {_printable(str(why))})"
-            self.entry.setdefault("accused", {})[sender] = reason
-            log.warning("round %d: %s is accused: %s", self.round, sender, reason)
+            if not str(src).isdigit() or int(src) not in s.graph.get(receiver, []):
+                raise ProtocolError(f"complaint against {_printable(str(src), 40)!r}, which is not its neighbour")
+            sender = self.coord.roster.name_of_party(int(src))
+            out[sender] = f"its share for {who} did not open ({who} reports: {_printable(str(why))})"
+        return out
 
 
 def _json(value: object) -> str:
