@@ -1,8 +1,11 @@
 """Deployment: the coordinator and the organisations as real Flower processes.
 
 ``fedembed server`` = :func:`run_server`: starts a Flower SuperLink (TLS and SuperNode
-authentication on by default), registers the organisations' public keys, submits the
-fedembed ServerApp as a Flower run and follows it, printing progress per round. The run
+authentication on by default) on 127.0.0.1 only, puts the Fleet gate
+(:mod:`fedembed.fleetgate`: the Fleet API and nothing else) on the public host and port,
+registers the organisations' public keys, submits the fedembed ServerApp as a Flower run
+and follows it, printing progress per round; its own ``flwr`` calls (Control API) go to
+the SuperLink's loopback address. The run
 is submitted as a minimal Flower App (``state-dir/app/pyproject.toml``: the components
 ``server.app:app`` / ``client.app:app`` and the run config, no code) so the ServerApp and
 the ClientApps import fedembed from the environment the user installed; Flower's run-time
@@ -19,6 +22,7 @@ Files in the coordinator's state directory::
     app/             the Flower App submitted
     flwr-home/       Flower's own files (FLWR_HOME of the SuperLink and of `flwr` calls)
     superlink.log    the SuperLink's log
+    fleetgate.log    the Fleet gate's log (refused requests, with their peer)
 """
 
 from __future__ import annotations
@@ -224,8 +228,9 @@ class ServerOptions:
     state_dir : Path
         Checkpoints, progress, outputs; restarting with the same directory resumes.
     host, port : str, int
-        Where the SuperLink listens (Fleet, Control and Runtime APIs share this port in
-        Flower 1.42). ``0.0.0.0`` for organisations on other machines.
+        The public address the organisations connect to: only the Fleet API is served
+        there (by the Fleet gate, :mod:`fedembed.fleetgate`). ``0.0.0.0`` for
+        organisations on other machines.
     certfile, keyfile, ca_certfile : Path or None
         TLS server certificate, its key, and the CA that signed it (required unless
         ``insecure``).
@@ -235,9 +240,12 @@ class ServerOptions:
         Public keys (OpenSSH ``ecdsa-sha2-nistp*``) of the organisations allowed to join.
         Empty with TLS on: authentication is off (logged as a warning).
     startup_timeout : float
-        Seconds to wait for the SuperLink to listen.
+        Seconds to wait for the SuperLink and the Fleet gate to listen.
     poll_seconds : float
         How often the run's status is checked.
+    superlink_port : int or None
+        Port of the SuperLink itself, on 127.0.0.1 only (its Control and Runtime APIs, and
+        the Fleet API behind the gate); None picks a free one at start.
     """
 
     state_dir: Path
@@ -250,6 +258,7 @@ class ServerOptions:
     auth_keys: list[Path] = field(default_factory=list)
     startup_timeout: float = 60.0
     poll_seconds: float = 5.0
+    superlink_port: int | None = None
 
     def __post_init__(self) -> None:
         self.state_dir = Path(self.state_dir).resolve()
@@ -273,10 +282,12 @@ class ServerOptions:
         self.auth_keys = [Path(k).resolve() for k in self.auth_keys]
         if self.insecure and self.auth_keys:
             raise ConfigError("SuperNode authentication needs TLS: drop --insecure or drop --auth-key")
+        if self.superlink_port is not None and self.superlink_port == self.port:
+            raise ConfigError(f"the SuperLink's loopback port must differ from the public port {self.port}")
 
     @property
     def connect_host(self) -> str:
-        """Address local `flwr` calls use to reach the SuperLink."""
+        """Address this machine reaches the public (Fleet) port on."""
         return "127.0.0.1" if self.host in ("0.0.0.0", "::", "") else self.host
 
     @property
@@ -326,7 +337,12 @@ def write_app(app_dir: Path, cfg: RunConfig, state_dir: Path) -> Path:
 
 
 class CoordinatorProcess:
-    """A Flower SuperLink plus our run on it; see the module docstring.
+    """A Flower SuperLink on loopback, the Fleet gate on the public port, our run on them.
+
+    Flower 1.42 serves the SuperLink's Fleet, Control and Runtime APIs on one port (see
+    :mod:`fedembed.fleetgate`), so the SuperLink listens on ``127.0.0.1:superlink_port``
+    only, where the SuperExec and our own ``flwr`` calls reach it, and the gate on
+    ``opts.host:opts.port`` lets through the Fleet API alone.
 
     Parameters
     ----------
@@ -334,18 +350,29 @@ class CoordinatorProcess:
         Where and how to listen.
     """
 
+    LOOPBACK = "127.0.0.1"
+
     def __init__(self, opts: ServerOptions) -> None:
         self.opts = opts
         self.proc: subprocess.Popen | None = None
+        self.gate: subprocess.Popen | None = None
+        self.superlink_port = opts.superlink_port or free_port(self.LOOPBACK)
+        while self.superlink_port == opts.port:  # the public port is not bound yet: never pick it
+            self.superlink_port = free_port(self.LOOPBACK)
         self.opts.state_dir.mkdir(parents=True, exist_ok=True)
         self.files = DeployedRunFiles(self.opts.state_dir)
         self.env = flower_env(self.opts.flwr_home)
 
+    @property
+    def superlink_address(self) -> str:
+        """``127.0.0.1:<port>`` of the SuperLink (Control and Runtime APIs; never public)."""
+        return f"{self.LOOPBACK}:{self.superlink_port}"
+
     # -------------------------------------------------------------- SuperLink
     def superlink_command(self) -> list[str]:
-        """The ``flower-superlink`` command line."""
+        """The ``flower-superlink`` command line: loopback only."""
         o = self.opts
-        cmd = [_command("flower-superlink"), "--host", o.host, "--port", str(o.port),
+        cmd = [_command("flower-superlink"), "--host", self.LOOPBACK, "--port", str(self.superlink_port),
                "--disable-runtime-dependency-installation"]
         if o.insecure:
             cmd.append("--insecure")
@@ -356,30 +383,54 @@ class CoordinatorProcess:
                 cmd.append("--enable-supernode-auth")
         return cmd
 
+    def fleetgate_command(self) -> list[str]:
+        """The Fleet gate's command line: public ``host:port`` -> the loopback SuperLink."""
+        o = self.opts
+        scheme = "http" if o.insecure else "https"
+        cmd = [sys.executable, "-m", "fedembed.fleetgate", "--host", o.host, "--port", str(o.port),
+               "--upstream", f"{scheme}://{self.superlink_address}"]
+        if not o.insecure:
+            cmd += ["--certfile", str(o.certfile), "--keyfile", str(o.keyfile), "--ca-certfile", str(o.ca_certfile)]
+        return cmd
+
+    def _spawn(self, cmd: list[str], logname: str) -> subprocess.Popen:
+        log.info("starting %s", " ".join(cmd))
+        logfile = open(self.opts.state_dir / logname, "ab")  # noqa: SIM115 - owned by the process
+        try:
+            return subprocess.Popen(cmd, cwd=self.opts.state_dir, env=self.env, stdout=logfile,
+                                    stderr=subprocess.STDOUT, preexec_fn=_die_with_parent)
+        finally:
+            logfile.close()
+
     def start(self) -> None:
-        """Start the SuperLink, wait for it, write the `flwr` connection, register org keys."""
+        """Start the SuperLink (loopback) and the Fleet gate (public); write the `flwr` connection; register org keys."""
         o = self.opts
         if o.insecure:
             log.warning("--insecure: TLS is off and any SuperNode may join; traffic is readable on the network")
         elif not o.auth_keys:
             log.warning("no --auth-key given: SuperNode authentication is off, any SuperNode with the CA may join")
         self._write_connection()
-        logfile = open(o.state_dir / "superlink.log", "ab")  # noqa: SIM115 - owned by the process
-        log.info("starting %s", " ".join(self.superlink_command()))
-        self.proc = subprocess.Popen(
-            self.superlink_command(), cwd=o.state_dir, env=self.env, stdout=logfile, stderr=subprocess.STDOUT,
-            preexec_fn=_die_with_parent,
-        )
-        logfile.close()
-        wait_for_port(o.connect_host, o.port, o.startup_timeout, self.proc)
+        self.proc = self._spawn(self.superlink_command(), "superlink.log")
+        wait_for_port(self.LOOPBACK, self.superlink_port, o.startup_timeout, self.proc)
+        self.gate = self._spawn(self.fleetgate_command(), "fleetgate.log")
+        wait_for_port(o.connect_host, o.port, o.startup_timeout, self.gate)
+        log.info("SuperLink on %s (Control and Runtime APIs, loopback only); Fleet API on %s:%d",
+                 self.superlink_address, o.host, o.port)
         for key in o.auth_keys:
             self.register(key)
+
+    def _check_running(self) -> None:
+        """Raise if the SuperLink or the gate has exited."""
+        for proc, name, logname in ((self.proc, "SuperLink", "superlink.log"),
+                                    (self.gate, "Fleet gate", "fleetgate.log")):
+            if proc is not None and proc.poll() is not None:
+                raise RuntimeError(f"{name} exited with {proc.returncode}; see {self.opts.state_dir / logname}")
 
     def _write_connection(self) -> None:
         import tomli_w
 
         o = self.opts
-        conn: dict[str, Any] = {"address": f"{o.connect_host}:{o.port}"}
+        conn: dict[str, Any] = {"address": self.superlink_address}
         if o.insecure:
             conn["insecure"] = True
         else:
@@ -424,8 +475,7 @@ class CoordinatorProcess:
                     on_change(online)
             if online >= count or time.monotonic() > deadline:
                 return online
-            if self.proc is not None and self.proc.poll() is not None:
-                raise RuntimeError(f"SuperLink exited with {self.proc.returncode}; see {self.opts.state_dir / 'superlink.log'}")
+            self._check_running()
             time.sleep(1.0)
 
     # -------------------------------------------------------------- run
@@ -473,6 +523,9 @@ class CoordinatorProcess:
                             on_event(event)
             if self.proc is not None and self.proc.poll() is not None:
                 return {"status": "superlink-exited", "details": f"SuperLink exited with {self.proc.returncode}", "done": done}
+            if self.gate is not None and self.gate.poll() is not None:
+                return {"status": "fleetgate-exited", "details": f"Fleet gate exited with {self.gate.returncode}",
+                        "done": done}
             if time.monotonic() >= next_poll or done:
                 status, details = self.run_status(run_id)
                 if status.startswith("finished"):
@@ -483,7 +536,10 @@ class CoordinatorProcess:
             time.sleep(0.5)
 
     def stop(self) -> None:
-        """Stop the SuperLink and everything it started."""
+        """Stop the Fleet gate, then the SuperLink and everything it started."""
+        if self.gate is not None:
+            kill_tree(self.gate)
+            self.gate = None
         if self.proc is not None:
             kill_tree(self.proc)
             self.proc = None

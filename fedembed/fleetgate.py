@@ -1,0 +1,247 @@
+"""The coordinator's public port: Flower's Fleet API and nothing else.
+
+Flower 1.42's SuperLink serves all of its APIs from one HTTP server on one ``--host`` /
+``--port``: ``flower-superlink`` (``flwr.superlink.cli.flower_superlink.flower_superlink``)
+ends in a single ``uvicorn.run`` of the FastAPI app built by
+``flwr.superlink.main.create_app``, which mounts the Fleet API (SuperNodes) under
+``/v1/fleet``, the Control API (the ``flwr`` CLI: nodes, keys, runs; no authentication in
+the open-source SuperLink) under ``/v1/control`` and the Runtime API (SuperExec and
+ServerApp) under ``/v1/runtime``. ``--fleet-api-address`` and ``--control-api-address``
+are deprecated and bind nothing unless Flower's internal legacy-gRPC switches are set.
+The APIs cannot be put on different addresses.
+
+So ``fedembed server`` runs the SuperLink on 127.0.0.1 only and puts this gate on the
+public host and port. The gate terminates TLS with the coordinator's certificate (the
+organisations verify it with ``ca.crt`` as before) and forwards a request to the
+SuperLink, over TLS on loopback, only if it is a ``POST`` whose path is exactly one of the
+routes of Flower's Fleet router (read from the installed Flower, ``/v1/fleet/...``). The
+upstream request is built from that route, never from the client's raw path or query,
+so no path trick reaches another router. Every other request is answered ``403`` by the
+gate itself and never reaches the SuperLink. SuperNode authentication is untouched:
+Flower's signed headers travel through, and the SuperLink checks them as before.
+
+Run it as ``python -m fedembed.fleetgate`` (see :func:`main`); :class:`FleetGate` is the
+ASGI application.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import ssl
+import sys
+from collections.abc import AsyncIterator, Awaitable, Callable, MutableMapping
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+log = logging.getLogger("fedembed.fleetgate")  # also under `python -m`
+
+Scope = MutableMapping[str, Any]
+Receive = Callable[[], Awaitable[MutableMapping[str, Any]]]
+Send = Callable[[MutableMapping[str, Any]], Awaitable[None]]
+
+REFUSAL = ("refused by the fedembed fleet gate: this port serves only the Flower Fleet API "
+           "(SuperNodes); the Control and Runtime APIs are not reachable from the network")
+"""``detail`` of every refusal (the ``flwr`` CLI prints it)."""
+
+REFUSAL_HEADER = b"x-fedembed-gate"
+"""Response header marking an answer the gate gave itself: ``refused`` (403), or
+``unavailable`` (503) when the SuperLink cannot be reached."""
+
+_DROPPED_HEADERS = frozenset({
+    # hop-by-hop (RFC 9110 7.6.1): they describe one connection, not the request
+    b"connection", b"keep-alive", b"proxy-authenticate", b"proxy-authorization", b"proxy-connection",
+    b"te", b"trailer", b"transfer-encoding", b"upgrade",
+    # set by the client library for the upstream connection
+    b"host",
+    # who the peer is: the gate says so itself; the SuperLink's uvicorn trusts these from 127.0.0.1
+    b"forwarded", b"x-forwarded-for", b"x-forwarded-proto", b"x-forwarded-host", b"x-forwarded-port", b"x-real-ip",
+})
+
+
+def fleet_paths() -> frozenset[str]:
+    """The paths of the installed Flower's Fleet API routes (all ``POST``).
+
+    Raises
+    ------
+    RuntimeError
+        If Flower's Fleet router is empty or has a route outside ``/v1/fleet/`` (a Flower
+        version this gate was not written for).
+    """
+    from flwr.superlink.routers.fleet.router import router
+
+    paths = frozenset(r.path for r in router.routes if "POST" in (getattr(r, "methods", None) or ()))
+    if not paths or not all(p.startswith("/v1/fleet/") for p in paths):
+        raise RuntimeError(f"unexpected Flower Fleet API routes {sorted(paths)}: this fedembed does not know "
+                           "how to gate this Flower version")
+    return paths
+
+
+class FleetGate:
+    """ASGI app: forward Fleet API calls to the SuperLink, refuse everything else.
+
+    Parameters
+    ----------
+    upstream : str
+        Base URL of the SuperLink, e.g. ``https://127.0.0.1:41234`` (loopback).
+    verify : ssl.SSLContext or bool
+        How to verify the SuperLink's certificate (a context holding the coordinator's CA),
+        or ``False`` for a plain-HTTP (``--insecure``) SuperLink.
+    paths : frozenset of str, optional
+        The paths let through; default :func:`fleet_paths`.
+    timeout : float
+        Seconds to wait for the SuperLink to connect or send data; a SuperNode's own
+        request timeout is shorter.
+    """
+
+    def __init__(self, upstream: str, verify: ssl.SSLContext | bool, paths: frozenset[str] | None = None,
+                 timeout: float = 300.0) -> None:
+        self.upstream = upstream.rstrip("/")
+        self.paths = fleet_paths() if paths is None else frozenset(paths)
+        # one upstream connection per concurrent call, as if the SuperNodes dialled the SuperLink
+        self.client = httpx.AsyncClient(
+            base_url=self.upstream, verify=verify, timeout=httpx.Timeout(timeout),
+            limits=httpx.Limits(max_connections=None, max_keepalive_connections=64), follow_redirects=False,
+        )
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        """Serve one ASGI connection scope."""
+        if scope["type"] == "lifespan":
+            await self._lifespan(receive, send)
+            return
+        if scope["type"] != "http":
+            return  # websockets are switched off in the server; nothing else is served
+        if scope["method"] != "POST" or scope["path"] not in self.paths:
+            peer = scope.get("client") or ("?", 0)
+            log.warning("refused %s %.200r from %s:%s", scope["method"], scope.get("raw_path", b""), peer[0], peer[1])
+            await _answer(send, 403, REFUSAL)
+            return
+        await self._forward(scope["path"], scope, receive, send)
+
+    async def _forward(self, path: str, scope: Scope, receive: Receive, send: Send) -> None:
+        peer = scope.get("client") or ("", 0)
+        headers = [(k, v) for k, v in scope["headers"] if k.lower() not in _DROPPED_HEADERS]
+        if peer[0]:
+            headers.append((b"x-forwarded-for", str(peer[0]).encode("latin-1")))
+        # ``path`` is the matched route, one of ``self.paths``; the query string is dropped
+        request = self.client.build_request("POST", path, headers=headers, content=_body(receive))
+        try:
+            response = await self.client.send(request, stream=True)
+        except _ClientGone:
+            return
+        except httpx.TransportError as exc:
+            log.error("SuperLink at %s unreachable for %s: %s", self.upstream, path, exc)
+            await _answer(send, 503, "SuperLink unavailable")
+            return
+        try:
+            await send({"type": "http.response.start", "status": response.status_code,
+                        "headers": [(k, v) for k, v in response.headers.raw if k.lower() not in _DROPPED_HEADERS]})
+            async for chunk in response.aiter_raw():
+                await send({"type": "http.response.body", "body": chunk, "more_body": True})
+            await send({"type": "http.response.body", "body": b"", "more_body": False})
+        finally:
+            await response.aclose()
+
+    async def _lifespan(self, receive: Receive, send: Send) -> None:
+        while True:
+            message = await receive()
+            if message["type"] == "lifespan.startup":
+                log.info("fleet gate: forwarding %d Fleet API routes to %s, refusing everything else",
+                         len(self.paths), self.upstream)
+                await send({"type": "lifespan.startup.complete"})
+            elif message["type"] == "lifespan.shutdown":
+                await self.client.aclose()
+                await send({"type": "lifespan.shutdown.complete"})
+                return
+
+
+class _ClientGone(Exception):
+    """The SuperNode hung up while sending its request."""
+
+
+async def _body(receive: Receive) -> AsyncIterator[bytes]:
+    """The request body, streamed as it arrives (never held whole)."""
+    while True:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            raise _ClientGone
+        yield message.get("body", b"")
+        if not message.get("more_body", False):
+            return
+
+
+async def _answer(send: Send, status: int, detail: str) -> None:
+    """A JSON ``{"detail": ...}`` answer of the gate's own, marked with :data:`REFUSAL_HEADER`."""
+    body = json.dumps({"detail": detail}).encode()
+    await send({"type": "http.response.start", "status": status,
+                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
+                            (REFUSAL_HEADER, b"refused" if status == 403 else b"unavailable")]})
+    await send({"type": "http.response.body", "body": body, "more_body": False})
+
+
+def upstream_verify(ca_certfile: Path | None) -> ssl.SSLContext | bool:
+    """TLS verification of the SuperLink: a context trusting ``ca_certfile``; ``False`` if None (plain HTTP)."""
+    if ca_certfile is None:
+        return False
+    return ssl.create_default_context(cafile=str(ca_certfile))
+
+
+def serve(host: str, port: int, upstream: str, certfile: Path | None = None, keyfile: Path | None = None,
+          ca_certfile: Path | None = None) -> None:
+    """Run the gate on ``host:port`` until interrupted.
+
+    Parameters
+    ----------
+    host, port : str, int
+        The public address (where the organisations connect).
+    upstream : str
+        The SuperLink's loopback base URL (``https://127.0.0.1:<port>``, or ``http://``
+        for an insecure trial).
+    certfile, keyfile : Path or None
+        The coordinator's TLS certificate and key, served to the organisations; both
+        None: plain HTTP.
+    ca_certfile : Path or None
+        CA that signed the SuperLink's certificate (verifies the upstream connection).
+    """
+    import uvicorn
+
+    if (certfile is None) != (keyfile is None):
+        raise ValueError("give both certfile and keyfile, or neither (plain HTTP)")
+    if upstream.startswith("https://") and ca_certfile is None:
+        raise ValueError("an https upstream needs ca_certfile to verify the SuperLink's certificate")
+    app = FleetGate(upstream, upstream_verify(ca_certfile if upstream.startswith("https://") else None))
+    config = uvicorn.Config(
+        app, host=host, port=port, lifespan="on", ws="none", proxy_headers=False, server_header=False,
+        access_log=False, log_config=None, timeout_graceful_shutdown=2,
+        ssl_certfile=None if certfile is None else str(certfile), ssl_keyfile=None if keyfile is None else str(keyfile),
+    )
+    asyncio.run(uvicorn.Server(config).serve())
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m fedembed.fleetgate --host H --port P --upstream URL [TLS files]``."""
+    p = argparse.ArgumentParser(prog="python -m fedembed.fleetgate", description=__doc__.split("\n\n")[0])
+    p.add_argument("--host", required=True, help="public address to listen on")
+    p.add_argument("--port", type=int, required=True, help="public port (the organisations' SuperNodes dial it)")
+    p.add_argument("--upstream", required=True, help="the SuperLink on loopback, https://127.0.0.1:PORT")
+    p.add_argument("--certfile", type=Path, help="TLS certificate served to the organisations")
+    p.add_argument("--keyfile", type=Path, help="its private key")
+    p.add_argument("--ca-certfile", type=Path, help="CA that signed the SuperLink's certificate")
+    args = p.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+                        stream=sys.stderr)
+    for name in ("fedembed", "uvicorn.error"):
+        logging.getLogger(name).setLevel(logging.INFO)
+    try:
+        serve(args.host, args.port, args.upstream, args.certfile, args.keyfile, args.ca_certfile)
+    except KeyboardInterrupt:
+        pass
+    return 0
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())
