@@ -8,13 +8,16 @@ import logging
 import os
 import sys
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from fedembed.config import MODES, ROW_SETS, ConfigError, RunConfig
 from fedembed.task import BUILTIN_TASKS, TaskError, TaskSpec
 from fedembed.train import TABLE_OPTIMIZERS, TrainConfig
+
+if TYPE_CHECKING:
+    from fedembed.identity import Roster
 
 log = logging.getLogger("fedembed")
 
@@ -290,13 +293,17 @@ def _add_server(sub: argparse._SubParsersAction) -> None:
                    help="checkpoints, outputs, logs; reuse it to resume")
     n = p.add_argument_group("network")
     n.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: all interfaces)")
-    n.add_argument("--port", type=int, default=9092, help="port of the SuperLink (Fleet, Control and Runtime APIs)")
+    n.add_argument("--port", type=int, default=9092, help="public port: Flower's Fleet API only (the SuperLink's Control and Runtime APIs stay on 127.0.0.1)")
     n.add_argument("--certfile", type=Path, default=None, help="TLS certificate of the coordinator (PEM)")
     n.add_argument("--keyfile", type=Path, default=None, help="its private key (PEM)")
     n.add_argument("--ca-certfile", type=Path, default=None, help="CA certificate that signed it (PEM)")
     n.add_argument("--insecure", action="store_true", help="no TLS, no SuperNode authentication (loopback trials only)")
     n.add_argument("--auth-key", action="append", default=[], type=Path, metavar="PUB",
                    help="public key (OpenSSH) of an organisation allowed to join, or a directory of *.pub; repeatable")
+    n.add_argument("--roster", type=Path, default=None,
+                   help="the federation's organisations: directory of <name>.pub files or a JSON file name -> "
+                        "public key; replies are attributed by these keys' signatures (default: the --auth-key "
+                        "keys, named by file name)")
     p.add_argument("--quiet", action="store_true", help="no live progress display")
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
 
@@ -319,6 +326,19 @@ def _add_client(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--state-dir", type=Path, required=True, help="this organisation's private state directory")
     p.add_argument("--root-cert", type=Path, default=None, help="CA certificate that signed the coordinator's")
     p.add_argument("--auth-key", type=Path, default=None, help="this organisation's private key (OpenSSH EC)")
+    p.add_argument("--identity-key", type=Path, default=None,
+                   help="private key that signs this organisation's replies (default: --auth-key); its public half "
+                        "must be in the roster")
+    p.add_argument("--roster", type=Path, required=True,
+                   help="the federation's roster as this organisation holds it: directory of <name>.pub files or "
+                        "JSON; the other organisations' signatures are checked against it, never against keys "
+                        "the coordinator sends")
+    p.add_argument("--secure-colluders", type=int, default=0,
+                   help="organisations that may collude with the coordinator: secure rounds need a consistency "
+                        "statement signed by more than half of (roster + this many)")
+    p.add_argument("--secure-row-sets", default="dense,union,revealed",
+                   help="secure row-set modes this organisation takes part in (revealed tells the coordinator "
+                        "its row ids)")
     p.add_argument("--insecure", action="store_true", help="no TLS (only against an --insecure coordinator)")
     p.add_argument("--runtime-port", type=int, default=None,
                    help="port of the SuperNode's local Runtime API on 127.0.0.1 (default: a free one)")
@@ -354,6 +374,20 @@ def _auth_keys(paths: list[Path]) -> list[Path]:
     return out
 
 
+def _roster(path: Path | None, auth_keys: list[Path]) -> Roster:
+    """The coordinator's roster: ``--roster``, else the ``--auth-key`` public keys named by file name."""
+    from fedembed.identity import IdentityError, Roster
+
+    try:
+        if path is not None:
+            return Roster.load(path)
+        if not auth_keys:
+            raise ConfigError("no roster: pass --roster (directory of <name>.pub or JSON) or the --auth-key keys")
+        return Roster({p.stem: Roster.load_key(p) for p in auth_keys})
+    except IdentityError as exc:
+        raise ConfigError(str(exc)) from exc
+
+
 def _with_config_file(argv: list[str] | None, args: argparse.Namespace) -> argparse.Namespace:
     """Re-parse ``server`` arguments with the TOML file's values as defaults."""
     import tomllib
@@ -371,7 +405,7 @@ def _with_config_file(argv: list[str] | None, args: argparse.Namespace) -> argpa
         dest = key.replace("-", "_")
         if dest not in known or dest == "config":
             raise ConfigError(f"{path}: unknown setting {key!r}; see `fedembed server --help`")
-        defaults[dest] = [Path(v) for v in value] if dest == "auth_key" else value
+        defaults[dest] = [Path(v) for v in value] if dest == "auth_key" else Path(value) if dest == "roster" else value
     server.set_defaults(**defaults)
     return parser.parse_args(argv)
 
@@ -407,6 +441,7 @@ def cmd_server(args: argparse.Namespace, argv: list[str] | None = None) -> int:
         args = _with_config_file(argv, args)
     cfg = config_from_args(args)
     load_task(cfg.task)  # fail fast on a bad task
+    cfg = cfg.with_roster(_roster(args.roster, _auth_keys(args.auth_key)).to_dict())
     opts = ServerOptions(
         state_dir=args.state_dir, host=args.host, port=args.port, certfile=args.certfile, keyfile=args.keyfile,
         ca_certfile=args.ca_certfile, insecure=args.insecure, auth_keys=_auth_keys(args.auth_key),
@@ -439,6 +474,9 @@ def cmd_client(args: argparse.Namespace) -> int:
     opts = ClientOptions(
         superlink=args.superlink, org=args.org, state_dir=args.state_dir, root_cert=args.root_cert,
         auth_key=args.auth_key, insecure=args.insecure, runtime_port=args.runtime_port, restart=not args.no_restart,
+        identity_key=args.identity_key, roster=args.roster,
+        extra_node_config={"secure-colluders": str(args.secure_colluders),
+                           "secure-row-sets": json.dumps(args.secure_row_sets)},
     )
     if opts.insecure:
         log.warning("--insecure: this organisation's traffic to the coordinator is not encrypted")

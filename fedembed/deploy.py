@@ -644,6 +644,14 @@ class ClientOptions:
         so several organisations can run on one machine.
     restart : bool
         Start the SuperNode again whenever it exits (coordinator restarted or away).
+    identity_key : Path or None
+        This organisation's private identity key (signs every reply and its secure
+        aggregation messages); default ``auth_key``.
+    roster : Path or None
+        The federation's roster as this organisation holds it (directory of ``<name>.pub``
+        or JSON): the keys it checks the others' signatures with.
+    extra_node_config : dict
+        More node-config entries (e.g. the ``secure-*`` policy keys).
     """
 
     superlink: str
@@ -655,9 +663,24 @@ class ClientOptions:
     runtime_port: int | None = None
     restart: bool = True
     extra_node_config: dict[str, str] = field(default_factory=dict)
+    identity_key: Path | None = None
+    roster: Path | None = None
 
     def __post_init__(self) -> None:
+        from fedembed.identity import Identity, IdentityError
+
         self.state_dir = Path(self.state_dir).resolve()
+        self.identity_key = self.identity_key or self.auth_key
+        if self.identity_key is None or self.roster is None:
+            raise ConfigError(
+                "an organisation needs its identity key (--identity-key, default --auth-key) and the federation's "
+                "roster (--roster: directory of <name>.pub files or JSON)"
+            )
+        try:
+            self.name = Identity.load(self.identity_key, self.roster).name
+        except IdentityError as exc:
+            raise ConfigError(str(exc)) from exc
+        self.identity_key, self.roster = Path(self.identity_key).resolve(), Path(self.roster).resolve()
         if self.insecure:
             if self.auth_key is not None:
                 raise ConfigError("--auth-key needs TLS: drop --insecure")
@@ -669,8 +692,10 @@ class ClientOptions:
 
 
 def node_config(opts: ClientOptions) -> str:
-    """The ``--node-config`` string: ``org=<index> state-dir="<dir>"`` (+ extras)."""
-    items = {"org": str(opts.org), "state-dir": json.dumps(str(opts.state_dir)), **opts.extra_node_config}
+    """The ``--node-config`` string: ``org=<index> state-dir="<dir>" identity-key="<key>" roster="<roster>"`` (+ extras)."""
+    items = {"org": str(opts.org), "state-dir": json.dumps(str(opts.state_dir)),
+             "identity-key": json.dumps(str(opts.identity_key)), "roster": json.dumps(str(opts.roster)),
+             **opts.extra_node_config}
     return " ".join(f"{k}={v}" for k, v in items.items())
 
 

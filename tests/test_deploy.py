@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import shutil
 import socket
 import ssl
 import subprocess
@@ -87,7 +88,12 @@ class Procs:
 
 @pytest.fixture(scope="module")
 def certs(tmp_path_factory):
-    return write_test_certs(tmp_path_factory.mktemp("certs"), orgs=4)
+    c = write_test_certs(tmp_path_factory.mktemp("certs"), orgs=4)
+    # the federation's roster: organisations 0-2 (key 3 belongs to an outsider)
+    c.roster = tmp_path_factory.mktemp("roster")
+    for k in range(3):
+        shutil.copy(c.org_public_keys[k], c.roster / c.org_public_keys[k].name)
+    return c
 
 
 def server_cmd(state: Path, port: int, certs, rounds: int, min_orgs: int, timeout: float, keys: list[int],
@@ -96,7 +102,7 @@ def server_cmd(state: Path, port: int, certs, rounds: int, min_orgs: int, timeou
            "--start-orgs", "3", "--round-timeout", str(timeout), "--state-dir", str(state), "--port", str(port),
            "--quiet", *extra]
     if insecure:
-        return cmd + ["--insecure"]
+        return cmd + ["--insecure", "--roster", str(certs.roster)]
     cmd += ["--certfile", str(certs.server_cert), "--keyfile", str(certs.server_key), "--ca-certfile", str(certs.ca_cert)]
     for k in keys:
         cmd += ["--auth-key", str(certs.org_public_keys[k])]
@@ -106,7 +112,8 @@ def server_cmd(state: Path, port: int, certs, rounds: int, min_orgs: int, timeou
 def client_cmd(org: int, port: int, state: Path, certs, key: int | None = None) -> list[str]:
     key = org if key is None else key
     return [str(BIN / "fedembed"), "client", "--superlink", f"127.0.0.1:{port}", "--org", str(org),
-            "--state-dir", str(state), "--root-cert", str(certs.ca_cert), "--auth-key", str(certs.org_private_keys[key])]
+            "--state-dir", str(state), "--root-cert", str(certs.ca_cert), "--auth-key", str(certs.org_private_keys[key]),
+            "--roster", str(certs.roster)]
 
 
 def events(state: Path) -> list[dict]:
@@ -154,7 +161,7 @@ def tls_run(tmp_path_factory, certs):
         wait_until("org keys registered", lambda: "registered organisation key org-2.pub" in procs.log("server"),
                    120, procs, server)
         stock = ClientOptions(superlink=f"127.0.0.1:{port}", org=2, state_dir=root / "org2", root_cert=certs.ca_cert,
-                              auth_key=certs.org_private_keys[2])
+                              auth_key=certs.org_private_keys[2], roster=certs.roster)
         procs.start("org2", supernode_command(stock, free_port(), stock=True))
         ctx = ssl.create_default_context(cafile=str(certs.ca_cert))
         with socket.create_connection(("127.0.0.1", port)) as raw, ctx.wrap_socket(raw, server_hostname="127.0.0.1") as tls:
@@ -162,7 +169,8 @@ def tls_run(tmp_path_factory, certs):
         wait_until("round 1", lambda: rounds_done(state), 240, procs, server)
         # an organisation whose key is not listed tries to join while the run is going
         intruder = ClientOptions(superlink=f"127.0.0.1:{port}", org=0, state_dir=root / "intruder",
-                                 root_cert=certs.ca_cert, auth_key=certs.org_private_keys[3])
+                                 root_cert=certs.ca_cert, auth_key=certs.org_private_keys[3],
+                                 roster=certs.org_public_keys[3].parent)  # its own idea of the roster
         bad = procs.start("intruder", supernode_command(intruder, free_port(), stock=True))
         server.wait(timeout=300)
         bad_code = bad.wait(timeout=60)
@@ -194,7 +202,8 @@ def test_secure_aggregation_runs_between_processes(tls_run):
     doc = json.loads((tls_run["state"] / "metrics.json").read_text())
     assert doc["config"]["secure"] is True
     for r in doc["rounds"]:
-        assert {"train", "share", "masked", "unmask"} <= set(r["stages"])
+        assert {"train", "share", "indicators", "check_indicators", "unmask_indicators", "masked", "check",
+                "unmask"} <= set(r["stages"])
         assert r["clients"] == 3 and r["rows_changed"] > 0
 
 
@@ -306,20 +315,21 @@ CLICKS = ["--task", "examples.my_task:ClicksTask", "--orgs", "3", "--task-option
 
 
 @pytest.fixture(scope="module")
-def captured_run(tmp_path_factory):
+def captured_run(tmp_path_factory, certs):
     root = tmp_path_factory.mktemp("capture")
     procs = Procs(root)
     proxy = None
     try:
         port = free_port()
         state = root / "coordinator"
-        server = procs.start("server", server_cmd(state, port, None, rounds=2, min_orgs=3, timeout=180, keys=[],
+        server = procs.start("server", server_cmd(state, port, certs, rounds=2, min_orgs=3, timeout=180, keys=[],
                                                   insecure=True, task=CLICKS))
         wait_for_port("127.0.0.1", port, 60, server)
         proxy = RecordingProxy(("127.0.0.1", port), root / "capture").start()
         for org in range(3):
             procs.start(f"org{org}", [str(BIN / "fedembed"), "client", "--insecure", "--superlink",
-                                      f"127.0.0.1:{proxy.port}", "--org", str(org), "--state-dir", str(root / f"org{org}")])
+                                      f"127.0.0.1:{proxy.port}", "--org", str(org), "--state-dir", str(root / f"org{org}"),
+                                      "--identity-key", str(certs.org_private_keys[org]), "--roster", str(certs.roster)])
         server.wait(timeout=400)
         time.sleep(1.0)
         return {"root": root, "state": state, "server_code": server.returncode, "procs": procs,
