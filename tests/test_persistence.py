@@ -104,9 +104,12 @@ def test_all_checkpoints_corrupt_server_command_refuses_and_exits_non_zero(tmp_p
         raise AssertionError("a SuperLink was started on a state dir whose checkpoints are all corrupt")
 
     monkeypatch.setattr(deploy, "CoordinatorProcess", no_superlink)
+    from fedembed.identity import make_identities
+
+    roster = make_identities(["org-0", "org-1", "org-2"], tmp_path / "keys").write(tmp_path / "roster.json")
     with caplog.at_level(logging.ERROR):
         rc = main(["server", "--task", "examples.my_task:ClicksTask", "--orgs", "3", "--task-option", "products=400",
-                   "--rounds", "4", "--insecure", "--state-dir", str(server_dir), "--quiet"])
+                   "--rounds", "4", "--insecure", "--roster", str(roster), "--state-dir", str(server_dir), "--quiet"])
     assert rc == 2
     errors = [r.message for r in caplog.records if r.levelno >= logging.ERROR]
     assert any("checkpoint-000002.npz" in m and "--state-dir" in m for m in errors), errors
