@@ -128,7 +128,7 @@ class Guard:
         tables, version = self.state.load_tables(task.table_shapes(), seed, scale, key)
         model = task.build_model(org)
         model.set_tables(tables)
-        saved = self.state.load_head() if version > 0 else None
+        saved = self.state.load_head(model) if version > 0 else None  # a foreign head.pt is set aside
         if saved is not None:
             model.load_head_state_dict(saved["head"])
         return model, saved
