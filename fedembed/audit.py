@@ -54,7 +54,7 @@ class AuditMod:
             return
         objects = get_all_nested_objects(reply.content)
         atomic_write(d / f"{stem}.bin", b"".join(o.deflate() for o in objects.values()))
-        index: dict = {"org": reply.content["info"].get("org") if "info" in reply.content else None}
+        index: dict = {"org": reply.content["sig"].get("name") if "sig" in reply.content else None}  # who signed
         for name, rec in reply.content.items():
             if isinstance(rec, ArrayRecord):
                 index[name] = {k: {"dtype": a.dtype, "shape": list(a.shape)} for k, a in rec.items()}
