@@ -13,8 +13,8 @@ has to believe a key a message hands it:
   coordinator cannot slip in keys of its own (Sybils) or show parties different lists.
 
 A roster is a directory of ``<name>.pub`` files (what ``fedembed certs`` writes) or a
-JSON file ``{"name": "ecdsa-sha2-nistp384 AAAA...", ...}``. Names are plain text (letters,
-digits, space and ``._()+-``), so they cannot forge a log line.
+JSON file ``{"name": "ecdsa-sha2-nistp384 AAAA...", ...}``. Names are printable text with
+no control characters (:func:`check_name`), so they cannot forge a log line.
 """
 
 from __future__ import annotations
@@ -22,7 +22,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,7 +33,6 @@ from fedembed.wire import content_digest
 
 log = logging.getLogger(__name__)
 
-NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9 ._()+\-]{0,79}$")
 SIG_RECORD = "sig"
 """Name of the record that carries a reply's signature (excluded from its digest)."""
 
@@ -44,11 +42,16 @@ class IdentityError(ValueError):
 
 
 def check_name(name: str) -> str:
-    """Return ``name`` if it is a valid organisation name, else raise :class:`IdentityError`."""
-    if not isinstance(name, str) or not NAME_RE.match(name):
+    """Return ``name`` if it is a valid organisation name, else raise :class:`IdentityError`.
+
+    1-80 printable characters (any script), no leading or trailing space, no slash: a
+    name can never carry a newline or another control character into a log line.
+    """
+    if (not isinstance(name, str) or not 1 <= len(name) <= 80 or not name.isprintable()
+            or name != name.strip() or "/" in name or "\\" in name):
         raise IdentityError(
-            f"organisation name {name!r} must be 1-80 characters of letters, digits, space and ._()+- "
-            "(starting with a letter or digit)"
+            f"organisation name {name!r} must be 1-80 printable characters without control characters, "
+            "slashes or leading/trailing spaces"
         )
     return name
 

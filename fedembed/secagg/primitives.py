@@ -34,7 +34,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-from cryptography.exceptions import InvalidSignature, InvalidTag
+from cryptography.exceptions import InvalidSignature, InvalidTag, UnsupportedAlgorithm
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X25519PublicKey
@@ -338,7 +338,7 @@ class VerifyKey:
         data = text.encode() if isinstance(text, str) else bytes(text)
         try:
             return VerifyKey(serialization.load_ssh_public_key(data.strip()))
-        except (ValueError, TypeError, serialization.UnsupportedAlgorithm) as exc:
+        except (ValueError, TypeError, UnsupportedAlgorithm) as exc:
             raise CryptoError(f"not an OpenSSH public key: {exc}") from exc
 
     @property
@@ -403,7 +403,7 @@ class SigningKey:
         try:
             key = (serialization.load_ssh_private_key(data, password=None) if b"OPENSSH" in data
                    else serialization.load_pem_private_key(data, password=None))
-        except (ValueError, TypeError, serialization.UnsupportedAlgorithm) as exc:
+        except (ValueError, TypeError, UnsupportedAlgorithm) as exc:
             raise CryptoError(f"{path} holds no usable unencrypted private key: {exc}") from exc
         return SigningKey(key)
 
