@@ -313,11 +313,13 @@ def _add_client(sub: argparse._SubParsersAction) -> None:
         "client",
         help="run an organisation: a Flower SuperNode pointed at the coordinator",
         description=(
-            "Run one organisation as a Flower SuperNode with node config 'org=ORG state-dir=STATE_DIR'. "
-            "Its private head, optimizer state and table cache stay in STATE_DIR. The stock command "
-            "`flower-supernode --superlink HOST:PORT --root-certificates CA --auth-supernode-private-key KEY "
-            "--node-config 'org=0 state-dir=\"DIR\"'` does the same (give each SuperNode on one machine its own "
-            "--port); this wrapper also restarts it while the coordinator is away."
+            "Run one organisation as a Flower SuperNode with node config 'org=ORG state-dir=STATE_DIR "
+            "identity-key=KEY roster=ROSTER'. Its private head, optimizer state, table cache and session "
+            "secrets stay in STATE_DIR; every reply is signed with its identity key, and secure aggregation "
+            "checks the other organisations against its own ROSTER. The stock command `flower-supernode "
+            "--superlink HOST:PORT --root-certificates CA --auth-supernode-private-key KEY --node-config "
+            "'org=0 state-dir=\"DIR\" identity-key=\"KEY\" roster=\"ROSTER\"'` does the same (give each SuperNode "
+            "on one machine its own --port); this wrapper also restarts it while the coordinator is away."
         ),
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
