@@ -434,7 +434,7 @@ class _DeployProgress(_Progress):
 
 
 def cmd_server(args: argparse.Namespace, argv: list[str] | None = None) -> int:
-    from fedembed.deploy import ServerOptions, resume_round, run_server
+    from fedembed.deploy import ServerOptions, resume_round, run_outcome, run_server
     from fedembed.task import load_task
 
     if args.config is not None:
@@ -458,13 +458,15 @@ def cmd_server(args: argparse.Namespace, argv: list[str] | None = None) -> int:
     )
     start_orgs = args.start_orgs if args.start_orgs is not None else cfg.min_orgs
     result = run_server(cfg, opts, on_event=progress, start_orgs=start_orgs)
-    if result["done"] and result["status"] == "finished:completed":
+    completed, reason = run_outcome(result)
+    if completed:
+        if result["status"] != "finished:completed":
+            log.warning("the run wrote its outputs; Flower's last status was %s %s", result["status"], result["details"])
         doc = json.loads((opts.state_dir / "metrics.json").read_text())
         _print_final(doc, progress.console)
         progress.console.print(f"wrote {opts.state_dir}/metrics.json, embeddings.npz, report.png")
         return 0
-    log.error("run ended with status %s: %s (SuperLink log: %s)", result["status"], result["details"],
-              opts.state_dir / "superlink.log")
+    log.error("%s (SuperLink log: %s)", reason, opts.state_dir / "superlink.log")
     return 1
 
 

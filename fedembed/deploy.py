@@ -495,44 +495,67 @@ class CoordinatorProcess:
             return "unknown", str(out.get("error-message", ""))
         return str(runs[0].get("status", "unknown")), str(runs[0].get("status-details", ""))
 
+    def _read_progress(self, offset: int, on_event: Callable[[dict], None] | None) -> tuple[int, bool]:
+        """Pass the complete ``progress.jsonl`` lines after byte ``offset`` to ``on_event``.
+
+        Returns
+        -------
+        tuple of (int, bool)
+            The new offset, and whether one of the lines read was the ``done`` event.
+        """
+        done = False
+        if not self.files.progress.exists():
+            return offset, done
+        with open(self.files.progress, encoding="utf-8") as f:
+            f.seek(offset)
+            for line in f:
+                if not line.endswith("\n"):
+                    break
+                offset += len(line.encode())
+                event = json.loads(line)
+                done = done or event.get("event") == "done"
+                if on_event is not None:
+                    on_event(event)
+        return offset, done
+
     def follow(
         self, run_id: int, on_event: Callable[[dict], None] | None = None, timeout: float | None = None
     ) -> dict[str, Any]:
         """Wait for the run to end, passing each ``progress.jsonl`` line to ``on_event``.
 
+        The ServerApp writes its ``done`` event (after ``metrics.json``) before it returns,
+        so once Flower reports the run finished, the progress file is read once more: a
+        ``done`` written between the last read and the status check is not missed.
+
         Returns
         -------
         dict
             ``{"status": ..., "details": ..., "done": bool}``; ``done`` means the ServerApp
-            wrote its outputs.
+            wrote its outputs (see :func:`run_outcome`).
         """
         offset = self.files.progress.stat().st_size if self.files.progress.exists() else 0
         deadline = None if timeout is None else time.monotonic() + timeout
         next_poll, done = 0.0, False
+
+        def result(status: str, details: str) -> dict[str, Any]:
+            nonlocal offset, done
+            offset, last = self._read_progress(offset, on_event)  # what was written while we looked away
+            return {"status": status, "details": details, "done": done or last}
+
         while True:
-            if self.files.progress.exists():
-                with open(self.files.progress, encoding="utf-8") as f:
-                    f.seek(offset)
-                    for line in f:
-                        if not line.endswith("\n"):
-                            break
-                        offset += len(line.encode())
-                        event = json.loads(line)
-                        done = done or event.get("event") == "done"
-                        if on_event is not None:
-                            on_event(event)
+            offset, seen = self._read_progress(offset, on_event)
+            done = done or seen
             if self.proc is not None and self.proc.poll() is not None:
-                return {"status": "superlink-exited", "details": f"SuperLink exited with {self.proc.returncode}", "done": done}
+                return result("superlink-exited", f"SuperLink exited with {self.proc.returncode}")
             if self.gate is not None and self.gate.poll() is not None:
-                return {"status": "fleetgate-exited", "details": f"Fleet gate exited with {self.gate.returncode}",
-                        "done": done}
+                return result("fleetgate-exited", f"Fleet gate exited with {self.gate.returncode}")
             if time.monotonic() >= next_poll or done:
                 status, details = self.run_status(run_id)
                 if status.startswith("finished"):
-                    return {"status": status, "details": details, "done": done}
-                next_poll = time.monotonic() + self.opts.poll_seconds
+                    return result(status, details)
+                next_poll = time.monotonic() + (1.0 if done else self.opts.poll_seconds)
             if deadline is not None and time.monotonic() > deadline:
-                return {"status": "timeout", "details": "", "done": done}
+                return result("timeout", "")
             time.sleep(0.5)
 
     def stop(self) -> None:
@@ -543,6 +566,36 @@ class CoordinatorProcess:
         if self.proc is not None:
             kill_tree(self.proc)
             self.proc = None
+
+
+def run_outcome(result: dict[str, Any]) -> tuple[bool, str]:
+    """Did a followed run complete, and if not, why not.
+
+    A run completed when its ServerApp wrote its outputs (the ``done`` event, after
+    ``metrics.json``), whatever Flower's status says once the ServerApp has returned
+    (it may lag behind, or the SuperLink may be stopped right after).
+
+    Parameters
+    ----------
+    result : dict
+        What :meth:`CoordinatorProcess.follow` returned.
+
+    Returns
+    -------
+    tuple of (bool, str)
+        ``(True, "")`` for a completed run; ``(False, reason)`` otherwise, the reason
+        saying what ended the run.
+    """
+    status, details = str(result.get("status", "unknown")), str(result.get("details", "") or "")
+    if result.get("done"):
+        return True, ""
+    if status == "finished:completed":
+        return False, ("Flower reports the run completed but the ServerApp never wrote its outputs "
+                       "(no `done` event in progress.jsonl): see the SuperLink log for its errors")
+    if status == "timeout":
+        return False, "gave up waiting for the run to end"
+    reason = f"run ended with status {status}"
+    return False, reason + (f": {details}" if details and details != "N/A" else "")
 
 
 def resume_round(state_dir: Path) -> int:
