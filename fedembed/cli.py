@@ -343,6 +343,9 @@ def _add_client(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--runtime-port", type=int, default=None,
                    help="port of the SuperNode's local Runtime API on 127.0.0.1 (default: a free one)")
     p.add_argument("--no-restart", action="store_true", help="exit when the SuperNode exits, do not restart it")
+    p.add_argument("--no-worker", action="store_true",
+                   help="no long-lived organisation worker: every message loads torch and the task in its own "
+                        "ClientApp process (slower; what a stock flower-supernode does)")
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
 
 
@@ -476,7 +479,7 @@ def cmd_client(args: argparse.Namespace) -> int:
     opts = ClientOptions(
         superlink=args.superlink, org=args.org, state_dir=args.state_dir, root_cert=args.root_cert,
         auth_key=args.auth_key, insecure=args.insecure, runtime_port=args.runtime_port, restart=not args.no_restart,
-        identity_key=args.identity_key, roster=args.roster,
+        identity_key=args.identity_key, roster=args.roster, worker=not args.no_worker,
         extra_node_config={"secure-colluders": str(args.secure_colluders),
                            "secure-row-sets": json.dumps(args.secure_row_sets)},
     )

@@ -214,6 +214,13 @@ def test_stock_flower_supernode_with_the_same_node_config_joins(tls_run):
     assert "flower-supernode" in tls_run["procs"].log("org2") or (tls_run["root"] / "org2" / "tables.npz").exists()
 
 
+def test_fedembed_client_orgs_answer_through_their_long_lived_worker(tls_run):
+    for org in (0, 1):  # `fedembed client`: a worker per organisation, the ClientApps forward to it
+        assert (tls_run["root"] / f"org{org}" / "worker").is_dir()
+        assert "in this process" not in tls_run["procs"].log(f"org{org}")  # never fell back
+    assert not (tls_run["root"] / "org2" / "worker").exists()  # stock flower-supernode: no worker, still works
+
+
 def test_unlisted_org_key_is_refused(tls_run):
     assert tls_run["intruder_code"] != 0
     assert "Failed to activate SuperNode" in tls_run["procs"].log("intruder")
