@@ -444,13 +444,13 @@ def cmd_server(args: argparse.Namespace, argv: list[str] | None = None) -> int:
         args = _with_config_file(argv, args)
     cfg = config_from_args(args)
     load_task(cfg.task)  # fail fast on a bad task
+    done = resume_round(Path(args.state_dir).resolve())  # fail fast on a state dir that cannot be resumed
     cfg = cfg.with_roster(_roster(args.roster, _auth_keys(args.auth_key)).to_dict())
     opts = ServerOptions(
         state_dir=args.state_dir, host=args.host, port=args.port, certfile=args.certfile, keyfile=args.keyfile,
         ca_certfile=args.ca_certfile, insecure=args.insecure, auth_keys=_auth_keys(args.auth_key),
     )
     progress = _DeployProgress(cfg.rounds, not args.quiet)
-    done = resume_round(opts.state_dir)
     scheme = "http" if opts.insecure else "https"
     progress.console.print(
         f"[bold]fedembed[/] server: task {cfg.task.name}, {cfg.num_orgs} orgs, {cfg.rounds} rounds, mode {cfg.mode}"
