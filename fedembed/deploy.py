@@ -131,8 +131,8 @@ def flower_env(flwr_home: Path | None = None) -> dict[str, str]:
     if flwr_home is not None:
         env["FLWR_HOME"] = str(flwr_home)
     # the ServerApp / ClientApp processes must find fedembed, server, client and user tasks
-    here = os.getcwd()
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (here, env.get("PYTHONPATH")) if p)
+    paths = [os.getcwd(), *env.get("PYTHONPATH", "").split(os.pathsep)]
+    env["PYTHONPATH"] = os.pathsep.join(dict.fromkeys(p for p in paths if p))  # in order, each once
     return env
 
 
