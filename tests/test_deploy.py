@@ -136,6 +136,18 @@ def wait_until(what: str, predicate, timeout: float, procs: Procs, server: subpr
                 f"{procs.log(server.name)[-3000:] if server is not None else ''}")
 
 
+def clientapps(proc: subprocess.Popen) -> list[int]:
+    """Process ids of the ``flwr-clientapp`` processes under ``proc`` right now."""
+    out = []
+    for pid in descendants(proc.pid):
+        try:
+            if b"flwr-clientapp" in Path(f"/proc/{pid}/cmdline").read_bytes():
+                out.append(pid)
+        except OSError:
+            pass
+    return out
+
+
 def rounds_done(state: Path) -> list[dict]:
     return [e for e in events(state) if e.get("event") == "round"]
 
@@ -251,10 +263,13 @@ def fault_run(tmp_path_factory, certs):
         # org 2 is killed once it has received round 2's message, and started again at once. Flower
         # takes the dead node for online until it misses 2 heartbeats (60 s) and refuses a second
         # activation with the same key until then: `fedembed client` keeps trying.
-        started = procs.log("org2").count("Start `flwr-clientapp`")
-        wait_until("org 2 to start round 2", lambda: procs.log("org2").count("Start `flwr-clientapp`") > started,
-                   120, procs, server)
-        time.sleep(1.0)
+        # With its worker, org 2 answers about a second after its ClientApp process starts (most
+        # of it the process importing Flower), so it is killed as soon as that process appears.
+        before = set(clientapps(clients[2]))
+        deadline = time.monotonic() + 120
+        while not set(clientapps(clients[2])) - before and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert time.monotonic() < deadline, "org 2 never started a ClientApp for round 2"
         procs.kill(clients[2])
         killed_in = len(rounds_done(state)) + 1
         clients[2] = procs.start("org2-again", client_cmd(2, port, root / "org2", certs))
