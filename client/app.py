@@ -1,5 +1,10 @@
 """Flower ClientApp: an organisation. Decodes a message, calls :mod:`fedembed.org`, replies.
 
+With node config ``worker-socket`` (set by ``fedembed client``), the message goes to the
+organisation's long-lived worker (:mod:`fedembed.worker`) instead, and this process, one
+per message in Flower 1.42, imports neither torch nor the task; when no worker answers
+there, the message is handled here as with a stock ``flower-supernode``.
+
 Where the organisation's state lives: node config ``state-dir`` (deployment), or
 ``<state_root>/org-<partition-id>`` in simulation. Its index in the task: node config
 ``org`` or, in simulation, ``partition-id``. Its identity: node config ``identity-key``
@@ -12,16 +17,14 @@ simulation's roster file. Node config ``secure-*`` keys set its secure-aggregati
 from __future__ import annotations
 
 import logging
-from pathlib import Path
 from typing import TYPE_CHECKING
 
 from flwr.app import Context, Message
 from flwr.clientapp import ClientApp
 
 from fedembed.audit import AuditMod
-from fedembed.identity import Identity
 from fedembed.secagg.client import SECURE_STAGES, SecureMember, handle_message
-from fedembed.secagg.protocol import SecurePolicy
+from fedembed.worker import WorkerUnavailable, forward
 
 if TYPE_CHECKING:
     from fedembed.org import Organisation
@@ -29,38 +32,27 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 
-def where_from_context(context: Context, state_root: str | None) -> tuple[int, Path]:
-    """This node's organisation index and private state directory, from its node config."""
-    nc = context.node_config
-    if "org" in nc:
-        org = int(nc["org"])
-    elif "partition-id" in nc:
-        org = int(nc["partition-id"])
-    else:
-        raise ValueError("node config names no organisation: pass --node-config 'org=<index> state-dir=<dir>'")
-    if "state-dir" in nc:
-        state = Path(str(nc["state-dir"]))
-    elif state_root is not None:
-        state = Path(state_root) / f"org-{org}"
-    else:
-        raise ValueError("node config has no state-dir: pass --node-config 'org=<index> state-dir=<dir>'")
-    return org, state
-
-
 def member_from_context(context: Context, state_root: str | None, key_dir: str | None, roster: str | None) -> SecureMember:
-    """This node's organisation, identity and policy (no task, no torch)."""
-    nc = context.node_config
-    org, state = where_from_context(context, state_root)
-    if "identity-key" in nc:
-        key = Path(str(nc["identity-key"]))
-    elif key_dir is not None:
-        key = Path(key_dir) / f"{org}.key"
-    else:
-        raise ValueError("node config has no identity-key: pass --node-config '... identity-key=<private key file>'")
-    roster_path = str(nc["roster"]) if "roster" in nc else roster
-    if roster_path is None:
-        raise ValueError("node config has no roster: pass --node-config '... roster=<dir of .pub files or JSON>'")
-    return SecureMember(org, state, Identity.load(key, roster_path), SecurePolicy.from_mapping(nc))
+    """This node's organisation, identity and policy (no task, no torch); see :meth:`SecureMember.from_node_config`."""
+    return SecureMember.from_node_config(context.node_config, state_root, key_dir, roster)
+
+
+def via_worker(msg: Message, context: Context) -> Message | None:
+    """The reply of the organisation's worker (node config ``worker-socket``), or None to handle in-process.
+
+    None when the node config names no worker or no worker answers (nothing was sent).
+    A worker that received the message and failed raises :class:`fedembed.worker.WorkerError`:
+    the message is never handled twice.
+    """
+    path = context.node_config.get("worker-socket")
+    if not path:
+        return None
+    try:
+        content = forward(str(path), msg.metadata.message_type, context.node_id, msg.content)
+    except WorkerUnavailable as exc:
+        log.warning("%s; handling %s in this process", exc, msg.metadata.message_type)
+        return None
+    return Message(content, reply_to=msg)
 
 
 def make_client_app(
@@ -85,6 +77,8 @@ def make_client_app(
 
     @app.train()
     def train(msg: Message, context: Context) -> Message:
+        if (reply := via_worker(msg, context)) is not None:
+            return reply
         from fedembed.org import handle_content
 
         content = handle_content(organisation(context), msg.content, msg.metadata.message_type, context.node_id)
@@ -92,12 +86,16 @@ def make_client_app(
 
     @app.evaluate()
     def evaluate(msg: Message, context: Context) -> Message:
+        if (reply := via_worker(msg, context)) is not None:
+            return reply
         from fedembed.org import handle_content
 
         content = handle_content(organisation(context), msg.content, msg.metadata.message_type, context.node_id)
         return Message(content, reply_to=msg)
 
     def secure_stage(msg: Message, context: Context) -> Message:
+        if (reply := via_worker(msg, context)) is not None:
+            return reply
         # no task, no torch: a secure stage only loads the session from the org's state dir
         member = member_from_context(context, state_root, key_dir, roster)
         stage = msg.metadata.message_type.partition(".")[2]

@@ -345,6 +345,9 @@ def _add_client(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--runtime-port", type=int, default=None,
                    help="port of the SuperNode's local Runtime API on 127.0.0.1 (default: a free one)")
     p.add_argument("--no-restart", action="store_true", help="exit when the SuperNode exits, do not restart it")
+    p.add_argument("--no-worker", action="store_true",
+                   help="no long-lived organisation worker: every message loads torch and the task in its own "
+                        "ClientApp process (slower; what a stock flower-supernode does)")
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
 
 
@@ -436,20 +439,20 @@ class _DeployProgress(_Progress):
 
 
 def cmd_server(args: argparse.Namespace, argv: list[str] | None = None) -> int:
-    from fedembed.deploy import ServerOptions, resume_round, run_server
+    from fedembed.deploy import ServerOptions, resume_round, run_outcome, run_server
     from fedembed.task import load_task
 
     if args.config is not None:
         args = _with_config_file(argv, args)
     cfg = config_from_args(args)
     load_task(cfg.task)  # fail fast on a bad task
+    done = resume_round(Path(args.state_dir).resolve())  # fail fast on a state dir that cannot be resumed
     cfg = cfg.with_roster(_roster(args.roster, _auth_keys(args.auth_key)).to_dict())
     opts = ServerOptions(
         state_dir=args.state_dir, host=args.host, port=args.port, certfile=args.certfile, keyfile=args.keyfile,
         ca_certfile=args.ca_certfile, insecure=args.insecure, auth_keys=_auth_keys(args.auth_key),
     )
     progress = _DeployProgress(cfg.rounds, not args.quiet)
-    done = resume_round(opts.state_dir)
     scheme = "http" if opts.insecure else "https"
     progress.console.print(
         f"[bold]fedembed[/] server: task {cfg.task.name}, {cfg.num_orgs} orgs, {cfg.rounds} rounds, mode {cfg.mode}"
@@ -460,13 +463,15 @@ def cmd_server(args: argparse.Namespace, argv: list[str] | None = None) -> int:
     )
     start_orgs = args.start_orgs if args.start_orgs is not None else cfg.min_orgs
     result = run_server(cfg, opts, on_event=progress, start_orgs=start_orgs)
-    if result["done"] and result["status"] == "finished:completed":
+    completed, reason = run_outcome(result)
+    if completed:
+        if result["status"] != "finished:completed":
+            log.warning("the run wrote its outputs; Flower's last status was %s %s", result["status"], result["details"])
         doc = json.loads((opts.state_dir / "metrics.json").read_text())
         _print_final(doc, progress.console)
         progress.console.print(f"wrote {opts.state_dir}/metrics.json, embeddings.npz, report.png")
         return 0
-    log.error("run ended with status %s: %s (SuperLink log: %s)", result["status"], result["details"],
-              opts.state_dir / "superlink.log")
+    log.error("%s (SuperLink log: %s)", reason, opts.state_dir / "superlink.log")
     return 1
 
 
@@ -476,7 +481,7 @@ def cmd_client(args: argparse.Namespace) -> int:
     opts = ClientOptions(
         superlink=args.superlink, org=args.org, state_dir=args.state_dir, root_cert=args.root_cert,
         auth_key=args.auth_key, insecure=args.insecure, runtime_port=args.runtime_port, restart=not args.no_restart,
-        identity_key=args.identity_key, roster=args.roster,
+        identity_key=args.identity_key, roster=args.roster, worker=not args.no_worker,
         extra_node_config={"secure-colluders": str(args.secure_colluders),
                            "secure-row-sets": json.dumps(args.secure_row_sets)},
     )

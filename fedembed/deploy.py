@@ -131,8 +131,8 @@ def flower_env(flwr_home: Path | None = None) -> dict[str, str]:
     if flwr_home is not None:
         env["FLWR_HOME"] = str(flwr_home)
     # the ServerApp / ClientApp processes must find fedembed, server, client and user tasks
-    here = os.getcwd()
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (here, env.get("PYTHONPATH")) if p)
+    paths = [os.getcwd(), *env.get("PYTHONPATH", "").split(os.pathsep)]
+    env["PYTHONPATH"] = os.pathsep.join(dict.fromkeys(p for p in paths if p))  # in order, each once
     return env
 
 
@@ -495,44 +495,67 @@ class CoordinatorProcess:
             return "unknown", str(out.get("error-message", ""))
         return str(runs[0].get("status", "unknown")), str(runs[0].get("status-details", ""))
 
+    def _read_progress(self, offset: int, on_event: Callable[[dict], None] | None) -> tuple[int, bool]:
+        """Pass the complete ``progress.jsonl`` lines after byte ``offset`` to ``on_event``.
+
+        Returns
+        -------
+        tuple of (int, bool)
+            The new offset, and whether one of the lines read was the ``done`` event.
+        """
+        done = False
+        if not self.files.progress.exists():
+            return offset, done
+        with open(self.files.progress, encoding="utf-8") as f:
+            f.seek(offset)
+            for line in f:
+                if not line.endswith("\n"):
+                    break
+                offset += len(line.encode())
+                event = json.loads(line)
+                done = done or event.get("event") == "done"
+                if on_event is not None:
+                    on_event(event)
+        return offset, done
+
     def follow(
         self, run_id: int, on_event: Callable[[dict], None] | None = None, timeout: float | None = None
     ) -> dict[str, Any]:
         """Wait for the run to end, passing each ``progress.jsonl`` line to ``on_event``.
 
+        The ServerApp writes its ``done`` event (after ``metrics.json``) before it returns,
+        so once Flower reports the run finished, the progress file is read once more: a
+        ``done`` written between the last read and the status check is not missed.
+
         Returns
         -------
         dict
             ``{"status": ..., "details": ..., "done": bool}``; ``done`` means the ServerApp
-            wrote its outputs.
+            wrote its outputs (see :func:`run_outcome`).
         """
         offset = self.files.progress.stat().st_size if self.files.progress.exists() else 0
         deadline = None if timeout is None else time.monotonic() + timeout
         next_poll, done = 0.0, False
+
+        def result(status: str, details: str) -> dict[str, Any]:
+            nonlocal offset, done
+            offset, last = self._read_progress(offset, on_event)  # what was written while we looked away
+            return {"status": status, "details": details, "done": done or last}
+
         while True:
-            if self.files.progress.exists():
-                with open(self.files.progress, encoding="utf-8") as f:
-                    f.seek(offset)
-                    for line in f:
-                        if not line.endswith("\n"):
-                            break
-                        offset += len(line.encode())
-                        event = json.loads(line)
-                        done = done or event.get("event") == "done"
-                        if on_event is not None:
-                            on_event(event)
+            offset, seen = self._read_progress(offset, on_event)
+            done = done or seen
             if self.proc is not None and self.proc.poll() is not None:
-                return {"status": "superlink-exited", "details": f"SuperLink exited with {self.proc.returncode}", "done": done}
+                return result("superlink-exited", f"SuperLink exited with {self.proc.returncode}")
             if self.gate is not None and self.gate.poll() is not None:
-                return {"status": "fleetgate-exited", "details": f"Fleet gate exited with {self.gate.returncode}",
-                        "done": done}
+                return result("fleetgate-exited", f"Fleet gate exited with {self.gate.returncode}")
             if time.monotonic() >= next_poll or done:
                 status, details = self.run_status(run_id)
                 if status.startswith("finished"):
-                    return {"status": status, "details": details, "done": done}
-                next_poll = time.monotonic() + self.opts.poll_seconds
+                    return result(status, details)
+                next_poll = time.monotonic() + (1.0 if done else self.opts.poll_seconds)
             if deadline is not None and time.monotonic() > deadline:
-                return {"status": "timeout", "details": "", "done": done}
+                return result("timeout", "")
             time.sleep(0.5)
 
     def stop(self) -> None:
@@ -543,6 +566,36 @@ class CoordinatorProcess:
         if self.proc is not None:
             kill_tree(self.proc)
             self.proc = None
+
+
+def run_outcome(result: dict[str, Any]) -> tuple[bool, str]:
+    """Did a followed run complete, and if not, why not.
+
+    A run completed when its ServerApp wrote its outputs (the ``done`` event, after
+    ``metrics.json``), whatever Flower's status says once the ServerApp has returned
+    (it may lag behind, or the SuperLink may be stopped right after).
+
+    Parameters
+    ----------
+    result : dict
+        What :meth:`CoordinatorProcess.follow` returned.
+
+    Returns
+    -------
+    tuple of (bool, str)
+        ``(True, "")`` for a completed run; ``(False, reason)`` otherwise, the reason
+        saying what ended the run.
+    """
+    status, details = str(result.get("status", "unknown")), str(result.get("details", "") or "")
+    if result.get("done"):
+        return True, ""
+    if status == "finished:completed":
+        return False, ("Flower reports the run completed but the ServerApp never wrote its outputs "
+                       "(no `done` event in progress.jsonl): see the SuperLink log for its errors")
+    if status == "timeout":
+        return False, "gave up waiting for the run to end"
+    reason = f"run ended with status {status}"
+    return False, reason + (f": {details}" if details and details != "N/A" else "")
 
 
 def resume_round(state_dir: Path) -> int:
@@ -652,6 +705,10 @@ class ClientOptions:
         or JSON): the keys it checks the others' signatures with.
     extra_node_config : dict
         More node-config entries (e.g. the ``secure-*`` policy keys).
+    worker : bool
+        Also run the organisation worker (:mod:`fedembed.worker`), which keeps torch and
+        the task loaded and answers the messages the per-message ClientApps forward to
+        it; off: every ClientApp does the work itself (as under a stock SuperNode).
     """
 
     superlink: str
@@ -665,6 +722,7 @@ class ClientOptions:
     extra_node_config: dict[str, str] = field(default_factory=dict)
     identity_key: Path | None = None
     roster: Path | None = None
+    worker: bool = True
 
     def __post_init__(self) -> None:
         from fedembed.identity import Identity, IdentityError
@@ -691,15 +749,103 @@ class ClientOptions:
                 raise ConfigError(f"{p} not found")
 
 
-def node_config(opts: ClientOptions) -> str:
-    """The ``--node-config`` string: ``org=<index> state-dir="<dir>" identity-key="<key>" roster="<roster>"`` (+ extras)."""
+def node_config(opts: ClientOptions, worker_socket: Path | None = None) -> str:
+    """The ``--node-config`` string: ``org=<index> state-dir="<dir>" identity-key="<key>" roster="<roster>"`` (+ extras).
+
+    With ``worker_socket``, also ``worker-socket="<path>"``: the ClientApp forwards its
+    message to the organisation worker listening there.
+    """
     items = {"org": str(opts.org), "state-dir": json.dumps(str(opts.state_dir)),
              "identity-key": json.dumps(str(opts.identity_key)), "roster": json.dumps(str(opts.roster)),
              **opts.extra_node_config}
+    if worker_socket is not None:
+        items["worker-socket"] = json.dumps(str(worker_socket))
     return " ".join(f"{k}={v}" for k, v in items.items())
 
 
-def supernode_command(opts: ClientOptions, runtime_port: int, stock: bool = False) -> list[str]:
+class WorkerProcess:
+    """The organisation worker (``python -m fedembed.worker``) that ``fedembed client`` keeps running.
+
+    Parameters
+    ----------
+    opts : ClientOptions
+        The organisation; the worker gets the same node config as its SuperNode.
+    env : dict
+        The environment to start it in.
+    startup_timeout : float
+        Seconds to wait for it to listen (it imports torch first).
+    """
+
+    def __init__(self, opts: ClientOptions, env: dict[str, str], startup_timeout: float = 120.0) -> None:
+        from fedembed.worker import socket_path
+
+        self.opts, self.env, self.startup_timeout = opts, env, startup_timeout
+        self.path = socket_path(opts.state_dir)
+        self.proc: subprocess.Popen | None = None
+        self.starts = 0
+        self._last_start, self._next_start, self._delay = 0.0, 0.0, 0.5
+
+    def command(self) -> list[str]:
+        """Its command line."""
+        return [sys.executable, "-m", "fedembed.worker", "--socket", str(self.path), "--node-config", node_config(self.opts)]
+
+    def start(self) -> bool:
+        """Start it and wait until it listens; False (logged) if it did not come up."""
+        self.proc = subprocess.Popen(self.command(), env=self.env, preexec_fn=_die_with_parent)
+        self.starts += 1
+        self._last_start = time.monotonic()
+        deadline = time.monotonic() + self.startup_timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                log.warning("organisation %d: its worker exited with %d at start; messages are handled "
+                            "in the ClientApp processes", self.opts.org, self.proc.returncode)
+                return False
+            if self.listening():
+                log.info("organisation %d: worker listening on %s", self.opts.org, self.path)
+                return True
+            time.sleep(0.1)
+        log.warning("organisation %d: its worker is not listening after %.0f s", self.opts.org, self.startup_timeout)
+        return False
+
+    def listening(self) -> bool:
+        """Whether a worker accepts connections on the socket."""
+        s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            s.settimeout(1.0)
+            s.connect(str(self.path))
+            return True
+        except OSError:
+            return False
+        finally:
+            s.close()
+
+    def ensure(self) -> None:
+        """Start it again if it has exited (meanwhile the ClientApps handle messages themselves).
+
+        A worker that keeps dying soon after its start is restarted ever more slowly
+        (1 s, 2 s, ... at most 60 s between starts).
+        """
+        if self.proc is None or self.proc.poll() is None:
+            return
+        now = time.monotonic()
+        if now < self._next_start:
+            return
+        lived = now - self._last_start
+        self._delay = 1.0 if lived > 60.0 else min(60.0, self._delay * 2)
+        self._next_start = now + self._delay
+        log.warning("organisation %d: its worker exited with %d; starting it again", self.opts.org, self.proc.returncode)
+        self.start()
+
+    def stop(self) -> None:
+        """Stop it (it removes its socket)."""
+        if self.proc is not None:
+            kill_tree(self.proc)
+            self.proc = None
+
+
+def supernode_command(
+    opts: ClientOptions, runtime_port: int, stock: bool = False, worker_socket: Path | None = None
+) -> list[str]:
     """The SuperNode command line for ``opts``.
 
     By default ``python -m fedembed.supernode`` (the stock SuperNode with a shorter idle
@@ -707,7 +853,8 @@ def supernode_command(opts: ClientOptions, runtime_port: int, stock: bool = Fals
     Flower's own ``flower-supernode``, which works as well.
     """
     head = [_command("flower-supernode")] if stock else [sys.executable, "-m", "fedembed.supernode"]
-    cmd = [*head, "--superlink", opts.superlink, "--node-config", node_config(opts), "--port", str(runtime_port)]
+    cmd = [*head, "--superlink", opts.superlink, "--node-config", node_config(opts, worker_socket),
+           "--port", str(runtime_port)]
     if opts.insecure:
         cmd.append("--insecure")
     else:
@@ -737,28 +884,45 @@ def _forward_signals() -> Iterator[None]:
 
 
 def run_client(opts: ClientOptions, max_restarts: int | None = None, restart_delay: float = 3.0) -> int:
-    """``fedembed client``: run the organisation's SuperNode until interrupted.
+    """``fedembed client``: run the organisation's worker and SuperNode until interrupted.
 
-    A SuperNode that exits (coordinator restarted, network gone) is started again after
-    ``restart_delay`` seconds, unless ``opts.restart`` is off.
+    The worker (:class:`WorkerProcess`, unless ``opts.worker`` is off) is started first
+    and started again whenever it exits; the SuperNode's ClientApps forward their
+    messages to it. A SuperNode that exits (coordinator restarted, network gone) is
+    started again after ``restart_delay`` seconds, unless ``opts.restart`` is off. Both
+    stop with this process.
 
     Returns
     -------
     int
         The SuperNode's last exit code (0 on Ctrl-C).
     """
+    from fedembed.worker import MAX_SOCKET_PATH
+
     opts.state_dir.mkdir(mode=0o700, parents=True, exist_ok=True)  # the org's private state: owner only
     env = flower_env(opts.state_dir / "flwr-home")
     proc: list[subprocess.Popen | None] = [None]
+    worker: WorkerProcess | None = None
+    if opts.worker:
+        worker = WorkerProcess(opts, env)
+        if len(os.fsencode(str(worker.path))) > MAX_SOCKET_PATH:
+            log.warning("organisation %d: no worker, its socket path %s is too long for a Unix socket (use a "
+                        "shorter --state-dir); every message starts torch in its own ClientApp", opts.org, worker.path)
+            worker = None
     restarts, code = 0, 0
     with _forward_signals():
         try:
+            if worker is not None:
+                worker.start()
             while True:
                 port = opts.runtime_port or free_port()
-                cmd = supernode_command(opts, port)
+                cmd = supernode_command(opts, port, worker_socket=None if worker is None else worker.path)
                 log.info("organisation %d: %s", opts.org, " ".join(cmd))
                 proc[0] = subprocess.Popen(cmd, env=env, preexec_fn=_die_with_parent)
-                code = proc[0].wait()
+                while (code := proc[0].poll()) is None:
+                    if worker is not None:
+                        worker.ensure()
+                    time.sleep(0.5)
                 proc[0] = None
                 # A SuperNode also exits (with 0) when a restarted coordinator no longer knows its
                 # node id: starting it again re-activates it with its key.
@@ -774,3 +938,5 @@ def run_client(opts: ClientOptions, max_restarts: int | None = None, restart_del
         finally:
             if proc[0] is not None:
                 kill_tree(proc[0])
+            if worker is not None:
+                worker.stop()

@@ -1,10 +1,13 @@
 """``python -m fedembed.supernode ARGS``: Flower's ``flower-supernode`` with a shorter idle poll.
 
 Flower 1.42's SuperNode sleeps a fixed 3 s whenever it polls the SuperLink and finds no
-message. A round of secure aggregation is several message round trips in a row, so each
-one waits for that sleep (1.5 s on average, per stage). This entry point runs the stock
-SuperNode with the sleeps of its message loop capped at ``FEDEMBED_POLL_SECONDS``
-(default 0.5 s), nothing else changed; ``fedembed client`` uses it. The stock
+message, and 0.5 s at a time while it waits for the ClientApp's reply in its own local
+state. A round of secure aggregation is several message round trips in a row, so each
+one waits for those sleeps (1.5 s + 0.25 s on average, per stage). This entry point runs
+the stock SuperNode with the sleeps of its message loop capped, nothing else changed:
+the idle poll of the SuperLink (a request over the network) at ``FEDEMBED_POLL_SECONDS``
+(default 0.2 s), the waits on its own local state (no network) at
+``FEDEMBED_LOCAL_POLL_SECONDS`` (default 0.05 s). ``fedembed client`` uses it. The stock
 ``flower-supernode`` with the same arguments works too, only slower between stages.
 """
 
@@ -17,14 +20,23 @@ from types import ModuleType
 
 
 class _CappedTime(ModuleType):
-    """The ``time`` module with ``sleep`` capped (for one Flower module only)."""
+    """The ``time`` module with ``sleep`` capped (for one Flower module only).
 
-    def __init__(self, cap: float) -> None:
+    Parameters
+    ----------
+    cap : float
+        Cap of the long sleeps (1 s or more: the idle poll of the SuperLink).
+    local_cap : float
+        Cap of the short ones (waits on the SuperNode's own state).
+    """
+
+    def __init__(self, cap: float, local_cap: float | None = None) -> None:
         super().__init__("time")
         self._cap = cap
+        self._local_cap = cap if local_cap is None else local_cap
 
     def sleep(self, seconds: float) -> None:  # noqa: D102
-        _time.sleep(min(seconds, self._cap))
+        _time.sleep(min(seconds, self._cap if seconds >= 1.0 else self._local_cap))
 
     def __getattr__(self, name: str):  # everything else is the real module's
         return getattr(_time, name)
@@ -35,8 +47,9 @@ def main() -> None:
     from flwr.supernode import start_client_internal
     from flwr.supernode.cli.flower_supernode import flower_supernode
 
-    cap = float(os.environ.get("FEDEMBED_POLL_SECONDS", "0.5"))
-    start_client_internal.time = _CappedTime(cap)  # type: ignore[attr-defined]
+    cap = float(os.environ.get("FEDEMBED_POLL_SECONDS", "0.2"))
+    local_cap = float(os.environ.get("FEDEMBED_LOCAL_POLL_SECONDS", "0.05"))
+    start_client_internal.time = _CappedTime(cap, local_cap)  # type: ignore[attr-defined]
     sys.argv[0] = "flower-supernode"
     flower_supernode()
 

@@ -41,9 +41,10 @@ import contextlib
 import fcntl
 import hashlib
 import logging
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from flwr.app import ConfigRecord, RecordDict
@@ -102,6 +103,50 @@ class SecureMember:
     state_dir: Path
     identity: Identity
     policy: SecurePolicy
+
+    @classmethod
+    def from_node_config(
+        cls, nc: Mapping[str, Any], state_root: str | None = None, key_dir: str | None = None,
+        roster: str | None = None,
+    ) -> SecureMember:
+        """The organisation a SuperNode's node config describes.
+
+        Parameters
+        ----------
+        nc : mapping
+            Node config: ``org`` (or, in simulation, ``partition-id``), ``state-dir``,
+            ``identity-key``, ``roster`` and the ``secure-*`` policy keys.
+        state_root, key_dir, roster : str or None
+            Simulation defaults: state in ``<state_root>/org-<index>``, key
+            ``<key_dir>/<index>.key``, this roster file.
+
+        Raises
+        ------
+        ValueError
+            The node config lacks an entry; the message names the one to pass.
+        """
+        if "org" in nc:
+            org = int(nc["org"])
+        elif "partition-id" in nc:
+            org = int(nc["partition-id"])
+        else:
+            raise ValueError("node config names no organisation: pass --node-config 'org=<index> state-dir=<dir>'")
+        if "state-dir" in nc:
+            state = Path(str(nc["state-dir"]))
+        elif state_root is not None:
+            state = Path(state_root) / f"org-{org}"
+        else:
+            raise ValueError("node config has no state-dir: pass --node-config 'org=<index> state-dir=<dir>'")
+        if "identity-key" in nc:
+            key = Path(str(nc["identity-key"]))
+        elif key_dir is not None:
+            key = Path(key_dir) / f"{org}.key"
+        else:
+            raise ValueError("node config has no identity-key: pass --node-config '... identity-key=<private key file>'")
+        roster_path = str(nc["roster"]) if "roster" in nc else roster
+        if roster_path is None:
+            raise ValueError("node config has no roster: pass --node-config '... roster=<dir of .pub files or JSON>'")
+        return cls(org, state, Identity.load(key, roster_path), SecurePolicy.from_mapping(nc))
 
 
 def phases_for(row_set: str) -> list[str]:
