@@ -72,8 +72,7 @@ def make_client_app(
     def organisation(context: Context) -> Organisation:
         from fedembed.org import Organisation
 
-        m = member_from_context(context, state_root, key_dir, roster)
-        return Organisation(m.org, m.state_dir, m.identity, m.policy)
+        return Organisation.from_member(member_from_context(context, state_root, key_dir, roster))
 
     @app.train()
     def train(msg: Message, context: Context) -> Message:

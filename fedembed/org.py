@@ -87,6 +87,11 @@ class Organisation:
         self.identity = identity
         self.policy = policy or SecurePolicy()
 
+    @staticmethod
+    def from_member(member: SecureMember) -> Organisation:
+        """The organisation a :class:`SecureMember` (node config: index, state dir, identity, policy) describes."""
+        return Organisation(member.org, member.state_dir, member.identity, member.policy)
+
     @property
     def member(self) -> SecureMember:
         """What the secure stages need of this organisation (no task, no torch)."""

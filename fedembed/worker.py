@@ -196,7 +196,7 @@ def organisation_handler(node_config: Mapping[str, Any]) -> Handler:
 
     def handle(message_type: str, node_id: int, content: RecordDict) -> RecordDict:
         m = SecureMember.from_node_config(config)
-        return handle_content(Organisation(m.org, m.state_dir, m.identity, m.policy), content, message_type, node_id)
+        return handle_content(Organisation.from_member(m), content, message_type, node_id)
 
     return handle
 

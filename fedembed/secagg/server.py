@@ -31,6 +31,7 @@ unchanged, logged, and the next round runs.
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 from collections.abc import Callable
@@ -102,7 +103,7 @@ class SecureRound:
 
     # ------------------------------------------------------------------ plumbing
     def _config(self) -> ConfigRecord:
-        return ConfigRecord({"round": self.round, "run_key": self.cfg.run_key(), "drop": _json(self.cfg.drop)})
+        return ConfigRecord({"round": self.round, "run_key": self.cfg.run_key(), "drop": json.dumps(self.cfg.drop)})
 
     def _message(self, secagg: dict, **records: object) -> RecordDict:
         return RecordDict({"config": self._config(), "secagg": ConfigRecord(secagg), **records})
@@ -323,12 +324,6 @@ class SecureRound:
             sender = self.coord.roster.name_of_party(int(src))
             out[sender] = f"its share for {who} did not open ({who} reports: {_printable(str(why))})"
         return out
-
-
-def _json(value: object) -> str:
-    import json
-
-    return json.dumps(value)
 
 
 def _printable(text: str, limit: int = 200) -> str:
