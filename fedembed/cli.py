@@ -1,20 +1,30 @@
-"""The ``fedembed`` command line: ``simulate``, ``report``, ``server``, ``client``, ``certs``."""
+"""The ``fedembed`` command line: ``simulate``, ``spec``, ``report``, ``server``, ``client``, ``export``, ``certs``.
+
+The run's options are generated from the config dataclasses (:class:`fedembed.config.RunConfig`,
+:class:`fedembed.recipe.TrainConfig`): one flag per field, its help the field's docstring.
+"""
 
 from __future__ import annotations
 
 import argparse
+import inspect
 import json
 import logging
 import os
+import re
 import sys
+from dataclasses import fields
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from fedembed.aggregate import SERVER_OPTIMIZERS
 from fedembed.config import MODES, ROW_SETS, ConfigError, RunConfig
-from fedembed.task import BUILTIN_TASKS, TaskError, TaskSpec
-from fedembed.train import TABLE_OPTIMIZERS, TrainConfig
+from fedembed.errors import FedembedError
+from fedembed.recipe import TABLE_OPTIMIZERS, TrainConfig
+from fedembed.spec import FederationSpec
+from fedembed.task import BUILTIN_TASKS, TaskSpec, parse_options, read_task_config, task_node_config
 
 if TYPE_CHECKING:
     from fedembed.identity import Roster
@@ -29,95 +39,118 @@ def _positive_int(text: str) -> int:
     return v
 
 
+# ------------------------------------------------------------------ options generated from the config dataclasses
+
+CHOICES: dict[str, tuple[str, ...]] = {
+    "mode": MODES, "row_set": ROW_SETS, "wire_dtype": ("float16", "float32"),
+    "server_optimizer": SERVER_OPTIMIZERS, "table_optimizer": TABLE_OPTIMIZERS,
+}
+
+
+def field_docs(cls: type) -> dict[str, str]:
+    """Each field's description from a numpy-style ``Parameters`` section (``a, b : type`` lines name several)."""
+    doc = inspect.getdoc(cls) or ""
+    out: dict[str, str] = {}
+    lines = doc.splitlines()
+    try:
+        i = lines.index("Parameters") + 2
+    except ValueError:
+        return out
+    names: list[str] = []
+    while i < len(lines) and not (lines[i] and i + 1 < len(lines) and set(lines[i + 1]) == {"-"}):
+        line = lines[i]
+        if line and not line.startswith(" "):
+            names = [n.strip() for n in line.partition(" : ")[0].split(",")]
+            for n in names:
+                out[n] = ""
+        elif line.strip():
+            for n in names:
+                out[n] = (out[n] + " " + line.strip()).strip()
+        i += 1
+    return {k: re.sub(r":\w+:`~?([^`]+)`", r"\1", v).replace("``", "") for k, v in out.items()}
+
+
+def add_dataclass_options(group: Any, cls: type, names: list[str] | None = None) -> None:
+    """One ``--field-name`` option per field of ``cls`` (or those in ``names``): type, default, help from the class.
+
+    Booleans get ``--x/--no-x``; fields with a fixed set of values (:data:`CHOICES`) get
+    ``choices``; the help is the field's description in the class docstring.
+    """
+    docs = field_docs(cls)
+    defaults = {f.name: f.default for f in fields(cls)}
+    for name in names or [f.name for f in fields(cls)]:
+        default = defaults[name]
+        flag = "--" + name.replace("_", "-")
+        kw: dict[str, Any] = {"default": default, "help": docs.get(name, "")}
+        if isinstance(default, bool):
+            kw["action"] = argparse.BooleanOptionalAction
+        elif default is None:
+            kw["type"] = _positive_int
+        elif isinstance(default, int):
+            kw["type"] = int
+        elif isinstance(default, float):
+            kw["type"] = float
+        if name in CHOICES:
+            kw["choices"] = CHOICES[name]
+        group.add_argument(flag, **kw)
+
+
+def _add_task_options(p: argparse.ArgumentParser, simulated: bool) -> None:
+    """An organisation's own task: ``--task``, ``--data``, ``--option``, ``--task-config``, ``--device``, ``--threads``."""
+    g = p.add_argument_group("the organisation's task" + (" (every simulated organisation's)" if simulated else ""))
+    g.add_argument("--task", default="movies" if simulated else None,
+                   help=f"{' | '.join(BUILTIN_TASKS)} | package.module:Class | path/to/file.py:Class "
+                        "(a subclass of fedembed.Task; see the README's 'Your own task')")
+    g.add_argument("--data", action="append", default=[], metavar="PATH",
+                   help="the organisation's data, given to the task as `data`"
+                        + ("; repeat once per organisation to give each its own file" if simulated else ""))
+    g.add_argument("--option", action="append", default=[], metavar="KEY=VALUE",
+                   help="an option of the task (JSON value or string), e.g. scenario=mixed, rows=20000, dim=16; "
+                        "repeatable" + ("; a simulation also gives org and orgs to a task that takes them" if simulated else ""))
+    if not simulated:
+        g.add_argument("--task-config", type=Path, default=None,
+                       help="TOML file with task, data, device and an [options] table (flags given here win)")
+    g.add_argument("--device", default="cpu", help="where local training runs: cpu, cuda, cuda:<n> or auto")
+    g.add_argument("--threads", type=_positive_int, default=None,
+                   help="torch CPU threads for local training (default: torch's own choice)")
+
+
+def _add_run_options(p: argparse.ArgumentParser, server: bool) -> None:
+    """The run (recipe, rounds, wire, secure aggregation): generated from RunConfig and TrainConfig."""
+    g = p.add_argument_group("run")
+    run_fields = ["rounds", "mode", "seed", "fraction", "server_optimizer", "server_lr", "table_scale"]
+    if server:
+        run_fields += ["min_orgs", "round_timeout"]
+    add_dataclass_options(g, RunConfig, run_fields)
+    add_dataclass_options(p.add_argument_group("local training recipe (sent to every organisation)"), TrainConfig)
+    add_dataclass_options(p.add_argument_group("wire"), RunConfig, ["wire_dtype", "delta_clip", "max_message_bytes"])
+    s = p.add_argument_group("secure aggregation (SecAgg+)")
+    add_dataclass_options(s, RunConfig, ["secure", "row_set", "neighbours", "threshold"])
+
+
 def _add_simulate(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "simulate",
         help="run a local multi-organisation simulation on Flower's simulation engine",
         description=(
-            "Run organisations and a coordinator on this machine (Flower simulation engine, Ray). "
-            "Writes OUT/metrics.json (per-round bytes and per-organisation metrics), "
-            "OUT/embeddings.npz (final shared tables) and OUT/report.png."
+            "Run organisations and a coordinator on this machine (Flower simulation engine, Ray). Each simulated "
+            "organisation loads its own task (--task, with org and orgs when the task takes them); the coordinator "
+            "knows only the federation spec derived from organisation 0's model. Writes OUT/metrics.json "
+            "(per-round bytes and per-organisation metrics), OUT/embeddings.npz (final shared tables) and "
+            "OUT/report.png."
         ),
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    _add_run_options(p)
-    _add_secure_options(p)
+    p.add_argument("--orgs", type=_positive_int, default=5, help="number of simulated organisations")
+    _add_task_options(p, simulated=True)
+    _add_run_options(p, server=False)
     p.add_argument("--drop", action="append", default=[], metavar="STAGE[@ROUND]:ORG[,ORG]",
                    help="inject a dropout: organisation ORG vanishes at STAGE (train, share, indicators, "
                         "unmask_indicators, masked, unmask), in every round or only ROUND; repeatable")
     p.add_argument("--out", type=Path, default=Path("runs/latest"), help="output directory")
-    p.add_argument("--cpus", type=int, default=None, help="CPUs for the simulation engine (default: all)")
-    p.add_argument("--quiet", action="store_true", help="no live progress display")
+    p.add_argument("--cpus", type=_positive_int, default=None, help="CPUs for the simulation engine (default: all)")
+    p.add_argument("--quiet", action="store_true", help="no live progress display, no logs below warnings")
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging, Flower's included")
-
-
-def _add_run_options(p: argparse.ArgumentParser) -> None:
-    """Options that define a run (task, recipe, wire): shared by ``simulate`` and ``server``."""
-    p.add_argument("--task", default="movies", help=f"{' | '.join(BUILTIN_TASKS)} | package.module:TaskClass")
-    p.add_argument("--orgs", type=_positive_int, default=5, help="number of organisations")
-    p.add_argument("--rounds", type=_positive_int, default=10, help="federated rounds")
-    p.add_argument("--seed", type=int, default=0, help="seed of data split, tables and shuffling")
-    p.add_argument("--mode", choices=MODES, default="fedembed",
-                   help="fedembed: shared tables + private heads; local: no federation; "
-                        "fedavg-all: heads averaged too; pooled: centralised upper bound")
-    g = p.add_argument_group("task options")
-    g.add_argument("--scenario", choices=["same", "mixed"], default=None,
-                   help="movies: every org predicts genres (same) or orgs predict different targets (mixed)")
-    g.add_argument("--rows", type=_positive_int, default=None, help="synthetic: table rows (default 100000)")
-    g.add_argument("--dim", type=_positive_int, default=None, help="embedding dimension (default 32)")
-    g.add_argument("--touch", type=float, default=None, help="synthetic: fraction of rows an org touches per round (0.01)")
-    g.add_argument("--task-option", action="append", default=[], metavar="KEY=VALUE",
-                   help="extra option passed to the task (JSON value or string); repeatable")
-    t = p.add_argument_group("training recipe")
-    d = TrainConfig()
-    t.add_argument("--epochs", type=_positive_int, default=d.epochs, help="local epochs per round")
-    t.add_argument("--head-epochs", type=int, default=d.head_epochs, help="head-only re-fit epochs before the table is touched")
-    t.add_argument("--batch-size", type=_positive_int, default=d.batch_size, help="local mini-batch size")
-    t.add_argument("--table-lr", type=float, default=d.table_lr, help="local learning rate of the shared tables")
-    t.add_argument("--head-lr", type=float, default=d.head_lr, help="local learning rate of the private head")
-    t.add_argument("--table-optimizer", choices=TABLE_OPTIMIZERS, default=d.table_optimizer)
-    t.add_argument("--lr-decay", type=float, default=d.lr_decay,
-                   help="local learning rates are multiplied by this every round (1: constant)")
-    t.add_argument("--keep-table-state", action=argparse.BooleanOptionalAction, default=d.keep_table_state,
-                   help="keep the local table optimizer's state of touched rows across rounds (private)")
-    t.add_argument("--head-weight-decay", type=float, default=d.head_weight_decay, help="AdamW weight decay of the head")
-    t.add_argument("--max-row-weight", type=float, default=d.max_row_weight,
-                   help="cap of a row's weight (its lookup count) in the per-row weighted mean")
-    t.add_argument("--cooc-weight", type=float, default=d.cooc_weight,
-                   help="weight of the shared co-occurrence objective (0: off; measured not to help on movies)")
-    t.add_argument("--residual", action=argparse.BooleanOptionalAction, default=d.residual,
-                   help="a private per-organisation residual on every shared table (never uploaded)")
-    t.add_argument("--guard", action=argparse.BooleanOptionalAction, default=d.guard,
-                   help="each organisation also trains a private local twin and serves, by its own validation "
-                        "score, the shared model, the twin or their blend (fedembed mode; doubles local training)")
-    t.add_argument("--guard-blend", action=argparse.BooleanOptionalAction, default=d.guard_blend,
-                   help="let the guard serve the mean of the shared model's and the twin's outputs")
-    t.add_argument("--server-optimizer", choices=["sgd", "adagrad"], default="sgd")
-    t.add_argument("--server-lr", type=float, default=1.0)
-    t.add_argument("--table-scale", type=float, default=0.1, help="std of the seeded version-0 tables")
-    t.add_argument("--fraction", type=float, default=1.0, help="share of organisations sampled per round")
-    w = p.add_argument_group("wire")
-    w.add_argument("--wire-dtype", choices=["float16", "float32"], default="float16", help="dtype of uploaded deltas")
-    w.add_argument("--delta-clip", type=float, default=4.0,
-                   help="largest |delta| of one table entry the aggregate takes as is (larger ones are clipped); "
-                        "sets the fixed-point scale both plain and secure aggregation sum in")
-    w.add_argument("--max-message-mb", type=float, default=512.0, help="replies larger than this are refused")
-
-
-def _add_secure_options(p: argparse.ArgumentParser) -> None:
-    """Secure aggregation options: shared by ``simulate`` and ``server``."""
-    s = p.add_argument_group("secure aggregation (SecAgg+)")
-    s.add_argument("--secure", action=argparse.BooleanOptionalAction, default=False,
-                   help="the coordinator learns only the sum of the organisations' table updates")
-    s.add_argument("--row-set", choices=ROW_SETS, default="union",
-                   help="rows the masked vectors cover: dense = all rows (reveals nothing more); union = rows "
-                        "anyone touched, found by a secure count (reveals how many orgs touched each row, not "
-                        "who); revealed = each org tells its own row ids (values stay masked)")
-    s.add_argument("--neighbours", type=_positive_int, default=None,
-                   help="SecAgg+ neighbourhood size k (default: everyone up to 10 orgs, then 2*ceil(log2 n)+2)")
-    s.add_argument("--threshold", type=_positive_int, default=None,
-                   help="Shamir threshold t of the k+1 share holders (neighbours and self; default (k+1)//2+1); "
-                        "a round survives up to k+1-t dropouts per neighbourhood")
 
 
 def _drops(items: list[str]) -> dict[str, list[int]]:
@@ -133,64 +166,28 @@ def _drops(items: list[str]) -> dict[str, list[int]]:
     return out
 
 
-def _task_options(args: argparse.Namespace) -> dict[str, Any]:
-    opts: dict[str, Any] = {"orgs": args.orgs, "seed": args.seed}
-    for key, attr in (("scenario", "scenario"), ("rows", "rows"), ("dim", "dim"), ("touch", "touch")):
-        if getattr(args, attr) is not None:
-            opts[key] = getattr(args, attr)
-    for kv in args.task_option:
-        if "=" not in kv:
-            raise ConfigError(f"--task-option takes KEY=VALUE, got {kv!r}")
-        k, _, v = kv.partition("=")
-        try:
-            opts[k] = json.loads(v)
-        except json.JSONDecodeError:
-            opts[k] = v
-    if args.task == "movies" and args.rows is not None:
-        raise ConfigError("--rows applies to --task synthetic only (movies' table is its people)")
-    if args.touch is not None and not 0 < args.touch <= 1:
-        raise ConfigError(f"--touch must be in (0, 1], got {args.touch}")
-    return opts
+def _dataclass_values(args: argparse.Namespace, cls: type) -> dict[str, Any]:
+    return {f.name: getattr(args, f.name) for f in fields(cls) if hasattr(args, f.name)}
 
 
-def config_from_args(args: argparse.Namespace) -> RunConfig:
-    """The :class:`RunConfig` described by ``fedembed simulate`` arguments."""
-    train = TrainConfig(
-        epochs=args.epochs,
-        head_epochs=args.head_epochs,
-        batch_size=args.batch_size,
-        table_lr=args.table_lr,
-        head_lr=args.head_lr,
-        table_optimizer=args.table_optimizer,
-        lr_decay=args.lr_decay,
-        keep_table_state=args.keep_table_state,
-        head_weight_decay=args.head_weight_decay,
-        max_row_weight=args.max_row_weight,
-        cooc_weight=args.cooc_weight,
-        residual=args.residual,
-        guard=args.guard,
-        guard_blend=args.guard_blend,
-    )
-    return RunConfig(
-        task=TaskSpec(args.task, _task_options(args)),
-        rounds=args.rounds,
-        mode=args.mode,
-        seed=args.seed,
-        fraction=args.fraction,
-        train=train,
-        server_optimizer=args.server_optimizer,
-        server_lr=args.server_lr,
-        table_scale=args.table_scale,
-        wire_dtype=args.wire_dtype,
-        max_message_bytes=int(args.max_message_mb * 2**20),
-        drop=_drops(getattr(args, "drop", [])),
-        delta_clip=args.delta_clip,
-        **{k: getattr(args, k) for k in _SERVER_RUN_SETTINGS if getattr(args, k, None) is not None},
-    )
+def config_from_args(args: argparse.Namespace, federation: FederationSpec) -> RunConfig:
+    """The :class:`RunConfig` described by ``simulate`` or ``server`` arguments, for ``federation``'s tables."""
+    train = TrainConfig(**_dataclass_values(args, TrainConfig))
+    run = {k: v for k, v in _dataclass_values(args, RunConfig).items() if k not in ("train", "federation", "drop", "roster")}
+    return RunConfig(federation=federation, train=train, drop=_drops(getattr(args, "drop", [])), **run)
 
 
-# RunConfig fields set by `fedembed server` flags (absent from `simulate`'s namespace)
-_SERVER_RUN_SETTINGS = ("min_orgs", "round_timeout", "secure", "row_set", "neighbours", "threshold")
+def _task_spec(args: argparse.Namespace) -> TaskSpec:
+    """The organisation's task from ``--task``/``--data``/``--option`` (and ``--task-config``)."""
+    doc = read_task_config(args.task_config) if getattr(args, "task_config", None) else {}
+    name = args.task or doc.get("task")
+    if not name:
+        raise ConfigError("name the organisation's task: --task NAME (or --task-config FILE)")
+    options = {**doc.get("options", {}), **parse_options(args.option)}
+    data = args.data[-1] if args.data else doc.get("data")
+    if not getattr(args, "device_given", False) and "device" in doc and args.device == "cpu":
+        args.device = doc["device"]
+    return TaskSpec(name, options, data)
 
 
 class _Progress:
@@ -199,7 +196,7 @@ class _Progress:
     def __init__(self, rounds: int, enabled: bool) -> None:
         from rich.console import Console
 
-        self.console = Console(stderr=True)
+        self.console = Console(stderr=True, soft_wrap=True)  # a progress line never wraps, terminal or log file
         self.enabled = enabled
         self.rounds = rounds
 
@@ -234,20 +231,100 @@ def _print_final(doc: dict, console) -> None:
     console.print(table)
 
 
+def _simulated(args: argparse.Namespace) -> tuple[list[TaskSpec], list[str], FederationSpec]:
+    """The simulated organisations' own tasks, names and the federation spec they share."""
+    from fedembed.task import simulated_federation
+
+    base = _task_spec(args)
+    if len(args.data) not in (0, 1, args.orgs):
+        raise ConfigError(f"--data: give one path for every organisation or one per organisation ({args.orgs}), "
+                          f"got {len(args.data)}")
+    per_org = args.data if len(args.data) == args.orgs and args.orgs > 1 else None
+    return simulated_federation(base, args.orgs, per_org)
+
+
 def cmd_simulate(args: argparse.Namespace) -> int:
     from fedembed.simulation import simulate
 
-    from fedembed.task import load_task
-
-    cfg = config_from_args(args)
-    load_task(cfg.task)  # fail fast on a bad task or options, before the simulation engine starts
+    tasks, names, federation = _simulated(args)  # fails fast on a bad task, before the simulation engine starts
+    cfg = config_from_args(args, federation)
     progress = _Progress(cfg.rounds, not args.quiet)
     progress.console.print(
-        f"[bold]fedembed[/] simulate: task {cfg.task.name}, {cfg.num_orgs} orgs, {cfg.rounds} rounds, mode {cfg.mode} -> {args.out}"
+        f"[bold]fedembed[/] simulate: task {tasks[0].name}, {len(tasks)} orgs, {cfg.rounds} rounds, mode {cfg.mode}"
+        f" -> {args.out}"
     )
-    runlog = simulate(cfg, args.out, on_round=progress, num_cpus=args.cpus)
+    runlog = simulate(cfg, tasks, args.out, on_round=progress, num_cpus=args.cpus, names=names,
+                      device=args.device, threads=args.threads)
     _print_final(runlog.to_dict(), progress.console)
     progress.console.print(f"wrote {args.out}/metrics.json, embeddings.npz, report.png")
+    return 0
+
+
+def _add_spec(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "spec",
+        help="write the federation spec (shared tables, vocabularies) that fits a task's model",
+        description=(
+            "Load a task as an organisation would and write the federation spec its model fits: every shared "
+            "table's rows, dimension and vocabulary digest (JSON), and each table's vocabulary file beside it. "
+            "The coordinator is started with it (fedembed server --federation FILE); every organisation checks "
+            "its own model against it when it joins."
+        ),
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    _add_task_options(p, simulated=False)
+    p.add_argument("--out", type=Path, default=Path("federation.json"), help="spec file to write")
+    p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+
+
+def cmd_spec(args: argparse.Namespace) -> int:
+    from fedembed.task import load_task
+
+    task = load_task(_task_spec(args))
+    federation = task.federation_spec()
+    federation.write(args.out)
+    for name, vocab in task.vocabularies().items():
+        if vocab.kind == "file":
+            path = vocab.write(args.out.parent / f"{name}.vocab.txt")
+            print(f"wrote {path} ({vocab.size} ids + 1 out-of-vocabulary row, {vocab.digest})")
+    for name, t in federation.tables.items():
+        print(f"table {name}: {t.describe()}")
+    print(f"wrote {args.out}")
+    return 0
+
+
+def _add_export(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "export",
+        help="an organisation's trained model (final shared tables + its private head) as a torch state dict",
+        description=(
+            "From an organisation's state directory and its own task, write OUT: the state dict of the task's plain "
+            "torch module (the one wrapped in SplitModel) with the final shared tables and this organisation's head, "
+            "ready for `module.load_state_dict(torch.load(OUT))`. With --coordinator DIR instead, write the "
+            "coordinator's final tables (OUT as .npz) and, with --federation, each table's vocabulary file beside it."
+        ),
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    p.add_argument("--state-dir", type=Path, default=None, help="the organisation's state directory")
+    p.add_argument("--coordinator", type=Path, default=None, help="the coordinator's --state-dir (or a simulation's OUT)")
+    p.add_argument("--federation", type=Path, default=None, help="the federation spec file (for the vocabularies)")
+    _add_task_options(p, simulated=False)
+    p.add_argument("--out", type=Path, required=True, help="file to write (model.pt, or tables.npz)")
+    p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from fedembed.export import export_coordinator, export_organisation
+
+    if (args.state_dir is None) == (args.coordinator is None):
+        raise ConfigError("export needs either --state-dir (an organisation's model) or --coordinator (the tables)")
+    if args.coordinator is not None:
+        federation = FederationSpec.load(args.federation) if args.federation else None
+        written = export_coordinator(args.coordinator, args.out, federation, args.federation)
+    else:
+        written = export_organisation(args.state_dir, _task_spec(args), args.out, device=args.device)
+    for path in written:
+        print(f"wrote {path}")
     return 0
 
 
@@ -273,22 +350,22 @@ def _add_server(sub: argparse._SubParsersAction) -> None:
             "Start the coordinator (Flower SuperLink, TLS and SuperNode authentication on by default) and run "
             "the federated rounds once enough organisations have joined. Writes STATE_DIR/metrics.json, "
             "embeddings.npz and report.png; checkpoints every round in STATE_DIR/coordinator, so starting "
-            "again with the same --state-dir continues from the last finished round. Any option can also "
+            "again with the same --state-dir continues from the last finished round. The coordinator knows only "
+            "the federation spec (--federation, written by `fedembed spec`): it loads no data and no task code. "
+            "Any option can also "
             "come from --config FILE.toml (keys = option names, e.g. rounds = 10, auth-key = [\"org-0.pub\"]); "
             "flags given on the command line win."
         ),
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     p.add_argument("--config", type=Path, default=None, help="TOML file with any of these options")
-    _add_run_options(p)
-    _add_secure_options(p)
+    p.add_argument("--federation", type=Path, default=None,
+                   help="the federation spec: shared tables, their shapes and vocabularies (TOML or JSON; "
+                        "`fedembed spec` writes one); required")
+    _add_run_options(p, server=True)
     c = p.add_argument_group("coordinator")
-    c.add_argument("--min-orgs", type=_positive_int, default=1,
-                   help="organisations a round waits for (and needs replies from)")
     c.add_argument("--start-orgs", type=int, default=None,
                    help="start the rounds once this many organisations are online (default: --min-orgs)")
-    c.add_argument("--round-timeout", type=float, default=600.0,
-                   help="seconds a round waits for replies; late or dead organisations are left out")
     c.add_argument("--state-dir", type=Path, default=Path("runs/server"),
                    help="checkpoints, outputs, logs; reuse it to resume")
     n = p.add_argument_group("network")
@@ -313,19 +390,21 @@ def _add_client(sub: argparse._SubParsersAction) -> None:
         "client",
         help="run an organisation: a Flower SuperNode pointed at the coordinator",
         description=(
-            "Run one organisation as a Flower SuperNode with node config 'org=ORG state-dir=STATE_DIR "
-            "identity-key=KEY roster=ROSTER'. Its private head, optimizer state, table cache and session "
-            "secrets stay in STATE_DIR; every reply is signed with its identity key, and secure aggregation "
-            "checks the other organisations against its own ROSTER. The stock command `flower-supernode "
-            "--superlink HOST:PORT --root-certificates CA --auth-supernode-private-key KEY --node-config "
-            "'org=0 state-dir=\"DIR\" identity-key=\"KEY\" roster=\"ROSTER\"'` does the same (give each SuperNode "
-            "on one machine its own --port); this wrapper also restarts it while the coordinator is away."
+            "Run one organisation as a Flower SuperNode. It trains its own task on its own data (--task, --data, "
+            "--option, or --task-config FILE), loaded here and never named by the coordinator; on joining it checks "
+            "its model's shared tables against the federation's and refuses a mismatch. Its private head, "
+            "optimizer state, table cache and session secrets stay in STATE_DIR; every reply is signed with its "
+            "identity key, and secure aggregation checks the other organisations against its own ROSTER. The stock "
+            "command `flower-supernode --superlink HOST:PORT --root-certificates CA --auth-supernode-private-key KEY "
+            "--node-config 'state-dir=\"DIR\" identity-key=\"KEY\" roster=\"ROSTER\" task=\"TASK\" data=\"FILE\"'` "
+            "does the same, slower (give each SuperNode on one machine its own --port); this wrapper also keeps the "
+            "organisation's task loaded in a worker and restarts the SuperNode while the coordinator is away."
         ),
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     p.add_argument("--superlink", default="127.0.0.1:9092", help="coordinator address HOST:PORT")
-    p.add_argument("--org", type=int, required=True, help="this organisation's index in the task (0-based)")
     p.add_argument("--state-dir", type=Path, required=True, help="this organisation's private state directory")
+    _add_task_options(p, simulated=False)
     p.add_argument("--root-cert", type=Path, default=None, help="CA certificate that signed the coordinator's")
     p.add_argument("--auth-key", type=Path, default=None, help="this organisation's private key (OpenSSH EC)")
     p.add_argument("--identity-key", type=Path, default=None,
@@ -410,7 +489,7 @@ def _with_config_file(argv: list[str] | None, args: argparse.Namespace) -> argpa
         dest = key.replace("-", "_")
         if dest not in known or dest == "config":
             raise ConfigError(f"{path}: unknown setting {key!r}; see `fedembed server --help`")
-        defaults[dest] = [Path(v) for v in value] if dest == "auth_key" else Path(value) if dest == "roster" else value
+        defaults[dest] = [Path(v) for v in value] if dest == "auth_key" else Path(value) if dest in ("roster", "federation") else value
     server.set_defaults(**defaults)
     return parser.parse_args(argv)
 
@@ -440,12 +519,12 @@ class _DeployProgress(_Progress):
 
 def cmd_server(args: argparse.Namespace, argv: list[str] | None = None) -> int:
     from fedembed.deploy import ServerOptions, resume_round, run_outcome, run_server
-    from fedembed.task import load_task
 
     if args.config is not None:
         args = _with_config_file(argv, args)
-    cfg = config_from_args(args)
-    load_task(cfg.task)  # fail fast on a bad task
+    if args.federation is None:
+        raise ConfigError("the coordinator needs the federation spec: --federation FILE (write one with `fedembed spec`)")
+    cfg = config_from_args(args, FederationSpec.load(args.federation))
     done = resume_round(Path(args.state_dir).resolve())  # fail fast on a state dir that cannot be resumed
     cfg = cfg.with_roster(_roster(args.roster, _auth_keys(args.auth_key)).to_dict())
     opts = ServerOptions(
@@ -455,7 +534,8 @@ def cmd_server(args: argparse.Namespace, argv: list[str] | None = None) -> int:
     progress = _DeployProgress(cfg.rounds, not args.quiet)
     scheme = "http" if opts.insecure else "https"
     progress.console.print(
-        f"[bold]fedembed[/] server: task {cfg.task.name}, {cfg.num_orgs} orgs, {cfg.rounds} rounds, mode {cfg.mode}"
+        f"[bold]fedembed[/] server: tables {', '.join(f'{n} {t.rows}x{t.dim}' for n, t in cfg.federation.tables.items())}, "
+        f"{len(cfg.roster)} orgs in the roster, {cfg.rounds} rounds, mode {cfg.mode}"
         f"{', secure' if cfg.secure else ''} on {scheme}://{opts.host}:{opts.port}, "
         + ("[red]INSECURE: no TLS, any SuperNode may join[/]" if opts.insecure else f"{len(opts.auth_keys)} authorised org keys")
         + f" -> {opts.state_dir}"
@@ -478,11 +558,18 @@ def cmd_server(args: argparse.Namespace, argv: list[str] | None = None) -> int:
 def cmd_client(args: argparse.Namespace) -> int:
     from fedembed.deploy import ClientOptions, run_client
 
+    spec = _task_spec(args)
+    if args.no_worker:  # the worker loads the task at start; without it, fail here rather than at the first message
+        from fedembed.task import load_task, resolve_device
+
+        resolve_device(args.device)
+        load_task(spec).table_specs()
+    task_config = task_node_config(spec, args.device, args.threads)
     opts = ClientOptions(
-        superlink=args.superlink, org=args.org, state_dir=args.state_dir, root_cert=args.root_cert,
+        superlink=args.superlink, state_dir=args.state_dir, root_cert=args.root_cert,
         auth_key=args.auth_key, insecure=args.insecure, runtime_port=args.runtime_port, restart=not args.no_restart,
         identity_key=args.identity_key, roster=args.roster, worker=not args.no_worker,
-        extra_node_config={"secure-colluders": str(args.secure_colluders),
+        extra_node_config={**task_config, "secure-colluders": str(args.secure_colluders),
                            "secure-row-sets": json.dumps(args.secure_row_sets)},
     )
     if opts.insecure:
@@ -507,10 +594,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sub = parser.add_subparsers(dest="command", required=True)
     _add_simulate(sub)
+    _add_spec(sub)
     r = sub.add_parser("report", help="redraw report.png and print the final metrics of a run directory")
     r.add_argument("dir", help="directory holding metrics.json")
     _add_server(sub)
     _add_client(sub)
+    _add_export(sub)
     _add_certs(sub)
     return parser
 
@@ -520,7 +609,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     verbose = getattr(args, "verbose", False)
     logging.basicConfig(level=logging.DEBUG if verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    log.setLevel(logging.DEBUG if verbose else logging.INFO)
+    log.setLevel(logging.DEBUG if verbose else logging.WARNING if getattr(args, "quiet", False) else logging.INFO)
     # A user's task module (--task pkg.mod:Class) is found from the current directory, as `python -m` would.
     if os.getcwd() not in sys.path:
         sys.path.insert(0, os.getcwd())
@@ -528,9 +617,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "server":
             return cmd_server(args, argv)
-        commands = {"simulate": cmd_simulate, "report": cmd_report, "client": cmd_client, "certs": cmd_certs}
+        commands = {"simulate": cmd_simulate, "report": cmd_report, "client": cmd_client, "certs": cmd_certs,
+                    "spec": cmd_spec, "export": cmd_export}
         return commands[args.command](args)
-    except (ConfigError, TaskError, ValueError) as exc:
+    except (FedembedError, ValueError) as exc:
         log.error("%s", exc)
         return 2
     except KeyboardInterrupt:

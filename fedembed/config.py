@@ -6,15 +6,16 @@ import json
 from dataclasses import asdict, dataclass, field, fields, replace
 from typing import Any
 
-from fedembed.task import TaskSpec
-from fedembed.train import TrainConfig
+from fedembed.errors import FedembedError
+from fedembed.recipe import TrainConfig
+from fedembed.spec import FederationSpec
 
 MODES = ("fedembed", "local", "fedavg-all", "pooled")
 ROW_SETS = ("dense", "union", "revealed")
 DROP_STAGES = ("train", "share", "indicators", "check_indicators", "unmask_indicators", "masked", "check", "unmask")
 
 
-class ConfigError(ValueError):
+class ConfigError(FedembedError, ValueError):
     """A run configuration that cannot work."""
 
 
@@ -22,10 +23,14 @@ class ConfigError(ValueError):
 class RunConfig:
     """Everything that defines a run; the coordinator's source of truth.
 
+    It holds no task: the organisations' data, models and code are theirs
+    (:mod:`fedembed.task`); the coordinator knows the shared tables only.
+
     Parameters
     ----------
-    task : TaskSpec
-        Task name and options (``orgs`` and ``seed`` included).
+    federation : FederationSpec
+        The shared tables (name, rows, dim, vocabulary digest) every organisation's model
+        must match.
     rounds : int
         Federated rounds.
     mode : str
@@ -40,10 +45,14 @@ class RunConfig:
         Fewest organisations a round needs (fewer connected: wait; fewer replies: skip).
     train : TrainConfig
         Local recipe.
-    server_optimizer, server_lr : str, float
-        See :class:`fedembed.aggregate.ServerOptimizer`.
+    server_optimizer : str
+        How the coordinator applies each row's weighted mean delta: ``sgd`` (moves the
+        row by it, times the server learning rate) or ``adagrad`` (per-row adaptive
+        steps); see :class:`fedembed.aggregate.ServerOptimizer`.
+    server_lr : float
+        The server optimizer's learning rate (``sgd`` with 1: the plain weighted mean).
     table_scale : float
-        Standard deviation of version-0 tables.
+        Standard deviation of the seeded version-0 tables (every party regenerates them).
     wire_dtype : str
         ``float16`` or ``float32`` for uploaded deltas.
     secure : bool
@@ -73,7 +82,7 @@ class RunConfig:
         signatures; ``fedembed simulate`` makes one, ``fedembed server`` reads it.
     """
 
-    task: TaskSpec
+    federation: FederationSpec
     rounds: int = 3
     mode: str = "fedembed"
     seed: int = 0
@@ -107,8 +116,6 @@ class RunConfig:
             raise ConfigError(f"wire_dtype must be float16 or float32, got {self.wire_dtype!r}")
         if self.secure and self.mode != "fedembed":
             raise ConfigError("--secure applies to --mode fedembed only")
-        if self.secure and self.num_orgs < 2:
-            raise ConfigError("secure aggregation needs at least 2 organisations (a sum of one is no secret)")
         if not self.delta_clip > 0:
             raise ConfigError(f"delta_clip must be > 0, got {self.delta_clip}")
         if self.neighbours is not None and self.neighbours < 1:
@@ -122,14 +129,9 @@ class RunConfig:
             if stage not in DROP_STAGES or not all(isinstance(o, int) for o in orgs):
                 raise ConfigError(f"drop takes {{stage[@round]: [org indices]}} with stage in {DROP_STAGES}, got {key!r}")
 
-    @property
-    def num_orgs(self) -> int:
-        """Organisations in the run (the task's ``orgs`` option)."""
-        return int(self.task.options.get("orgs", 1))
-
     def run_key(self) -> str:
-        """Identifies the tables of this run (task, seed, init): guards organisation caches."""
-        return json.dumps([self.task.to_json(), self.seed, self.table_scale])
+        """Identifies the tables of this run (federation spec, seed, init): guards organisation caches."""
+        return json.dumps([self.federation.digest, self.seed, self.table_scale])
 
     def with_roster(self, roster: dict[str, str]) -> RunConfig:
         """This run with ``roster`` (name -> OpenSSH public key) as its organisations."""
@@ -138,7 +140,7 @@ class RunConfig:
     def to_dict(self) -> dict[str, Any]:
         """JSON-able dict (metrics.json ``config``, checkpoints)."""
         d = asdict(self)
-        d["task"] = {"name": self.task.name, "options": self.task.options}
+        d["federation"] = self.federation.to_dict()
         return d
 
     @staticmethod
@@ -149,9 +151,11 @@ class RunConfig:
         unknown = set(d) - names
         if unknown:
             raise ConfigError(f"unknown run settings {sorted(unknown)}")
-        task = d.pop("task")
+        if "federation" not in d:
+            raise ConfigError("a run config names its federation's tables ('federation')")
+        federation = FederationSpec.from_dict(d.pop("federation"))
         train = TrainConfig.from_dict(d.pop("train", {}))
-        return RunConfig(task=TaskSpec(task["name"], task.get("options", {})), train=train, **d)
+        return RunConfig(federation=federation, train=train, **d)
 
 
 @dataclass
@@ -173,7 +177,7 @@ class RoundPlan:
     since: int
     evaluate_only: bool
     mode: str
-    task: str
+    federation: str
     seed: int
     table_scale: float
     wire_dtype: str
@@ -202,7 +206,7 @@ class RoundPlan:
             since=since,
             evaluate_only=evaluate_only,
             mode=cfg.mode,
-            task=cfg.task.to_json(),
+            federation=cfg.federation.to_json(),
             seed=cfg.seed,
             table_scale=cfg.table_scale,
             wire_dtype=cfg.wire_dtype,

@@ -4,7 +4,7 @@
 organisations, sends each the plan and the rows changed since the version it last saw,
 validates replies (a bad one is refused with a message naming the organisation, the round
 goes on), aggregates per row, steps the server optimizer, stamps versions, checkpoints
-atomically, and keeps the run log. ``server/app.py`` gives it a :class:`Transport` over a
+atomically, and keeps the run log. :mod:`fedembed.apps.server` gives it a :class:`Transport` over a
 Flower ``Grid``; tests may give it any other.
 """
 
@@ -29,7 +29,6 @@ from fedembed.secagg.vector import ValueScales, fixed_point_sum
 from fedembed.sparse import RowUpdate, UpdateError
 from fedembed.store import Checkpoint, load_latest_checkpoint, save_checkpoint
 from fedembed.tables import VersionedTables
-from fedembed.task import load_task
 from fedembed.wire import decode_arrays, decode_update, dense_upload_bytes, encode_arrays, encode_sync, record_bytes
 
 log = logging.getLogger(__name__)
@@ -94,16 +93,14 @@ class Coordinator:
         self.transport = transport
         self.state_dir = Path(state_dir) if state_dir else None
         self.on_round = on_round
-        task = load_task(cfg.task)
-        if cfg.mode == "fedavg-all" and not task.heads_identical():
-            raise ConfigError("fedavg-all averages heads, which needs identical heads; this task's heads differ")
-        self.shapes = task.table_shapes()
-        self.org_names = task.org_names()
+        self.shapes = cfg.federation.shapes()
         if roster is None:
             roster = Roster.from_dict(cfg.roster) if cfg.roster else getattr(transport, "roster", None)
         if roster is None:
             raise ConfigError("the run has no roster of organisation keys (RunConfig.roster, `--roster`)")
         self.roster = roster
+        if cfg.secure and len(roster) < 2:
+            raise ConfigError("secure aggregation needs at least 2 organisations in the roster (a sum of one is no secret)")
         self.optimizer = ServerOptimizer(cfg.server_optimizer, cfg.server_lr)
         self.tables = VersionedTables.initial(self.shapes, cfg.seed, cfg.table_scale)
         self.log = RunLog(config=cfg.to_dict())
@@ -135,7 +132,7 @@ class Coordinator:
         if ckpt is None:
             return
         run = ckpt.config.get("run")
-        if not isinstance(run, dict) or run.get("task") != self.cfg.to_dict()["task"]:
+        if not isinstance(run, dict) or run.get("federation") != self.cfg.to_dict()["federation"]:
             raise ConfigError(f"state dir {self.state_dir} holds a different run; use a new --state-dir")
         shapes = {n: tuple(t.shape) for n, t in ckpt.tables.tables.items()}
         if shapes != {n: tuple(s) for n, s in self.shapes.items()}:

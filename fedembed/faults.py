@@ -5,10 +5,12 @@ from __future__ import annotations
 import json
 import logging
 
+from fedembed.errors import FedembedError
+
 log = logging.getLogger(__name__)
 
 
-class SimulatedDropout(RuntimeError):
+class SimulatedDropout(FedembedError, RuntimeError):
     """Raised by an organisation told to vanish at a stage (:attr:`fedembed.config.RunConfig.drop`)."""
 
 

@@ -43,7 +43,8 @@ from torch import nn
 from fedembed.model import SplitModel
 from fedembed.store import OrgState, atomic_write
 from fedembed.task import Task
-from fedembed.train import TrainConfig, make_head_optimizer, train_local
+from fedembed.recipe import TrainConfig
+from fedembed.train import make_head_optimizer, train_local
 
 log = logging.getLogger(__name__)
 
@@ -123,39 +124,40 @@ class Guard:
     def _save_history(self, key: str, history: list[dict[str, float]]) -> None:
         atomic_write(self.history_path, json.dumps({"key": key, "history": history}).encode())
 
-    def _twin(self, task: Task, org: int, seed: int, scale: float, key: str) -> tuple[SplitModel, dict | None]:
+    def _twin(
+        self, task: Task, shapes: dict[str, tuple[int, int]], seed: int, scale: float, key: str
+    ) -> tuple[SplitModel, dict | None]:
         """The twin model at its latest state (a fresh one at the start of a run)."""
-        tables, version = self.state.load_tables(task.table_shapes(), seed, scale, key)
-        model = task.build_model(org)
+        tables, version = self.state.load_tables(shapes, seed, scale, key)
+        model = task.build_model()
         model.set_tables(tables)
         saved = self.state.load_head(model) if version > 0 else None  # a foreign head.pt is set aside
         if saved is not None:
             model.load_head_state_dict(saved["head"])
-        return model, saved
+        return model.to(task.device), saved
 
     # ------------------------------------------------------------------ a stage
     def step(
         self,
         task: Task,
-        org: int,
         cfg: TrainConfig,
         shared_metrics: dict[str, float],
         round_: int,
         seed: int,
         scale: float,
         run_key: str,
+        shapes: dict[str, tuple[int, int]],
         train: bool,
         evaluate: Callable[[Task, nn.Module], dict[str, float]],
         shared_model: nn.Module | None = None,
+        seed_key: int = 0,
     ) -> dict[str, float]:
         """Evaluate the twin, choose on validation, train the twin; returns the metrics to report.
 
         Parameters
         ----------
         task : Task
-            The task.
-        org : int
-            Organisation index.
+            The organisation's task.
         cfg : TrainConfig
             The recipe (the twin trains with the same one).
         shared_metrics : dict
@@ -166,12 +168,16 @@ class Guard:
             Run seed and version-0 table scale (the twin starts where ``local`` would).
         run_key : str
             Identifies the run; a twin of another run is discarded.
+        shapes : dict
+            ``(rows, dim)`` of the shared tables.
         train : bool
             Train the twin after evaluating (False for the closing evaluation).
         evaluate : callable
             ``evaluate(task, model) -> metrics`` with ``val_*`` and test keys.
         shared_model : nn.Module, optional
             The shared candidate's model, needed for the ``blend`` candidate.
+        seed_key : int
+            Mixed into the twin's shuffling seed (the organisation's simulation index).
 
         Returns
         -------
@@ -180,7 +186,7 @@ class Guard:
             ``<candidate>_val_score``.
         """
         key = run_key + "|local"  # the same cache key, init and shuffling as the local baseline
-        model, saved = self._twin(task, org, seed, scale, key)
+        model, saved = self._twin(task, shapes, seed, scale, key)
         candidates = {SHARED: shared_metrics, LOCAL: evaluate(task, model)}
         if cfg.guard_blend and shared_model is not None:
             candidates[BLEND] = evaluate(task, Blend(shared_model, model, WEIGHTS[BLEND]))
@@ -195,10 +201,10 @@ class Guard:
             out[f"{n}_val_score"] = float(m["val_score"])
         if train:
             head_opt = make_head_optimizer(model, cfg, saved["optimizer"] if saved else None)
-            rng = np.random.default_rng([seed, org, round_])
+            rng = np.random.default_rng([seed, max(seed_key, 0), round_])
             table_state: dict[str, Any] | None = (saved or {}).get("table_state", {}) if cfg.keep_table_state else None
             twin_cfg = TrainConfig.from_dict({**cfg.to_dict(), "residual": False})
-            train_local(task, model, org, twin_cfg, head_opt, rng, start_tables=None, table_state=table_state)
+            train_local(task, model, twin_cfg, head_opt, rng, start_tables=None, table_state=table_state)
             extra = {"table_state": table_state} if table_state is not None else {}
             self.state.save_head(model.head_state_dict(), head_opt.state_dict(), round_, **extra)
             self.state.save_tables(model.get_tables(), round_, key)

@@ -28,6 +28,7 @@ from pathlib import Path
 
 from flwr.app import ConfigRecord, RecordDict
 
+from fedembed.errors import FedembedError
 from fedembed.secagg.primitives import CryptoError, SigningKey, VerifyKey, statement
 from fedembed.wire import content_digest
 
@@ -37,7 +38,7 @@ SIG_RECORD = "sig"
 """Name of the record that carries a reply's signature (excluded from its digest)."""
 
 
-class IdentityError(ValueError):
+class IdentityError(FedembedError, ValueError):
     """A roster, key or signature that cannot be used; the message says which and why."""
 
 

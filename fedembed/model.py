@@ -29,6 +29,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from fedembed.errors import FedembedError
 from fedembed.residual import ResidualTable
 
 log = logging.getLogger(__name__)
@@ -36,7 +37,7 @@ log = logging.getLogger(__name__)
 TableModule = nn.Embedding | nn.EmbeddingBag
 
 
-class SplitError(ValueError):
+class SplitError(FedembedError, ValueError):
     """The model cannot be split as asked."""
 
 

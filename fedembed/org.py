@@ -12,8 +12,10 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -28,8 +30,10 @@ from fedembed.secagg.protocol import SecurePolicy
 from fedembed.sparse import RowUpdate
 from fedembed.store import OrgState
 from fedembed.tables import RowSync, apply_sync, init_table
-from fedembed.task import Task, TaskSpec, load_task
-from fedembed.train import TrainConfig, make_head_optimizer, train_local
+from fedembed.spec import FederationSpec, SpecError, TableSpec
+from fedembed.task import Task, TaskError, TaskSpec, load_task, resolve_device, task_from_node_config
+from fedembed.recipe import TrainConfig
+from fedembed.train import make_head_optimizer, train_local
 from fedembed.wire import decode_arrays, decode_sync, encode_update, reply_content
 
 log = logging.getLogger(__name__)
@@ -66,12 +70,12 @@ class OrgReply:
 
 
 class Organisation:
-    """An organisation: its index in the task, its private state directory.
+    """An organisation: its identity, its private state directory, its own task and device.
 
     Parameters
     ----------
     org : int
-        Index of the organisation in the task (its data partition).
+        Its index in a simulation (fault injection, default file names); -1 when deployed.
     state_dir : Path
         Its own state directory (head, optimizer state, table cache).
     identity : Identity
@@ -79,35 +83,86 @@ class Organisation:
         signed with it.
     policy : SecurePolicy, optional
         The rules it holds secure-aggregation sessions to (defaults if None).
+    task : TaskSpec
+        Its own task (:mod:`fedembed.task`), from its own configuration, never from a message.
+    device : str
+        ``cpu``, ``cuda``, ``cuda:<n>`` or ``auto`` (CUDA when available).
     """
 
-    def __init__(self, org: int, state_dir: Path, identity: Identity, policy: SecurePolicy | None = None) -> None:
+    def __init__(
+        self, org: int, state_dir: Path, identity: Identity, policy: SecurePolicy | None = None,
+        task: TaskSpec | None = None, device: str = "cpu",
+    ) -> None:
+        if task is None:
+            raise TaskError("an organisation needs its own task: --task (or node config task=...)")
         self.org = int(org)
         self.state = OrgState(Path(state_dir))
         self.identity = identity
         self.policy = policy or SecurePolicy()
+        self.task_spec = task
+        self.device = resolve_device(device)
 
     @staticmethod
-    def from_member(member: SecureMember) -> Organisation:
-        """The organisation a :class:`SecureMember` (node config: index, state dir, identity, policy) describes."""
-        return Organisation(member.org, member.state_dir, member.identity, member.policy)
+    def from_node_config(
+        nc: Mapping[str, Any], state_root: str | None = None, key_dir: str | None = None,
+        roster: str | None = None, tasks: list[TaskSpec] | None = None,
+    ) -> Organisation:
+        """The organisation a SuperNode's node config describes (see :meth:`SecureMember.from_node_config`).
+
+        Its task comes from the node config (``task``, ``data``, ``task-options``,
+        ``task-config``, ``device``: :func:`fedembed.task.task_from_node_config`) or, in a
+        simulation, from ``tasks[partition-id]``; ``threads`` sets torch's CPU threads
+        (default: torch's choice).
+        """
+        member = SecureMember.from_node_config(nc, state_root, key_dir, roster)
+        if "threads" in nc:  # otherwise torch's own choice
+            torch.set_num_threads(int(nc["threads"]))
+        if "task" in nc or "task-config" in nc or tasks is None:
+            spec, device = task_from_node_config(nc)
+        else:
+            spec, device = tasks[member.org], str(nc.get("device", "cpu"))
+        return Organisation(member.org, member.state_dir, member.identity, member.policy, spec, device)
 
     @property
     def member(self) -> SecureMember:
         """What the secure stages need of this organisation (no task, no torch)."""
         return SecureMember(self.org, self.state.dir, self.identity, self.policy)
 
+    @property
+    def task(self) -> Task:
+        """Its task, loaded once per process, on its device."""
+        task = load_task(self.task_spec)
+        task.device = self.device
+        return task
+
+    def table_specs(self) -> dict[str, TableSpec]:
+        """Its own shared tables (shape, vocabulary digest), computed once per process."""
+        key = self.task_spec.to_json()
+        if key not in _TABLE_SPECS:
+            _TABLE_SPECS[key] = self.task.table_specs()
+        return _TABLE_SPECS[key]
+
+    def check_federation(self, federation: FederationSpec) -> None:
+        """Refuse a federation whose tables differ from this organisation's model (naming the table).
+
+        Raises
+        ------
+        SpecError
+            Names this organisation, the table and how it differs.
+        """
+        try:
+            federation.check(self.table_specs())
+        except SpecError as exc:
+            raise SpecError(f"{self.identity.name}: {exc}") from None
+
     def handle(
         self, plan: RoundPlan, sync: dict[str, RowSync], head_in: dict[str, np.ndarray] | None = None
     ) -> OrgReply:
         """Run one stage of a round (see module docstring)."""
-        torch.set_num_threads(1)
-        task = load_task(TaskSpec.from_json(plan.task))
-        if not 0 <= self.org < task.num_orgs:
-            raise ValueError(f"organisation index {self.org} outside the task's {task.num_orgs} organisations")
-        name = task.org_names()[self.org]
+        task = self.task
+        name = self.identity.name
         cfg = TrainConfig.from_dict(json.loads(plan.train)).at_round(plan.round)
-        shapes = task.table_shapes()
+        shapes = {n: t.shape for n, t in self.table_specs().items()}
         local = plan.mode == "local"
         key = plan.run_key + ("|local" if local else "")
         tables, version = self.state.load_tables(shapes, plan.seed, plan.table_scale, key)
@@ -126,7 +181,7 @@ class Organisation:
             else:  # only the synced rows are written
                 self.state.save_sync(tables, sync, version, key)
 
-        model = task.build_model(self.org)
+        model = task.build_model()
         if cfg.residual and plan.mode == "fedembed":
             model.add_residuals()
         model.set_tables(tables)
@@ -137,20 +192,21 @@ class Organisation:
             if plan.mode != "fedavg-all":  # a head from outside only in the baseline that averages heads
                 raise ValueError(f"refused a head sent in mode {plan.mode!r}: this organisation's head is its own")
             model.load_head_state_dict({k: torch.from_numpy(v) for k, v in head_in.items()})
+        model.to(self.device)
         metrics = self._evaluate(task, model)
         if cfg.guard and plan.mode == "fedembed":  # serve shared or private twin, chosen on validation
             metrics = Guard(self.state.dir).step(
-                task, self.org, cfg, metrics, plan.round, plan.seed, plan.table_scale, plan.run_key,
-                train=not plan.evaluate_only, evaluate=self._evaluate, shared_model=model,
+                task, cfg, metrics, plan.round, plan.seed, plan.table_scale, plan.run_key, shapes,
+                train=not plan.evaluate_only, evaluate=self._evaluate, shared_model=model, seed_key=self.org,
             )
         if plan.evaluate_only:
             return OrgReply(name, "ok", version, metrics=metrics)
 
         head_opt = make_head_optimizer(model, cfg, saved["optimizer"] if saved else None)
-        rng = np.random.default_rng([plan.seed, self.org, plan.round])
+        rng = np.random.default_rng([plan.seed, max(self.org, 0), plan.round])
         table_state = (saved or {}).get("table_state", {}) if cfg.keep_table_state else None
         update, stats = train_local(
-            task, model, self.org, cfg, head_opt, rng, start_tables=None if local else tables, table_state=table_state
+            task, model, cfg, head_opt, rng, start_tables=None if local else tables, table_state=table_state
         )
         extra = {"table_state": table_state} if table_state is not None else {}
         self.state.save_head(model.head_state_dict(), head_opt.state_dict(), plan.round, **extra)
@@ -158,7 +214,7 @@ class Organisation:
             self.state.save_tables(model.get_tables(), plan.round, key)
         head_out = None
         if plan.mode == "fedavg-all":
-            head_out = {k: v.detach().numpy().copy() for k, v in model.head_state_dict().items()}
+            head_out = {k: v.detach().cpu().numpy().copy() for k, v in model.head_state_dict().items()}
         return OrgReply(
             name, "ok", version, update=None if local else update, metrics=metrics, train_stats=stats, head=head_out
         )
@@ -166,9 +222,12 @@ class Organisation:
     def _evaluate(self, task: Task, model) -> dict[str, float]:
         out: dict[str, float] = {}
         for split, prefix in (("val", "val_"), ("test", "")):
-            for k, v in task.evaluate(model, self.org, split).items():
+            for k, v in task.evaluate(model, split).items():
                 out[prefix + k] = float(v)
         return out
+
+
+_TABLE_SPECS: dict[str, dict[str, TableSpec]] = {}
 
 
 def handle_content(organisation: Organisation, content: RecordDict, message_type: str, node: int) -> RecordDict:
@@ -208,14 +267,14 @@ def handle_content(organisation: Organisation, content: RecordDict, message_type
     if message_type not in ("train", "evaluate"):
         raise ValueError(f"unknown message type {message_type!r}")
     plan = RoundPlan.from_config(dict(content["config"]))
+    organisation.check_federation(FederationSpec.from_json(plan.federation))  # before anything is loaded or trained
     if plan.evaluate_only != (message_type == "evaluate"):
         raise ValueError(f"a {message_type!r} message whose plan says evaluate_only={plan.evaluate_only}")
     if plan.secure and plan.row_set not in organisation.policy.row_sets:  # refused before any training
         raise ValueError(f"row-set mode {plan.row_set!r} refused: this organisation takes part in {organisation.policy.row_sets}")
     # the closing evaluation is its own stage: a dropout injected at "train" never hits it
     check_drop(plan.drop, "evaluate" if plan.evaluate_only else "train", plan.round, organisation.org)
-    task = load_task(TaskSpec.from_json(plan.task))
-    shapes = task.table_shapes()
+    shapes = {n: t.shape for n, t in organisation.table_specs().items()}
     sync = decode_sync(content["sync"], shapes) if "sync" in content else {}
     head_in = decode_arrays(content["head"]) if "head" in content else None
     reply = organisation.handle(plan, sync, head_in)

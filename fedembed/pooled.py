@@ -1,10 +1,10 @@
 """The ``pooled`` baseline: centralised training on everyone's data, no federation.
 
 The upper bound a federation is compared with: one process sees every organisation's
-training data. The shared tables are one set of parameters; heads are one head when the
-task's heads are identical (one model on pooled data), otherwise one head per
-organisation trained jointly. A "round" is one epoch over the pooled data, so the curves
-line up with the federated modes' rounds.
+training data and trains the very architecture the federation trains, one set of shared
+tables and each organisation's own head, jointly on the union of their batches. A
+"round" is one epoch over the pooled data, so the curves line up with the federated
+modes' rounds.
 """
 
 from __future__ import annotations
@@ -20,36 +20,35 @@ from fedembed.config import RunConfig
 from fedembed.model import SplitModel
 from fedembed.report import RunLog
 from fedembed.tables import init_table
-from fedembed.task import load_task
+from fedembed.task import Task, to_device
 from fedembed.train import _table_optimizer
 
 log = logging.getLogger(__name__)
 
 
-def run_pooled(cfg: RunConfig, on_round: Callable[[dict], None] | None = None) -> tuple[RunLog, dict[str, np.ndarray]]:
+def run_pooled(
+    cfg: RunConfig, tasks: list[Task], names: list[str], on_round: Callable[[dict], None] | None = None
+) -> tuple[RunLog, dict[str, np.ndarray]]:
     """Train centrally on all organisations' data; returns the run log and final tables.
 
     Parameters
     ----------
     cfg : RunConfig
         The run (``mode`` is ``pooled``).
+    tasks : list[Task]
+        Every organisation's task (its data, model and head).
+    names : list[str]
+        Their names in the run log.
     on_round : callable, optional
         Progress callback per round.
     """
-    torch.set_num_threads(2)
-    task = load_task(cfg.task)
-    n = task.num_orgs
-    models: list[SplitModel] = [task.build_model(i) for i in range(n)]
-    tables = {name: init_table(name, s, cfg.seed, cfg.table_scale) for name, s in task.table_shapes().items()}
+    n = len(tasks)
+    models: list[SplitModel] = [t.build_model() for t in tasks]
+    tables = {name: init_table(name, s, cfg.seed, cfg.table_scale) for name, s in cfg.federation.shapes().items()}
     models[0].set_tables(tables)
-    shared_heads = task.heads_identical()
-    for m in models[1:]:  # tie every organisation's tables (and heads if identical) to model 0's
+    for m in models[1:]:  # tie every organisation's tables to model 0's; heads stay each its own
         for name in m.table_names:
             m.table(name).weight = models[0].table(name).weight
-        if shared_heads:
-            m.load_head_state_dict(models[0].head_state_dict())
-    if shared_heads:
-        models = [models[0]] * n
     shared = {id(p) for p in models[0].table_parameters()}  # tied into every model: not a head parameter
     heads = {id(p): p for m in models for p in m.head_parameters() if id(p) not in shared}
     head_opt = torch.optim.AdamW(list(heads.values()), lr=cfg.train.head_lr, weight_decay=cfg.train.head_weight_decay)
@@ -63,19 +62,18 @@ def run_pooled(cfg: RunConfig, on_round: Callable[[dict], None] | None = None) -
         for opt, lr in ((head_opt, recipe.head_lr), (table_opt, recipe.table_lr)):
             for g in opt.param_groups:
                 g["lr"] = lr
-        steps = [(i, b) for i in range(n) for b in task.batches(i, "train", cfg.train.batch_size, rng)]
+        steps = [(i, b) for i, t in enumerate(tasks) for b in t.batches("train", cfg.train.batch_size, rng)]
         for j in rng.permutation(len(steps)):
             org, batch = steps[j]
             head_opt.zero_grad(set_to_none=True)
             table_opt.zero_grad(set_to_none=True)
-            task.loss(models[org], batch).backward()
+            tasks[org].loss(models[org], to_device(batch, tasks[org].device)).backward()
             head_opt.step()
             table_opt.step()
-        names = task.org_names()
         for i in range(n):
             m: dict[str, float] = {}
             for split, prefix in (("val", "val_"), ("test", "")):
-                m.update({prefix + k: float(v) for k, v in task.evaluate(models[i], i, split).items()})
+                m.update({prefix + k: float(v) for k, v in tasks[i].evaluate(models[i], split).items()})
             runlog.set_metrics(round_, names[i], m)
         entry["clients"] = n
         entry["wall_seconds"] = time.perf_counter() - t0

@@ -16,24 +16,37 @@ from pathlib import Path
 
 from fedembed.config import RunConfig
 from fedembed.report import RunLog
+from fedembed.task import TaskSpec
 
 log = logging.getLogger(__name__)
 
 
 def simulate(
     cfg: RunConfig,
+    tasks: list[TaskSpec],
     out_dir: Path,
     on_round: Callable[[dict], None] | None = None,
     num_cpus: int | None = None,
     audit: bool = False,
     client_mods: list | None = None,
+    names: list[str] | None = None,
+    device: str = "cpu",
+    threads: int | None = None,
 ) -> RunLog:
     """Run ``cfg`` as a local simulation and write its outputs.
 
     Parameters
     ----------
     cfg : RunConfig
-        The run.
+        The run (what the coordinator knows: the federation spec, recipe, protocol).
+    tasks : list[TaskSpec]
+        One task per simulated organisation, each its own (:func:`fedembed.task.simulated_federation`).
+    names : list[str], optional
+        The organisations' roster names (default: the tasks' own names, or ``org-<i>``).
+    device : str
+        Where every simulated organisation trains (``cpu``, ``cuda``, ``auto``).
+    threads : int, optional
+        Torch CPU threads per organisation (default: torch's choice).
     out_dir : Path
         Output directory: ``metrics.json``, ``embeddings.npz``, ``report.png``, and
         ``state/`` (coordinator checkpoints, one private directory per organisation).
@@ -59,10 +72,17 @@ def simulate(
     if state.exists():
         log.info("removing the previous simulation state in %s", state)
         shutil.rmtree(state)
+    from fedembed.task import load_task
+
+    if names is None:
+        loaded = [load_task(t) for t in tasks]
+        names = [t.name or f"org-{i}" for i, t in enumerate(loaded)]
+    if len(set(names)) != len(names) or len(names) != len(tasks):
+        raise ValueError(f"one unique name per organisation, got {names} for {len(tasks)} tasks")
     if cfg.mode == "pooled":
         from fedembed.pooled import run_pooled
 
-        runlog, tables = run_pooled(cfg, on_round)
+        runlog, tables = run_pooled(cfg, [load_task(t) for t in tasks], names, on_round)
         runlog.write(out_dir, tables)
         return runlog
 
@@ -70,16 +90,14 @@ def simulate(
     os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
     from flwr.simulation import run_simulation
 
-    from client.app import make_client_app
-    from server.app import make_server_app
-
+    from fedembed.apps.client import make_client_app
+    from fedembed.apps.server import make_server_app
     from fedembed.identity import make_identities
-    from fedembed.task import load_task
 
     # every simulated organisation gets its own identity key; the roster of their public
     # halves is the federation's (the coordinator attributes replies by it)
     keys = state / "keys"
-    roster = make_identities(load_task(cfg.task).org_names(), keys)
+    roster = make_identities(names, keys)
     roster_path = roster.write(state / "roster.json")
     cfg = cfg.with_roster(roster.to_dict())
     result: dict = {}
@@ -94,6 +112,8 @@ def simulate(
         key_dir=str(keys.resolve()),
         roster=str(roster_path.resolve()),
         mods=client_mods,
+        tasks=tasks,
+        node_defaults={"device": device, **({"threads": threads} if threads else {})},
     )
     cpus = num_cpus or os.cpu_count() or 1
     backend = {
@@ -106,7 +126,7 @@ def simulate(
         warnings.simplefilter("ignore")
         if not log.isEnabledFor(logging.DEBUG):
             flwr_logger.setLevel(logging.ERROR)  # Flower's own chatter, incl. its deprecation notice
-        run_simulation(server_app=server_app, client_app=client_app, num_supernodes=cfg.num_orgs, backend_config=backend)
+        run_simulation(server_app=server_app, client_app=client_app, num_supernodes=len(tasks), backend_config=backend)
     flwr_logger.setLevel(level)
     if "coordinator" not in result:
         raise RuntimeError("the simulation ended before the coordinator finished; see the log above")

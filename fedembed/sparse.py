@@ -18,12 +18,14 @@ from typing import Mapping
 
 import numpy as np
 
+from fedembed.errors import FedembedError
+
 log = logging.getLogger(__name__)
 
 WIRE_DTYPES = {"float16": np.float16, "float32": np.float32}
 
 
-class UpdateError(ValueError):
+class UpdateError(FedembedError, ValueError):
     """An update that must not be aggregated (bad shape, dtype, ids or values)."""
 
 

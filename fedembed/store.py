@@ -448,6 +448,15 @@ class OrgState:
                 self._discard_tables(exc)
         return {n: init_table(n, s, seed, scale) for n, s in shapes.items()}, 0
 
+    def load_cached_tables(self, shapes: dict[str, tuple[int, int]]) -> tuple[dict[str, np.ndarray], int]:
+        """The cached tables and their version, whichever run they belong to (version 0: no usable cache)."""
+        try:
+            key = json.loads((self.dir / "tables.json").read_text()).get("key")
+        except (OSError, ValueError, AttributeError):
+            return {}, 0
+        tables, version = self.load_tables(shapes, 0, 0.0, str(key))
+        return (tables, version) if version > 0 else ({}, 0)
+
     def _discard_tables(self, why: Exception) -> None:
         """Drop a corrupt cache's description so the next save starts a new base.
 

@@ -10,7 +10,6 @@ head and its optimizer state stay with the caller, who keeps them private.
 from __future__ import annotations
 
 import logging
-from dataclasses import asdict, dataclass, fields, replace
 from typing import Any
 
 import numpy as np
@@ -18,112 +17,11 @@ import torch
 
 from fedembed.cooc import cooccurrence_loss
 from fedembed.model import SplitModel
+from fedembed.recipe import TrainConfig
 from fedembed.sparse import RowUpdate, TableUpdate
-from fedembed.task import Task
+from fedembed.task import Task, to_device
 
 log = logging.getLogger(__name__)
-
-TABLE_OPTIMIZERS = ("sparse_adam", "sgd")
-
-
-@dataclass
-class TrainConfig:
-    """The local training recipe; sent by the coordinator, the same for every organisation.
-
-    The defaults were chosen on the validation splits of the movies task (5 orgs, 10
-    rounds; see ``simulations/evaluate.py`` and the README): small batches, Adam state of
-    touched rows kept across rounds, learning rates decayed by 0.8 per round (the models
-    overfit within a few rounds otherwise), the guard with its blend on, no FedRep head
-    re-fit, no residual and no co-occurrence objective (both measured lower on validation).
-
-    Parameters
-    ----------
-    epochs : int
-        Local epochs over the organisation's training data per round (table and head).
-    head_epochs : int
-        Epochs re-fitting only the head on the freshly synced table before the table is
-        touched (FedRep-style); 0 disables it.
-    batch_size : int
-        Examples per local step.
-    table_lr : float
-        Learning rate of the local table optimizer.
-    head_lr : float
-        Learning rate of the head's Adam optimizer (its state persists across rounds).
-    table_optimizer : str
-        ``sparse_adam`` or ``sgd`` (both update only the rows a batch touched).
-    max_row_weight : float
-        Cap on a row's weight (its lookup count) in the per-row weighted mean.
-    cooc_weight : float
-        Weight of the shared self-supervised co-occurrence objective
-        (:mod:`fedembed.cooc`) added to the supervised loss; 0 turns it off.
-    cooc_negatives : int
-        Negatives per positive pair of that objective.
-    keep_table_state : bool
-        Keep the local table optimizer's state (Adam moments) of the rows an
-        organisation touched from one round to the next, in its private state.
-    residual : bool
-        Give each organisation a private residual on every shared table
-        (:mod:`fedembed.residual`), trained locally, never uploaded (``fedembed`` mode).
-    guard : bool
-        Run the per-organisation guard (:mod:`fedembed.guard`): a private local-only
-        twin is trained alongside, and each organisation serves whichever of the shared
-        model and the twin scores higher on its own validation data (``fedembed`` mode).
-    guard_window : int
-        Evaluations whose validation scores the guard averages before choosing.
-    guard_blend : bool
-        Let the guard also serve the mean of the shared model's and the twin's outputs.
-    head_weight_decay : float
-        Decoupled weight decay of the head's optimizer (AdamW); 0 is plain Adam.
-    lr_decay : float
-        Per-round decay of both learning rates: round ``r`` (1-based) trains with
-        ``lr * lr_decay ** (r - 1)`` (see :meth:`at_round`); 1 keeps them constant.
-    """
-
-    epochs: int = 1
-    head_epochs: int = 0
-    batch_size: int = 16
-    table_lr: float = 0.05
-    head_lr: float = 0.01
-    table_optimizer: str = "sparse_adam"
-    max_row_weight: float = 100.0
-    cooc_weight: float = 0.0
-    cooc_negatives: int = 4
-    keep_table_state: bool = True
-    residual: bool = False
-    guard: bool = True
-    guard_window: int = 3
-    guard_blend: bool = True
-    head_weight_decay: float = 0.0
-    lr_decay: float = 0.8
-
-    def __post_init__(self) -> None:
-        if self.table_optimizer not in TABLE_OPTIMIZERS:
-            raise ValueError(f"table_optimizer must be one of {TABLE_OPTIMIZERS}, got {self.table_optimizer!r}")
-        for f in ("epochs", "head_epochs", "batch_size", "guard_window"):
-            if int(getattr(self, f)) < (1 if f != "head_epochs" else 0):
-                raise ValueError(f"{f} must be positive, got {getattr(self, f)}")
-        if not (self.table_lr > 0 and self.head_lr > 0 and self.max_row_weight >= 1):
-            raise ValueError("learning rates must be > 0 and max_row_weight >= 1")
-        if not 0 < self.lr_decay <= 1:
-            raise ValueError(f"lr_decay must be in (0, 1], got {self.lr_decay}")
-        if self.head_weight_decay < 0:
-            raise ValueError(f"head_weight_decay must be >= 0, got {self.head_weight_decay}")
-
-    def to_dict(self) -> dict[str, Any]:
-        """Plain dict (for messages and metrics.json)."""
-        return asdict(self)
-
-    def at_round(self, round_: int) -> TrainConfig:
-        """The recipe of round ``round_`` (1-based): learning rates decayed by ``lr_decay``."""
-        f = self.lr_decay ** max(int(round_) - 1, 0)
-        return replace(self, table_lr=self.table_lr * f, head_lr=self.head_lr * f)
-
-    @staticmethod
-    def from_dict(d: dict[str, Any]) -> TrainConfig:
-        """Build from a dict, ignoring unknown keys."""
-        names = {f.name for f in fields(TrainConfig)}
-        return TrainConfig(**{k: v for k, v in d.items() if k in names})
-
 
 def make_head_optimizer(model: SplitModel, cfg: TrainConfig, state: dict | None) -> torch.optim.Optimizer:
     """The head's Adam optimizer, resumed from ``state`` when given."""
@@ -152,8 +50,9 @@ def _load_table_state(opt: torch.optim.Optimizer, model: SplitModel, saved: dict
         w = model.table(name).weight
         ids = saved[name]["ids"]
         exp_avg, exp_avg_sq = torch.zeros_like(w), torch.zeros_like(w)
-        exp_avg[ids] = saved[name]["exp_avg"]
-        exp_avg_sq[ids] = saved[name]["exp_avg_sq"]
+        ids = ids.to(w.device)
+        exp_avg[ids] = saved[name]["exp_avg"].to(w.device)
+        exp_avg_sq[ids] = saved[name]["exp_avg_sq"].to(w.device)
         opt.state[w] = {"step": int(saved["step"]), "exp_avg": exp_avg, "exp_avg_sq": exp_avg_sq}
 
 
@@ -166,7 +65,8 @@ def _save_table_state(opt: torch.optim.Optimizer, model: SplitModel, saved: dict
         if not st:
             continue
         nonzero = torch.nonzero(st["exp_avg_sq"].abs().sum(1) > 0).squeeze(1)
-        saved[name] = {"ids": nonzero, "exp_avg": st["exp_avg"][nonzero], "exp_avg_sq": st["exp_avg_sq"][nonzero]}
+        saved[name] = {"ids": nonzero.cpu(), "exp_avg": st["exp_avg"][nonzero].cpu(),
+                       "exp_avg_sq": st["exp_avg_sq"][nonzero].cpu()}
         saved["step"] = int(st["step"])
 
 
@@ -176,30 +76,27 @@ def _record_lookups(model: SplitModel, lookups: dict[str, list[np.ndarray]]) -> 
         grad = model.table(name).weight.grad
         if grad is None:
             continue
-        idx = grad._indices()[0].numpy() if grad.is_sparse else np.flatnonzero(grad.abs().sum(1).numpy())
+        idx = grad._indices()[0].cpu().numpy() if grad.is_sparse else np.flatnonzero(grad.abs().sum(1).cpu().numpy())
         lookups[name].append(idx.copy())
 
 
 def train_local(
     task: Task,
     model: SplitModel,
-    org: int,
     cfg: TrainConfig,
     head_opt: torch.optim.Optimizer,
     rng: np.random.Generator,
     start_tables: dict[str, np.ndarray] | None = None,
     table_state: dict[str, Any] | None = None,
 ) -> tuple[RowUpdate, dict[str, float]]:
-    """Train ``model`` on ``org``'s training data for one round.
+    """Train ``model`` on the organisation's training data for one round.
 
     Parameters
     ----------
     task : Task
-        The task (data, loss).
+        The organisation's task (data, loss); batches are moved to ``task.device``.
     model : SplitModel
-        The organisation's model, its tables set to the synced global version.
-    org : int
-        Organisation index.
+        The organisation's model on ``task.device``, its tables set to the synced global version.
     cfg : TrainConfig
         The recipe.
     head_opt : torch.optim.Optimizer
@@ -222,7 +119,8 @@ def train_local(
     """
     model.train()
     for _ in range(cfg.head_epochs):  # FedRep: fit the head to the fresh table first
-        for batch in task.batches(org, "train", cfg.batch_size, rng):
+        for batch in task.batches("train", cfg.batch_size, rng):
+            batch = to_device(batch, task.device)
             head_opt.zero_grad(set_to_none=True)
             task.loss(model, batch).backward()
             head_opt.step()
@@ -234,7 +132,8 @@ def train_local(
     lookups: dict[str, list[np.ndarray]] = {n: [] for n in model.table_names}
     total, steps = 0.0, 0
     for _ in range(cfg.epochs):
-        for batch in task.batches(org, "train", cfg.batch_size, rng):
+        for batch in task.batches("train", cfg.batch_size, rng):
+            batch = to_device(batch, task.device)
             head_opt.zero_grad(set_to_none=True)
             table_opt.zero_grad(set_to_none=True)
             loss = task.loss(model, batch)
@@ -261,12 +160,13 @@ def train_local(
             if pad is not None:
                 keep = ids != pad
                 ids, counts = ids[keep], counts[keep]
-            new = model.table(name).weight.detach()[torch.from_numpy(ids)].numpy()
+            w = model.table(name).weight.detach()
+            new = w[torch.from_numpy(ids).to(w.device)].cpu().numpy()
             delta = (new - start_tables[name][ids]).astype(np.float32)
             weight = np.minimum(counts, cfg.max_row_weight).astype(np.float32)
             update[name] = TableUpdate(ids=ids, delta=delta, weight=weight)
     stats = {
-        "examples": float(task.num_examples(org, "train")),
+        "examples": float(task.num_examples("train")),
         "loss": total / max(steps, 1),
         "steps": float(steps),
     }

@@ -54,6 +54,8 @@ from typing import Any
 
 import numpy as np
 
+from fedembed.errors import FedembedError
+
 log = logging.getLogger(__name__)
 
 HASH_DIGEST_SIZE = 8
@@ -66,7 +68,7 @@ FILE_MODE = 0o644
 """Mode a written vocabulary file is created with (before the umask): it is meant to be published."""
 
 
-class VocabularyError(ValueError):
+class VocabularyError(FedembedError, ValueError):
     """A vocabulary that cannot be built, read or used as asked (the message says where)."""
 
 

@@ -4,7 +4,7 @@ Flower 1.42 starts a fresh ``flwr-clientapp`` process for every message, and imp
 torch and building the task in it cost seconds per message. ``fedembed client`` therefore
 also runs this worker (``python -m fedembed.worker``), which holds the organisation's
 heavy state (torch, the loaded task and its data) for as long as the organisation runs,
-and the per-message ClientApp (:mod:`client.app`) only forwards the message to it
+and the per-message ClientApp (:mod:`fedembed.apps.client`) only forwards the message to it
 (:func:`forward`) and returns the reply.
 
 What stays as it is: the organisation, its identity and its policy come from the node
@@ -43,6 +43,8 @@ from typing import Any
 
 from flwr.app import RecordDict
 
+from fedembed.errors import FedembedError
+
 log = logging.getLogger(__name__)
 
 SOCKET_NAME = "sock"
@@ -58,11 +60,11 @@ IO_TIMEOUT = 120.0
 """Seconds a peer may take to send a request or read a reply before it is dropped."""
 
 
-class WorkerUnavailable(ConnectionError):
+class WorkerUnavailable(FedembedError, ConnectionError):
     """No worker answered the connection: nothing was sent, the message can be handled in-process."""
 
 
-class WorkerError(RuntimeError):
+class WorkerError(FedembedError, RuntimeError):
     """The worker received the message and failed on it, or the connection broke after sending."""
 
 
@@ -181,22 +183,18 @@ Handler = Callable[[str, int, RecordDict], RecordDict]
 def organisation_handler(node_config: Mapping[str, Any]) -> Handler:
     """Handle a message as the organisation ``node_config`` describes (what the ClientApp does in-process).
 
-    The organisation (index, state dir, identity, policy) is built afresh from
-    ``node_config`` for every message, as in the per-message ClientApp; torch and the
-    task stay loaded between messages.
+    The organisation (state dir, identity, policy, its own task and device) is built
+    afresh from ``node_config`` for every message, as in the per-message ClientApp;
+    torch and the task stay loaded between messages. A bad identity, roster or task
+    fails here, at start, not at the first message.
     """
-    import torch
-
     from fedembed.org import Organisation, handle_content
-    from fedembed.secagg.client import SecureMember
 
-    torch.set_num_threads(1)
     config = dict(node_config)
-    SecureMember.from_node_config(config)  # a bad identity or roster fails at start, not at the first message
+    Organisation.from_node_config(config).table_specs()  # loads the task and builds its model once
 
     def handle(message_type: str, node_id: int, content: RecordDict) -> RecordDict:
-        m = SecureMember.from_node_config(config)
-        return handle_content(Organisation.from_member(m), content, message_type, node_id)
+        return handle_content(Organisation.from_node_config(config), content, message_type, node_id)
 
     return handle
 

@@ -207,7 +207,7 @@ def bench_train_config() -> Any:
     the library's defaults: batch 64, sparse Adam, one epoch; no guard twin (a second,
     private model per organisation, unrelated to aggregation) and no table-optimizer
     state kept across rounds, which the Flower clients do not have either."""
-    from fedembed.train import TrainConfig
+    from fedembed.recipe import TrainConfig
 
     return TrainConfig(batch_size=64, guard=False, keep_table_state=False)
 

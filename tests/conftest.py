@@ -11,9 +11,24 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:  # examples/ is importable as a user's own package would be
     sys.path.insert(0, str(ROOT))
 
+import functools  # noqa: E402
+
+from fedembed.config import RunConfig  # noqa: E402
 from fedembed.coordinator import Reply  # noqa: E402
 from fedembed.identity import Identity, make_identities, sign_reply  # noqa: E402
 from fedembed.org import Organisation, handle_content  # noqa: E402
+from fedembed.spec import FederationSpec  # noqa: E402
+from fedembed.task import TaskSpec, simulated_federation  # noqa: E402
+
+
+@functools.lru_cache(maxsize=16)
+def _federation(spec_json: str, orgs: int) -> FederationSpec:
+    return simulated_federation(TaskSpec.from_json(spec_json), orgs)[2]
+
+
+def run_config(task: TaskSpec, **kw) -> RunConfig:
+    """A RunConfig for ``task`` simulated over ``task.options["orgs"]`` organisations (its federation spec derived)."""
+    return RunConfig(federation=_federation(task.to_json(), int(task.options.get("orgs", 1))), **kw)
 
 
 class DirectTransport:
@@ -25,13 +40,18 @@ class DirectTransport:
     type); every reply content is kept in ``seen`` for inspection.
     """
 
-    def __init__(self, state_root: Path, num_orgs: int, tamper=None, names=None, policy=None, resign=True) -> None:
+    def __init__(
+        self, state_root: Path, num_orgs: int, tamper=None, names=None, policy=None, resign=True, task: TaskSpec | None = None
+    ) -> None:
+        if task is None:
+            raise TypeError("DirectTransport needs the organisations' task (task=TaskSpec(...))")
         self.resign = resign
         names = names or [f"org-{i}" for i in range(num_orgs)]
         self.roster = make_identities(names, state_root / "keys")
         self.identities = [Identity.load(state_root / "keys" / f"{i}.key", self.roster) for i in range(num_orgs)]
         self.orgs = {
-            100 + i: Organisation(i, state_root / f"org-{i}", self.identities[i], policy) for i in range(num_orgs)
+            100 + i: Organisation(i, state_root / f"org-{i}", self.identities[i], policy, task.for_org(i, num_orgs))
+            for i in range(num_orgs)
         }
         self.tamper = tamper
         self.seen: list[tuple[int, str, object]] = []

@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 from flwr.app import Array, ArrayRecord, ConfigRecord, MetricRecord
 
+from conftest import run_config
 from fedembed.config import RunConfig
 from fedembed.coordinator import Coordinator
 from fedembed.identity import SIG_RECORD, IdentityError, Roster, make_identities, sign_reply, verify_reply
@@ -25,7 +26,7 @@ TASK = TaskSpec("examples.my_task:ClicksTask", {"orgs": 3, "products": 400})
 
 
 def run(tmp_path, transport, rounds=2, **kw):
-    c = Coordinator(RunConfig(task=TASK, rounds=rounds, **kw), transport, state_dir=tmp_path / "coord")
+    c = Coordinator(run_config(TASK, rounds=rounds, **kw), transport, state_dir=tmp_path / "coord")
     c.run()
     return c
 
@@ -38,7 +39,7 @@ def test_head_injected_in_a_plain_reply_is_refused_and_never_reaches_another_org
             content["head"] = encode_arrays(fake)
         return content
 
-    t = direct_transport(tmp_path, 3, tamper=inject)
+    t = direct_transport(tmp_path, 3, task=TASK, tamper=inject)
     c = run(tmp_path, t, rounds=2)
     for r in c.log.rounds:
         assert "records outside the reply schema: ['head']" in r["rejected"]["org-1"]
@@ -52,8 +53,8 @@ def test_head_injected_in_a_plain_reply_is_refused_and_never_reaches_another_org
 
 
 def test_org_refuses_a_head_sent_by_the_coordinator_outside_fedavg_all(tmp_path, direct_transport):
-    t = direct_transport(tmp_path, 3)
-    c = Coordinator(RunConfig(task=TASK, rounds=1), t)
+    t = direct_transport(tmp_path, 3, task=TASK)
+    c = Coordinator(run_config(TASK, rounds=1), t)
     msg = c.train_message(100, 1)
     msg["head"] = encode_arrays({"head.0.weight": np.full((32, 16), 7.0, np.float32)})
     with pytest.raises(ValueError, match="refused a head"):
@@ -63,7 +64,7 @@ def test_org_refuses_a_head_sent_by_the_coordinator_outside_fedavg_all(tmp_path,
 
 def test_org_impersonating_another_by_name_is_refused(tmp_path, direct_transport):
     """org-2 claims to be org-1 (info and signature name): its key does not verify as org-1's."""
-    t = direct_transport(tmp_path, 3, resign=False)
+    t = direct_transport(tmp_path, 3, task=TASK, resign=False)
     ids = t.identities
 
     def impersonate(node, content, message_type):
@@ -87,8 +88,8 @@ def test_org_impersonating_another_by_name_is_refused(tmp_path, direct_transport
 
 
 def test_a_reply_relayed_from_another_node_is_refused_and_nobody_counts_twice(tmp_path, direct_transport):
-    t = direct_transport(tmp_path, 3)
-    c = Coordinator(RunConfig(task=TASK, rounds=1), t)
+    t = direct_transport(tmp_path, 3, task=TASK)
+    c = Coordinator(run_config(TASK, rounds=1), t)
     contents = {n: c.train_message(n, 1) for n in sorted(t.orgs)}
     replies = {n: handle_content(t.orgs[n], contents[n], "train", n) for n in sorted(t.orgs)}
     entry = c.log.new_round(1)
@@ -100,7 +101,7 @@ def test_a_reply_relayed_from_another_node_is_refused_and_nobody_counts_twice(tm
     assert c._read_reply(Reply(102, _copy(replies[100])), entry, 1, "train", 0)[0] is None
     assert "does not verify" in entry["rejected"]["node 102"] and "node 100" not in str(entry["rejected"])
     # the same org answering again from a second node (its key copied there) is counted once
-    t2 = direct_transport(tmp_path / "twin", 3)
+    t2 = direct_transport(tmp_path / "twin", 3, task=TASK)
     twin = handle_content(t2.orgs[100], c.train_message(103, 1), "train", 103)
     signed = sign_reply(twin, t.identities[0], c.cfg.run_key(), 1, "train", 103)
     assert c._read_reply(Reply(103, signed), entry, 1, "train", 0)[0] is None
@@ -119,7 +120,7 @@ def test_a_replayed_reply_of_an_earlier_round_is_refused(tmp_path, direct_transp
                 return _copy(kept["r1"])  # the signed round-1 reply, unchanged
         return content
 
-    t = direct_transport(tmp_path, 3, resign=False)
+    t = direct_transport(tmp_path, 3, task=TASK, resign=False)
     t.tamper, t.tamper_gets_type = replay, True
     _remember_config(t)
     c = run(tmp_path, t, rounds=3)
@@ -130,10 +131,10 @@ def test_a_replayed_reply_of_an_earlier_round_is_refused(tmp_path, direct_transp
 
 
 def test_a_reply_signed_for_another_run_is_refused(tmp_path, direct_transport):
-    t = direct_transport(tmp_path, 3)
-    c = Coordinator(RunConfig(task=TASK, rounds=1), t)
+    t = direct_transport(tmp_path, 3, task=TASK)
+    c = Coordinator(run_config(TASK, rounds=1), t)
     msg = c.train_message(100, 1)
-    other = RunConfig(task=TaskSpec(TASK.name, {**TASK.options, "seed": 5}), rounds=1)
+    other = run_config(TASK, rounds=1, seed=5)
     reply = handle_content(t.orgs[100], msg, "train", 100)
     resigned = sign_reply(reply, t.identities[0], other.run_key(), 1, "train", 100)
     with pytest.raises(IdentityError, match="does not verify"):
@@ -141,8 +142,8 @@ def test_a_reply_signed_for_another_run_is_refused(tmp_path, direct_transport):
 
 
 def test_unsigned_or_unknown_signer_replies_are_refused(tmp_path, direct_transport):
-    t = direct_transport(tmp_path, 3)
-    c = Coordinator(RunConfig(task=TASK, rounds=1), t)
+    t = direct_transport(tmp_path, 3, task=TASK)
+    c = Coordinator(run_config(TASK, rounds=1), t)
     reply = handle_content(t.orgs[100], c.train_message(100, 1), "train", 100)
     unsigned = _copy(reply)
     del unsigned[SIG_RECORD]
@@ -164,7 +165,7 @@ def test_a_newline_in_a_claimed_name_cannot_forge_a_log_line(tmp_path, direct_tr
         return content
 
     with caplog.at_level(logging.WARNING):
-        c = run(tmp_path, direct_transport(tmp_path, 3, tamper=forge), rounds=1)
+        c = run(tmp_path, direct_transport(tmp_path, 3, task=TASK, tamper=forge), rounds=1)
     assert "org-0" not in c.log.rounds[0]["rejected"]
     assert all("\n" not in rec.getMessage() for rec in caplog.records if rec.name == "fedembed.coordinator")
     with pytest.raises(IdentityError, match="organisation name"):  # a roster name cannot carry one either
@@ -178,7 +179,7 @@ def test_non_finite_metrics_are_refused_and_metrics_json_stays_valid(tmp_path, d
             content["metrics"]["val_score"] = value
         return content
 
-    c = run(tmp_path, direct_transport(tmp_path, 3, tamper=bad_metric), rounds=2)
+    c = run(tmp_path, direct_transport(tmp_path, 3, task=TASK, tamper=bad_metric), rounds=2)
     assert all("not a finite number" in r["rejected"]["org-1"] for r in c.log.rounds[1:])
     c.log.write(tmp_path / "out", c.tables.tables)
     doc = json.loads((tmp_path / "out" / "metrics.json").read_text(), parse_constant=lambda x: pytest.fail(x))
@@ -192,7 +193,7 @@ def test_an_ok_train_reply_without_its_update_is_refused_and_logged(tmp_path, di
         return content
 
     with caplog.at_level(logging.WARNING):
-        c = run(tmp_path, direct_transport(tmp_path, 3, tamper=drop_update), rounds=1)
+        c = run(tmp_path, direct_transport(tmp_path, 3, task=TASK, tamper=drop_update), rounds=1)
     assert "status ok but no update" in c.log.rounds[0]["rejected"]["org-1"]
     assert any("org-1 refused: status ok but no update" in rec.getMessage() for rec in caplog.records)
 
@@ -204,7 +205,7 @@ def test_records_outside_the_schema_are_refused(tmp_path, direct_transport):
             content["more"] = ArrayRecord({"a": Array(np.zeros(3))})
         return content
 
-    c = run(tmp_path, direct_transport(tmp_path, 3, tamper=extra), rounds=1)
+    c = run(tmp_path, direct_transport(tmp_path, 3, task=TASK, tamper=extra), rounds=1)
     assert "records outside the reply schema: ['backdoor', 'more']" in c.log.rounds[0]["rejected"]["org-1"]
 
 
@@ -218,7 +219,7 @@ def test_content_altered_after_signing_is_refused(tmp_path, direct_transport):
             content["update"]["products.delta"] = Array(d)
         return content
 
-    c = run(tmp_path, direct_transport(tmp_path, 3, tamper=alter, resign=False), rounds=1)
+    c = run(tmp_path, direct_transport(tmp_path, 3, task=TASK, tamper=alter, resign=False), rounds=1)
     assert "does not verify" in c.log.rounds[0]["rejected"]["node 101"]
 
 

@@ -13,7 +13,7 @@ import pytest
 from flwr.app import ConfigRecord, RecordDict
 from secagg_harness import Harness, random_vectors
 
-from fedembed.config import RunConfig
+from conftest import run_config
 from fedembed.coordinator import Coordinator
 from fedembed.identity import Identity, Roster
 from fedembed.org import handle_content
@@ -80,8 +80,8 @@ def test_coordinator_reasking_a_masked_stage_gets_no_second_vector(tmp_path, dir
             second["reply"] = deliver(_with(content, config=ConfigRecord(cfg)))
         yield Reply(node, first)
 
-    net = EvilNetwork(direct_transport(tmp_path, 4), reask)
-    c = Coordinator(RunConfig(task=synthetic(), rounds=1, secure=True, row_set=row_set), net)
+    net = EvilNetwork(direct_transport(tmp_path, 4, task=synthetic(4)), reask)
+    c = Coordinator(run_config(synthetic(), rounds=1, secure=True, row_set=row_set), net)
     c.run()
     again = second["reply"]
     assert again["info"]["status"] == "error"
@@ -211,9 +211,9 @@ def test_stage_messages_replayed_from_an_earlier_round_are_refused(tmp_path, dir
             kept.setdefault(message_type, []).append(content)
         yield Reply(node, deliver(content))
 
-    t = direct_transport(tmp_path, 4)
+    t = direct_transport(tmp_path, 4, task=synthetic(4))
     net = EvilNetwork(t, keep)
-    c = Coordinator(RunConfig(task=synthetic(), rounds=2, secure=True, row_set="dense"), net)
+    c = Coordinator(run_config(synthetic(), rounds=2, secure=True, row_set="dense"), net)
     c.run_round(1, sorted(t.orgs))
     # round 2 up to its masked stage, then the coordinator replays round 1's share message
     stop = {}
@@ -254,8 +254,8 @@ def test_low_order_and_copied_keys_are_refused_at_the_advertisement_naming_the_o
     from fedembed.secagg.protocol import session_context
 
     low_order = bytes(32)  # the identity point: agreement gives zeros whatever the private key
-    t = direct_transport(tmp_path, 5)
-    t._ctx = session_context(RunConfig(task=synthetic(5), rounds=1).run_key(), 1)
+    t = direct_transport(tmp_path, 5, task=synthetic(5))
+    t._ctx = session_context(run_config(synthetic(5), rounds=1).run_key(), 1)
     adverts = {}
 
     def fn_low(content, message_type):
@@ -264,14 +264,14 @@ def test_low_order_and_copied_keys_are_refused_at_the_advertisement_naming_the_o
         return content
 
     _hostile(t, 101, fn_low)
-    c = Coordinator(RunConfig(task=synthetic(5), rounds=1, secure=True, row_set="dense"), t)
+    c = Coordinator(run_config(synthetic(5), rounds=1, secure=True, row_set="dense"), t)
     entry = c.run_round(1, sorted(t.orgs))
     assert "low-order" in entry["rejected"]["org-1"]
     assert "abandoned" not in entry and entry["clients"] == 4
 
     # org-2 copies org-1's mask key (e.g. learnt from a leak): nobody can tell who copied whom,
     # so both are named and both leave; the round goes on with the others
-    t2 = direct_transport(tmp_path / "copy", 5)
+    t2 = direct_transport(tmp_path / "copy", 5, task=synthetic(5))
     t2._ctx = t._ctx
 
     def remember(n, content, message_type):
@@ -282,16 +282,16 @@ def test_low_order_and_copied_keys_are_refused_at_the_advertisement_naming_the_o
         return content
 
     t2.tamper_gets_type, t2.tamper = True, remember
-    c2 = Coordinator(RunConfig(task=synthetic(5), rounds=1, secure=True, row_set="dense"), t2)
+    c2 = Coordinator(run_config(synthetic(5), rounds=1, secure=True, row_set="dense"), t2)
     entry2 = c2.run_round(1, sorted(t2.orgs))
     assert "also advertise" in entry2["rejected"]["org-1"] and "also advertise" in entry2["rejected"]["org-2"]
     assert "abandoned" not in entry2 and entry2["clients"] == 3
 
 
 def test_a_bad_share_names_its_sender_and_keeps_the_receiver(tmp_path, direct_transport):
-    plain = Coordinator(RunConfig(task=synthetic(4), rounds=1), direct_transport(tmp_path / "plain", 4))
+    plain = Coordinator(run_config(synthetic(4), rounds=1), direct_transport(tmp_path / "plain", 4, task=synthetic(4)))
     plain.run()
-    t = direct_transport(tmp_path, 4)
+    t = direct_transport(tmp_path, 4, task=synthetic(4))
 
     def garbage_for_party_1(content, message_type):
         if message_type == "train.share":
@@ -305,9 +305,9 @@ def test_a_bad_share_names_its_sender_and_keeps_the_receiver(tmp_path, direct_tr
 
     from fedembed.secagg.protocol import session_context
 
-    t._share_ctx = session_context(RunConfig(task=synthetic(4), rounds=1).run_key(), 1)
+    t._share_ctx = session_context(run_config(synthetic(4), rounds=1).run_key(), 1)
     _hostile(t, 102, garbage_for_party_1)
-    c = Coordinator(RunConfig(task=synthetic(4), rounds=1, secure=True, row_set="union"), t)
+    c = Coordinator(run_config(synthetic(4), rounds=1, secure=True, row_set="union"), t)
     c.run()
     entry = c.log.rounds[0]
     assert "org-2" in entry["accused"] and "org-0" in entry["accused"]["org-2"]  # the sender, by the receiver
@@ -328,8 +328,8 @@ def test_a_hostile_org_adding_unbounded_values_gets_the_secure_round_abandoned(t
         return orig(self, phase, vector)
 
     monkeypatch.setattr(ClientSession, "mask_vector", skip_clipping)
-    t = direct_transport(tmp_path, 4)
-    c = Coordinator(RunConfig(task=synthetic(4), rounds=1, secure=True, row_set="dense", delta_clip=0.001), t)
+    t = direct_transport(tmp_path, 4, task=synthetic(4))
+    c = Coordinator(run_config(synthetic(4), rounds=1, secure=True, row_set="dense", delta_clip=0.001), t)
     before = c.tables.tables["ids"].copy()
     c.run()
     entry = c.log.rounds[0]
@@ -353,8 +353,8 @@ def test_a_cancel_vector_that_removes_anothers_row_abandons_the_round(tmp_path, 
         return orig(self, phase, vector)
 
     monkeypatch.setattr(ClientSession, "mask_vector", cancel)
-    t = direct_transport(tmp_path, 4)
-    c = Coordinator(RunConfig(task=synthetic(4), rounds=1, secure=True, row_set="union"), t)
+    t = direct_transport(tmp_path, 4, task=synthetic(4))
+    c = Coordinator(run_config(synthetic(4), rounds=1, secure=True, row_set="union"), t)
     before = c.tables.tables["ids"].copy()
     c.run()
     entry = c.log.rounds[0]
@@ -364,8 +364,8 @@ def test_a_cancel_vector_that_removes_anothers_row_abandons_the_round(tmp_path, 
 
 def test_an_org_whose_policy_excludes_revealed_mode_never_tells_its_rows(tmp_path, direct_transport):
     policy = SecurePolicy(row_sets=("dense", "union"))
-    t = direct_transport(tmp_path, 4, policy=policy)
-    c = Coordinator(RunConfig(task=synthetic(4), rounds=1, secure=True, row_set="revealed"), t)
+    t = direct_transport(tmp_path, 4, task=synthetic(4), policy=policy)
+    c = Coordinator(run_config(synthetic(4), rounds=1, secure=True, row_set="revealed"), t)
     c.run_round(1, sorted(t.orgs))
     entry = c.log.rounds[0]
     assert all("row-set mode 'revealed' refused" in why for why in entry["rejected"].values())

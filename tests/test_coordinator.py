@@ -4,6 +4,7 @@ import numpy as np
 import pytest
 from flwr.app import Array
 
+from conftest import run_config
 from fedembed.config import ConfigError, RunConfig
 from fedembed.coordinator import Coordinator
 from fedembed.task import TaskSpec
@@ -12,14 +13,14 @@ TASK = TaskSpec("examples.my_task:ClicksTask", {"orgs": 3, "products": 400})
 
 
 def run(tmp_path, transport, rounds=2, **kw):
-    cfg = RunConfig(task=TASK, rounds=rounds, **kw)
+    cfg = run_config(TASK, rounds=rounds, **kw)
     c = Coordinator(cfg, transport, state_dir=tmp_path / "coord")
     c.run()
     return c
 
 
 def test_every_org_cache_equals_the_coordinators_tables_after_sync(tmp_path, direct_transport):
-    t = direct_transport(tmp_path, 3)
+    t = direct_transport(tmp_path, 3, task=TASK)
     c = run(tmp_path, t, rounds=3)
     # the closing evaluation synced every org to the final version
     for org in t.orgs.values():
@@ -29,7 +30,7 @@ def test_every_org_cache_equals_the_coordinators_tables_after_sync(tmp_path, dir
 
 
 def test_second_round_downloads_only_rows_changed_since_the_first(tmp_path, direct_transport):
-    c = run(tmp_path, direct_transport(tmp_path, 3), rounds=2)
+    c = run(tmp_path, direct_transport(tmp_path, 3, task=TASK), rounds=2)
     r1, r2 = c.log.rounds
     assert r1["download_bytes"] < 10_000  # version 0 is regenerated from the seed: no rows travel
     changed_r1 = int((c.tables.versions["products"] >= 1).sum())
@@ -65,8 +66,8 @@ def corrupt(kind):
 @pytest.mark.parametrize("kind, fault", [("nan", "NaN"), ("range", "out of range"), ("duplicate", "duplicated"),
                                          ("shape", "shape"), ("garbage", "cannot be decoded")])
 def test_bad_update_is_refused_naming_the_org_and_the_round_goes_on(tmp_path, direct_transport, kind, fault, caplog):
-    honest = run(tmp_path / "a", direct_transport(tmp_path / "a", 3), rounds=1)
-    c = run(tmp_path / "b", direct_transport(tmp_path / "b", 3, tamper=corrupt(kind)), rounds=1)
+    honest = run(tmp_path / "a", direct_transport(tmp_path / "a", 3, task=TASK), rounds=1)
+    c = run(tmp_path / "b", direct_transport(tmp_path / "b", 3, task=TASK, tamper=corrupt(kind)), rounds=1)
     entry = c.log.rounds[0]
     assert list(entry["rejected"]) == ["org-1"]
     assert fault in entry["rejected"]["org-1"]
@@ -78,14 +79,14 @@ def test_bad_update_is_refused_naming_the_org_and_the_round_goes_on(tmp_path, di
 
 
 def test_oversized_reply_is_refused(tmp_path, direct_transport):
-    c = run(tmp_path, direct_transport(tmp_path, 3), rounds=1, max_message_bytes=1000)
+    c = run(tmp_path, direct_transport(tmp_path, 3, task=TASK), rounds=1, max_message_bytes=1000)
     assert len(c.log.rounds[0]["rejected"]) == 3
     assert all("exceeds the limit" in v for v in c.log.rounds[0]["rejected"].values())
 
 
 def test_lost_org_cache_is_detected_and_resynced(tmp_path, direct_transport):
-    t = direct_transport(tmp_path, 3)
-    cfg = RunConfig(task=TASK, rounds=3)
+    t = direct_transport(tmp_path, 3, task=TASK)
+    cfg = run_config(TASK, rounds=3)
     c = Coordinator(cfg, t)
     c.run_round(1, sorted(t.orgs))
     c.run_round(2, sorted(t.orgs))
@@ -99,16 +100,16 @@ def test_lost_org_cache_is_detected_and_resynced(tmp_path, direct_transport):
 
 
 def test_coordinator_resumes_from_its_checkpoint(tmp_path, direct_transport):
-    t = direct_transport(tmp_path, 3)
+    t = direct_transport(tmp_path, 3, task=TASK)
     run(tmp_path, t, rounds=2)
-    c2 = Coordinator(RunConfig(task=TASK, rounds=4), t, state_dir=tmp_path / "coord")
+    c2 = Coordinator(run_config(TASK, rounds=4), t, state_dir=tmp_path / "coord")
     assert c2.start_round == 3 and c2.tables.version == 2 and len(c2.log.rounds) == 2
 
 
-def test_fedavg_all_needs_identical_heads():
-    from fedembed.task import load_task
-
-    spec = TaskSpec("examples.my_task:ClicksTask", {"orgs": 2})
-    assert not load_task(spec).heads_identical()
-    with pytest.raises(ConfigError, match="identical heads"):
-        Coordinator(RunConfig(task=spec, mode="fedavg-all"), None)
+def test_fedavg_all_refuses_a_head_that_does_not_fit_the_others(tmp_path, direct_transport):
+    # movies "mixed": organisations predict different targets, so their heads differ in shape
+    mixed = TaskSpec("movies", {"orgs": 3, "scenario": "mixed", "dim": 8})
+    c = Coordinator(run_config(mixed, rounds=1, mode="fedavg-all"), direct_transport(tmp_path, 3, task=mixed))
+    entry = c.run_round(1, sorted(c.transport.orgs))
+    refused = [why for why in entry["rejected"].values() if "do not match the other organisations' heads" in why]
+    assert entry["clients"] == 1 and len(refused) == 2  # the first head sets the shape; the misfits are refused whole

@@ -5,12 +5,12 @@ import pytest
 import torch
 from flwr.supercore.inflatable.inflatable_object import get_all_nested_objects
 
-from fedembed.config import RunConfig
+from conftest import run_config
 from fedembed.coordinator import Coordinator
 from fedembed.guard import BLEND, LOCAL, SHARED, WEIGHTS, Blend, Guard, choose
 from fedembed.tables import init_table
 from fedembed.task import TaskSpec, load_task
-from fedembed.train import TrainConfig
+from fedembed.recipe import TrainConfig
 
 TASK = TaskSpec("examples.my_task:ClicksTask", {"orgs": 3, "products": 400})
 
@@ -33,18 +33,20 @@ def test_blend_candidate_serves_the_mean_of_both_outputs_and_loses_ties_to_share
 
 
 def test_choice_is_made_on_validation_even_when_test_says_otherwise(tmp_path):
-    task = load_task(TASK)
+    task = load_task(TASK.for_org(0, 3))
+    shapes = {"products": (400, 16)}
     shared = {"val_score": 0.5, "score": 0.9, "val_loss": 1.0, "loss": 0.1}
     twin = {"val_score": 0.8, "score": 0.1, "val_loss": 0.5, "loss": 2.0}
     out = Guard(tmp_path).step(
-        task, 0, TrainConfig(guard=True), shared, 1, 0, 0.1, "run", train=False, evaluate=lambda t, m: dict(twin)
+        task, TrainConfig(guard=True), shared, 1, 0, 0.1, "run", shapes, train=False, evaluate=lambda t, m: dict(twin)
     )
     assert out["guard_local"] == 1.0 and out["score"] == 0.1 and out["val_score"] == 0.8
     # the reverse: validation favours shared, test favours the twin
     shared2 = {"val_score": 0.9, "score": 0.1, "val_loss": 0.1, "loss": 2.0}
     twin2 = {"val_score": 0.1, "score": 0.9, "val_loss": 2.0, "loss": 0.1}
     out = Guard(tmp_path / "b").step(
-        task, 0, TrainConfig(guard=True), shared2, 1, 0, 0.1, "run", train=False, evaluate=lambda t, m: dict(twin2)
+        task, TrainConfig(guard=True), shared2, 1, 0, 0.1, "run", shapes, train=False,
+        evaluate=lambda t, m: dict(twin2)
     )
     assert out["guard_local"] == 0.0 and out["score"] == 0.1
     assert out["shared_val_score"] == 0.9 and out["local_val_score"] == 0.1
@@ -54,13 +56,13 @@ SEEDED = TaskSpec("synthetic", {"orgs": 3, "rows": 2000, "examples": 300, "dim":
 
 
 def _run(tmp_path, transport, mode, task=TASK, **train):
-    cfg = RunConfig(task=task, rounds=3, mode=mode, train=TrainConfig(**train))
+    cfg = run_config(task, rounds=3, mode=mode, train=TrainConfig(**train))
     return Coordinator(cfg, transport).run()
 
 
 def test_the_twin_is_the_local_baseline_and_every_choice_matches_validation(tmp_path, direct_transport):
-    guarded = _run(tmp_path / "g", direct_transport(tmp_path / "g", 3), "fedembed", SEEDED, guard=True, guard_window=2)
-    local = _run(tmp_path / "l", direct_transport(tmp_path / "l", 3), "local", SEEDED)
+    guarded = _run(tmp_path / "g", direct_transport(tmp_path / "g", 3, task=SEEDED), "fedembed", SEEDED, guard=True, guard_window=2)
+    local = _run(tmp_path / "l", direct_transport(tmp_path / "l", 3, task=SEEDED), "local", SEEDED)
     for rg, rl in zip(guarded.rounds, local.rounds):
         for org, m in rg["metrics"].items():
             assert m["local_val_score"] == pytest.approx(rl["metrics"][org]["val_score"], abs=1e-12)
@@ -90,7 +92,7 @@ def _windows(values: np.ndarray, width: int = 4, count: int = 16):
 
 
 def test_neither_the_residual_nor_the_twin_is_in_any_reply(tmp_path, direct_transport):
-    t = direct_transport(tmp_path, 3)
+    t = direct_transport(tmp_path, 3, task=TASK)
     _run(tmp_path, t, "fedembed", guard=True, residual=True)
     wire = b"".join(_wire(content) for _, _, content in t.seen)
     assert len(t.seen) == 3 * 4

@@ -20,6 +20,8 @@ import numpy as np
 import pytest
 import torch
 
+from conftest import run_config
+from fedembed.recipe import TrainConfig
 from fedembed.config import ConfigError, RunConfig
 from fedembed.coordinator import Coordinator
 from fedembed.report import RunLog
@@ -36,8 +38,8 @@ def _checkpoints(state: Path) -> list[Path]:
 
 def _two_rounds(tmp_path: Path, direct_transport) -> tuple[Path, object]:
     """A finished 2-round run with its checkpoints in ``tmp_path / "coord"``."""
-    t = direct_transport(tmp_path, 3)
-    Coordinator(RunConfig(task=TASK, rounds=2), t, state_dir=tmp_path / "coord").run()
+    t = direct_transport(tmp_path, 3, task=TASK)
+    Coordinator(run_config(TASK, rounds=2), t, state_dir=tmp_path / "coord").run()
     assert [p.name for p in _checkpoints(tmp_path / "coord")] == ["checkpoint-000001.npz", "checkpoint-000002.npz"]
     return tmp_path / "coord", t
 
@@ -65,7 +67,7 @@ def test_all_checkpoints_corrupt_refuses_to_start_instead_of_silent_restart(tmp_
         _flip_a_byte(p)
     before = {p.name: p.read_bytes() for p in state.iterdir()}
     with pytest.raises(ConfigError) as err:
-        Coordinator(RunConfig(task=TASK, rounds=4), t, state_dir=state)
+        Coordinator(run_config(TASK, rounds=4), t, state_dir=state)
     msg = str(err.value)
     assert "checkpoint-000001.npz" in msg and "checkpoint-000002.npz" in msg  # what was found
     assert "SHA-256" in msg
@@ -77,14 +79,14 @@ def test_a_corrupt_newest_checkpoint_still_resumes_from_the_previous_with_a_warn
     state, t = _two_rounds(tmp_path, direct_transport)
     _flip_a_byte(_checkpoints(state)[-1])
     with caplog.at_level(logging.WARNING):
-        c = Coordinator(RunConfig(task=TASK, rounds=4), t, state_dir=state)
+        c = Coordinator(run_config(TASK, rounds=4), t, state_dir=state)
     assert c.start_round == 2 and c.tables.version == 1
     assert any("checkpoint-000002.npz" in r.message and r.levelno == logging.WARNING for r in caplog.records)
 
 
 def test_no_checkpoint_at_all_is_a_fresh_start(tmp_path, direct_transport):
     (tmp_path / "coord").mkdir()
-    c = Coordinator(RunConfig(task=TASK, rounds=2), direct_transport(tmp_path, 3), state_dir=tmp_path / "coord")
+    c = Coordinator(run_config(TASK, rounds=2), direct_transport(tmp_path, 3, task=TASK), state_dir=tmp_path / "coord")
     assert c.start_round == 1 and c.tables.version == 0
 
 
@@ -107,9 +109,10 @@ def test_all_checkpoints_corrupt_server_command_refuses_and_exits_non_zero(tmp_p
     from fedembed.identity import make_identities
 
     roster = make_identities(["org-0", "org-1", "org-2"], tmp_path / "keys").write(tmp_path / "roster.json")
+    spec = run_config(TASK).federation.write(tmp_path / "federation.json")
     with caplog.at_level(logging.ERROR):
-        rc = main(["server", "--task", "examples.my_task:ClicksTask", "--orgs", "3", "--task-option", "products=400",
-                   "--rounds", "4", "--insecure", "--roster", str(roster), "--state-dir", str(server_dir), "--quiet"])
+        rc = main(["server", "--federation", str(spec), "--rounds", "4", "--insecure", "--roster", str(roster),
+                   "--state-dir", str(server_dir), "--quiet"])
     assert rc == 2
     errors = [r.message for r in caplog.records if r.levelno >= logging.ERROR]
     assert any("checkpoint-000002.npz" in m and "--state-dir" in m for m in errors), errors
@@ -161,12 +164,12 @@ def test_non_zip_checkpoint_with_matching_sha256_does_not_crash_startup(tmp_path
     for p in (newest,):
         p.write_bytes(NOT_A_CHECKPOINT[kind])
         p.with_suffix(".sha256").write_text(file_sha256(p))  # the digest matches: only the content is wrong
-    c = Coordinator(RunConfig(task=TASK, rounds=4), t, state_dir=state)  # no traceback
+    c = Coordinator(run_config(TASK, rounds=4), t, state_dir=state)  # no traceback
     assert c.start_round == 2  # treated as corrupt: the previous checkpoint is used
     oldest.write_bytes(NOT_A_CHECKPOINT[kind])
     oldest.with_suffix(".sha256").write_text(file_sha256(oldest))
     with pytest.raises(ConfigError, match="none of them is usable"):  # every one unreadable: refused (fault 1)
-        Coordinator(RunConfig(task=TASK, rounds=4), t, state_dir=state)
+        Coordinator(run_config(TASK, rounds=4), t, state_dir=state)
 
 
 # ------------------------------------------------------------------ 3. corrupt org table cache
@@ -175,8 +178,8 @@ def test_non_zip_checkpoint_with_matching_sha256_does_not_crash_startup(tmp_path
 @pytest.mark.parametrize("part", ["sync file", "base file"])
 def test_corrupt_table_cache_is_rebuilt_and_stays_repaired(tmp_path, direct_transport, part):
     task = TaskSpec("examples.my_task:ClicksTask", {"orgs": 3, "products": 60000})
-    t = direct_transport(tmp_path, 3)
-    cfg = RunConfig(task=task, rounds=8)
+    t = direct_transport(tmp_path, 3, task=task)
+    cfg = run_config(task, rounds=8)
     c = Coordinator(cfg, t)
     nodes = sorted(t.orgs)
     for r in (1, 2):
@@ -218,8 +221,8 @@ def _foreign_head(kind: str) -> dict:
 
 @pytest.mark.parametrize("kind", ["other shapes", "other keys"])
 def test_head_of_another_model_is_reported_and_set_aside(tmp_path, direct_transport, caplog, kind):
-    t = direct_transport(tmp_path, 3)
-    c = Coordinator(RunConfig(task=TASK, rounds=4), t)
+    t = direct_transport(tmp_path, 3, task=TASK)
+    c = Coordinator(run_config(TASK, rounds=4), t)
     nodes = sorted(t.orgs)
     c.run_round(1, nodes)
     head = t.orgs[101].state.dir / "head.pt"
@@ -279,7 +282,7 @@ def test_nan_metrics_from_an_org_keep_metrics_json_valid(tmp_path, direct_transp
                 content["metrics"][k] = float("nan") if k.startswith("val") else float("inf")
         return content
 
-    c = Coordinator(RunConfig(task=TASK, rounds=2), direct_transport(tmp_path, 3, tamper=poison))
+    c = Coordinator(run_config(TASK, rounds=2), direct_transport(tmp_path, 3, task=TASK, tamper=poison))
     c.run()
     c.log.write(tmp_path / "out", c.tables.tables)
     doc = _strict_json((tmp_path / "out" / "metrics.json").read_text())
@@ -317,9 +320,9 @@ def test_secret_files_are_0600_from_creation(tmp_path, direct_transport, open_um
         return real_replace(src, dst, *args, **kwargs)
 
     monkeypatch.setattr(os, "replace", watching_replace)
-    cfg = RunConfig(task=TaskSpec("synthetic", {"orgs": 3, "seed": 0, "rows": 3000, "dim": 4}), rounds=2,
-                    secure=True, row_set="union")
-    t = direct_transport(tmp_path / "orgs", 3)
+    synthetic = TaskSpec("synthetic", {"orgs": 3, "seed": 0, "rows": 3000, "dim": 4})
+    cfg = run_config(synthetic, rounds=2, secure=True, row_set="union", train=TrainConfig(guard=True))
+    t = direct_transport(tmp_path / "orgs", 3, task=synthetic)
     c = Coordinator(cfg, t, state_dir=tmp_path / "coord")
     c.run()
     c.log.write(tmp_path / "coord", c.tables.tables)

@@ -8,7 +8,8 @@ from torch import nn
 from fedembed.model import SplitModel
 from fedembed.residual import ResidualTable
 from fedembed.task import TaskSpec, load_task
-from fedembed.train import TrainConfig, make_head_optimizer, train_local
+from fedembed.recipe import TrainConfig
+from fedembed.train import make_head_optimizer, train_local
 
 
 def test_lookup_is_the_shared_row_plus_the_residual_row():
@@ -27,8 +28,8 @@ def test_max_mode_bag_is_refused():
 
 
 def test_residual_is_head_state_and_not_a_shared_table():
-    task = load_task(TaskSpec("movies", {"orgs": 3, "seed": 0}))
-    m = task.build_model(0)
+    task = load_task(TaskSpec("movies", {"org": 0, "orgs": 3, "seed": 0}))
+    m = task.build_model()
     before = m.get_tables()
     m.add_residuals()
     m.add_residuals()  # idempotent
@@ -41,12 +42,12 @@ def test_residual_is_head_state_and_not_a_shared_table():
 
 
 def test_training_moves_the_residual_but_the_update_carries_only_shared_deltas():
-    task = load_task(TaskSpec("movies", {"orgs": 3, "seed": 0}))
-    m = task.build_model(2)
+    task = load_task(TaskSpec("movies", {"org": 2, "orgs": 3, "seed": 0}))
+    m = task.build_model()
     m.add_residuals()
     start = m.get_tables()
     cfg = TrainConfig(residual=True)
-    update, _ = train_local(task, m, 2, cfg, make_head_optimizer(m, cfg, None), np.random.default_rng(0), start)
+    update, _ = train_local(task, m, cfg, make_head_optimizer(m, cfg, None), np.random.default_rng(0), start)
     res = m.residual_parameters()[0].detach().numpy()
     touched = np.flatnonzero(np.abs(res).sum(1))
     u = update["ids"]

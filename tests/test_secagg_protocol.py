@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from secagg_harness import Harness
 
-from fedembed.config import RunConfig
+from conftest import run_config
 from fedembed.coordinator import Coordinator
 from fedembed.secagg.protocol import ClientSession, RoundAbandoned
 from fedembed.task import TaskSpec
@@ -151,11 +151,9 @@ def test_a_bad_share_from_one_holder_does_not_stop_the_sum():
 
 # ---------------------------------------------------------------- through the coordinator (no Flower)
 def _run(tmp_path, direct_transport, secure, row_set="union", drop=None, rounds=1, orgs=4, **kw):
-    cfg = RunConfig(
-        task=TaskSpec("synthetic", {"orgs": orgs, "seed": 0, "rows": 3000, "dim": 4}),
-        rounds=rounds, secure=secure, row_set=row_set, drop=drop or {}, **kw,
-    )
-    c = Coordinator(cfg, direct_transport(tmp_path / f"{secure}-{row_set}-{sorted((drop or {}).items())}", orgs))
+    task = TaskSpec("synthetic", {"orgs": orgs, "seed": 0, "rows": 3000, "dim": 4})
+    cfg = run_config(task, rounds=rounds, secure=secure, row_set=row_set, drop=drop or {}, **kw)
+    c = Coordinator(cfg, direct_transport(tmp_path / f"{secure}-{row_set}-{sorted((drop or {}).items())}", orgs, task=task))
     c.run()
     return c
 

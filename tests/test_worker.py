@@ -17,7 +17,8 @@ import numpy as np
 import pytest
 from flwr.app import Array, ArrayRecord, ConfigRecord, MetricRecord, RecordDict
 
-from fedembed.config import RunConfig
+from conftest import run_config
+from fedembed.task import task_node_config
 from fedembed.coordinator import Coordinator, Reply
 from fedembed.deploy import (
     ClientOptions,
@@ -120,7 +121,7 @@ FORWARDER = r"""
 import sys
 import time
 from flwr.app import ConfigRecord, Context, Message, Metadata, RecordDict
-import client.app as app
+import fedembed.apps.client as app
 
 meta = Metadata(run_id=1, message_id="m1", src_node_id=1, dst_node_id=5, reply_to_message_id="", group_id="",
                 created_at=time.time(), ttl=600.0, message_type="train")
@@ -144,11 +145,13 @@ def test_the_forwarding_clientapp_imports_neither_torch_nor_the_task(echo_worker
 # ------------------------------------------------------------------ real organisations behind workers
 
 
-def _opts(tmp_path: Path, roster, org: int) -> ClientOptions:
+def _opts(tmp_path: Path, roster, org: int, orgs: int = 3) -> ClientOptions:
     roster_file = roster.write(tmp_path / "roster.json")
+    spec = _synthetic(orgs).for_org(org, orgs)  # the organisation's own task, in its own node config
+    task = task_node_config(spec)
     return ClientOptions(superlink="127.0.0.1:1", org=org, state_dir=tmp_path / f"org-{org}", insecure=True,
                          identity_key=tmp_path / "keys" / f"{org}.key", roster=roster_file,
-                         extra_node_config={"secure-colluders": "1", "secure-row-sets": json.dumps("union,dense")})
+                         extra_node_config={**task, "secure-colluders": "1", "secure-row-sets": json.dumps("union,dense")})
 
 
 class WorkerTransport:
@@ -160,7 +163,7 @@ class WorkerTransport:
         env = flower_env()
         env["PYTHONPATH"] = os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")])
         for i in range(num_orgs):
-            opts = _opts(tmp_path, self.roster, i)
+            opts = _opts(tmp_path, self.roster, i, num_orgs)
             opts.state_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
             w = WorkerProcess(opts, env)
             assert w.start(), f"worker {i} did not start"
@@ -191,14 +194,14 @@ def _synthetic(orgs: int = 3) -> TaskSpec:
 @pytest.mark.slow
 @pytest.mark.parametrize("secure", [False, True])
 def test_a_run_through_workers_equals_the_in_process_run(tmp_path, direct_transport, secure):
-    cfg = RunConfig(task=_synthetic(), rounds=2, secure=secure, row_set="union")
+    cfg = run_config(_synthetic(), rounds=2, secure=secure, row_set="union")
     t = WorkerTransport(tmp_path / "w", 3)
     try:
         via_workers = Coordinator(cfg, t, state_dir=tmp_path / "w" / "coord")
         via_workers.run()
     finally:
         t.close()
-    in_process = Coordinator(cfg, direct_transport(tmp_path / "d", 3), state_dir=tmp_path / "d" / "coord")
+    in_process = Coordinator(cfg, direct_transport(tmp_path / "d", 3, task=_synthetic()), state_dir=tmp_path / "d" / "coord")
     in_process.run()
     assert tables_digest(via_workers.tables.tables) == tables_digest(in_process.tables.tables)
 

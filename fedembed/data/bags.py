@@ -16,12 +16,14 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from fedembed.errors import FedembedError
+
 log = logging.getLogger(__name__)
 
 KINDS = ("multilabel", "multiclass")
 
 
-class DataError(ValueError):
+class DataError(FedembedError, ValueError):
     """A data set cannot be built as asked (bad arguments, too few examples, ...)."""
 
 

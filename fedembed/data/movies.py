@@ -51,7 +51,6 @@ import logging
 import re
 import sqlite3
 import zlib
-from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 

@@ -114,8 +114,9 @@ class SecureMember:
         Parameters
         ----------
         nc : mapping
-            Node config: ``org`` (or, in simulation, ``partition-id``), ``state-dir``,
-            ``identity-key``, ``roster`` and the ``secure-*`` policy keys.
+            Node config: ``state-dir``, ``identity-key``, ``roster``, the ``secure-*``
+            policy keys, and, in simulation, ``partition-id`` (or ``org``: an index used
+            for fault injection and default file names; -1 when absent).
         state_root, key_dir, roster : str or None
             Simulation defaults: state in ``<state_root>/org-<index>``, key
             ``<key_dir>/<index>.key``, this roster file.
@@ -125,18 +126,13 @@ class SecureMember:
         ValueError
             The node config lacks an entry; the message names the one to pass.
         """
-        if "org" in nc:
-            org = int(nc["org"])
-        elif "partition-id" in nc:
-            org = int(nc["partition-id"])
-        else:
-            raise ValueError("node config names no organisation: pass --node-config 'org=<index> state-dir=<dir>'")
+        org = int(nc["org"]) if "org" in nc else int(nc["partition-id"]) if "partition-id" in nc else -1
         if "state-dir" in nc:
             state = Path(str(nc["state-dir"]))
         elif state_root is not None:
             state = Path(state_root) / f"org-{org}"
         else:
-            raise ValueError("node config has no state-dir: pass --node-config 'org=<index> state-dir=<dir>'")
+            raise ValueError("node config has no state-dir: pass --node-config 'state-dir=<dir> ...'")
         if "identity-key" in nc:
             key = Path(str(nc["identity-key"]))
         elif key_dir is not None:

@@ -42,6 +42,8 @@ from cryptography.hazmat.primitives.ciphers import Cipher, algorithms
 from cryptography.hazmat.primitives.ciphers.aead import ChaCha20Poly1305
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
+from fedembed.errors import FedembedError
+
 PRIME = 2**521 - 1
 """The Mersenne prime of the Shamir field."""
 SHARE_BYTES = 66
@@ -51,7 +53,7 @@ NONCE_BYTES = 12
 DOMAIN = b"fedembed/secagg/v1/"
 
 
-class CryptoError(ValueError):
+class CryptoError(FedembedError, ValueError):
     """A ciphertext that does not open, a key of the wrong size, too few shares."""
 
 

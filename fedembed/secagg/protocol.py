@@ -66,6 +66,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from fedembed.errors import FedembedError
 from fedembed.identity import Identity, IdentityError, Roster
 from fedembed.secagg.graph import neighbour_graph
 from fedembed.secagg.primitives import (
@@ -95,11 +96,11 @@ MAX_SUBSETS = 64
 """Subsets of t shares tried per secret before a round is abandoned (bad shares)."""
 
 
-class RoundAbandoned(RuntimeError):
+class RoundAbandoned(FedembedError, RuntimeError):
     """Too few parties remain to finish the round's secure sum; nothing was learned."""
 
 
-class ProtocolError(ValueError):
+class ProtocolError(FedembedError, ValueError):
     """A request that breaks the protocol or the organisation's policy; nothing was revealed."""
 
 

@@ -6,8 +6,9 @@ per message in Flower 1.42, imports neither torch nor the task; when no worker a
 there, the message is handled here as with a stock ``flower-supernode``.
 
 Where the organisation's state lives: node config ``state-dir`` (deployment), or
-``<state_root>/org-<partition-id>`` in simulation. Its index in the task: node config
-``org`` or, in simulation, ``partition-id``. Its identity: node config ``identity-key``
+``<state_root>/org-<partition-id>`` in simulation. Its own task: node config ``task``,
+``data``, ``task-options`` (JSON), ``device`` or ``task-config`` (a TOML file), or in
+simulation the task of its ``partition-id``. Its identity: node config ``identity-key``
 (its private key, OpenSSH) and ``roster`` (the federation's public keys, a directory of
 ``<name>.pub`` or a JSON file), or in simulation ``<key_dir>/<index>.key`` and the
 simulation's roster file. Node config ``secure-*`` keys set its secure-aggregation policy
@@ -17,7 +18,7 @@ simulation's roster file. Node config ``secure-*`` keys set its secure-aggregati
 from __future__ import annotations
 
 import logging
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from flwr.app import Context, Message
 from flwr.clientapp import ClientApp
@@ -28,6 +29,7 @@ from fedembed.worker import WorkerUnavailable, forward
 
 if TYPE_CHECKING:
     from fedembed.org import Organisation
+    from fedembed.task import TaskSpec
 
 log = logging.getLogger(__name__)
 
@@ -61,18 +63,24 @@ def make_client_app(
     key_dir: str | None = None,
     roster: str | None = None,
     mods: list | None = None,
+    tasks: list[TaskSpec] | None = None,
+    node_defaults: dict[str, Any] | None = None,
 ) -> ClientApp:
     """A ClientApp; in simulation, organisations keep state under ``state_root`` and keys in ``key_dir``.
 
     With ``audit_dir``, every reply is also written there (:class:`fedembed.audit.AuditMod`);
-    ``mods`` are further Flower mods (after the audit one).
+    ``mods`` are further Flower mods (after the audit one); ``tasks`` are the simulated
+    organisations' own tasks, by partition id (a node config naming a task wins);
+    ``node_defaults`` are node-config entries a node's own config may override
+    (``device``, ``threads`` in simulation).
     """
     app = ClientApp(mods=([AuditMod(audit_dir)] if audit_dir else []) + list(mods or []) or None)
 
     def organisation(context: Context) -> Organisation:
         from fedembed.org import Organisation
 
-        return Organisation.from_member(member_from_context(context, state_root, key_dir, roster))
+        nc = {**(node_defaults or {}), **context.node_config}
+        return Organisation.from_node_config(nc, state_root, key_dir, roster, tasks)
 
     @app.train()
     def train(msg: Message, context: Context) -> Message:

@@ -1,1 +1,0 @@
-"""The Flower ClientApp of fedembed (an organisation): Flower wiring over fedembed."""

@@ -1,0 +1,119 @@
+"""The local training recipe: what every organisation's local training follows.
+
+Torch-free, so the coordinator (which sends it) never imports torch; the training itself
+is :mod:`fedembed.train`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, fields, replace
+from typing import Any
+
+from fedembed.errors import FedembedError
+
+
+class RecipeError(FedembedError, ValueError):
+    """A training recipe that cannot work."""
+
+
+TABLE_OPTIMIZERS = ("sparse_adam", "sgd")
+
+
+@dataclass
+class TrainConfig:
+    """The local training recipe; sent by the coordinator, the same for every organisation.
+
+    The defaults were chosen on the validation splits of the movies task (5 orgs, 10
+    rounds; see ``simulations/evaluate.py`` and the README): small batches, Adam state of
+    touched rows kept across rounds, learning rates decayed by 0.8 per round (the models
+    overfit within a few rounds otherwise), no FedRep head re-fit, no residual and no co-occurrence objective (both measured lower on validation).
+
+    Parameters
+    ----------
+    epochs : int
+        Local epochs over the organisation's training data per round (table and head).
+    head_epochs : int
+        Epochs re-fitting only the head on the freshly synced table before the table is
+        touched (FedRep-style); 0 disables it.
+    batch_size : int
+        Examples per local step.
+    table_lr : float
+        Learning rate of the local table optimizer.
+    head_lr : float
+        Learning rate of the head's Adam optimizer (its state persists across rounds).
+    table_optimizer : str
+        ``sparse_adam`` or ``sgd`` (both update only the rows a batch touched).
+    max_row_weight : float
+        Cap on a row's weight (its lookup count) in the per-row weighted mean.
+    cooc_weight : float
+        Weight of the shared self-supervised co-occurrence objective
+        (:mod:`fedembed.cooc`) added to the supervised loss; 0 turns it off.
+    cooc_negatives : int
+        Negatives per positive pair of that objective.
+    keep_table_state : bool
+        Keep the local table optimizer's state (Adam moments) of the rows an
+        organisation touched from one round to the next, in its private state.
+    residual : bool
+        Give each organisation a private residual on every shared table
+        (:mod:`fedembed.residual`), trained locally, never uploaded (``fedembed`` mode).
+    guard : bool
+        Run the per-organisation guard (:mod:`fedembed.guard`): a private local-only
+        twin is trained alongside, and each organisation serves whichever of the shared
+        model and the twin scores higher on its own validation data (``fedembed`` mode).
+        Off by default: it doubles every organisation's training time and table memory,
+        and what it serves is not the shared model (see the README's "Guard" section).
+    guard_window : int
+        Evaluations whose validation scores the guard averages before choosing.
+    guard_blend : bool
+        Let the guard also serve the mean of the shared model's and the twin's outputs.
+    head_weight_decay : float
+        Decoupled weight decay of the head's optimizer (AdamW); 0 is plain Adam.
+    lr_decay : float
+        Per-round decay of both learning rates: round ``r`` (1-based) trains with
+        ``lr * lr_decay ** (r - 1)`` (see :meth:`at_round`); 1 keeps them constant.
+    """
+
+    epochs: int = 1
+    head_epochs: int = 0
+    batch_size: int = 16
+    table_lr: float = 0.05
+    head_lr: float = 0.01
+    table_optimizer: str = "sparse_adam"
+    max_row_weight: float = 100.0
+    cooc_weight: float = 0.0
+    cooc_negatives: int = 4
+    keep_table_state: bool = True
+    residual: bool = False
+    guard: bool = False
+    guard_window: int = 3
+    guard_blend: bool = True
+    head_weight_decay: float = 0.0
+    lr_decay: float = 0.8
+
+    def __post_init__(self) -> None:
+        if self.table_optimizer not in TABLE_OPTIMIZERS:
+            raise RecipeError(f"table_optimizer must be one of {TABLE_OPTIMIZERS}, got {self.table_optimizer!r}")
+        for f in ("epochs", "head_epochs", "batch_size", "guard_window"):
+            if int(getattr(self, f)) < (1 if f != "head_epochs" else 0):
+                raise RecipeError(f"{f} must be positive, got {getattr(self, f)}")
+        if not (self.table_lr > 0 and self.head_lr > 0 and self.max_row_weight >= 1):
+            raise RecipeError("learning rates must be > 0 and max_row_weight >= 1")
+        if not 0 < self.lr_decay <= 1:
+            raise RecipeError(f"lr_decay must be in (0, 1], got {self.lr_decay}")
+        if self.head_weight_decay < 0:
+            raise RecipeError(f"head_weight_decay must be >= 0, got {self.head_weight_decay}")
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain dict (for messages and metrics.json)."""
+        return asdict(self)
+
+    def at_round(self, round_: int) -> TrainConfig:
+        """The recipe of round ``round_`` (1-based): learning rates decayed by ``lr_decay``."""
+        f = self.lr_decay ** max(int(round_) - 1, 0)
+        return replace(self, table_lr=self.table_lr * f, head_lr=self.head_lr * f)
+
+    @staticmethod
+    def from_dict(d: dict[str, Any]) -> TrainConfig:
+        """Build from a dict, ignoring unknown keys."""
+        names = {f.name for f in fields(TrainConfig)}
+        return TrainConfig(**{k: v for k, v in d.items() if k in names})

@@ -1,1 +1,0 @@
-"""The Flower ServerApp of fedembed (the coordinator): Flower wiring over fedembed."""
