@@ -26,14 +26,24 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 import numpy as np
 
 from fedembed.tables import VersionedTables, init_table
 
-if TYPE_CHECKING:
-    from fedembed.model import SplitModel
+
+
+class HeadModel(Protocol):
+    """What a saved head is checked against (a :class:`fedembed.model.SplitModel`; the store imports no torch)."""
+
+    def head_state_dict(self) -> dict[str, Any]:
+        """The private head's state."""
+        ...
+
+    def head_parameters(self) -> list[Any]:
+        """The head's trainable parameters."""
+        ...
 
 log = logging.getLogger(__name__)
 
@@ -354,7 +364,7 @@ class OrgState:
         self.dir = make_private_dir(Path(directory))
 
     # head -----------------------------------------------------------------
-    def load_head(self, model: SplitModel | None = None) -> dict[str, Any] | None:
+    def load_head(self, model: HeadModel | None = None) -> dict[str, Any] | None:
         """The saved head, or None for a new organisation or an unusable file.
 
         An unreadable ``head.pt``, or one that does not fit ``model`` (another model's:
@@ -365,7 +375,7 @@ class OrgState:
 
         Parameters
         ----------
-        model : SplitModel, optional
+        model : HeadModel, optional
             The model the head is for; when given, the saved head is checked against it.
 
         Returns
@@ -522,7 +532,7 @@ class OrgState:
         atomic_write(meta_p, json.dumps(meta).encode())
 
 
-def _head_mismatch(model: SplitModel, saved: dict[str, Any]) -> str | None:
+def _head_mismatch(model: HeadModel, saved: dict[str, Any]) -> str | None:
     """What keeps ``saved`` (a :meth:`OrgState.load_head` document) from fitting ``model``, or None."""
     import torch
 

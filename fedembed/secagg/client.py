@@ -58,7 +58,10 @@ from fedembed.secagg.protocol import (
     UNMASK_STAGE,
     ClientSession,
     ProtocolError,
+    RowsMissing,
     SecurePolicy,
+    phases_for,
+    rowset_digest,
     session_context,
 )
 from fedembed.secagg.vector import (
@@ -74,10 +77,6 @@ from fedembed.store import atomic_write, atomic_write_npz
 from fedembed.wire import decode_arrays, encode_arrays
 
 log = logging.getLogger(__name__)
-
-class RowsMissing(ProtocolError):
-    """Rows this organisation touched are missing from the row set U (a cancelled indicator or a dropped row)."""
-
 
 SECURE_STAGES = ("share", "indicators", "check_indicators", "unmask_indicators", "masked", "check", "unmask")
 PHASE_OF = {s: p for table in (MASK_STAGE, CHECK_STAGE, UNMASK_STAGE) for p, s in table.items()}
@@ -143,21 +142,6 @@ class SecureMember:
         if roster_path is None:
             raise ValueError("node config has no roster: pass --node-config '... roster=<dir of .pub files or JSON>'")
         return cls(org, state, Identity.load(key, roster_path), SecurePolicy.from_mapping(nc))
-
-
-def phases_for(row_set: str) -> list[str]:
-    """Phases of a session in ``row_set`` mode."""
-    return ["indicators", "values"] if row_set == "union" else ["values"]
-
-
-def rowset_digest(rowset: RowSet) -> bytes:
-    """SHA-256 of a row set (signed in the values phase's consistency statement)."""
-    h = hashlib.sha256()
-    for name in sorted(rowset):
-        ids = np.ascontiguousarray(rowset[name], dtype=np.int64)
-        h.update(name.encode() + b"|" + len(ids).to_bytes(8, "big"))
-        h.update(ids.tobytes())
-    return h.digest()
 
 
 def _dir(state_dir: Path) -> Path:

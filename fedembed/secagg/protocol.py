@@ -837,3 +837,22 @@ def _public_of(private: bytes) -> bytes | None:
         return KeyPair.from_private(private).public
     except (CryptoError, ValueError):
         return None
+
+
+class RowsMissing(ProtocolError):
+    """Rows this organisation touched are missing from the row set U (a cancelled indicator or a dropped row)."""
+
+
+def phases_for(row_set: str) -> list[str]:
+    """Phases of a session in ``row_set`` mode."""
+    return ["indicators", "values"] if row_set == "union" else ["values"]
+
+
+def rowset_digest(rowset: Mapping[str, np.ndarray]) -> bytes:
+    """SHA-256 of a row set (signed in the values phase's consistency statement)."""
+    h = hashlib.sha256()
+    for name in sorted(rowset):
+        ids = np.ascontiguousarray(rowset[name], dtype=np.int64)
+        h.update(name.encode() + b"|" + len(ids).to_bytes(8, "big"))
+        h.update(ids.tobytes())
+    return h.digest()

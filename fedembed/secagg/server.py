@@ -35,12 +35,11 @@ import json
 import logging
 import time
 from collections.abc import Callable
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 from flwr.app import ConfigRecord, RecordDict
 
-from fedembed.secagg.client import RowsMissing, phases_for, rowset_digest
 from fedembed.secagg.graph import default_neighbours, default_threshold
 from fedembed.secagg.primitives import CryptoError
 from fedembed.secagg.protocol import (
@@ -49,7 +48,10 @@ from fedembed.secagg.protocol import (
     UNMASK_STAGE,
     ProtocolError,
     RoundAbandoned,
+    RowsMissing,
     ServerSession,
+    phases_for,
+    rowset_digest,
     session_context,
 )
 from fedembed.secagg.vector import (
@@ -68,7 +70,50 @@ from fedembed.sparse import AggregateSum, UpdateError
 from fedembed.wire import array_view, decode_arrays, encode_arrays, record_bytes
 
 if TYPE_CHECKING:
-    from fedembed.coordinator import Coordinator
+    from fedembed.config import RunConfig
+    from fedembed.identity import Roster
+    from fedembed.sparse import RowUpdate
+
+
+class Exchange(Protocol):
+    """The message exchange a secure round runs over (a Flower ``Grid`` in production)."""
+
+    def exchange(self, message_type: str, contents: dict[int, RecordDict], timeout: float) -> list[Any]:
+        """Send one message per node; the replies (``node``, ``content``, ``error``) that arrive in time."""
+        ...
+
+
+class SecureRoundHost(Protocol):
+    """What a secure round needs from the server that hosts it: the explicit interface, nothing more.
+
+    :class:`fedembed.coordinator.Coordinator` implements it; a Flower user's own
+    ServerApp can too, to run fedembed's secure sparse aggregation in its own rounds.
+    """
+
+    cfg: RunConfig
+    """The run (row-set mode, neighbours, threshold, clip, timeouts, seed)."""
+    shapes: dict[str, tuple[int, int]]
+    """``(rows, dim)`` of each shared table."""
+    roster: Roster
+    """The federation's organisations and their public keys."""
+    transport: Exchange
+    """How messages reach the organisations."""
+
+    def train_message(self, node: int, round_: int) -> RecordDict:
+        """The ``train`` message of ``round_`` for ``node``."""
+        ...
+
+    def read_train_reply(self, rep: Any, entry: dict, round_: int, secure: bool = False) -> tuple[str | None, RowUpdate | None]:
+        """Validate a ``train`` reply; (roster name, update) or (None, None) when refused."""
+        ...
+
+    def check_signed(self, node: int, content: RecordDict, round_: int, stage: str, expected: str | None = None) -> str | None:
+        """The roster signature check of a reply; a fault, or None."""
+        ...
+
+    def refuse(self, entry: dict, who: str, reason: str, verb: str = "refused") -> None:
+        """Record and log a refusal."""
+        ...
 
 log = logging.getLogger(__name__)
 
@@ -78,19 +123,19 @@ ROWS_MISSING = RowsMissing.__name__
 
 
 class SecureRound:
-    """One round of secure aggregation driven through the coordinator's transport.
+    """One round of secure aggregation (the server-side workflow), driven through its host's exchange.
 
     Parameters
     ----------
-    coord : Coordinator
-        The coordinator (config, roster, transport, tables, log, reply validation).
+    coord : SecureRoundHost
+        The server hosting the round (config, roster, transport, reply validation).
     round_ : int
         The round.
     entry : dict
         The round's log entry (stages, bytes, rejections are recorded in it).
     """
 
-    def __init__(self, coord: Coordinator, round_: int, entry: dict) -> None:
+    def __init__(self, coord: SecureRoundHost, round_: int, entry: dict) -> None:
         self.coord = coord
         self.cfg = coord.cfg
         self.round = round_
@@ -330,6 +375,6 @@ def _printable(text: str, limit: int = 200) -> str:
     return "".join(ch if ch.isprintable() else "?" for ch in text)[:limit]
 
 
-def run_secure_round(coord: Coordinator, round_: int, nodes: list[int], entry: dict) -> AggregateSum | None:
+def run_secure_round(coord: SecureRoundHost, round_: int, nodes: list[int], entry: dict) -> AggregateSum | None:
     """Run one secure round (see :class:`SecureRound`); None when abandoned."""
     return SecureRound(coord, round_, entry).run(nodes)
