@@ -24,7 +24,7 @@ from flwr.app import Context, Message
 from flwr.clientapp import ClientApp
 
 from fedembed.audit import AuditMod
-from fedembed.secagg.client import SECURE_STAGES, SecureMember, handle_message
+from fedembed.secagg.client import add_secure_stages
 from fedembed.worker import WorkerUnavailable, forward
 
 if TYPE_CHECKING:
@@ -32,11 +32,6 @@ if TYPE_CHECKING:
     from fedembed.task import TaskSpec
 
 log = logging.getLogger(__name__)
-
-
-def member_from_context(context: Context, state_root: str | None, key_dir: str | None, roster: str | None) -> SecureMember:
-    """This node's organisation, identity and policy (no task, no torch); see :meth:`SecureMember.from_node_config`."""
-    return SecureMember.from_node_config(context.node_config, state_root, key_dir, roster)
 
 
 def via_worker(msg: Message, context: Context) -> Message | None:
@@ -100,16 +95,7 @@ def make_client_app(
         content = handle_content(organisation(context), msg.content, msg.metadata.message_type, context.node_id)
         return Message(content, reply_to=msg)
 
-    def secure_stage(msg: Message, context: Context) -> Message:
-        if (reply := via_worker(msg, context)) is not None:
-            return reply
-        # no task, no torch: a secure stage only loads the session from the org's state dir
-        member = member_from_context(context, state_root, key_dir, roster)
-        stage = msg.metadata.message_type.partition(".")[2]
-        return Message(handle_message(member, stage, msg.content, context.node_id), reply_to=msg)
-
-    for stage in SECURE_STAGES:  # message types train.<stage> of secure aggregation
-        app.train(stage)(secure_stage)
+    add_secure_stages(app, state_root, key_dir, roster, before=via_worker)  # message types train.<stage>
 
     return app
 

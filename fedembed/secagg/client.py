@@ -39,9 +39,8 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
-import hashlib
 import logging
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -373,3 +372,36 @@ def handle_message(member: SecureMember, stage: str, content: RecordDict, node: 
         log.warning("%s: secure stage %s of round %d refused: %s", member.identity.name, stage, round_, exc)
         reply = RecordDict({"info": ConfigRecord({"status": "error", "error": f"{type(exc).__name__}: {exc}"})})
     return sign_reply(reply, member.identity, run_key, round_, f"train.{stage}", node)
+
+
+def add_secure_stages(app: Any, state_root: str | None = None, key_dir: str | None = None, roster: str | None = None,
+                      before: Callable[[Any, Any], Any] | None = None) -> None:
+    """Register the secure stages (message types ``train.<stage>``) on a Flower ``ClientApp``.
+
+    The Flower-native organisation half of fedembed's secure sparse aggregation, usable
+    from a Flower user's own ClientApp: each stage loads the organisation (state dir,
+    identity, policy: :meth:`SecureMember.from_node_config`) and answers with
+    :func:`handle_message`; no task and no torch are loaded. The ``train`` handler itself
+    (local training) stays the app's own and ends with :func:`begin`.
+
+    Parameters
+    ----------
+    app : flwr.clientapp.ClientApp
+        The app to register on.
+    state_root, key_dir, roster : str, optional
+        Simulation defaults (see :meth:`SecureMember.from_node_config`).
+    before : callable, optional
+        ``before(message, context) -> Message | None``: a reply from elsewhere (the
+        organisation worker) that short-cuts the stage when not None.
+    """
+    from flwr.app import Message
+
+    def secure_stage(msg: Message, context: Any) -> Message:
+        if before is not None and (reply := before(msg, context)) is not None:
+            return reply
+        member = SecureMember.from_node_config(context.node_config, state_root, key_dir, roster)
+        stage = msg.metadata.message_type.partition(".")[2]
+        return Message(handle_message(member, stage, msg.content, context.node_id), reply_to=msg)
+
+    for stage in SECURE_STAGES:
+        app.train(stage)(secure_stage)
