@@ -2,7 +2,7 @@
 
 ``fedembed server`` = :func:`run_server`: starts a Flower SuperLink (TLS and SuperNode
 authentication on by default) on 127.0.0.1 only, puts the Fleet gate
-(:mod:`fedembed.fleetgate`: the Fleet API and nothing else) on the public host and port,
+(:mod:`fedembed.deploy.fleetgate`: the Fleet API and nothing else) on the public host and port,
 registers the organisations' public keys, submits the fedembed ServerApp as a Flower run
 and follows it, printing progress per round; its own ``flwr`` calls (Control API) go to
 the SuperLink's loopback address. The run
@@ -32,9 +32,15 @@ Modules (each imports only modules listed above it)::
     server      fedembed server: ServerOptions, CoordinatorProcess, run_outcome, run_server
     client      fedembed client: ClientOptions, node_config, WorkerProcess, supernode_command, run_client
 
-The names in ``_EXPORTS`` are importable from ``fedembed.deploy`` itself; they load their module on
-first use (as :mod:`fedembed` does), so a process that needs none of them does not import
-torch through :mod:`fedembed.config`. Patch a name in the module that uses it, not here.
+and the two programs that server and client start, ``python -m fedembed.deploy.<name>``::
+
+    supernode   Flower's SuperNode with its idle and reply polls shortened (each organisation)
+    fleetgate   the public port: Flower's Fleet API and nothing else (the coordinator)
+
+The names in ``_EXPORTS`` are importable from ``fedembed.deploy`` itself; they load their
+module on first use (as :mod:`fedembed` does), so the two programs, which import this
+package first, do not import torch through :mod:`fedembed.config`. Patch a name in the
+module that uses it, not here.
 """
 
 from __future__ import annotations

@@ -206,11 +206,11 @@ def supernode_command(
 ) -> list[str]:
     """The SuperNode command line for ``opts``.
 
-    By default ``python -m fedembed.supernode`` (the stock SuperNode with a shorter idle
-    poll, see :mod:`fedembed.supernode`); ``stock=True`` gives the same arguments to
+    By default ``python -m fedembed.deploy.supernode`` (the stock SuperNode with a shorter idle
+    poll, see :mod:`fedembed.deploy.supernode`); ``stock=True`` gives the same arguments to
     Flower's own ``flower-supernode``, which works as well.
     """
-    head = [_command("flower-supernode")] if stock else [sys.executable, "-m", "fedembed.supernode"]
+    head = [_command("flower-supernode")] if stock else [sys.executable, "-m", "fedembed.deploy.supernode"]
     cmd = [*head, "--superlink", opts.superlink, "--node-config", node_config(opts, worker_socket),
            "--port", str(runtime_port)]
     if opts.insecure:

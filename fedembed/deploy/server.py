@@ -48,7 +48,7 @@ class ServerOptions:
         Checkpoints, progress, outputs; restarting with the same directory resumes.
     host, port : str, int
         The public address the organisations connect to: only the Fleet API is served
-        there (by the Fleet gate, :mod:`fedembed.fleetgate`). ``0.0.0.0`` for
+        there (by the Fleet gate, :mod:`fedembed.deploy.fleetgate`). ``0.0.0.0`` for
         organisations on other machines.
     certfile, keyfile, ca_certfile : Path or None
         TLS server certificate, its key, and the CA that signed it (required unless
@@ -119,7 +119,7 @@ class CoordinatorProcess:
     """A Flower SuperLink on loopback, the Fleet gate on the public port, our run on them.
 
     Flower 1.42 serves the SuperLink's Fleet, Control and Runtime APIs on one port (see
-    :mod:`fedembed.fleetgate`), so the SuperLink listens on ``127.0.0.1:superlink_port``
+    :mod:`fedembed.deploy.fleetgate`), so the SuperLink listens on ``127.0.0.1:superlink_port``
     only, where the SuperExec and our own ``flwr`` calls reach it, and the gate on
     ``opts.host:opts.port`` lets through the Fleet API alone.
 
@@ -166,7 +166,7 @@ class CoordinatorProcess:
         """The Fleet gate's command line: public ``host:port`` -> the loopback SuperLink."""
         o = self.opts
         scheme = "http" if o.insecure else "https"
-        cmd = [sys.executable, "-m", "fedembed.fleetgate", "--host", o.host, "--port", str(o.port),
+        cmd = [sys.executable, "-m", "fedembed.deploy.fleetgate", "--host", o.host, "--port", str(o.port),
                "--upstream", f"{scheme}://{self.superlink_address}"]
         if not o.insecure:
             cmd += ["--certfile", str(o.certfile), "--keyfile", str(o.keyfile), "--ca-certfile", str(o.ca_certfile)]
