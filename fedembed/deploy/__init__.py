@@ -12,7 +12,8 @@ the ClientApps import fedembed from the environment the user installed; Flower's
 dependency installation (``uv sync``) is switched off on both sides.
 
 ``fedembed client`` = :func:`run_client`: runs a Flower SuperNode with the node config
-``org=<index> state-dir=<dir>``, restarting it if it exits while the coordinator is away.
+:func:`node_config` writes (state directory, identity key, roster; the organisation's
+index ``org`` or its own task), restarting it if it exits while the coordinator is away.
 
 Files in the coordinator's state directory::
 

@@ -39,10 +39,12 @@ class ClientOptions:
     ----------
     superlink : str
         The coordinator's address, ``host:port``.
-    org : int
-        This organisation's index in the task.
     state_dir : Path
         Its own private state directory (head, optimizer state, table cache).
+    org : int or None
+        This organisation's index in the federation-wide task, written into the node
+        config as ``org``; None writes no ``org`` (an organisation identified by its
+        roster key and its own ``task_config``).
     root_cert : Path or None
         CA certificate that signed the coordinator's certificate (TLS).
     auth_key : Path or None
@@ -61,6 +63,10 @@ class ClientOptions:
     roster : Path or None
         The federation's roster as this organisation holds it (directory of ``<name>.pub``
         or JSON): the keys it checks the others' signatures with.
+    task_config : dict
+        The organisation's own task (node-config keys ``task``, ``data``,
+        ``task-options``, ``device``), written into the node config as given (values
+        already quoted as node-config values).
     extra_node_config : dict
         More node-config entries (e.g. the ``secure-*`` policy keys).
     worker : bool
@@ -70,13 +76,14 @@ class ClientOptions:
     """
 
     superlink: str
-    org: int
     state_dir: Path
+    org: int | None = None
     root_cert: Path | None = None
     auth_key: Path | None = None
     insecure: bool = False
     runtime_port: int | None = None
     restart: bool = True
+    task_config: dict[str, str] = field(default_factory=dict)
     extra_node_config: dict[str, str] = field(default_factory=dict)
     identity_key: Path | None = None
     roster: Path | None = None
@@ -108,14 +115,16 @@ class ClientOptions:
 
 
 def node_config(opts: ClientOptions, worker_socket: Path | None = None) -> str:
-    """The ``--node-config`` string: ``org=<index> state-dir="<dir>" identity-key="<key>" roster="<roster>"`` (+ extras).
+    """The ``--node-config`` string: ``[org=<index>] state-dir="<dir>" identity-key="<key>" roster="<roster>"``.
 
-    With ``worker_socket``, also ``worker-socket="<path>"``: the ClientApp forwards its
-    message to the organisation worker listening there.
+    ``org`` only when ``opts.org`` is set; then ``opts.task_config`` (the organisation's
+    own task), then ``opts.extra_node_config``, each entry as given. With
+    ``worker_socket``, also ``worker-socket="<path>"``: the ClientApp forwards its message
+    to the organisation worker listening there.
     """
-    items = {"org": str(opts.org), "state-dir": json.dumps(str(opts.state_dir)),
-             "identity-key": json.dumps(str(opts.identity_key)), "roster": json.dumps(str(opts.roster)),
-             **opts.extra_node_config}
+    items = {} if opts.org is None else {"org": str(opts.org)}
+    items |= {"state-dir": json.dumps(str(opts.state_dir)), "identity-key": json.dumps(str(opts.identity_key)),
+              "roster": json.dumps(str(opts.roster)), **opts.task_config, **opts.extra_node_config}
     if worker_socket is not None:
         items["worker-socket"] = json.dumps(str(worker_socket))
     return " ".join(f"{k}={v}" for k, v in items.items())
@@ -155,14 +164,14 @@ class WorkerProcess:
         deadline = time.monotonic() + self.startup_timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
-                log.warning("organisation %d: its worker exited with %d at start; messages are handled "
-                            "in the ClientApp processes", self.opts.org, self.proc.returncode)
+                log.warning("organisation %s: its worker exited with %d at start; messages are handled "
+                            "in the ClientApp processes", self.opts.name, self.proc.returncode)
                 return False
             if self.listening():
-                log.info("organisation %d: worker listening on %s", self.opts.org, self.path)
+                log.info("organisation %s: worker listening on %s", self.opts.name, self.path)
                 return True
             time.sleep(0.1)
-        log.warning("organisation %d: its worker is not listening after %.0f s", self.opts.org, self.startup_timeout)
+        log.warning("organisation %s: its worker is not listening after %.0f s", self.opts.name, self.startup_timeout)
         return False
 
     def listening(self) -> bool:
@@ -191,7 +200,7 @@ class WorkerProcess:
         lived = now - self._last_start
         self._delay = 1.0 if lived > 60.0 else min(60.0, self._delay * 2)
         self._next_start = now + self._delay
-        log.warning("organisation %d: its worker exited with %d; starting it again", self.opts.org, self.proc.returncode)
+        log.warning("organisation %s: its worker exited with %d; starting it again", self.opts.name, self.proc.returncode)
         self.start()
 
     def stop(self) -> None:
@@ -245,8 +254,8 @@ def run_client(opts: ClientOptions, max_restarts: int | None = None, restart_del
     if opts.worker:
         worker = WorkerProcess(opts, env)
         if len(os.fsencode(str(worker.path))) > MAX_SOCKET_PATH:
-            log.warning("organisation %d: no worker, its socket path %s is too long for a Unix socket (use a "
-                        "shorter --state-dir); every message starts torch in its own ClientApp", opts.org, worker.path)
+            log.warning("organisation %s: no worker, its socket path %s is too long for a Unix socket (use a "
+                        "shorter --state-dir); every message starts torch in its own ClientApp", opts.name, worker.path)
             worker = None
     restarts, code = 0, 0
     with _forward_signals():
@@ -256,7 +265,7 @@ def run_client(opts: ClientOptions, max_restarts: int | None = None, restart_del
             while True:
                 port = opts.runtime_port or free_port()
                 cmd = supernode_command(opts, port, worker_socket=None if worker is None else worker.path)
-                log.info("organisation %d: %s", opts.org, " ".join(cmd))
+                log.info("organisation %s: %s", opts.name, " ".join(cmd))
                 proc[0] = subprocess.Popen(cmd, env=env, preexec_fn=_die_with_parent)
                 while (code := proc[0].poll()) is None:
                     if worker is not None:
@@ -269,8 +278,8 @@ def run_client(opts: ClientOptions, max_restarts: int | None = None, restart_del
                     return code
                 time.sleep(0.5)  # a Ctrl-C that also stopped the SuperNode surfaces here, not as a restart
                 restarts += 1
-                log.warning("organisation %d: SuperNode exited with %d; starting it again in %.0f s",
-                            opts.org, code, restart_delay)
+                log.warning("organisation %s: SuperNode exited with %d; starting it again in %.0f s",
+                            opts.name, code, restart_delay)
                 time.sleep(restart_delay)
         except KeyboardInterrupt:
             return 0
