@@ -6,7 +6,7 @@ attacker who can reach the coordinator's public port and holds ``ca.crt`` (every
 organisation does) tries, with Flower's own ``flwr`` CLI and its Control API client, to
 list the nodes, register its own key (org-2's, never listed), unregister org-0, submit a
 run of its own and stop the coordinator's run. Each call must be refused by the Fleet gate
-(:mod:`fedembed.fleetgate`). As a control, the same calls with the same client succeed on
+(:mod:`fedembed.deploy.fleetgate`). As a control, the same calls with the same client succeed on
 the loopback address ``fedembed server`` itself uses (from its ``flwr-home/config.toml``),
 so the test fails if the lockdown is removed. The run must still complete with both
 organisations in every round.
@@ -31,7 +31,7 @@ from test_deploy import BIN, Procs, client_cmd, events, rounds_done, wait_until
 
 from fedembed.certs import write_test_certs
 from fedembed.deploy import CoordinatorProcess, ServerOptions, descendants, free_port
-from fedembed.fleetgate import REFUSAL, fleet_paths
+from fedembed.deploy.fleetgate import REFUSAL, fleet_paths
 
 pytestmark = [pytest.mark.slow, pytest.mark.deploy,
               pytest.mark.filterwarnings("ignore::DeprecationWarning:pathspec")]  # Flower's FAB build
@@ -228,7 +228,7 @@ def attacked_run(tmp_path_factory, certs):
         loopback = tomllib.loads((state / "flwr-home" / "config.toml").read_text())["superlink"]["fedembed"]["address"]
         ca = certs.ca_cert
         superlink_pid = process_with(server.pid, "flower-superlink")
-        gate_pid = process_with(server.pid, "fedembed.fleetgate")
+        gate_pid = process_with(server.pid, "fedembed.deploy.fleetgate")
         sockets = {"superlink": listening(superlink_pid), "gate": listening(gate_pid)}
 
         org0_node = nodes(loopback, ca)[public_key_bytes(certs.org_public_keys[0])][0]

@@ -92,7 +92,7 @@ def test_no_checkpoint_at_all_is_a_fresh_start(tmp_path, direct_transport):
 
 def test_all_checkpoints_corrupt_server_command_refuses_and_exits_non_zero(tmp_path, direct_transport, caplog, monkeypatch):
     """``fedembed server`` on such a state dir says why and exits 2 before starting anything."""
-    import fedembed.deploy as deploy
+    import fedembed.deploy.server as deploy_server
     from fedembed.cli import main
 
     state, _ = _two_rounds(tmp_path / "run", direct_transport)
@@ -105,7 +105,7 @@ def test_all_checkpoints_corrupt_server_command_refuses_and_exits_non_zero(tmp_p
     def no_superlink(*args, **kwargs):
         raise AssertionError("a SuperLink was started on a state dir whose checkpoints are all corrupt")
 
-    monkeypatch.setattr(deploy, "CoordinatorProcess", no_superlink)
+    monkeypatch.setattr(deploy_server, "CoordinatorProcess", no_superlink)  # where run_server looks it up
     from fedembed.identity import make_identities
 
     roster = make_identities(["org-0", "org-1", "org-2"], tmp_path / "keys").write(tmp_path / "roster.json")

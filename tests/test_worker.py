@@ -231,3 +231,22 @@ def test_node_config_names_the_worker_socket_only_when_there_is_one(tmp_path):
 
     nc = parse_config_args([node_config(opts, socket_path(opts.state_dir))])
     assert nc["worker-socket"] == str(socket_path(opts.state_dir)) and nc["org"] == 0
+
+
+def test_node_config_writes_org_only_when_given_and_the_orgs_own_task_before_the_extras(tmp_path):
+    from flwr.common.config import parse_config_args
+
+    roster = make_identities(["org-0"], tmp_path / "keys")
+    task = {"task": json.dumps("examples.my_task:ClicksTask"), "data": json.dumps("/data/shop"),
+            "task-options": json.dumps("products=400"), "device": json.dumps("cpu")}
+    opts = ClientOptions(superlink="127.0.0.1:1", state_dir=tmp_path / "org", insecure=True,
+                         identity_key=tmp_path / "keys" / "0.key", roster=roster.write(tmp_path / "roster.json"),
+                         task_config=task, extra_node_config={"secure-colluders": "1"})
+    assert opts.org is None
+    nc = parse_config_args([node_config(opts)])
+    assert "org" not in nc
+    assert list(nc) == ["state-dir", "identity-key", "roster", "task", "data", "task-options", "device",
+                        "secure-colluders"]
+    assert nc["task"] == "examples.my_task:ClicksTask" and nc["task-options"] == "products=400"
+    indexed = parse_config_args([node_config(_opts(tmp_path, roster, 0))])
+    assert next(iter(indexed)) == "org" and indexed["org"] == 0

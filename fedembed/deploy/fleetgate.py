@@ -20,7 +20,7 @@ so no path trick reaches another router. Every other request is answered ``403``
 gate itself and never reaches the SuperLink. SuperNode authentication is untouched:
 Flower's signed headers travel through, and the SuperLink checks them as before.
 
-Run it as ``python -m fedembed.fleetgate`` (see :func:`main`); :class:`FleetGate` is the
+Run it as ``python -m fedembed.deploy.fleetgate`` (see :func:`main`); :class:`FleetGate` is the
 ASGI application.
 """
 
@@ -38,7 +38,7 @@ from typing import Any
 
 import httpx
 
-log = logging.getLogger("fedembed.fleetgate")  # also under `python -m`
+log = logging.getLogger("fedembed.deploy.fleetgate")  # also under `python -m`
 
 Scope = MutableMapping[str, Any]
 Receive = Callable[[], Awaitable[MutableMapping[str, Any]]]
@@ -223,8 +223,8 @@ def serve(host: str, port: int, upstream: str, certfile: Path | None = None, key
 
 
 def main(argv: list[str] | None = None) -> int:
-    """``python -m fedembed.fleetgate --host H --port P --upstream URL [TLS files]``."""
-    p = argparse.ArgumentParser(prog="python -m fedembed.fleetgate", description=__doc__.split("\n\n")[0])
+    """``python -m fedembed.deploy.fleetgate --host H --port P --upstream URL [TLS files]``."""
+    p = argparse.ArgumentParser(prog="python -m fedembed.deploy.fleetgate", description=__doc__.split("\n\n")[0])
     p.add_argument("--host", required=True, help="public address to listen on")
     p.add_argument("--port", type=int, required=True, help="public port (the organisations' SuperNodes dial it)")
     p.add_argument("--upstream", required=True, help="the SuperLink on loopback, https://127.0.0.1:PORT")

@@ -1,4 +1,4 @@
-"""``python -m fedembed.supernode ARGS``: Flower's ``flower-supernode`` with a shorter idle poll.
+"""``python -m fedembed.deploy.supernode ARGS``: Flower's ``flower-supernode`` with a shorter idle poll.
 
 Flower 1.42's SuperNode sleeps a fixed 3 s whenever it polls the SuperLink and finds no
 message, and 0.5 s at a time while it waits for the ClientApp's reply in its own local
