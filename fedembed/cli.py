@@ -568,8 +568,8 @@ def cmd_client(args: argparse.Namespace) -> int:
     opts = ClientOptions(
         superlink=args.superlink, state_dir=args.state_dir, root_cert=args.root_cert,
         auth_key=args.auth_key, insecure=args.insecure, runtime_port=args.runtime_port, restart=not args.no_restart,
-        identity_key=args.identity_key, roster=args.roster, worker=not args.no_worker,
-        extra_node_config={**task_config, "secure-colluders": str(args.secure_colluders),
+        identity_key=args.identity_key, roster=args.roster, worker=not args.no_worker, task_config=task_config,
+        extra_node_config={"secure-colluders": str(args.secure_colluders),
                            "secure-row-sets": json.dumps(args.secure_row_sets)},
     )
     if opts.insecure:

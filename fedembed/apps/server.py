@@ -101,7 +101,7 @@ def make_server_app(
     cfg : RunConfig, optional
         The run; None reads ``context.run_config["fedembed"]`` (a JSON RunConfig) and,
         when the run config has ``state-dir`` (``fedembed server``), keeps checkpoints,
-        progress and outputs there (:class:`fedembed.deploy.DeployedRunFiles`).
+        progress and outputs there (:class:`fedembed.apps.runfiles.DeployedRunFiles`).
     state_dir : Path, optional
         Coordinator checkpoints.
     on_round, on_done : callable, optional
@@ -116,7 +116,7 @@ def make_server_app(
         run_cfg = cfg or RunConfig.from_dict(json.loads(str(context.run_config["fedembed"])))
         ckpt_dir, round_hook, done_hook = state_dir, on_round, on_done
         if cfg is None and "state-dir" in context.run_config:  # deployed by `fedembed server`
-            from fedembed.deploy import DeployedRunFiles
+            from fedembed.apps.runfiles import DeployedRunFiles
 
             files = DeployedRunFiles(Path(str(context.run_config["state-dir"])))
             ckpt_dir, round_hook, done_hook = files.coordinator_dir, files.on_round, files.on_done

@@ -7,7 +7,7 @@ registers the organisations' public keys, submits the fedembed ServerApp as a Fl
 and follows it, printing progress per round; its own ``flwr`` calls (Control API) go to
 the SuperLink's loopback address. The run
 is submitted as a minimal Flower App (``state-dir/app/pyproject.toml``: the components
-``server.app:app`` / ``client.app:app`` and the run config, no code) so the ServerApp and
+``fedembed.apps.server:app`` / ``fedembed.apps.client:app`` and the run config, no code) so the ServerApp and
 the ClientApps import fedembed from the environment the user installed; Flower's run-time
 dependency installation (``uv sync``) is switched off on both sides.
 
@@ -28,12 +28,12 @@ Files in the coordinator's state directory::
 Modules (each imports only modules listed above it)::
 
     processes   process plumbing: Flower's environment, process trees, ports, signals
-    runfiles    the files of a deployed run in the coordinator's state directory; resume round
     flowerapp   the minimal Flower App submitted (write_app)
     server      fedembed server: ServerOptions, CoordinatorProcess, run_outcome, run_server
     client      fedembed client: ClientOptions, node_config, WorkerProcess, supernode_command, run_client
 
-and the two programs that server and client start, ``python -m fedembed.deploy.<name>``::
+(the files a deployed run writes into the coordinator's state directory are the
+ServerApp's: :mod:`fedembed.apps.runfiles`), and the two programs that server and client start, ``python -m fedembed.deploy.<name>``::
 
     supernode   Flower's SuperNode with its idle and reply polls shortened (each organisation)
     fleetgate   the public port: Flower's Fleet API and nothing else (the coordinator)
@@ -50,11 +50,11 @@ from importlib import import_module
 from typing import Any
 
 _EXPORTS = {
-    "processes": ("descendants", "flower_env", "free_port", "kill_tree", "wait_for_port"),
-    "runfiles": ("DeployedRunFiles", "resume_round", "tables_digest"),
-    "flowerapp": ("write_app",),
-    "server": ("CONNECTION", "CoordinatorProcess", "ServerOptions", "run_outcome", "run_server"),
-    "client": ("ClientOptions", "WorkerProcess", "node_config", "run_client", "supernode_command"),
+    "fedembed.deploy.processes": ("descendants", "flower_env", "free_port", "kill_tree", "wait_for_port"),
+    "fedembed.apps.runfiles": ("DeployedRunFiles", "resume_round", "tables_digest"),
+    "fedembed.deploy.flowerapp": ("write_app",),
+    "fedembed.deploy.server": ("CONNECTION", "CoordinatorProcess", "ServerOptions", "run_outcome", "run_server"),
+    "fedembed.deploy.client": ("ClientOptions", "WorkerProcess", "node_config", "run_client", "supernode_command"),
 }
 """Module -> the names ``from fedembed.deploy import NAME`` finds there."""
 
@@ -65,4 +65,4 @@ def __getattr__(name: str) -> Any:
     module = _MODULE_OF.get(name)
     if module is None:
         raise AttributeError(f"module 'fedembed.deploy' has no attribute {name!r}")
-    return getattr(import_module(f"fedembed.deploy.{module}"), name)
+    return getattr(import_module(module), name)

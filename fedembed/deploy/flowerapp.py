@@ -39,7 +39,7 @@ def write_app(app_dir: Path, cfg: RunConfig, state_dir: Path) -> Path:
             "flwr": {
                 "app": {
                     "publisher": "fedembed",
-                    "components": {"serverapp": "server.app:app", "clientapp": "client.app:app"},
+                    "components": {"serverapp": "fedembed.apps.server:app", "clientapp": "fedembed.apps.client:app"},
                     "config": {"fedembed": json.dumps(cfg.to_dict()), "state-dir": str(Path(state_dir).resolve())},
                 }
             }

@@ -30,7 +30,7 @@ from fedembed.deploy.processes import (
     kill_tree,
     wait_for_port,
 )
-from fedembed.deploy.runfiles import DeployedRunFiles
+from fedembed.apps.runfiles import DeployedRunFiles
 
 log = logging.getLogger(__name__)
 
