@@ -39,6 +39,16 @@ def _positive_int(text: str) -> int:
     return v
 
 
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows each option's default once: not when its help already says it, nor for an empty default."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if "default" in text.lower() or action.default in (None, [], argparse.SUPPRESS):
+            return text
+        return super()._get_help_string(action)
+
+
 # ------------------------------------------------------------------ options generated from the config dataclasses
 
 CHOICES: dict[str, tuple[str, ...]] = {
@@ -139,7 +149,7 @@ def _add_simulate(sub: argparse._SubParsersAction) -> None:
             "(per-round bytes and per-organisation metrics), OUT/embeddings.npz (final shared tables) and "
             "OUT/report.png."
         ),
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=_HelpFormatter,
     )
     p.add_argument("--orgs", type=_positive_int, default=5, help="number of simulated organisations")
     _add_task_options(p, simulated=True)
@@ -254,7 +264,7 @@ def cmd_simulate(args: argparse.Namespace) -> int:
         f" -> {args.out}"
     )
     runlog = simulate(cfg, tasks, args.out, on_round=progress, num_cpus=args.cpus, names=names,
-                      device=args.device, threads=args.threads)
+                      device=args.device, threads=args.threads, quiet=args.quiet)
     _print_final(runlog.to_dict(), progress.console)
     progress.console.print(f"wrote {args.out}/metrics.json, embeddings.npz, report.png")
     return 0
@@ -270,7 +280,7 @@ def _add_spec(sub: argparse._SubParsersAction) -> None:
             "The coordinator is started with it (fedembed server --federation FILE); every organisation checks "
             "its own model against it when it joins."
         ),
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=_HelpFormatter,
     )
     _add_task_options(p, simulated=False)
     p.add_argument("--out", type=Path, default=Path("federation.json"), help="spec file to write")
@@ -303,7 +313,7 @@ def _add_export(sub: argparse._SubParsersAction) -> None:
             "ready for `module.load_state_dict(torch.load(OUT))`. With --coordinator DIR instead, write the "
             "coordinator's final tables (OUT as .npz) and, with --federation, each table's vocabulary file beside it."
         ),
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=_HelpFormatter,
     )
     p.add_argument("--state-dir", type=Path, default=None, help="the organisation's state directory")
     p.add_argument("--coordinator", type=Path, default=None, help="the coordinator's --state-dir (or a simulation's OUT)")
@@ -356,7 +366,7 @@ def _add_server(sub: argparse._SubParsersAction) -> None:
             "come from --config FILE.toml (keys = option names, e.g. rounds = 10, auth-key = [\"org-0.pub\"]); "
             "flags given on the command line win."
         ),
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=_HelpFormatter,
     )
     p.add_argument("--config", type=Path, default=None, help="TOML file with any of these options")
     p.add_argument("--federation", type=Path, default=None,
@@ -400,7 +410,7 @@ def _add_client(sub: argparse._SubParsersAction) -> None:
             "does the same, slower (give each SuperNode on one machine its own --port); this wrapper also keeps the "
             "organisation's task loaded in a worker and restarts the SuperNode while the coordinator is away."
         ),
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=_HelpFormatter,
     )
     p.add_argument("--superlink", default="127.0.0.1:9092", help="coordinator address HOST:PORT")
     p.add_argument("--state-dir", type=Path, required=True, help="this organisation's private state directory")
@@ -439,7 +449,7 @@ def _add_certs(sub: argparse._SubParsersAction) -> None:
             "and DIR/org-<i>.key / org-<i>.pub (SuperNode authentication, EC P-384, OpenSSH). For trials: in "
             "production each organisation makes its own key pair and sends only the .pub file."
         ),
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=_HelpFormatter,
     )
     p.add_argument("dir", type=Path, help="output directory")
     p.add_argument("--orgs", type=int, default=3, help="organisation key pairs to write")

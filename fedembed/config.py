@@ -83,7 +83,7 @@ class RunConfig:
     """
 
     federation: FederationSpec
-    rounds: int = 3
+    rounds: int = 10
     mode: str = "fedembed"
     seed: int = 0
     fraction: float = 1.0

@@ -32,6 +32,7 @@ def simulate(
     names: list[str] | None = None,
     device: str = "cpu",
     threads: int | None = None,
+    quiet: bool = False,
 ) -> RunLog:
     """Run ``cfg`` as a local simulation and write its outputs.
 
@@ -47,6 +48,9 @@ def simulate(
         Where every simulated organisation trains (``cpu``, ``cuda``, ``auto``).
     threads : int, optional
         Torch CPU threads per organisation (default: torch's choice).
+    quiet : bool
+        Keep the simulation engine's (Ray's) worker output, such as its warnings at
+        shutdown, off the console.
     out_dir : Path
         Output directory: ``metrics.json``, ``embeddings.npz``, ``report.png``, and
         ``state/`` (coordinator checkpoints, one private directory per organisation).
@@ -118,7 +122,7 @@ def simulate(
     cpus = num_cpus or os.cpu_count() or 1
     backend = {
         "client_resources": {"num_cpus": 1, "num_gpus": 0.0},
-        "init_args": {"num_cpus": cpus, "num_gpus": 0, "logging_level": "error", "log_to_driver": True},
+        "init_args": {"num_cpus": cpus, "num_gpus": 0, "logging_level": "error", "log_to_driver": not quiet},
     }
     flwr_logger = logging.getLogger("flwr")
     level = flwr_logger.level
