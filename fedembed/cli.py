@@ -246,6 +246,8 @@ def _simulated(args: argparse.Namespace) -> tuple[list[TaskSpec], list[str], Fed
     from fedembed.task import simulated_federation
 
     base = _task_spec(args)
+    if "seed" not in base.options:  # a simulation's --seed also seeds its organisations' tasks (data splits, heads)
+        base = TaskSpec(base.name, {"seed": args.seed, **base.options}, base.data)
     if len(args.data) not in (0, 1, args.orgs):
         raise ConfigError(f"--data: give one path for every organisation or one per organisation ({args.orgs}), "
                           f"got {len(args.data)}")
