@@ -194,3 +194,132 @@ def test_the_coordinator_leaves_out_an_organisation_whose_vocabulary_differs(dat
         assert "org-2: table 'skus' differs from the federation's: shape 402 x 16 here, 401 x 16 in the federation" in why
         assert f"vocabulary {Vocabulary.load(mine).digest} here, {federation(data).tables['skus'].vocabulary}" in why
     assert not (tmp_path / "org-2" / "head.pt").exists()  # refused before it trained anything
+
+
+# ------------------------------------------------------------------ the real thing: processes, TLS, loopback
+
+
+@pytest.fixture(scope="module")
+def deployed(tmp_path_factory):
+    """What a user does after reading the README, on loopback: two runs and an export.
+
+    Run 1: org-0 and org-1 (their own files, their own state dirs) federate the SKU table
+    for 2 rounds. Run 2: org-2 joins with a vocabulary of one SKU more and is refused. Then
+    org-0 and org-1 export their trained models.
+    """
+    from test_deploy import BIN, Procs
+
+    from fedembed.deploy import free_port
+
+    root = tmp_path_factory.mktemp("deployed")
+    procs = Procs(root)
+    fedembed = str(BIN / "fedembed")
+    d, certs = root / "data", root / "certs"
+    times: dict[str, float] = {}
+
+    def run(*cmd: str) -> str:
+        res = subprocess.run(list(cmd), cwd=ROOT, env=procs.env, capture_output=True, text=True, timeout=300)
+        assert res.returncode == 0, f"{cmd} failed:\n{res.stdout}\n{res.stderr}"
+        return res.stdout
+
+    def server(name: str, state: Path, port: int, *extra: str) -> subprocess.Popen:
+        return procs.start(name, [
+            fedembed, "server", "--federation", str(d / "federation.toml"), "--min-orgs", "2", "--batch-size", "64",
+            "--state-dir", str(state), "--port", str(port), "--certfile", str(certs / "server.crt"),
+            "--keyfile", str(certs / "server.key"), "--ca-certfile", str(certs / "ca.crt"),
+            "--auth-key", str(certs), "--round-timeout", "120", *extra])
+
+    def client(name: str, org: int, port: int, vocabulary: Path) -> subprocess.Popen:
+        return procs.start(name, [
+            fedembed, "client", "--superlink", f"127.0.0.1:{port}", "--state-dir", str(root / name),
+            "--root-cert", str(certs / "ca.crt"), "--auth-key", str(certs / f"org-{org}.key"), "--roster", str(certs),
+            "--task", "examples/baskets/task.py:BasketsTask", "--data", str(d / f"org-{org}.csv"),
+            "--option", f"vocabulary={vocabulary}"])
+
+    try:
+        t0 = time.monotonic()
+        run(fedembed, "certs", str(certs), "--orgs", "3")
+        run(sys.executable, "-m", "examples.baskets.make_data", "--orgs", "3", "--out", str(d), "--baskets", "300")
+        mine = root / "mine.txt"  # org-2's own idea of the vocabulary: one SKU more
+        mine.write_text((d / "skus.txt").read_text() + "SKU-XTRA1\n")
+
+        t = time.monotonic()
+        port = free_port()
+        s1 = server("server1", root / "server1", port, "--rounds", "2")
+        clients = [client(f"org{i}", i, port, d / "skus.txt") for i in (0, 1)]
+        s1.wait(timeout=400)
+        times["run 1 (2 rounds, 2 orgs)"] = time.monotonic() - t
+        for c in clients:
+            procs.kill(c)
+
+        t = time.monotonic()
+        port = free_port()
+        s2 = server("server2", root / "server2", port, "--rounds", "1", "--start-orgs", "3")
+        clients = [client(f"run2-org{i}", i, port, d / "skus.txt") for i in (0, 1)] + [client("run2-org2", 2, port, mine)]
+        s2.wait(timeout=400)
+        times["run 2 (1 round, 3 orgs, 1 refused)"] = time.monotonic() - t
+        for c in clients:
+            procs.kill(c)
+
+        t = time.monotonic()
+        for i in (0, 1):
+            run(fedembed, "export", "--state-dir", str(root / f"org{i}"), "--task", "examples/baskets/task.py:BasketsTask",
+                "--data", str(d / f"org-{i}.csv"), "--option", f"vocabulary={d / 'skus.txt'}",
+                "--out", str(root / f"model-{i}.pt"))
+        times["2 exports"] = time.monotonic() - t
+        times["total"] = time.monotonic() - t0
+        print("deployed baskets:", {k: f"{v:.1f} s" for k, v in times.items()})
+        return {"root": root, "data": d, "procs": procs, "codes": (s1.returncode, s2.returncode), "times": times}
+    finally:
+        procs.kill_all()
+
+
+@pytest.mark.slow
+@pytest.mark.deploy
+def test_deployed_organisations_with_their_own_files_complete_the_run(deployed):
+    assert deployed["codes"][0] == 0, deployed["procs"].log("server1")[-3000:]
+    doc = json.loads((deployed["root"] / "server1" / "metrics.json").read_text())
+    assert [r["round"] for r in doc["rounds"]] == [1, 2]
+    for r in doc["rounds"]:
+        assert r["clients"] == 2 and r["rejected"] == {} and r["rows_changed"] > 0
+        assert set(r["metrics"]) == {"org-0", "org-1"}
+    assert set(doc["final"]) == {"org-0", "org-1", "mean"}
+    assert all(0 <= doc["final"][o]["score"] <= 1 for o in ("org-0", "org-1"))
+    with np.load(deployed["root"] / "server1" / "embeddings.npz") as z:
+        assert z["skus"].shape == (401, 16)
+
+
+@pytest.mark.slow
+@pytest.mark.deploy
+def test_deployed_organisation_with_another_vocabulary_is_refused_naming_the_table(deployed):
+    assert deployed["codes"][1] == 0, deployed["procs"].log("server2")[-3000:]
+    out = deployed["procs"].log("server2")
+    # the coordinator registered org-2's key as this Flower node: that is how its refusal is named
+    node = next(line.rsplit(" ", 1)[1] for line in out.splitlines() if "registered organisation key org-2.pub" in line)
+    doc = json.loads((deployed["root"] / "server2" / "metrics.json").read_text())
+    for rejected in [r["rejected"] for r in doc["rounds"]] + [doc["closing_evaluation"]["rejected"]]:
+        assert list(rejected) == [f"node {node}"]
+        why = rejected[f"node {node}"]
+        assert "SpecError: org-2: table 'skus' differs from the federation's: shape 402 x 16 here, 401 x 16" in why
+    assert all(r["clients"] == 2 and r["rows_changed"] > 0 for r in doc["rounds"])  # the others went on
+    assert set(doc["final"]) == {"org-0", "org-1", "mean"}
+    assert f"left out node {node}" in out and "table 'skus' differs" in out  # and the server said so
+    assert not (deployed["root"] / "run2-org2" / "head.pt").exists()
+
+
+@pytest.mark.slow
+@pytest.mark.deploy
+@pytest.mark.parametrize("org", [0, 1])
+def test_exported_model_in_a_plain_module_scores_what_the_closing_evaluation_reported(deployed, org):
+    d = deployed["data"]
+    final = json.loads((deployed["root"] / "server1" / "metrics.json").read_text())["final"][f"org-{org}"]
+    task = load_task(TaskSpec(f"{ROOT / 'examples' / 'baskets' / 'task.py'}:BasketsTask",
+                              {"vocabulary": str(d / "skus.txt")}, str(d / f"org-{org}.csv")))
+    module = task.build_model().module  # plain torch, as served: no fedembed wrapper
+    module.load_state_dict(torch.load(deployed["root"] / f"model-{org}.pt", weights_only=True))  # strict
+    test, val = task.evaluate(module, "test"), task.evaluate(module, "val")
+    assert test["score"] == pytest.approx(final["score"], abs=1e-6)
+    assert test["loss"] == pytest.approx(final["loss"], abs=1e-6)
+    assert val["score"] == pytest.approx(final["val_score"], abs=1e-6)
+    meta = json.loads((deployed["root"] / f"model-{org}.pt.json").read_text())
+    assert meta["tables_version"] == 2 and meta["head_round"] == 2
