@@ -49,20 +49,26 @@ def organisation_model(state_dir: Path, spec: TaskSpec, device: str = "cpu") -> 
     if version == 0:
         raise ExportError(f"{state_dir} holds no trained tables (has this organisation taken part in a round?)")
     model = task.build_model()
-    head_keys = set(torch.load(state.dir / "head.pt", map_location="cpu", weights_only=True)["head"]) \
-        if (state.dir / "head.pt").exists() else set()
-    if any(".residual." in k for k in head_keys):
-        model.add_residuals()
+    path = state.dir / "head.pt"
+    try:  # read here, not through OrgState.load_head: an export never moves the organisation's live head aside
+        saved = torch.load(path, map_location="cpu", weights_only=True)
+        head = saved["head"]
+    except (OSError, KeyError, TypeError, RuntimeError, ValueError) as exc:
+        raise ExportError(f"{path}: no usable head for this task's model ({exc})") from exc
+    table_keys = set(model.module.state_dict()) - set(model.head_state_dict())
+    suffix = ".residual.weight"
+    if any(k.endswith(suffix) and k[: -len(suffix)] + ".weight" in table_keys for k in head):
+        model.add_residuals()  # the organisation trained a private residual on its tables
     model.set_tables(tables)
-    saved = state.load_head(model)
-    if saved is None:
-        raise ExportError(f"{state_dir} holds no head for this task's model")
-    model.load_head_state_dict(saved["head"])
+    try:
+        model.load_head_state_dict(head)
+    except ValueError as exc:
+        raise ExportError(f"{path} does not fit this task's model: {exc}") from exc
     sd = model.module.state_dict()
     plain: dict[str, torch.Tensor] = {}
     for key, value in sd.items():
-        if ".residual." in key:
-            continue
+        if key.endswith(suffix) and key[: -len(suffix)] + ".shared.weight" in sd:
+            continue  # a table's private residual: folded into the table below
         if key.endswith(".shared.weight"):  # shared + private residual: one table, the same lookups
             base = key[: -len(".shared.weight")]
             plain[base + ".weight"] = value + sd[base + ".residual.weight"]
@@ -134,17 +140,23 @@ def export_coordinator(
             break
     else:
         raise ExportError(f"no coordinator checkpoint under {state_dir}")
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write_npz(out, {n: np.asarray(t) for n, t in ckpt.tables.tables.items()}, mode=0o644)
-    written = [out]
-    if federation is not None and spec_path is not None:
+    run = ckpt.config.get("run") if isinstance(ckpt.config, dict) else None
+    if federation is not None and (not isinstance(run, dict) or run.get("federation") != federation.to_dict()):
+        raise ExportError(f"the checkpoint under {state_dir} is not a run of this federation spec ({spec_path})")
+    vocabs = {}
+    if federation is not None and spec_path is not None:  # every vocabulary checked before anything is written
         for name, path in _vocab_paths(Path(spec_path)).items():
             vocab = Vocabulary.load(path)
             if vocab.digest != federation.tables[name].vocabulary:
                 raise ExportError(f"{path}: digest {vocab.digest} is not table {name!r}'s in the federation spec")
-            dest = out.with_name(f"{out.stem}.{name}.vocab.txt")
-            shutil.copyfile(path, dest)
-            written.append(dest)
+            vocabs[name] = path
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_npz(out, {n: np.asarray(t) for n, t in ckpt.tables.tables.items()}, mode=0o644)
+    written = [out]
+    for name, path in vocabs.items():
+        dest = out.with_name(f"{out.stem}.{name}.vocab.txt")
+        shutil.copyfile(path, dest)
+        written.append(dest)
     log.info("exported the tables of round %d", ckpt.round)
     return written

@@ -130,8 +130,6 @@ def test_export_coordinator_without_a_checkpoint_is_an_error(tmp_path):
 # ------------------------------------------------------------------ known bugs in fedembed/export.py (see the reasons)
 
 
-@pytest.mark.xfail(strict=True, reason="fedembed/export.py: export_coordinator checks the vocabulary file against the "
-                   "federation spec it is given, but not that spec against the run the checkpoint holds")
 def test_export_coordinator_refuses_the_spec_of_another_federation(tmp_path, baskets_run):
     other = make_data(tmp_path / "other", orgs=2, baskets=100, seed=1)  # another vocabulary, its own spec
     with pytest.raises(ExportError):
@@ -171,9 +169,6 @@ class ResidualNamedTask(Task):
 '''
 
 
-@pytest.mark.xfail(strict=True, reason="fedembed/export.py: organisation_model takes any head key containing "
-                   "'.residual.' for a table residual and loads the head through OrgState.load_head, which moves a "
-                   "head.pt that does not fit aside: the export fails and the organisation loses its live head")
 def test_exporting_a_head_with_a_layer_named_residual_works_and_leaves_the_state_alone(tmp_path):
     path = tmp_path / "named.py"
     path.write_text(HEAD_NAMED_RESIDUAL)

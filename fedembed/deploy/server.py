@@ -411,10 +411,10 @@ def run_server(
 
     ckpt = load_latest_checkpoint(opts.state_dir / "coordinator")
     if ckpt is not None:
-        if ckpt.config.get("run", {}).get("task") != cfg.to_dict()["task"]:
+        if ckpt.config.get("run", {}).get("federation") != cfg.to_dict()["federation"]:
             raise ConfigError(
-                f"state dir {opts.state_dir} holds a run of another task "
-                f"({ckpt.config.get('run', {}).get('task')}); use a new --state-dir or the same task"
+                f"state dir {opts.state_dir} holds a run of another federation spec (other tables); "
+                "use a new --state-dir or the same --federation"
             )
         log.info("state dir %s holds round %d of %d: continuing from there", opts.state_dir, ckpt.round, cfg.rounds)
     (opts.state_dir).mkdir(parents=True, exist_ok=True)
