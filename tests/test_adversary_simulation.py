@@ -19,13 +19,14 @@ from fedembed.config import RunConfig
 from fedembed.identity import SIG_RECORD, Identity, sign_reply
 from fedembed.secagg import server as secure_server
 from fedembed.simulation import simulate
-from fedembed.task import TaskSpec
+from fedembed.task import TaskSpec, simulated_federation
 from fedembed.wire import encode_arrays
 
 pytestmark = pytest.mark.slow
 ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])  # the mods below run in Ray workers
 
-TASK = TaskSpec("synthetic", {"orgs": 3, "seed": 0, "rows": 2000, "dim": 8})
+TASK = TaskSpec("synthetic", {"seed": 0, "rows": 2000, "dim": 8})
+ORGS = 3
 FAKE_HEAD = {"head.0.weight": np.full((16, 8), 7.0, np.float32)}
 
 
@@ -56,8 +57,9 @@ def impersonator(msg: Message, context: Context, call_next) -> Message:
 def _simulate(tmp_path, mods, **kw):
     out = tmp_path / "run"
     _KEYS[:] = [str((out / "state" / "keys").resolve())]
-    cfg = RunConfig(task=TASK, rounds=2, **kw)
-    return simulate(cfg, out, num_cpus=2, client_mods=mods)
+    tasks, names, federation = simulated_federation(TASK, ORGS)
+    cfg = RunConfig(federation=federation, rounds=2, **kw)
+    return simulate(cfg, tasks, out, num_cpus=2, client_mods=mods, names=names)
 
 
 def test_flower_head_injection_by_one_org_is_refused_every_round(tmp_path):

@@ -30,13 +30,17 @@ from fedembed.deploy import (
 )
 from fedembed.store import load_checkpoint
 from fedembed.tables import init_table
+from fedembed.task import TaskSpec, parse_options, task_node_config
 from fedembed.wiretap import RecordingProxy, find_in_capture, value_windows
 
 pytestmark = [pytest.mark.slow, pytest.mark.deploy]
 
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
-TASK = ["--task", "synthetic", "--rows", "2000", "--dim", "8", "--task-option", "examples=300", "--orgs", "3", "--batch-size", "64"]
+# every organisation's own task (each adds its org and orgs); the coordinator gets only the
+# federation spec `fedembed spec` writes from it, and the run options
+TASK = ["--task", "synthetic", "--option", "rows=2000", "--option", "dim=8", "--option", "examples=300"]
+RUN = ["--batch-size", "64"]
 
 
 # ------------------------------------------------------------------ process handling
@@ -96,11 +100,26 @@ def certs(tmp_path_factory):
     return c
 
 
+def org_task(org: int, orgs: int, task: list[str] = TASK) -> list[str]:
+    """Organisation ``org``'s own task options (a built-in task takes its org and orgs)."""
+    return [*task, "--option", f"org={org}", "--option", f"orgs={orgs}"]
+
+
+def write_federation(procs: Procs, orgs: int, task: list[str] = TASK) -> Path:
+    """``fedembed spec`` of organisation 0's task: the federation spec the coordinator is started with."""
+    out = procs.root / "federation.json"
+    res = subprocess.run([str(BIN / "fedembed"), "spec", *org_task(0, orgs, task), "--out", str(out)], cwd=ROOT,
+                         env=procs.env, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stdout + res.stderr
+    return out
+
+
 def server_cmd(state: Path, port: int, certs, rounds: int, min_orgs: int, timeout: float, keys: list[int],
-               insecure: bool = False, task: list[str] = TASK, extra: list[str] = []) -> list[str]:
-    cmd = [str(BIN / "fedembed"), "server", *task, "--rounds", str(rounds), "--min-orgs", str(min_orgs),
-           "--start-orgs", "3", "--round-timeout", str(timeout), "--state-dir", str(state), "--port", str(port),
-           "--quiet", *extra]
+               federation: Path, insecure: bool = False, extra: list[str] = []) -> list[str]:
+    # no --quiet: it now also hides the server's INFO lines, which the tests wait on ("registered organisation key")
+    cmd = [str(BIN / "fedembed"), "server", "--federation", str(federation), *RUN, "--rounds", str(rounds),
+           "--min-orgs", str(min_orgs), "--start-orgs", "3", "--round-timeout", str(timeout), "--state-dir", str(state),
+           "--port", str(port), *extra]
     if insecure:
         return cmd + ["--insecure", "--roster", str(certs.roster)]
     cmd += ["--certfile", str(certs.server_cert), "--keyfile", str(certs.server_key), "--ca-certfile", str(certs.ca_cert)]
@@ -109,11 +128,19 @@ def server_cmd(state: Path, port: int, certs, rounds: int, min_orgs: int, timeou
     return cmd
 
 
-def client_cmd(org: int, port: int, state: Path, certs, key: int | None = None) -> list[str]:
+def client_cmd(org: int, port: int, state: Path, certs, key: int | None = None, orgs: int = 3,
+               task: list[str] = TASK) -> list[str]:
     key = org if key is None else key
-    return [str(BIN / "fedembed"), "client", "--superlink", f"127.0.0.1:{port}", "--org", str(org),
+    return [str(BIN / "fedembed"), "client", "--superlink", f"127.0.0.1:{port}", *org_task(org, orgs, task),
             "--state-dir", str(state), "--root-cert", str(certs.ca_cert), "--auth-key", str(certs.org_private_keys[key]),
             "--roster", str(certs.roster)]
+
+
+def stock_task_config(org: int, orgs: int) -> dict[str, str]:
+    """The node-config entries naming organisation ``org``'s task, as `fedembed client` writes them."""
+    args = org_task(org, orgs)
+    options = parse_options([value for flag, value in zip(args, args[1:]) if flag == "--option"])
+    return task_node_config(TaskSpec(args[args.index("--task") + 1], options))
 
 
 def events(state: Path) -> list[dict]:
@@ -164,25 +191,27 @@ def tls_run(tmp_path_factory, certs):
         state = root / "coordinator"
         t0 = time.monotonic()
         # with secure aggregation: its SecAgg+ stages run over the deployment too
+        federation = write_federation(procs, 3)
         server = procs.start("server", server_cmd(state, port, certs, rounds=2, min_orgs=3, timeout=180, keys=[0, 1, 2],
-                                                  extra=["--secure"]))
+                                                  federation=federation, extra=["--secure"]))
         for org in (0, 1):
             procs.start(f"org{org}", client_cmd(org, port, root / f"org{org}", certs))
         # org 2 runs the stock flower-supernode with the node config `fedembed client` would give it;
         # unlike `fedembed client` it gives up if its key is not registered yet, so it starts after that
         wait_until("org keys registered", lambda: "registered organisation key org-2.pub" in procs.log("server"),
                    120, procs, server)
-        stock = ClientOptions(superlink=f"127.0.0.1:{port}", org=2, state_dir=root / "org2", root_cert=certs.ca_cert,
-                              auth_key=certs.org_private_keys[2], roster=certs.roster)
+        stock = ClientOptions(superlink=f"127.0.0.1:{port}", state_dir=root / "org2", root_cert=certs.ca_cert,
+                              auth_key=certs.org_private_keys[2], roster=certs.roster, task_config=stock_task_config(2, 3))
         procs.start("org2", supernode_command(stock, free_port(), stock=True))
         ctx = ssl.create_default_context(cafile=str(certs.ca_cert))
         with socket.create_connection(("127.0.0.1", port)) as raw, ctx.wrap_socket(raw, server_hostname="127.0.0.1") as tls:
             peer = tls.getpeercert()
         wait_until("round 1", lambda: rounds_done(state), 240, procs, server)
         # an organisation whose key is not listed tries to join while the run is going
-        intruder = ClientOptions(superlink=f"127.0.0.1:{port}", org=0, state_dir=root / "intruder",
+        intruder = ClientOptions(superlink=f"127.0.0.1:{port}", state_dir=root / "intruder",
                                  root_cert=certs.ca_cert, auth_key=certs.org_private_keys[3],
-                                 roster=certs.org_public_keys[3].parent)  # its own idea of the roster
+                                 roster=certs.org_public_keys[3].parent,  # its own idea of the roster
+                                 task_config=stock_task_config(0, 3))
         bad = procs.start("intruder", supernode_command(intruder, free_port(), stock=True))
         server.wait(timeout=300)
         bad_code = bad.wait(timeout=60)
@@ -255,7 +284,8 @@ def fault_run(tmp_path_factory, certs):
         t0 = time.monotonic()
         # more rounds than the run will reach: how many pass before org 2 is back depends on
         # the machine's speed; the restarted coordinator is told where to stop instead
-        cmd = server_cmd(state, port, certs, rounds=40, min_orgs=2, timeout=40, keys=[0, 1, 2])
+        cmd = server_cmd(state, port, certs, rounds=40, min_orgs=2, timeout=40, keys=[0, 1, 2],
+                         federation=write_federation(procs, 3))
         server = procs.start("server", cmd)
         clients = {org: procs.start(f"org{org}", client_cmd(org, port, root / f"org{org}", certs)) for org in range(3)}
         wait_until("round 1", lambda: rounds_done(state), 240, procs, server)
@@ -336,7 +366,7 @@ def test_coordinator_killed_and_restarted_continues(fault_run):
 # ------------------------------------------------------------------ what an observer of an insecure run sees
 
 
-CLICKS = ["--task", "examples.my_task:ClicksTask", "--orgs", "3", "--task-option", "products=2000", "--batch-size", "64"]
+CLICKS = ["--task", "examples.my_task:ClicksTask", "--option", "products=2000"]
 
 
 @pytest.fixture(scope="module")
@@ -348,12 +378,13 @@ def captured_run(tmp_path_factory, certs):
         port = free_port()
         state = root / "coordinator"
         server = procs.start("server", server_cmd(state, port, certs, rounds=2, min_orgs=3, timeout=180, keys=[],
-                                                  insecure=True, task=CLICKS))
+                                                  federation=write_federation(procs, 3, CLICKS), insecure=True))
         wait_for_port("127.0.0.1", port, 60, server)
         proxy = RecordingProxy(("127.0.0.1", port), root / "capture").start()
         for org in range(3):
             procs.start(f"org{org}", [str(BIN / "fedembed"), "client", "--insecure", "--superlink",
-                                      f"127.0.0.1:{proxy.port}", "--org", str(org), "--state-dir", str(root / f"org{org}"),
+                                      f"127.0.0.1:{proxy.port}", *org_task(org, 3, CLICKS),
+                                      "--state-dir", str(root / f"org{org}"),
                                       "--identity-key", str(certs.org_private_keys[org]), "--roster", str(certs.roster)])
         server.wait(timeout=400)
         time.sleep(1.0)

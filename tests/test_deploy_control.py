@@ -27,7 +27,7 @@ from pathlib import Path
 import httpx
 import pytest
 import tomli_w
-from test_deploy import BIN, Procs, client_cmd, events, rounds_done, wait_until
+from test_deploy import BIN, RUN, Procs, client_cmd, events, rounds_done, wait_until, write_federation
 
 from fedembed.certs import write_test_certs
 from fedembed.deploy import CoordinatorProcess, ServerOptions, descendants, free_port
@@ -36,8 +36,7 @@ from fedembed.deploy.fleetgate import REFUSAL, fleet_paths
 pytestmark = [pytest.mark.slow, pytest.mark.deploy,
               pytest.mark.filterwarnings("ignore::DeprecationWarning:pathspec")]  # Flower's FAB build
 
-TASK = ["--task", "synthetic", "--rows", "2000", "--dim", "8", "--task-option", "examples=300", "--orgs", "2",
-        "--batch-size", "64"]
+ORGS = 2  # the synthetic task of test_deploy, split between two organisations
 GATE_HEADER = "x-fedembed-gate"
 OPERATIONS = ["list nodes", "register key", "unregister org-0", "submit run", "stop run"]
 
@@ -214,14 +213,15 @@ def attacked_run(tmp_path_factory, certs):
         port = free_port()
         state = root / "coordinator"
         t0 = time.monotonic()
-        cmd = [str(BIN / "fedembed"), "server", *TASK, "--rounds", "2", "--min-orgs", "2", "--start-orgs", "2",
+        cmd = [str(BIN / "fedembed"), "server", "--federation", str(write_federation(procs, ORGS)), *RUN,
+               "--rounds", "2", "--min-orgs", "2", "--start-orgs", "2",
                "--round-timeout", "120", "--state-dir", str(state), "--port", str(port), "--quiet",
                "--certfile", str(certs.server_cert), "--keyfile", str(certs.server_key),
                "--ca-certfile", str(certs.ca_cert),
                "--auth-key", str(certs.org_public_keys[0]), "--auth-key", str(certs.org_public_keys[1])]
         server = procs.start("server", cmd)
         for org in (0, 1):
-            procs.start(f"org{org}", client_cmd(org, port, root / f"org{org}", certs))
+            procs.start(f"org{org}", client_cmd(org, port, root / f"org{org}", certs, orgs=ORGS))
         wait_until("the ServerApp to start", lambda: any(e.get("event") == "start" for e in events(state)),
                    180, procs, server)
         public = f"127.0.0.1:{port}"

@@ -15,7 +15,7 @@ import torch
 
 from fedembed.config import RunConfig
 from fedembed.simulation import simulate
-from fedembed.task import TaskSpec
+from fedembed.task import TaskSpec, simulated_federation
 
 pytestmark = pytest.mark.slow
 
@@ -31,8 +31,8 @@ def windows(values: np.ndarray, width: int = 4, count: int = 8):
 @pytest.fixture(scope="module")
 def audited_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("privacy")
-    cfg = RunConfig(task=TaskSpec("examples.my_task:ClicksTask", {"orgs": 3, "products": 2000}), rounds=2)
-    simulate(cfg, out, audit=True)
+    tasks, names, federation = simulated_federation(TaskSpec("examples.my_task:ClicksTask", {"products": 2000}), 3)
+    simulate(RunConfig(federation=federation, rounds=2), tasks, out, audit=True, names=names)
     return out
 
 

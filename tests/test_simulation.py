@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 from fedembed.cli import main
+from fedembed.task import TaskSpec, load_task
 
 pytestmark = pytest.mark.slow
 
@@ -20,7 +21,10 @@ def movies_run(tmp_path_factory):
 
 def test_simulation_writes_the_three_outputs_with_the_documented_schema(movies_run):
     doc = json.loads((movies_run / "metrics.json").read_text())
-    assert doc["config"]["mode"] == "fedembed" and doc["config"]["task"]["name"] == "movies"
+    assert doc["config"]["mode"] == "fedembed"
+    # the coordinator knows no task, only the federation spec: the movies model's tables, people vocabulary included
+    movies = load_task(TaskSpec("movies", {"org": 0, "orgs": 3})).federation_spec()
+    assert doc["config"]["federation"] == movies.to_dict() and movies.tables["ids"].vocabulary
     assert [r["round"] for r in doc["rounds"]] == [1, 2]
     for r in doc["rounds"]:
         for key in ("clients", "upload_bytes", "download_bytes", "dense_upload_bytes", "wall_seconds", "metrics"):
@@ -38,7 +42,8 @@ def test_embeddings_file_holds_the_coordinators_final_table(movies_run):
     with np.load(movies_run / "embeddings.npz") as z:
         assert z.files == ["ids"]
         table = z["ids"]
-    assert table.shape == (63815, 32) and np.all(np.isfinite(table))
+    # 63,815 people (the movies people vocabulary) + its out-of-vocabulary row
+    assert table.shape == (63815 + 1, 32) and np.all(np.isfinite(table))
     # every organisation's cache was synced to exactly this table by the closing evaluation
     for org in sorted((movies_run / "state" / "orgs").iterdir()):
         cache = np.load(org / "tables.npz")["ids"]
@@ -51,7 +56,7 @@ def test_heads_persist_in_each_organisations_state_dir(movies_run):
 
 
 def test_bad_command_line_input_gets_a_clear_error(tmp_path, capsys):
-    assert main(["simulate", "--task", "movies", "--rows", "10", "--out", str(tmp_path)]) == 2
+    assert main(["simulate", "--task", "movies", "--option", "rows=10", "--out", str(tmp_path)]) == 2  # not a movies option
     assert main(["simulate", "--task", "nosuch", "--orgs", "2", "--rounds", "1", "--out", str(tmp_path)]) == 2
     with pytest.raises(SystemExit):
         main(["simulate", "--orgs", "0"])
