@@ -91,12 +91,15 @@ def peak_rss() -> int:
 def _fedembed_rounds(method: str, work: Workload, total_rounds: int, num_cpus: int, out: Path) -> list[dict]:
     from fedembed.config import RunConfig
     from fedembed.simulation import simulate
+    from fedembed.task import TaskSpec, simulated_federation
     from simulations import flower_baselines as fb
-    from fedembed.task import TaskSpec
 
     secure = method in SECURE_ROW_SET
+    # every organisation's own task (the one the Flower baselines' ClientApps build, Workload.org_task)
+    tasks, names, federation = simulated_federation(TaskSpec("synthetic", work.task_options()), work.orgs)
+    assert tasks == [work.org_task(o) for o in range(work.orgs)]
     cfg = RunConfig(
-        task=TaskSpec("synthetic", work.task_options()),
+        federation=federation,
         rounds=total_rounds,
         mode="fedembed",
         seed=work.seed,
@@ -113,7 +116,7 @@ def _fedembed_rounds(method: str, work: Workload, total_rounds: int, num_cpus: i
             cpu_at_end[int(entry["round"])] = tree_cpu_seconds()
 
     cpu_start = tree_cpu_seconds()
-    runlog = simulate(cfg, out / method, num_cpus=num_cpus, on_round=on_round)
+    runlog = simulate(cfg, tasks, out / method, num_cpus=num_cpus, on_round=on_round, names=names)
     rounds = [dict(r) for r in runlog.rounds]
     for r in rounds:  # a round's CPU: from the end of the previous one to its own end
         n = int(r["round"])

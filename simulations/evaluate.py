@@ -1,7 +1,11 @@
 """Does federating pay off? fedembed vs local, fedavg-all and pooled, 3 seeds, 3 scenarios.
 
 Runs every ``--mode`` of ``fedembed simulate`` with the framework's defaults (the CLI's,
-10 rounds; nothing tuned here and nothing chosen on the test split) on:
+10 rounds; nothing tuned here and nothing chosen on the test split), except the guard:
+``fedembed`` runs with it on (``--guard``; it is opt-in) and the ``fedembed-noguard``
+ablation with it off. The seed of a run is both the run's ``--seed`` (tables, sampling,
+shuffling) and every organisation's task seed (``--option seed=K``: data split, head
+initialisation). The scenarios:
 
 - ``movies-same``: 5 organisations of the real movies data, every one predicting genres;
 - ``movies-mixed``: the same organisations with different targets (genres, decade,
@@ -49,17 +53,17 @@ from fedembed.config import RunConfig  # noqa: E402
 from fedembed.coordinator import Coordinator, Reply  # noqa: E402
 from fedembed.identity import Identity, make_identities  # noqa: E402
 from fedembed.org import Organisation, handle_content  # noqa: E402
-from fedembed.task import load_task  # noqa: E402
+from fedembed.task import TaskSpec, load_task, parse_options, simulated_federation  # noqa: E402
 
 log = logging.getLogger("evaluate")
 
 MODES = ("fedembed", "local", "fedavg-all", "pooled")
-#: Ablation: fedembed with the guard off (the shared model always served), in-process only.
+#: Ablation: fedembed with the guard off (the shared model always served).
 NO_GUARD = "fedembed-noguard"
 SCENARIOS: dict[str, list[str]] = {
-    "movies-same": ["--task", "movies", "--scenario", "same"],
-    "movies-mixed": ["--task", "movies", "--scenario", "mixed"],
-    "synthetic": ["--task", "synthetic", "--rows", "20000", "--touch", "0.05", "--task-option", "examples=1000"],
+    "movies-same": ["--task", "movies", "--option", "scenario=same"],
+    "movies-mixed": ["--task", "movies", "--option", "scenario=mixed"],
+    "synthetic": ["--task", "synthetic", "--option", "rows=20000", "--option", "touch=0.05", "--option", "examples=1000"],
 }
 HEADS_DIFFER = {"movies-mixed"}
 GUARD_NAMES = {"shared": 1.0, "blend": 0.5, "local twin": 0.0}
@@ -73,16 +77,19 @@ class InProcessTransport:
     ----------
     state_root : Path
         Parent of each organisation's private state directory.
-    num_orgs : int
-        Organisations (node ids 100, 101, ...).
+    tasks : list[TaskSpec]
+        Each organisation's own task (node ids 100, 101, ...).
+    names : list[str]
+        Their roster names.
     """
 
-    def __init__(self, state_root: Path, num_orgs: int, names: list[str]) -> None:
+    def __init__(self, state_root: Path, tasks: list[TaskSpec], names: list[str]) -> None:
         # each organisation signs its replies with its own key; the coordinator knows the roster
         self.roster = make_identities(names, state_root / "keys")
         self.orgs = {
-            100 + i: Organisation(i, state_root / f"org-{i}", Identity.load(state_root / "keys" / f"{i}.key", self.roster))
-            for i in range(num_orgs)
+            100 + i: Organisation(i, state_root / f"org-{i}", Identity.load(state_root / "keys" / f"{i}.key", self.roster),
+                                  task=task)
+            for i, task in enumerate(tasks)
         }
 
     def node_ids(self, minimum: int, timeout: float) -> list[int]:
@@ -95,30 +102,39 @@ class InProcessTransport:
 
 
 def run_args(scenario: str, mode: str, seed: int, rounds: int | None, out: Path) -> list[str]:
-    """``fedembed simulate`` arguments of one run (defaults for everything not named)."""
+    """``fedembed simulate`` arguments of one run (defaults for everything not named).
+
+    ``seed`` seeds the run and every organisation's task (its data split); ``fedembed``
+    turns the guard on, ``fedembed-noguard`` (the ablation) off; the guard acts in
+    ``fedembed`` mode only, so the other modes leave it at its default.
+    """
+    guard = {"fedembed": ["--guard"], NO_GUARD: ["--no-guard"]}.get(mode, [])
     mode = "fedembed" if mode == NO_GUARD else mode
-    args = ["simulate", *SCENARIOS[scenario], "--orgs", "5", "--mode", mode, "--seed", str(seed), "--out", str(out)]
+    args = ["simulate", *SCENARIOS[scenario], "--option", f"seed={seed}", "--orgs", "5", "--mode", mode,
+            "--seed", str(seed), *guard, "--out", str(out)]
     if rounds is not None:
         args += ["--rounds", str(rounds)]
     return args
 
 
-def run_one(args: list[str], out: Path, engine: str, guard: bool = True) -> None:
-    """Run one simulation, writing ``out/metrics.json`` (``guard=False``: the ablation)."""
+def run_one(args: list[str], out: Path, engine: str) -> None:
+    """Run one simulation (``fedembed simulate`` ``args``), writing ``out/metrics.json``."""
     if engine == "flower":
         exe = Path(sys.executable).with_name("fedembed")
         subprocess.run([str(exe), *args, "--quiet", "--cpus", "1"], check=True, cwd=ROOT)
         return
-    cfg: RunConfig = config_from_args(build_parser().parse_args(args))
-    cfg.train.guard = guard
+    parsed = build_parser().parse_args(args)
+    # as `fedembed simulate` does: every organisation's own task, their names, the federation they share
+    tasks, names, federation = simulated_federation(TaskSpec(parsed.task, parse_options(parsed.option)), parsed.orgs)
+    cfg: RunConfig = config_from_args(parsed, federation)
     out.mkdir(parents=True, exist_ok=True)
     if cfg.mode == "pooled":
         from fedembed.pooled import run_pooled
 
-        runlog, tables = run_pooled(cfg)
+        runlog, tables = run_pooled(cfg, [load_task(t) for t in tasks], names)
     else:
         with tempfile.TemporaryDirectory() as state:
-            coordinator = Coordinator(cfg, InProcessTransport(Path(state), cfg.num_orgs, load_task(cfg.task).org_names()))
+            coordinator = Coordinator(cfg, InProcessTransport(Path(state), tasks, names))
             runlog = coordinator.run()
             tables = coordinator.tables.tables
     runlog.write(out, tables)
@@ -209,7 +225,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--rounds", type=int, default=ROUNDS, help="rounds per run (default: the CLI's)")
     p.add_argument("--scenarios", nargs="+", choices=list(SCENARIOS), default=list(SCENARIOS))
     p.add_argument("--modes", nargs="+", choices=[*MODES, NO_GUARD], default=[*MODES, NO_GUARD],
-                   help=f"{NO_GUARD}: fedembed with the guard off (in-process engine only)")
+                   help=f"{NO_GUARD}: fedembed with the guard off")
     p.add_argument("--engine", choices=["inprocess", "flower"], default="inprocess")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
@@ -218,15 +234,12 @@ def main(argv: list[str] | None = None) -> int:
         for mode in args.modes:
             if mode == "fedavg-all" and scenario in HEADS_DIFFER:
                 continue
-            if mode == NO_GUARD and args.engine == "flower":
-                log.warning("%s needs the in-process engine (the CLI has no switch for the guard); skipped", NO_GUARD)
-                continue
             for seed in args.seeds:
                 out = args.out / scenario / mode / f"seed{seed}"
                 if (out / "metrics.json").exists():
                     continue
                 t0 = time.perf_counter()
-                run_one(run_args(scenario, mode, seed, args.rounds, out), out, args.engine, guard=mode != NO_GUARD)
+                run_one(run_args(scenario, mode, seed, args.rounds, out), out, args.engine)
                 score = json.loads((out / "metrics.json").read_text())["final"]["mean"]["score"]
                 log.info("%-13s %-10s seed %d: mean score %.4f (%.0f s)", scenario, mode, seed, score, time.perf_counter() - t0)
     summary = summarise(args.out, args.seeds)

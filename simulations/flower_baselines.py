@@ -2,7 +2,7 @@
 
 Both run on Flower's simulation engine with the very same local work as fedembed's
 organisations: each ClientApp builds the organisation's split model from the same
-:class:`fedembed.task.TaskSpec`, loads the received dense table, runs
+:class:`fedembed.task.TaskSpec` (``Workload.org_task``), loads the received dense table, runs
 :func:`fedembed.train.train_local` with the same recipe and the same per-round seed as
 :class:`fedembed.org.Organisation` (so round 1's update vectors are identical), and
 replies with the dense float32 table ``received + densified row-sparse delta``. The private
@@ -198,8 +198,14 @@ class Workload:
     neighbourhood size k = shares - 1; ``threshold``: Shamir's t, the same for both."""
 
     def task_options(self) -> dict[str, Any]:
-        """Options of the synthetic task."""
+        """Options of the synthetic task (every organisation's; :meth:`org_task` adds its own ``org``)."""
         return {"orgs": self.orgs, "rows": self.rows, "dim": self.dim, "touch": self.touch, "seed": self.seed}
+
+    def org_task(self, org: int) -> Any:
+        """Organisation ``org``'s own task spec, as a fedembed simulation gives it (:meth:`TaskSpec.for_org`)."""
+        from fedembed.task import TaskSpec
+
+        return TaskSpec("synthetic", self.task_options()).for_org(org, self.orgs)
 
 
 def bench_train_config() -> Any:
@@ -228,19 +234,19 @@ def dense_local_update(
     """
     import torch
 
-    from fedembed.task import TaskSpec, load_task
+    from fedembed.task import load_task
     from fedembed.train import make_head_optimizer, train_local
 
     torch.set_num_threads(1)
-    task = load_task(TaskSpec("synthetic", work.task_options()))
+    task = load_task(work.org_task(org))
     cfg = bench_train_config()
-    model = task.build_model(org)
+    model = task.build_model()
     model.set_tables({"ids": table})
     if head is not None:
         model.load_head_state_dict({k: torch.from_numpy(v) for k, v in head.items()})
     head_opt = make_head_optimizer(model, cfg, None)
     rng = np.random.default_rng([work.seed, org, round_])  # as fedembed.org.Organisation
-    update, stats = train_local(task, model, org, cfg, head_opt, rng, start_tables={"ids": table})
+    update, stats = train_local(task, model, cfg, head_opt, rng, start_tables={"ids": table})
     tu = update["ids"]
     new = np.array(table, dtype=np.float32, copy=True)
     new[tu.ids] += tu.delta
@@ -330,10 +336,9 @@ def run_flower_secaggplus(work: Workload, num_cpus: int) -> Meter:
         return msg.metadata.message_type
 
     # The FedAvg weight is the example count; SecAgg+ needs it below max_weight.
-    from fedembed.task import TaskSpec, load_task
+    from fedembed.task import load_task
 
-    task = load_task(TaskSpec("synthetic", work.task_options()))
-    max_examples = max(task.num_examples(o, "train") for o in range(work.orgs))
+    max_examples = max(load_task(work.org_task(o)).num_examples("train") for o in range(work.orgs))
 
     @server.main()
     def main(grid: Any, context: Context) -> None:
