@@ -13,6 +13,9 @@ made of), and each stage's seconds (``rounds[i].stages``); it prints a table and
 Usage::
 
     .venv/bin/python simulations/deploy_bench.py --rows 20000 --dim 16 --orgs 3 --rounds 3 --out runs/deploy_bench
+
+The coordinator is started with the federation spec ``fedembed spec`` writes from
+organisation 0's task; every organisation names its own task (``--option org=I``).
 """
 
 from __future__ import annotations
@@ -46,9 +49,18 @@ def _fedembed() -> list[str]:
 
 
 def task_args(a: argparse.Namespace) -> list[str]:
-    """The task and run options both the simulation and the deployment get."""
-    return ["--task", "synthetic", "--rows", str(a.rows), "--dim", str(a.dim), "--orgs", str(a.orgs),
-            "--rounds", str(a.rounds), "--seed", "0"]
+    """Every organisation's task (the simulation adds org and orgs itself; see :func:`org_task_args`)."""
+    return ["--task", "synthetic", "--option", f"rows={a.rows}", "--option", f"dim={a.dim}"]
+
+
+def org_task_args(a: argparse.Namespace, org: int) -> list[str]:
+    """Deployed organisation ``org``'s own task: the simulated one's, with its org and orgs."""
+    return [*task_args(a), "--option", f"org={org}", "--option", f"orgs={a.orgs}"]
+
+
+def run_args(a: argparse.Namespace) -> list[str]:
+    """The run options both the simulation and the coordinator get."""
+    return ["--rounds", str(a.rounds), "--seed", "0", *(["--guard"] if a.guard else [])]
 
 
 def _env(root: Path) -> dict[str, str]:
@@ -82,7 +94,8 @@ def run_simulated(a: argparse.Namespace, mode: str, root: Path) -> dict[str, Any
     """``fedembed simulate`` of the workload; its summary."""
     out = root / f"sim-{mode}"
     shutil.rmtree(out, ignore_errors=True)
-    cmd = [*_fedembed(), "simulate", *task_args(a), *MODES[mode], "--out", str(out), "--quiet"]
+    cmd = [*_fedembed(), "simulate", *task_args(a), "--orgs", str(a.orgs), *run_args(a), *MODES[mode],
+           "--out", str(out), "--quiet"]
     log.info("simulate %s: %s", mode, " ".join(cmd))
     t0 = time.monotonic()
     res = subprocess.run(cmd, env=_env(root), cwd=ROOT, capture_output=True, text=True, timeout=a.timeout, check=False)
@@ -97,7 +110,14 @@ def run_deployed(a: argparse.Namespace, mode: str, root: Path, certs: Path) -> d
     shutil.rmtree(base, ignore_errors=True)
     base.mkdir(parents=True)
     env, port = _env(base), free_port()
-    server_cmd = [*_fedembed(), "server", *task_args(a), *MODES[mode], "--min-orgs", str(a.orgs),
+    # the coordinator knows only the federation spec, written from organisation 0's task
+    federation = base / "federation.json"
+    res = subprocess.run([*_fedembed(), "spec", *org_task_args(a, 0), "--out", str(federation)], env=env, cwd=ROOT,
+                         capture_output=True, text=True, timeout=a.timeout, check=False)
+    if res.returncode != 0:
+        raise RuntimeError(f"fedembed spec failed with {res.returncode}:\n{res.stderr[-3000:]}")
+    server_cmd = [*_fedembed(), "server", "--federation", str(federation), *run_args(a), *MODES[mode],
+                  "--min-orgs", str(a.orgs),
                   "--start-orgs", str(a.orgs), "--state-dir", str(base / "server"), "--port", str(port), "--quiet",
                   "--certfile", str(certs / "server.crt"), "--keyfile", str(certs / "server.key"),
                   "--ca-certfile", str(certs / "ca.crt"), "--auth-key", str(certs)]
@@ -116,7 +136,7 @@ def run_deployed(a: argparse.Namespace, mode: str, root: Path, certs: Path) -> d
     try:
         server = start("server", server_cmd)
         for org in range(a.orgs):
-            cmd = [*_fedembed(), "client", "--superlink", f"127.0.0.1:{port}", "--org", str(org),
+            cmd = [*_fedembed(), "client", "--superlink", f"127.0.0.1:{port}", *org_task_args(a, org),
                    "--state-dir", str(base / f"org{org}"), "--root-cert", str(certs / "ca.crt"),
                    "--auth-key", str(certs / f"org-{org}.key"), "--roster", str(certs)]
             start(f"org{org}", cmd + (["--no-worker"] if a.no_worker else []))
@@ -169,6 +189,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--warmup", type=int, default=1, help="first rounds left out of the averages")
     p.add_argument("--modes", default="plain,union,dense", help="comma-separated: plain, union, dense")
     p.add_argument("--no-worker", action="store_true", help="deploy without the organisations' long-lived workers")
+    p.add_argument("--guard", action="store_true",
+                   help="run with the organisations' guard on (opt-in; on by default when the README's figures were "
+                        "measured)")
     p.add_argument("--skip-simulated", action="store_true")
     p.add_argument("--timeout", type=float, default=1800.0, help="seconds a run may take")
     p.add_argument("--out", type=Path, default=Path("runs/deploy_bench"))
@@ -194,7 +217,7 @@ def main(argv: list[str] | None = None) -> int:
         log.info("deployed %s: %.2f s/round", mode, results["deployed"][mode]["s_per_round"])
     doc = {
         "workload": {"rows": a.rows, "dim": a.dim, "orgs": a.orgs, "rounds": a.rounds, "warmup": a.warmup,
-                     "worker": not a.no_worker},
+                     "worker": not a.no_worker, "guard": a.guard},
         "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version(),
                     "load_average_start": load_start, "load_average_end": os.getloadavg()},
         "started_utc": time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(started)),

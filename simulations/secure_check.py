@@ -41,8 +41,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--rows", type=int, default=100_000)
     p.add_argument("--drop", default="masked@2:3", help="dropout injected in the dropout run (STAGE[@ROUND]:ORG)")
     args = p.parse_args(argv)
+    # --seed seeds the run, the task's own seed option its data (both were --seed before)
     common = ["--task", "synthetic", "--orgs", str(args.orgs), "--rounds", str(args.rounds),
-              "--seed", str(args.seed), "--rows", str(args.rows)]
+              "--seed", str(args.seed), "--option", f"seed={args.seed}", "--option", f"rows={args.rows}"]
     runs = {"plain": []} | {f"secure {rs}": ["--secure", "--row-set", rs] for rs in ("dense", "union", "revealed")}
     runs[f"secure union, drop {args.drop}"] = ["--secure", "--row-set", "union", "--drop", args.drop]
     docs, tables = {}, {}
