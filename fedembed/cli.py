@@ -621,7 +621,8 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     verbose = getattr(args, "verbose", False)
     logging.basicConfig(level=logging.DEBUG if verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    log.setLevel(logging.DEBUG if verbose else logging.WARNING if getattr(args, "quiet", False) else logging.INFO)
+    quiet_logs = args.command == "simulate" and args.quiet  # server --quiet hides the progress display only
+    log.setLevel(logging.DEBUG if verbose else logging.WARNING if quiet_logs else logging.INFO)
     # A user's task module (--task pkg.mod:Class) is found from the current directory, as `python -m` would.
     if os.getcwd() not in sys.path:
         sys.path.insert(0, os.getcwd())

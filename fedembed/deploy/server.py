@@ -389,7 +389,7 @@ def run_server(
     Parameters
     ----------
     cfg : RunConfig
-        The run (must be the same task as the checkpoints in the state dir, if any).
+        The run (must be the same federation spec as the checkpoints in the state dir, if any).
     opts : ServerOptions
         Listening, TLS, organisation keys, state directory.
     on_event : callable, optional
