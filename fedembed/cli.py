@@ -120,7 +120,8 @@ def _add_task_options(p: argparse.ArgumentParser, simulated: bool) -> None:
     if not simulated:
         g.add_argument("--task-config", type=Path, default=None,
                        help="TOML file with task, data, device and an [options] table (flags given here win)")
-    g.add_argument("--device", default="cpu", help="where local training runs: cpu, cuda, cuda:<n> or auto")
+    g.add_argument("--device", default=None,
+                   help="where local training runs: cpu, cuda, cuda:<n> or auto (default: the task config's, else cpu)")
     g.add_argument("--threads", type=_positive_int, default=None,
                    help="torch CPU threads for local training (default: torch's own choice)")
 
@@ -195,8 +196,7 @@ def _task_spec(args: argparse.Namespace) -> TaskSpec:
         raise ConfigError("name the organisation's task: --task NAME (or --task-config FILE)")
     options = {**doc.get("options", {}), **parse_options(args.option)}
     data = args.data[-1] if args.data else doc.get("data")
-    if not getattr(args, "device_given", False) and "device" in doc and args.device == "cpu":
-        args.device = doc["device"]
+    args.device = args.device or doc.get("device") or "cpu"  # --device, else the task config's, else cpu
     return TaskSpec(name, options, data)
 
 

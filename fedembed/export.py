@@ -12,6 +12,7 @@ file (checked against the digest the federation published).
 
 from __future__ import annotations
 
+import io
 import json
 import logging
 import shutil
@@ -22,7 +23,7 @@ import numpy as np
 import torch
 
 from fedembed.errors import FedembedError
-from fedembed.spec import FederationSpec
+from fedembed.spec import FederationSpec, vocabulary_files
 from fedembed.store import OrgState, atomic_write, atomic_write_npz, load_latest_checkpoint
 from fedembed.task import TaskSpec, load_task, resolve_device
 
@@ -90,26 +91,12 @@ def export_organisation(state_dir: Path, spec: TaskSpec, out: Path, device: str 
     model, info = organisation_model(state_dir, spec, device)
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(out.name + ".tmp")
-    torch.save({k: v.detach().cpu() for k, v in model.state_dict().items()}, tmp)
-    tmp.replace(out)
+    buf = io.BytesIO()
+    torch.save({k: v.detach().cpu() for k, v in model.state_dict().items()}, buf)
+    atomic_write(out, buf.getvalue(), mode=0o600)
     meta = out.with_name(out.name + ".json")
     atomic_write(meta, (json.dumps(info, indent=2) + "\n").encode(), mode=0o600)
     return [out, meta]
-
-
-def _vocab_paths(spec_path: Path) -> dict[str, Path]:
-    """Table -> vocabulary file named in a spec file (TOML or JSON), resolved against the file."""
-    import tomllib
-
-    raw = spec_path.read_bytes()
-    doc = tomllib.loads(raw.decode()) if spec_path.suffix == ".toml" else json.loads(raw)
-    out = {}
-    for name, t in doc.get("tables", {}).items():
-        v = t.get("vocabulary")
-        if isinstance(v, str) and not v.startswith(("sha256:", "blake2b")):
-            out[name] = Path(v) if Path(v).is_absolute() else spec_path.parent / v
-    return out
 
 
 def export_coordinator(
@@ -145,7 +132,7 @@ def export_coordinator(
         raise ExportError(f"the checkpoint under {state_dir} is not a run of this federation spec ({spec_path})")
     vocabs = {}
     if federation is not None and spec_path is not None:  # every vocabulary checked before anything is written
-        for name, path in _vocab_paths(Path(spec_path)).items():
+        for name, path in vocabulary_files(Path(spec_path)).items():
             vocab = Vocabulary.load(path)
             if vocab.digest != federation.tables[name].vocabulary:
                 raise ExportError(f"{path}: digest {vocab.digest} is not table {name!r}'s in the federation spec")

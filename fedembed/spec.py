@@ -183,17 +183,8 @@ class FederationSpec:
     @staticmethod
     def load(path: str | Path) -> FederationSpec:
         """Read a spec file, TOML (``.toml``) or JSON; vocabulary paths are relative to it."""
-        import tomllib
-
         path = Path(path)
-        try:
-            raw = path.read_bytes()
-        except OSError as exc:
-            raise SpecError(f"federation spec {path}: {exc.strerror or exc}") from exc
-        try:
-            doc = tomllib.loads(raw.decode()) if path.suffix == ".toml" else json.loads(raw)
-        except (ValueError, UnicodeDecodeError) as exc:
-            raise SpecError(f"federation spec {path}: {exc}") from exc
+        doc = read_spec_file(path)
         try:
             return FederationSpec.from_dict(doc, base=path.parent)
         except SpecError as exc:
@@ -236,3 +227,33 @@ class FederationSpec:
                     what.append(f"vocabulary {mine.vocabulary or 'none (rows by index)'} here, "
                                 f"{fed.vocabulary or 'none (rows by index)'} in the federation")
                 raise SpecError(f"table {name!r} differs from the federation's: " + "; ".join(what))
+
+
+def read_spec_file(path: Path) -> dict[str, Any]:
+    """The raw document of a spec file: TOML when it ends in ``.toml``, else JSON.
+
+    Raises
+    ------
+    SpecError
+        The file cannot be read or parsed (naming it).
+    """
+    import tomllib
+
+    try:
+        raw = Path(path).read_bytes()
+    except OSError as exc:
+        raise SpecError(f"federation spec {path}: {exc.strerror or exc}") from exc
+    try:
+        return tomllib.loads(raw.decode()) if Path(path).suffix == ".toml" else json.loads(raw)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise SpecError(f"federation spec {path}: {exc}") from exc
+
+
+def vocabulary_files(path: Path) -> dict[str, Path]:
+    """Table -> the vocabulary file a spec file names (resolved against the file); digests are left out."""
+    out = {}
+    for name, t in read_spec_file(path).get("tables", {}).items():
+        v = t.get("vocabulary") if isinstance(t, Mapping) else None
+        if isinstance(v, str) and not v.startswith(("sha256:", "blake2b")):
+            out[name] = Path(v) if Path(v).is_absolute() else Path(path).parent / v
+    return out

@@ -46,8 +46,6 @@ import hashlib
 import logging
 import math
 import operator
-import os
-import secrets
 from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
@@ -55,6 +53,7 @@ from typing import Any
 import numpy as np
 
 from fedembed.errors import FedembedError
+from fedembed.store import atomic_write
 
 log = logging.getLogger(__name__)
 
@@ -454,17 +453,7 @@ class Vocabulary:
         if self._ids is None:
             raise VocabularyError("a hashing vocabulary has no file to write")
         path = Path(path)
-        tmp = path.with_name(f".{path.name}.{secrets.token_hex(8)}.tmp")
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, FILE_MODE)
-        try:
-            with os.fdopen(fd, "wb") as f:
-                f.write(_canonical(self._ids))
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
-        except BaseException:
-            tmp.unlink(missing_ok=True)
-            raise
+        atomic_write(path, _canonical(self._ids), mode=FILE_MODE)
         log.debug("wrote vocabulary %s: %d ids, %s", path, len(self._ids), self._digest)
         return path
 

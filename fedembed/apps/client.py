@@ -77,23 +77,16 @@ def make_client_app(
         nc = {**(node_defaults or {}), **context.node_config}
         return Organisation.from_node_config(nc, state_root, key_dir, roster, tasks)
 
-    @app.train()
-    def train(msg: Message, context: Context) -> Message:
+    def train_or_evaluate(msg: Message, context: Context) -> Message:
         if (reply := via_worker(msg, context)) is not None:
             return reply
-        from fedembed.org import handle_content
+        from fedembed.org import handle_content  # handle_content dispatches by the message type
 
         content = handle_content(organisation(context), msg.content, msg.metadata.message_type, context.node_id)
         return Message(content, reply_to=msg)
 
-    @app.evaluate()
-    def evaluate(msg: Message, context: Context) -> Message:
-        if (reply := via_worker(msg, context)) is not None:
-            return reply
-        from fedembed.org import handle_content
-
-        content = handle_content(organisation(context), msg.content, msg.metadata.message_type, context.node_id)
-        return Message(content, reply_to=msg)
+    app.train()(train_or_evaluate)
+    app.evaluate()(train_or_evaluate)
 
     add_secure_stages(app, state_root, key_dir, roster, before=via_worker)  # message types train.<stage>
 
