@@ -31,7 +31,7 @@ from fedembed.deploy import (
 from fedembed.store import load_checkpoint
 from fedembed.tables import init_table
 from fedembed.task import TaskSpec, parse_options, task_node_config
-from fedembed.wiretap import RecordingProxy, find_in_capture, value_windows
+from wiretap import RecordingProxy, find_in_capture, value_windows
 
 pytestmark = [pytest.mark.slow, pytest.mark.deploy]
 
