@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, field, fields, replace
+from collections.abc import Mapping
+from dataclasses import MISSING, asdict, dataclass, field, fields, replace
 from typing import Any
 
 from fedembed.errors import FedembedError
@@ -34,9 +35,10 @@ class RunConfig:
     rounds : int
         Federated rounds.
     mode : str
-        ``fedembed`` (shared tables, private heads), ``local`` (no federation),
-        ``fedavg-all`` (heads averaged too; identical heads only) or ``pooled``
-        (centralised training on all data: the upper-bound baseline).
+        ``fedembed`` (shared tables, private heads: the only mode a coordinator runs), or
+        a baseline run in one process by :mod:`fedembed.baselines`: ``local`` (each
+        organisation alone), ``fedavg-all`` (heads averaged too; identical heads only) or
+        ``pooled`` (the same architecture trained centrally on all data: the upper bound).
     seed : int
         Seed of table initialisation, sampling and local shuffling.
     fraction : float
@@ -158,45 +160,98 @@ class RunConfig:
         return RunConfig(federation=federation, train=train, **d)
 
 
-@dataclass
-class RoundPlan:
-    """What the coordinator tells an organisation at the start of a stage.
+@dataclass(kw_only=True)
+class StageHeader:
+    """The ``config`` record of every message of a round: the run and round it belongs to.
+
+    One schema for the whole message family: a ``train`` or ``evaluate`` message's config
+    is a :class:`RoundPlan`, which starts with these fields; a secure stage's config
+    (``train.<stage>``) is this header alone, since every other parameter of the session
+    was fixed when it started (:mod:`fedembed.secagg.client`). Parsing checks every
+    field's presence and type and ignores nothing silently.
 
     Parameters
     ----------
     round : int
-        The round (1-based); the tables sent are at version ``round - 1``.
-    since : int
-        The version the coordinator assumes the organisation's cache holds; the sync
-        carries every row changed after it.
-    evaluate_only : bool
-        Apply the sync and evaluate, do not train (the closing evaluation).
+        The round (1-based).
+    run_key : str
+        Identifies the run (:meth:`RunConfig.run_key`); replies are signed for it.
+    drop : str
+        Injected dropouts (JSON of :attr:`RunConfig.drop`; tests and demos).
     """
 
     round: int
-    since: int
-    evaluate_only: bool
-    mode: str
-    federation: str
-    seed: int
-    table_scale: float
-    wire_dtype: str
-    train: str
     run_key: str
-    secure: bool = False
-    row_set: str = "union"
     drop: str = "{}"
-    delta_clip: float = 4.0
 
     def to_config(self) -> dict[str, Any]:
         """Flat dict for a ``ConfigRecord``."""
         return asdict(self)
 
-    @staticmethod
-    def from_config(cfg: dict[str, Any]) -> RoundPlan:
-        """Inverse of :meth:`to_config`."""
-        names = {f.name for f in fields(RoundPlan)}
-        return RoundPlan(**{k: v for k, v in cfg.items() if k in names})
+    @classmethod
+    def from_config(cls, cfg: Mapping[str, Any], header_only: bool = False) -> Any:
+        """Parse a message's ``config`` record, refusing unknown, missing or mistyped fields.
+
+        Parameters
+        ----------
+        cfg : Mapping
+            The record.
+        header_only : bool
+            Read only this class's fields and pass over the others (to learn which run and
+            round a message belongs to before it is parsed whole).
+
+        Raises
+        ------
+        ConfigError
+            Names the field and what is wrong with it.
+        """
+        spec = {f.name: f for f in fields(cls)}
+        unknown = sorted(set(cfg) - set(spec))
+        if unknown and not header_only:
+            raise ConfigError(f"message config has fields outside its schema: {unknown}")
+        values = {}
+        for name, f in spec.items():
+            if name not in cfg:
+                if f.default is MISSING:
+                    raise ConfigError(f"message config lacks {name!r}")
+                continue
+            value = cfg[name]
+            kind = _FIELD_TYPES[str(f.type)]
+            if isinstance(value, bool) != (kind is bool) or not isinstance(value, kind):
+                wanted = "a number" if isinstance(kind, tuple) else kind.__name__
+                raise ConfigError(f"message config field {name!r} must be {wanted}, got {type(value).__name__}")
+            values[name] = float(value) if kind is float else value
+        return cls(**values)
+
+
+_FIELD_TYPES: dict[str, type | tuple[type, ...]] = {"int": int, "str": str, "bool": bool, "float": (int, float)}
+
+
+@dataclass(kw_only=True)
+class RoundPlan(StageHeader):
+    """What the coordinator tells an organisation at the start of a ``train`` or ``evaluate`` stage.
+
+    The :class:`StageHeader` fields (round, run key, dropouts) and:
+
+    Parameters
+    ----------
+    since : int
+        The version the coordinator assumes the organisation's cache holds; the sync
+        carries every row changed after it (the tables sent are at version ``round - 1``).
+    evaluate_only : bool
+        Apply the sync and evaluate, do not train (the closing evaluation).
+    """
+
+    since: int
+    evaluate_only: bool
+    federation: str
+    seed: int
+    table_scale: float
+    wire_dtype: str
+    train: str
+    secure: bool = False
+    row_set: str = "union"
+    delta_clip: float = 4.0
 
     @staticmethod
     def for_round(cfg: RunConfig, round_: int, since: int, evaluate_only: bool = False) -> RoundPlan:
@@ -205,7 +260,6 @@ class RoundPlan:
             round=round_,
             since=since,
             evaluate_only=evaluate_only,
-            mode=cfg.mode,
             federation=cfg.federation.to_json(),
             seed=cfg.seed,
             table_scale=cfg.table_scale,

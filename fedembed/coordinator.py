@@ -29,7 +29,7 @@ from fedembed.secagg.vector import ValueScales, fixed_point_sum
 from fedembed.sparse import RowUpdate, UpdateError
 from fedembed.store import Checkpoint, load_latest_checkpoint, save_checkpoint
 from fedembed.tables import VersionedTables
-from fedembed.wire import decode_arrays, decode_update, dense_upload_bytes, encode_arrays, encode_sync, record_bytes
+from fedembed.wire import decode_update, dense_upload_bytes, encode_sync, record_bytes
 
 log = logging.getLogger(__name__)
 
@@ -89,6 +89,11 @@ class Coordinator:
         on_round: Callable[[dict], None] | None = None,
         roster: Roster | None = None,
     ) -> None:
+        if cfg.mode != "fedembed":
+            raise ConfigError(
+                f"mode {cfg.mode!r} is a baseline that runs in one process (fedembed simulate --mode {cfg.mode}, "
+                "fedembed.baselines); a coordinator runs fedembed"
+            )
         self.cfg = cfg
         self.transport = transport
         self.state_dir = Path(state_dir) if state_dir else None
@@ -108,8 +113,6 @@ class Coordinator:
         self.known: dict[int, int] = {}  # node -> table version its cache holds
         self.node_org: dict[int, str] = {}  # node -> roster name it last signed as (for naming a silent node)
         self._round_names: dict[int, str] = {}  # node -> roster name verified this round
-        self.head: dict[str, np.ndarray] | None = None  # fedavg-all only
-        self.head_shapes: dict[str, tuple[int, ...]] | None = None
         self._sync_records: dict[tuple[int, int], ArrayRecord] = {}  # (tables version, since) -> sync
         self.dense_bytes = dense_upload_bytes(self.shapes)
         if self.state_dir is not None:
@@ -158,16 +161,13 @@ class Coordinator:
         since = self.known.get(node, 0)
         plan = RoundPlan.for_round(self.cfg, round_, since, evaluate_only)
         content = RecordDict({"config": ConfigRecord(plan.to_config())})
-        if self.cfg.mode != "local":
-            # Organisations at the same version get the very same record: built once per
-            # round, not once per organisation (100 orgs x a 6 MiB sync was 600 MiB).
-            key = (self.tables.version, since)
-            if key not in self._sync_records:
-                self._sync_records = {k: v for k, v in self._sync_records.items() if k[0] == self.tables.version}
-                self._sync_records[key] = encode_sync(self.tables.rows_since(since), self.shapes)
-            content["sync"] = self._sync_records[key]
-        if self.head is not None:
-            content["head"] = encode_arrays(self.head)
+        # Organisations at the same version get the very same record: built once per
+        # round, not once per organisation (100 orgs x a 6 MiB sync was 600 MiB).
+        key = (self.tables.version, since)
+        if key not in self._sync_records:
+            self._sync_records = {k: v for k, v in self._sync_records.items() if k[0] == self.tables.version}
+            self._sync_records[key] = encode_sync(self.tables.rows_since(since), self.shapes)
+        content["sync"] = self._sync_records[key]
         return content
 
     def train_message(self, node: int, round_: int) -> RecordDict:
@@ -206,42 +206,40 @@ class Coordinator:
         In secure mode the "update" is the organisation's key advertisement: the returned
         update is an empty dict when the reply is usable.
         """
-        name, update, head, _ = self._read_reply(rep, entry, round_, "train", round_ - 1, secure=secure)
+        name, update = self._read_reply(rep, entry, round_, "train", round_ - 1, secure=secure)
         if name is not None and secure:
             return name, {}
         return name, update
 
     def _read_reply(
         self, rep: Reply, entry: dict, round_: int, stage: str, evaluated_round: int, secure: bool = False
-    ) -> tuple[str | None, RowUpdate | None, dict | None, float]:
-        """Validate one reply; returns (org, update, head, examples). Faults are logged and recorded.
+    ) -> tuple[str | None, RowUpdate | None]:
+        """Validate one reply; returns (org, update). Faults are logged and recorded.
 
         Nothing a reply says about itself is believed: the organisation is the roster key
         that signed it for this run, round, stage and node; records outside the schema
-        (a ``head`` outside the ``fedavg-all`` baseline), non-finite metrics, and an ``ok``
+        (a ``head`` among them: no reply has a place for one), non-finite metrics, and an ``ok``
         training reply without its update are refused.
         """
         who = self.node_org.get(rep.node, f"node {rep.node}")
         if rep.error is not None or rep.content is None:
             self.refuse(entry, who, f"no reply: {rep.error}", "failed")
-            return None, None, None, 0.0
+            return None, None
         c = rep.content
         size = record_bytes(c)
         entry["upload_bytes"] += size
         if size > self.cfg.max_message_bytes:
             self.refuse(entry, who, f"reply of {size} bytes exceeds the limit of {self.cfg.max_message_bytes}")
-            return None, None, None, 0.0
+            return None, None
         fault = self.check_signed(rep.node, c, round_, stage)
         if fault is not None:
             self.refuse(entry, f"node {rep.node}", fault)
-            return None, None, None, 0.0
+            return None, None
         org = self._round_names[rep.node]
-        training = stage == TRAIN and self.cfg.mode != "local"
+        training = stage == TRAIN
         allowed = {"info", "metrics", "train", SIG_RECORD}
         if training:
             allowed |= {"secagg"} | ({"rows"} if self.cfg.row_set == "revealed" else set()) if secure else {"update"}
-        if self.cfg.mode == "fedavg-all" and stage == TRAIN:
-            allowed.add("head")
         try:
             extra = sorted(set(c.keys()) - allowed)
             if extra:
@@ -252,12 +250,15 @@ class Coordinator:
             if not isinstance(cache_version, int) or isinstance(cache_version, bool):
                 raise UpdateError(f"cache_version must be an integer, got {cache_version!r}")
             metrics = _finite_metrics(c["metrics"]) if "metrics" in c else {}
-            examples = float(_finite_metrics(c["train"]).get("examples", 0.0)) if "train" in c else 0.0
+            if "train" in c:
+                _finite_metrics(c["train"])
             if status == "stale":
                 self.known[rep.node] = cache_version if 0 <= cache_version <= self.tables.version else 0
                 if metrics:
                     self.log.set_metrics(evaluated_round, org, metrics)
                 raise UpdateError(f"cache at version {cache_version} was stale; resync next round")
+            if status == "refused":
+                raise UpdateError(f"refused the coordinator's message: {_printable(info.get('error', ''), 300)}")
             if status != "ok":
                 raise UpdateError(f"unknown status {status!r}")
             update = None
@@ -267,25 +268,13 @@ class Coordinator:
                 raise UpdateError("status ok but no update in a training reply")
             if training and secure and "secagg" not in c:
                 raise UpdateError("status ok but no key advertisement in a secure training reply")
-            head = decode_arrays(c["head"]) if "head" in c else None
-            if head is not None:
-                self._check_head(head)
             self.known[rep.node] = self.tables.version
             if metrics:
                 self.log.set_metrics(evaluated_round, org, metrics)
-            return org, update, head, examples
+            return org, update
         except (UpdateError, KeyError, TypeError, ValueError) as exc:
             self.refuse(entry, org, str(exc))
-            return None, None, None, 0.0
-
-    def _check_head(self, head: dict[str, np.ndarray]) -> None:
-        shapes = {k: v.shape for k, v in head.items()}
-        if self.head_shapes is None:
-            self.head_shapes = shapes
-        if shapes != self.head_shapes:
-            raise UpdateError("head parameters do not match the other organisations' heads")
-        if not all(np.all(np.isfinite(v)) for v in head.values() if np.issubdtype(v.dtype, np.floating)):
-            raise UpdateError("head holds NaN or inf")
+            return None, None
 
     # ------------------------------------------------------------------ rounds
     def run(self) -> RunLog:
@@ -311,19 +300,15 @@ class Coordinator:
             agg = run_secure_round(self, round_, nodes, entry)
             entry.setdefault("clients", 0)
             entry["dense_upload_bytes"] = self.dense_bytes * max(len(nodes), 1)
-            heads: list[tuple[dict, float]] = []
         else:
-            agg, heads = self._plain_exchange(round_, nodes, entry, t0)
+            agg = self._plain_exchange(round_, nodes, entry, t0)
         t1 = time.perf_counter()
         if agg is not None and entry["clients"] >= self.cfg.min_orgs:
             changed = self.optimizer.step(self.tables, agg, round_)
             entry["rows_changed"] = changed
         else:
-            if self.cfg.mode != "local":
-                log.warning("round %d: %d usable updates (< min %d); tables unchanged", round_, entry["clients"], self.cfg.min_orgs)
+            log.warning("round %d: %d usable updates (< min %d); tables unchanged", round_, entry["clients"], self.cfg.min_orgs)
             self.tables.version = round_
-        if heads:
-            self.head = _average_heads(heads)
         entry["stages"]["aggregate"] = {"seconds": time.perf_counter() - t1}
         entry["wall_seconds"] = time.perf_counter() - t0  # before the checkpoint, so a resumed log keeps it
         self._checkpoint()
@@ -338,27 +323,22 @@ class Coordinator:
         entry["download_bytes"] += down
         replies = self.transport.exchange(TRAIN, contents, self.cfg.round_timeout)
         updates: list[RowUpdate] = []
-        heads: list[tuple[dict, float]] = []
-        answered = 0
         for rep in replies:
-            org, update, head, examples = self._read_reply(rep, entry, round_, TRAIN, round_ - 1)
-            answered += org is not None
+            _, update = self._read_reply(rep, entry, round_, TRAIN, round_ - 1)
             if update is not None:
                 updates.append(update)
-            if head is not None:
-                heads.append((head, examples))
         entry["stages"]["train"] = {
             "seconds": time.perf_counter() - t0,
             "upload_bytes": entry["upload_bytes"],
             "download_bytes": down,
         }
-        entry["clients"] = len(updates) if self.cfg.mode != "local" else answered
-        entry["dense_upload_bytes"] = self.dense_bytes * max(len(replies), 1) if self.cfg.mode != "local" else 0
+        entry["clients"] = len(updates)
+        entry["dense_upload_bytes"] = self.dense_bytes * max(len(replies), 1)
         agg = None
         if updates:  # summed in the secure path's exact fixed point: the two paths agree bit for bit
             scales = ValueScales(n=len(updates), clip_delta=self.cfg.delta_clip, max_weight=self.cfg.train.max_row_weight)
             agg = fixed_point_sum(updates, self.shapes, scales, self.cfg.wire_dtype)
-        return agg, heads
+        return agg
 
     def closing_evaluation(self, nodes: list[int]) -> None:
         """Every organisation evaluates the final tables with its own head."""
@@ -395,12 +375,3 @@ def _finite_metrics(record: object) -> dict[str, float]:
         out[str(key)] = float(value)
     return out
 
-
-def _average_heads(heads: list[tuple[dict[str, np.ndarray], float]]) -> dict[str, np.ndarray]:
-    """Example-weighted average of head parameters (the fedavg-all baseline)."""
-    weights = np.array([w for _, w in heads], dtype=np.float64)
-    if weights.sum() <= 0:
-        weights = np.ones(len(heads))
-    weights /= weights.sum()
-    ref = heads[0][0]
-    return {k: sum(h[k].astype(np.float64) * w for (h, _), w in zip(heads, weights)).astype(ref[k].dtype) for k in ref}

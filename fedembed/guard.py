@@ -10,9 +10,10 @@ by round, and fall back where sharing does not pay:
   is trained and uploads its row deltas every round whatever the guard chooses, so the
   federation never loses an organisation's data;
 - candidate ``local``: a private *twin* trained on the organisation's own data alone
-  (its own table and head, kept in ``<state_dir>/guard``, never uploaded). It starts from
-  the same seeded tables and head and sees the same batches as the ``local`` baseline
-  mode, so it *is* that baseline, run inside the organisation.
+  (its own table and head, kept in ``<state_dir>/guard``, never uploaded), trained by
+  :func:`fedembed.train.train_alone` from the same seeded tables and head as the
+  ``local`` baseline (:mod:`fedembed.baselines.local`), so it *is* that baseline, run
+  inside the organisation.
 
 With ``TrainConfig.guard_blend`` a third candidate, ``blend``, serves the mean of the two
 models' outputs (logits), so an organisation whose shared model and twin are each good at
@@ -44,7 +45,8 @@ from fedembed.model import SplitModel
 from fedembed.store import OrgState, atomic_write
 from fedembed.task import Task
 from fedembed.recipe import TrainConfig
-from fedembed.train import make_head_optimizer, train_local
+from fedembed.serving import ServingContext
+from fedembed.train import build_seeded, evaluate_splits, train_alone
 
 log = logging.getLogger(__name__)
 
@@ -97,7 +99,7 @@ def choose(history: list[dict[str, float]], window: int) -> str:
 
 
 class Guard:
-    """An organisation's guard and its private local twin.
+    """An organisation's guard and its private local twin: a :class:`fedembed.serving.ServingPolicy`.
 
     Parameters
     ----------
@@ -106,9 +108,18 @@ class Guard:
         ``state_dir / "guard"``.
     """
 
+    name = "guard"
+
     def __init__(self, state_dir: Path) -> None:
         self.state = OrgState(Path(state_dir) / "guard")
         self.history_path = self.state.dir / "history.json"
+
+    def serve(self, ctx: ServingContext, shared_model: nn.Module, shared_metrics: dict[str, float]) -> dict[str, float]:
+        """The :class:`fedembed.serving.ServingPolicy` call (see :meth:`step`)."""
+        return self.step(
+            ctx.task, ctx.cfg, shared_metrics, ctx.round, ctx.seed, ctx.table_scale, ctx.run_key, ctx.shapes,
+            train=ctx.train, evaluate=lambda t, m: evaluate_splits(t, m), shared_model=shared_model, who=ctx.who,
+        )
 
     # ------------------------------------------------------------------ state
     def _history(self, key: str) -> list[dict[str, float]]:
@@ -125,11 +136,11 @@ class Guard:
         atomic_write(self.history_path, json.dumps({"key": key, "history": history}).encode())
 
     def _twin(
-        self, task: Task, shapes: dict[str, tuple[int, int]], seed: int, scale: float, key: str
+        self, task: Task, shapes: dict[str, tuple[int, int]], seed: int, scale: float, key: str, who: str
     ) -> tuple[SplitModel, dict | None]:
         """The twin model at its latest state (a fresh one at the start of a run)."""
         tables, version = self.state.load_tables(shapes, seed, scale, key)
-        model = task.build_model()
+        model = build_seeded(task, seed, who)
         model.set_tables(tables)
         saved = self.state.load_head(model) if version > 0 else None  # a foreign head.pt is set aside
         if saved is not None:
@@ -150,7 +161,7 @@ class Guard:
         train: bool,
         evaluate: Callable[[Task, nn.Module], dict[str, float]],
         shared_model: nn.Module | None = None,
-        seed_key: int = 0,
+        who: str = "",
     ) -> dict[str, float]:
         """Evaluate the twin, choose on validation, train the twin; returns the metrics to report.
 
@@ -176,8 +187,9 @@ class Guard:
             ``evaluate(task, model) -> metrics`` with ``val_*`` and test keys.
         shared_model : nn.Module, optional
             The shared candidate's model, needed for the ``blend`` candidate.
-        seed_key : int
-            Mixed into the twin's shuffling seed (the organisation's simulation index).
+        who : str
+            The organisation's name: seeds the twin's initial head and its shuffling
+            (:func:`fedembed.train.round_rng`) as the ``local`` baseline's.
 
         Returns
         -------
@@ -186,7 +198,7 @@ class Guard:
             ``<candidate>_val_score``.
         """
         key = run_key + "|local"  # the same cache key, init and shuffling as the local baseline
-        model, saved = self._twin(task, shapes, seed, scale, key)
+        model, saved = self._twin(task, shapes, seed, scale, key, who)
         candidates = {SHARED: shared_metrics, LOCAL: evaluate(task, model)}
         if cfg.guard_blend and shared_model is not None:
             candidates[BLEND] = evaluate(task, Blend(shared_model, model, WEIGHTS[BLEND]))
@@ -200,12 +212,8 @@ class Guard:
         for n, m in candidates.items():
             out[f"{n}_val_score"] = float(m["val_score"])
         if train:
-            head_opt = make_head_optimizer(model, cfg, saved["optimizer"] if saved else None)
-            rng = np.random.default_rng([seed, max(seed_key, 0), round_])
-            table_state: dict[str, Any] | None = (saved or {}).get("table_state", {}) if cfg.keep_table_state else None
-            twin_cfg = TrainConfig.from_dict({**cfg.to_dict(), "residual": False})
-            train_local(task, model, twin_cfg, head_opt, rng, start_tables=None, table_state=table_state)
-            extra = {"table_state": table_state} if table_state is not None else {}
-            self.state.save_head(model.head_state_dict(), head_opt.state_dict(), round_, **extra)
+            state = train_alone(task, model, cfg, saved, seed, who, round_)
+            extra = {"table_state": state["table_state"]} if "table_state" in state else {}
+            self.state.save_head(state["head"], state["optimizer"], round_, **extra)
             self.state.save_tables(model.get_tables(), round_, key)
         return out

@@ -4,8 +4,8 @@
 sync, brings its table cache up to date, evaluates its private head on the fresh tables
 (these are the metrics of the previous round), trains, and hands back the row-sparse
 update. Its head and the head's optimizer state are saved in its own state directory and
-are never part of what it returns (except in the ``fedavg-all`` baseline, which by
-definition shares the head).
+are never part of what it returns: no message has a place for a head. (The baselines that
+share heads or train alone run in one process, :mod:`fedembed.baselines`.)
 """
 
 from __future__ import annotations
@@ -19,9 +19,10 @@ from typing import Any
 
 import numpy as np
 import torch
-from flwr.app import RecordDict
+from flwr.app import ConfigRecord, RecordDict
 
-from fedembed.config import RoundPlan
+from fedembed.config import RoundPlan, StageHeader
+from fedembed.errors import FedembedError
 from fedembed.faults import check_drop
 from fedembed.guard import Guard
 from fedembed.identity import Identity, sign_reply
@@ -33,8 +34,9 @@ from fedembed.tables import RowSync, apply_sync, init_table
 from fedembed.spec import FederationSpec, SpecError, TableSpec
 from fedembed.task import Task, TaskError, TaskSpec, load_task, resolve_device, task_from_node_config
 from fedembed.recipe import TrainConfig
-from fedembed.train import make_head_optimizer, train_local
-from fedembed.wire import decode_arrays, decode_sync, encode_update, reply_content
+from fedembed.serving import ServingContext, ServingPolicy, SharedOnly
+from fedembed.train import build_seeded, evaluate_splits, make_head_optimizer, round_rng, train_local
+from fedembed.wire import decode_sync, encode_update, reply_content
 
 log = logging.getLogger(__name__)
 
@@ -51,13 +53,12 @@ class OrgReply:
     cache_version : int
         Version of its table cache after this stage.
     update : RowUpdate or None
-        The row-sparse update (None when evaluating only, stale, or ``local``).
+        The row-sparse update (None when evaluating only, or stale).
     metrics : dict
-        Evaluation of the head on the synced tables, ``val_*`` and test metrics.
+        Evaluation of what it serves (:mod:`fedembed.serving`) on the synced tables,
+        ``val_*`` and test metrics.
     train_stats : dict
         Examples, loss, steps of the local training.
-    head : dict or None
-        Head parameters, only in ``fedavg-all`` mode.
     """
 
     org: str
@@ -66,7 +67,6 @@ class OrgReply:
     update: RowUpdate | None = None
     metrics: dict[str, float] = field(default_factory=dict)
     train_stats: dict[str, float] = field(default_factory=dict)
-    head: dict[str, np.ndarray] | None = None
 
 
 class Organisation:
@@ -155,79 +155,88 @@ class Organisation:
         except SpecError as exc:
             raise SpecError(f"{self.identity.name}: {exc}") from None
 
-    def handle(
-        self, plan: RoundPlan, sync: dict[str, RowSync], head_in: dict[str, np.ndarray] | None = None
-    ) -> OrgReply:
+    def handle(self, plan: RoundPlan, sync: dict[str, RowSync]) -> OrgReply:
         """Run one stage of a round (see module docstring)."""
         task = self.task
         name = self.identity.name
         cfg = TrainConfig.from_dict(json.loads(plan.train)).at_round(plan.round)
         shapes = {n: t.shape for n, t in self.table_specs().items()}
-        local = plan.mode == "local"
-        key = plan.run_key + ("|local" if local else "")
-        tables, version = self.state.load_tables(shapes, plan.seed, plan.table_scale, key)
+        tables, version = self.state.load_tables(shapes, plan.seed, plan.table_scale, plan.run_key)
+        if plan.since != version and plan.since != 0:
+            log.warning("%s: cache at version %d, coordinator assumed %d; asking for a resync", name, version, plan.since)
+            return OrgReply(name, "stale", version)
+        rebuilt = plan.since == 0 and version != 0
+        if rebuilt:
+            tables = {n: init_table(n, s, plan.seed, plan.table_scale) for n, s in shapes.items()}
+        apply_sync(tables, sync)
+        version = plan.round - 1
+        if rebuilt:
+            self.state.save_tables(tables, version, plan.run_key)
+        else:  # only the synced rows are written
+            self.state.save_sync(tables, sync, version, plan.run_key)
 
-        if not local:
-            if plan.since != version and plan.since != 0:
-                log.warning("%s: cache at version %d, coordinator assumed %d; asking for a resync", name, version, plan.since)
-                return OrgReply(name, "stale", version)
-            rebuilt = plan.since == 0 and version != 0
-            if rebuilt:
-                tables = {n: init_table(n, s, plan.seed, plan.table_scale) for n, s in shapes.items()}
-            apply_sync(tables, sync)
-            version = plan.round - 1
-            if rebuilt:
-                self.state.save_tables(tables, version, key)
-            else:  # only the synced rows are written
-                self.state.save_sync(tables, sync, version, key)
-
-        model = task.build_model()
-        if cfg.residual and plan.mode == "fedembed":
+        model = build_seeded(task, plan.seed, name)  # its first head repeats from --seed; later ones are loaded
+        if cfg.residual:
             model.add_residuals()
         model.set_tables(tables)
         saved = self.state.load_head(model)  # another model's head.pt is set aside, not failed on
         if saved is not None:
             model.load_head_state_dict(saved["head"])
-        if head_in is not None:
-            if plan.mode != "fedavg-all":  # a head from outside only in the baseline that averages heads
-                raise ValueError(f"refused a head sent in mode {plan.mode!r}: this organisation's head is its own")
-            model.load_head_state_dict({k: torch.from_numpy(v) for k, v in head_in.items()})
         model.to(self.device)
-        metrics = self._evaluate(task, model)
-        if cfg.guard and plan.mode == "fedembed":  # serve shared or private twin, chosen on validation
-            metrics = Guard(self.state.dir).step(
-                task, cfg, metrics, plan.round, plan.seed, plan.table_scale, plan.run_key, shapes,
-                train=not plan.evaluate_only, evaluate=self._evaluate, shared_model=model, seed_key=self.org,
-            )
+        metrics = evaluate_splits(task, model)
+        context = ServingContext(task, cfg, plan.round, plan.seed, plan.table_scale, plan.run_key, shapes,
+                                 train=not plan.evaluate_only, who=name)
+        metrics = _serving_policy(cfg, self.state.dir).serve(context, model, metrics)
         if plan.evaluate_only:
             return OrgReply(name, "ok", version, metrics=metrics)
 
         head_opt = make_head_optimizer(model, cfg, saved["optimizer"] if saved else None)
-        rng = np.random.default_rng([plan.seed, max(self.org, 0), plan.round])
         table_state = (saved or {}).get("table_state", {}) if cfg.keep_table_state else None
         update, stats = train_local(
-            task, model, cfg, head_opt, rng, start_tables=None if local else tables, table_state=table_state
+            task, model, cfg, head_opt, round_rng(plan.seed, name, plan.round), start_tables=tables, table_state=table_state
         )
         extra = {"table_state": table_state} if table_state is not None else {}
         self.state.save_head(model.head_state_dict(), head_opt.state_dict(), plan.round, **extra)
-        if local:
-            self.state.save_tables(model.get_tables(), plan.round, key)
-        head_out = None
-        if plan.mode == "fedavg-all":
-            head_out = {k: v.detach().cpu().numpy().copy() for k, v in model.head_state_dict().items()}
-        return OrgReply(
-            name, "ok", version, update=None if local else update, metrics=metrics, train_stats=stats, head=head_out
-        )
+        return OrgReply(name, "ok", version, update=update, metrics=metrics, train_stats=stats)
 
-    def _evaluate(self, task: Task, model) -> dict[str, float]:
-        out: dict[str, float] = {}
-        for split, prefix in (("val", "val_"), ("test", "")):
-            for k, v in task.evaluate(model, split).items():
-                out[prefix + k] = float(v)
-        return out
+
+def _serving_policy(cfg: TrainConfig, state_dir: Path) -> ServingPolicy:
+    """What the organisation serves: the guard (kept in ``state_dir``) when the recipe asks for it, else the shared model."""
+    return Guard(state_dir) if cfg.guard else SharedOnly()
 
 
 _TABLE_SPECS: dict[str, dict[str, TableSpec]] = {}
+
+MESSAGE_RECORDS = {"config", "sync"}
+"""The records of a ``train`` or ``evaluate`` message: its plan and its row sync, nothing else."""
+
+
+class MessageRefused(FedembedError, ValueError):
+    """A coordinator message this organisation will not act on (it says why, in a signed reply)."""
+
+
+def _checked_plan(organisation: Organisation, content: RecordDict, message_type: str) -> RoundPlan:
+    """The plan of a ``train``/``evaluate`` message, once everything this organisation holds itself agrees with it.
+
+    Raises
+    ------
+    MessageRefused, ConfigError, SpecError
+        Records outside the message's schema (a head, say), a plan outside its schema, a
+        federation whose tables differ from this organisation's model, a plan whose
+        evaluate flag contradicts the message type, a row-set mode its policy excludes.
+    """
+    extra = sorted(set(content.keys()) - MESSAGE_RECORDS)
+    if extra:  # e.g. a head: this organisation's head is its own and never taken from a message
+        raise MessageRefused(f"a {message_type!r} message with records outside its schema: {extra}")
+    plan = RoundPlan.from_config(content["config"])
+    organisation.check_federation(FederationSpec.from_json(plan.federation))
+    if plan.evaluate_only != (message_type == "evaluate"):
+        raise MessageRefused(f"a {message_type!r} message whose plan says evaluate_only={plan.evaluate_only}")
+    if plan.secure and plan.row_set not in organisation.policy.row_sets:
+        raise MessageRefused(
+            f"row-set mode {plan.row_set!r}: this organisation takes part in {list(organisation.policy.row_sets)}"
+        )
+    return plan
 
 
 def handle_content(organisation: Organisation, content: RecordDict, message_type: str, node: int) -> RecordDict:
@@ -249,7 +258,7 @@ def handle_content(organisation: Organisation, content: RecordDict, message_type
     Returns
     -------
     RecordDict
-        ``info``, ``metrics``, ``train`` and ``update`` (and ``head`` in fedavg-all); in
+        ``info``, ``metrics``, ``train`` and ``update``; in
         secure mode the signed key advertisement instead of ``update``, and each secure
         stage's own records; always the ``sig`` record (:func:`fedembed.identity.sign_reply`).
 
@@ -258,7 +267,11 @@ def handle_content(organisation: Organisation, content: RecordDict, message_type
     fedembed.faults.SimulatedDropout
         When the run's injected dropouts name this organisation at this stage.
     ValueError
-        A message of an unknown type, or a plan this organisation refuses.
+        A message of an unknown type, or one whose config names no run and round (there
+        is nothing to sign a refusal for). Any other message this organisation will not
+        act on gets a signed reply of status ``refused`` with the reason
+        (:class:`MessageRefused`, :class:`fedembed.config.ConfigError`,
+        :class:`fedembed.spec.SpecError`).
     """
     if message_type.startswith("train."):
         from fedembed.secagg.client import handle_message
@@ -266,18 +279,18 @@ def handle_content(organisation: Organisation, content: RecordDict, message_type
         return handle_message(organisation.member, message_type.partition(".")[2], content, node)
     if message_type not in ("train", "evaluate"):
         raise ValueError(f"unknown message type {message_type!r}")
-    plan = RoundPlan.from_config(dict(content["config"]))
-    organisation.check_federation(FederationSpec.from_json(plan.federation))  # before anything is loaded or trained
-    if plan.evaluate_only != (message_type == "evaluate"):
-        raise ValueError(f"a {message_type!r} message whose plan says evaluate_only={plan.evaluate_only}")
-    if plan.secure and plan.row_set not in organisation.policy.row_sets:  # refused before any training
-        raise ValueError(f"row-set mode {plan.row_set!r} refused: this organisation takes part in {organisation.policy.row_sets}")
+    header = StageHeader.from_config(content["config"], header_only=True)  # without a run and a round there is nothing to sign for
+    try:
+        plan = _checked_plan(organisation, content, message_type)
+    except (FedembedError, ValueError, KeyError, TypeError) as exc:  # refused before anything is loaded or trained, and signed: the coordinator knows who
+        log.warning("%s: refused the %s message of round %d: %s", organisation.identity.name, message_type, header.round, exc)
+        refusal = RecordDict({"info": ConfigRecord({"status": "refused", "error": str(exc)[:1000]})})
+        return sign_reply(refusal, organisation.identity, header.run_key, header.round, message_type, node)
     # the closing evaluation is its own stage: a dropout injected at "train" never hits it
     check_drop(plan.drop, "evaluate" if plan.evaluate_only else "train", plan.round, organisation.org)
     shapes = {n: t.shape for n, t in organisation.table_specs().items()}
     sync = decode_sync(content["sync"], shapes) if "sync" in content else {}
-    head_in = decode_arrays(content["head"]) if "head" in content else None
-    reply = organisation.handle(plan, sync, head_in)
+    reply = organisation.handle(plan, sync)
     secure = plan.secure and reply.update is not None and reply.status == "ok"
     record = None
     if reply.update is not None and not secure:
@@ -285,7 +298,7 @@ def handle_content(organisation: Organisation, content: RecordDict, message_type
     metrics = {k: v for k, v in reply.metrics.items() if np.isfinite(v)}
     if len(metrics) != len(reply.metrics):
         log.warning("%s: non-finite metrics not reported: %s", organisation.identity.name, sorted(set(reply.metrics) - set(metrics)))
-    out = reply_content(reply.status, reply.cache_version, record, metrics, reply.train_stats, reply.head)
+    out = reply_content(reply.status, reply.cache_version, record, metrics, reply.train_stats)
     if secure:
         from fedembed.secagg.client import begin
 

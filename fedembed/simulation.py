@@ -2,7 +2,8 @@
 
 :func:`simulate` runs one :class:`fedembed.config.RunConfig` end to end and writes
 ``metrics.json``, ``embeddings.npz`` and ``report.png`` into the output directory. The
-``pooled`` baseline needs no federation and runs in-process.
+baselines (``local``, ``fedavg-all``, ``pooled``) need no federation and run in this
+process (:mod:`fedembed.baselines`).
 """
 
 from __future__ import annotations
@@ -83,10 +84,18 @@ def simulate(
         names = [t.name or f"org-{i}" for i, t in enumerate(loaded)]
     if len(set(names)) != len(names) or len(names) != len(tasks):
         raise ValueError(f"one unique name per organisation, got {names} for {len(tasks)} tasks")
-    if cfg.mode == "pooled":
-        from fedembed.pooled import run_pooled
+    if cfg.mode != "fedembed":
+        from fedembed.baselines import run_baseline
+        from fedembed.task import resolve_device
 
-        runlog, tables = run_pooled(cfg, [load_task(t) for t in tasks], names, on_round)
+        loaded = [load_task(t) for t in tasks]
+        for task in loaded:
+            task.device = resolve_device(device)
+        if threads:
+            import torch
+
+            torch.set_num_threads(threads)
+        runlog, tables = run_baseline(cfg, loaded, names, on_round)
         runlog.write(out_dir, tables)
         return runlog
 

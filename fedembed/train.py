@@ -9,6 +9,7 @@ head and its optimizer state stay with the caller, who keeps them private.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 from typing import Any
 
@@ -22,6 +23,33 @@ from fedembed.sparse import RowUpdate, TableUpdate
 from fedembed.task import Task, to_device
 
 log = logging.getLogger(__name__)
+
+
+def _derived_seed(*parts: object) -> int:
+    """A 63-bit seed derived from ``parts`` (stable across processes and machines, unlike ``hash``)."""
+    digest = hashlib.blake2b("|".join(map(str, parts)).encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "big") >> 1
+
+
+def build_seeded(task: Task, seed: int, who: str) -> SplitModel:
+    """``task.build_model()`` with torch seeded from the run's seed and the organisation's name.
+
+    The same command gives the same initial head every time, whatever the task's own code
+    does with torch's global generator; two organisations get different heads.
+    """
+    torch.manual_seed(_derived_seed("model", seed, who))
+    return task.build_model()
+
+
+def round_rng(seed: int, who: str, round_: int) -> np.random.Generator:
+    """The organisation's shuffling generator for ``round_``; torch's generator is seeded alongside.
+
+    Derived from the run's seed, the organisation's name and the round, so a run repeats
+    exactly and no two organisations (nor two rounds) shuffle alike, deployed or simulated.
+    """
+    torch.manual_seed(_derived_seed("train", seed, who, round_))
+    return np.random.default_rng(_derived_seed("shuffle", seed, who, round_))
+
 
 def make_head_optimizer(model: SplitModel, cfg: TrainConfig, state: dict | None) -> torch.optim.Optimizer:
     """The head's Adam optimizer, resumed from ``state`` when given."""
@@ -171,3 +199,51 @@ def train_local(
         "steps": float(steps),
     }
     return update, stats
+
+
+def train_alone(
+    task: Task, model: SplitModel, cfg: TrainConfig, saved: dict[str, Any] | None, seed: int, who: str, round_: int
+) -> dict[str, Any]:
+    """One round of an organisation training on its own (its own tables and head, nothing uploaded).
+
+    This is the ``local`` baseline (:mod:`fedembed.baselines.local`) and the guard's private
+    twin (:mod:`fedembed.guard`): both call it, so the twin *is* the baseline.
+
+    Parameters
+    ----------
+    task : Task
+        The organisation's task.
+    model : SplitModel
+        Its model (own tables, own head), trained in place.
+    cfg : TrainConfig
+        The recipe of this round (the private residual is never used: the table is private already).
+    saved : dict or None
+        What the previous call returned (None in round 1).
+    seed, who, round_ : int, str, int
+        Run seed, organisation name and round (:func:`round_rng`).
+
+    Returns
+    -------
+    dict
+        ``head``, ``optimizer`` (the head optimizer's state) and, with
+        ``cfg.keep_table_state``, ``table_state``: what the next round resumes from.
+    """
+    head_opt = make_head_optimizer(model, cfg, saved["optimizer"] if saved else None)
+    table_state: dict[str, Any] | None = (saved or {}).get("table_state", {}) if cfg.keep_table_state else None
+    alone = TrainConfig.from_dict({**cfg.to_dict(), "residual": False})
+    train_local(task, model, alone, head_opt, round_rng(seed, who, round_), start_tables=None, table_state=table_state)
+    out: dict[str, Any] = {"head": model.head_state_dict(), "optimizer": head_opt.state_dict()}
+    if table_state is not None:
+        out["table_state"] = table_state
+    return out
+
+
+def evaluate_splits(task: Task, model: torch.nn.Module) -> dict[str, float]:
+    """The task's metrics on validation (``val_<name>``) and test (``<name>``)."""
+    out: dict[str, float] = {}
+    was_training = model.training
+    for split, prefix in (("val", "val_"), ("test", "")):
+        for k, v in task.evaluate(model, split).items():
+            out[prefix + k] = float(v)
+    model.train(was_training)
+    return out

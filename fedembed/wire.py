@@ -233,9 +233,13 @@ def reply_content(
     update_record: ArrayRecord | None,
     metrics: dict[str, float],
     train_stats: dict[str, float],
-    head: dict[str, np.ndarray] | None,
 ) -> RecordDict:
-    """The record an organisation sends back (the one layout both sides agree on)."""
+    """The record an organisation sends back (the one layout both sides agree on).
+
+    Its records: ``info`` (status, cache version), ``metrics``, ``train`` (statistics of
+    local training) and ``update`` (the row-sparse update). There is no record for a head:
+    a head never leaves its organisation.
+    """
     c = RecordDict({"info": ConfigRecord({"status": status, "cache_version": int(cache_version)})})
     if metrics:
         c["metrics"] = MetricRecord({k: float(v) for k, v in metrics.items()})
@@ -243,6 +247,4 @@ def reply_content(
         c["train"] = MetricRecord({k: float(v) for k, v in train_stats.items()})
     if update_record is not None:
         c["update"] = update_record
-    if head is not None:
-        c["head"] = encode_arrays(head)
     return c

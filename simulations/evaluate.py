@@ -128,10 +128,10 @@ def run_one(args: list[str], out: Path, engine: str) -> None:
     tasks, names, federation = simulated_federation(TaskSpec(parsed.task, parse_options(parsed.option)), parsed.orgs)
     cfg: RunConfig = config_from_args(parsed, federation)
     out.mkdir(parents=True, exist_ok=True)
-    if cfg.mode == "pooled":
-        from fedembed.pooled import run_pooled
+    if cfg.mode != "fedembed":
+        from fedembed.baselines import run_baseline
 
-        runlog, tables = run_pooled(cfg, [load_task(t) for t in tasks], names)
+        runlog, tables = run_baseline(cfg, [load_task(t) for t in tasks], names)
     else:
         with tempfile.TemporaryDirectory() as state:
             coordinator = Coordinator(cfg, InProcessTransport(Path(state), tasks, names))

@@ -15,7 +15,6 @@ import pytest
 from flwr.app import Array, ArrayRecord, ConfigRecord, MetricRecord
 
 from conftest import run_config
-from fedembed.config import RunConfig
 from fedembed.coordinator import Coordinator
 from fedembed.identity import SIG_RECORD, IdentityError, Roster, make_identities, sign_reply, verify_reply
 from fedembed.org import handle_content
@@ -44,7 +43,6 @@ def test_head_injected_in_a_plain_reply_is_refused_and_never_reaches_another_org
     for r in c.log.rounds:
         assert "records outside the reply schema: ['head']" in r["rejected"]["org-1"]
         assert r["clients"] == 2
-    assert c.head is None
     # no message the coordinator sent carried a head, and every other org's head is its own
     assert not any(isinstance(m, dict) and "head" in m for _, _, m in t.seen)
     for node in (100, 102):
@@ -52,14 +50,18 @@ def test_head_injected_in_a_plain_reply_is_refused_and_never_reaches_another_org
         assert not any(np.array_equal(v.numpy(), fake.get(k, np.zeros(1))) for k, v in saved.items())
 
 
-def test_org_refuses_a_head_sent_by_the_coordinator_outside_fedavg_all(tmp_path, direct_transport):
+def test_org_refuses_a_head_sent_by_the_coordinator(tmp_path, direct_transport):
     t = direct_transport(tmp_path, 3, task=TASK)
     c = Coordinator(run_config(TASK, rounds=1), t)
     msg = c.train_message(100, 1)
     msg["head"] = encode_arrays({"head.0.weight": np.full((32, 16), 7.0, np.float32)})
-    with pytest.raises(ValueError, match="refused a head"):
-        handle_content(t.orgs[100], msg, "train", 100)
+    reply = handle_content(t.orgs[100], msg, "train", 100)
+    assert reply["info"]["status"] == "refused" and "records outside its schema: ['head']" in reply["info"]["error"]
+    assert verify_reply(reply, t.roster, c.cfg.run_key(), 1, "train", 100) == "org-0"  # signed: it says who refused
     assert t.orgs[100].state.load_head() is None  # nothing was trained on or saved
+    del msg["head"]  # the control: the same message without the head is taken
+    handle_content(t.orgs[100], msg, "train", 100)
+    assert t.orgs[100].state.load_head() is not None
 
 
 def test_org_impersonating_another_by_name_is_refused(tmp_path, direct_transport):

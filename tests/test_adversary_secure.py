@@ -67,26 +67,29 @@ def _honest(message_type, node, content, deliver, net):
 # ------------------------------------------------------------------ a coordinator that re-asks
 @pytest.mark.parametrize("stage, row_set", [("masked", "dense"), ("indicators", "union"), ("masked", "union")])
 def test_coordinator_reasking_a_masked_stage_gets_no_second_vector(tmp_path, direct_transport, stage, row_set):
-    """Asked again (another n, a fake 1-row table prepended to the shapes), the org refuses: one mask, one plaintext."""
+    """Asked again (the same message; or another n, a fake 1-row table prepended to the shapes), the org
+    refuses: one mask, one plaintext."""
     from fedembed.coordinator import Reply
 
-    second = {}
+    again = {}
 
     def reask(message_type, node, content, deliver, net):
         first = deliver(content)
         if message_type == f"train.{stage}" and node == 101:
+            again["same"] = deliver(content)
             cfg = dict(content["config"])
             cfg.update({"n": 99, "shapes": '{"aaa": [1, 4], "ids": [3000, 4]}', "clip_delta": 1e-6})
-            second["reply"] = deliver(_with(content, config=ConfigRecord(cfg)))
+            again["changed"] = deliver(_with(content, config=ConfigRecord(cfg)))
         yield Reply(node, first)
 
     net = EvilNetwork(direct_transport(tmp_path, 4, task=synthetic(4)), reask)
     c = Coordinator(run_config(synthetic(), rounds=1, secure=True, row_set=row_set), net)
     c.run()
-    again = second["reply"]
-    assert again["info"]["status"] == "error"
-    assert "already answered" in again["info"]["error"]
-    assert "masked" not in again
+    assert again["same"]["info"]["status"] == "error" and "already answered" in again["same"]["info"]["error"]
+    changed = again["changed"]["info"]
+    assert changed["status"] == "error"
+    assert "fields outside its schema: ['clip_delta', 'n', 'shapes']" in changed["error"]  # parameters are never read
+    assert all("masked" not in r for r in again.values())
     assert "abandoned" not in c.log.rounds[0]  # the honest round is unaffected
 
 
@@ -368,5 +371,7 @@ def test_an_org_whose_policy_excludes_revealed_mode_never_tells_its_rows(tmp_pat
     c = Coordinator(run_config(synthetic(4), rounds=1, secure=True, row_set="revealed"), t)
     c.run_round(1, sorted(t.orgs))
     entry = c.log.rounds[0]
-    assert all("row-set mode 'revealed' refused" in why for why in entry["rejected"].values())
+    # each refusal is signed, so it is filed under the organisation's roster name
+    assert set(entry["rejected"]) == {f"org-{i}" for i in range(4)}
+    assert all("refused the coordinator's message: row-set mode 'revealed'" in why for why in entry["rejected"].values())
     assert not any(isinstance(m, RecordDict) and "rows" in m for _, _, m in t.seen)

@@ -9,6 +9,7 @@ from conftest import run_config
 from fedembed.coordinator import Coordinator
 from fedembed.guard import BLEND, LOCAL, SHARED, WEIGHTS, Blend, Guard, choose
 from fedembed.tables import init_table
+from fedembed.baselines.local import run_local
 from fedembed.task import TaskSpec, load_task
 from fedembed.recipe import TrainConfig
 
@@ -62,7 +63,9 @@ def _run(tmp_path, transport, mode, task=TASK, **train):
 
 def test_the_twin_is_the_local_baseline_and_every_choice_matches_validation(tmp_path, direct_transport):
     guarded = _run(tmp_path / "g", direct_transport(tmp_path / "g", 3, task=SEEDED), "fedembed", SEEDED, guard=True, guard_window=2)
-    local = _run(tmp_path / "l", direct_transport(tmp_path / "l", 3, task=SEEDED), "local", SEEDED)
+    # the local baseline, run on its own in one process (fedembed.baselines.local)
+    tasks = [load_task(SEEDED.for_org(i, 3)) for i in range(3)]
+    local = run_local(run_config(SEEDED, rounds=3, mode="local"), tasks, [f"org-{i}" for i in range(3)])
     for rg, rl in zip(guarded.rounds, local.rounds):
         for org, m in rg["metrics"].items():
             assert m["local_val_score"] == pytest.approx(rl["metrics"][org]["val_score"], abs=1e-12)

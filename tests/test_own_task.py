@@ -12,7 +12,6 @@ import csv
 import json
 import logging
 import math
-import os
 import subprocess
 import sys
 import time
@@ -187,11 +186,10 @@ def test_the_coordinator_leaves_out_an_organisation_whose_vocabulary_differs(dat
     for r in c.log.rounds:  # the others go on
         assert r["clients"] == 2 and r["rows_changed"] > 0 and set(r["metrics"]) == {"org-0", "org-1"}
     for rejected in refusals:
-        # The refusal is an error reply, not a signed one: the coordinator names it by its node
-        # (102, organisation 2's here); the organisation's name is what it says of itself.
-        assert list(rejected) == ["node 102"]
-        why = rejected["node 102"]
-        assert "org-2: table 'skus' differs from the federation's: shape 402 x 16 here, 401 x 16 in the federation" in why
+        # The refusal is a signed reply: the coordinator names the organisation by its roster key.
+        assert list(rejected) == ["org-2"]
+        why = rejected["org-2"]
+        assert "refused the coordinator's message: org-2: table 'skus' differs from the federation's: shape 402 x 16 here, 401 x 16 in the federation" in why
         assert f"vocabulary {Vocabulary.load(mine).digest} here, {federation(data).tables['skus'].vocabulary}" in why
     assert not (tmp_path / "org-2" / "head.pt").exists()  # refused before it trained anything
 
@@ -294,16 +292,14 @@ def test_deployed_organisations_with_their_own_files_complete_the_run(deployed):
 def test_deployed_organisation_with_another_vocabulary_is_refused_naming_the_table(deployed):
     assert deployed["codes"][1] == 0, deployed["procs"].log("server2")[-3000:]
     out = deployed["procs"].log("server2")
-    # the coordinator registered org-2's key as this Flower node: that is how its refusal is named
-    node = next(line.rsplit(" ", 1)[1] for line in out.splitlines() if "registered organisation key org-2.pub" in line)
     doc = json.loads((deployed["root"] / "server2" / "metrics.json").read_text())
     for rejected in [r["rejected"] for r in doc["rounds"]] + [doc["closing_evaluation"]["rejected"]]:
-        assert list(rejected) == [f"node {node}"]
-        why = rejected[f"node {node}"]
-        assert "SpecError: org-2: table 'skus' differs from the federation's: shape 402 x 16 here, 401 x 16" in why
+        assert list(rejected) == ["org-2"]  # its refusal is signed with its roster key: named, not a node id
+        why = rejected["org-2"]
+        assert "refused the coordinator's message: org-2: table 'skus' differs from the federation's: shape 402 x 16" in why
     assert all(r["clients"] == 2 and r["rows_changed"] > 0 for r in doc["rounds"])  # the others went on
     assert set(doc["final"]) == {"org-0", "org-1", "mean"}
-    assert f"left out node {node}" in out and "table 'skus' differs" in out  # and the server said so
+    assert "left out org-2" in out and "table 'skus' differs" in out  # and the server said so
     assert not (deployed["root"] / "run2-org2" / "head.pt").exists()
 
 

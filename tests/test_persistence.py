@@ -22,7 +22,7 @@ import torch
 
 from conftest import run_config
 from fedembed.recipe import TrainConfig
-from fedembed.config import ConfigError, RunConfig
+from fedembed.config import ConfigError
 from fedembed.coordinator import Coordinator
 from fedembed.report import RunLog
 from fedembed.store import file_sha256

@@ -3,7 +3,7 @@
 import numpy as np
 
 from conftest import run_config
-from fedembed.pooled import run_pooled
+from fedembed.baselines.pooled import run_pooled
 from fedembed.task import TaskSpec, load_task, simulated_federation
 
 

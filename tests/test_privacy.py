@@ -7,7 +7,6 @@ that the search can find things, the row deltas that were sent are found there.
 """
 
 import json
-from pathlib import Path
 
 import numpy as np
 import pytest

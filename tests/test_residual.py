@@ -5,7 +5,6 @@ import pytest
 import torch
 from torch import nn
 
-from fedembed.model import SplitModel
 from fedembed.residual import ResidualTable
 from fedembed.task import TaskSpec, load_task
 from fedembed.recipe import TrainConfig

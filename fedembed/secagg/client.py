@@ -10,7 +10,8 @@ saves it before the reply leaves; the session is deleted after the last unmask. 
 here holds state in memory between messages, so it works the same in simulation (a new
 worker per message) and in deployment, and survives a restart of the organisation.
 
-The stage is the Flower message type (``train.<stage>``); a message's config carries only
+The stage is the Flower message type (``train.<stage>``); a message's config is a
+:class:`fedembed.config.StageHeader` (the header every ``train`` plan starts with too):
 ``run_key`` and ``round`` (which must name the session on disk) and, in tests and demos,
 injected dropouts. Every other parameter was fixed when the session started.
 
@@ -48,9 +49,10 @@ from typing import Any
 import numpy as np
 from flwr.app import ConfigRecord, RecordDict
 
+from fedembed.config import StageHeader
+from fedembed.errors import FedembedError
 from fedembed.faults import check_drop
-from fedembed.identity import Identity, IdentityError, sign_reply
-from fedembed.secagg.primitives import CryptoError
+from fedembed.identity import Identity, sign_reply
 from fedembed.secagg.protocol import (
     CHECK_STAGE,
     MASK_STAGE,
@@ -293,8 +295,8 @@ def handle_stage(member: SecureMember, stage: str, content: RecordDict) -> dict:
     """
     if stage not in SECURE_STAGES:
         raise ProtocolError(f"unknown secure stage {stage!r}")
-    cfg = content["config"]
-    context = session_context(str(cfg["run_key"]), int(cfg["round"]))
+    header = StageHeader.from_config(content["config"])
+    context = session_context(header.run_key, header.round)
     with _locked(member.state_dir):
         session, update = _load(member.state_dir, context)
         sec = content["secagg"] if "secagg" in content else ConfigRecord({})
@@ -362,13 +364,14 @@ def handle_message(member: SecureMember, stage: str, content: RecordDict, node: 
     fedembed.faults.SimulatedDropout
         When the run's injected dropouts name this organisation at this stage.
     """
-    cfg = content["config"]
-    run_key, round_ = str(cfg["run_key"]), int(cfg["round"])
-    check_drop(str(cfg.get("drop", "{}")), stage, round_, member.org)
+    header = StageHeader.from_config(content["config"], header_only=True)  # what a refusal is signed for
+    run_key, round_ = header.run_key, header.round
+    check_drop(header.drop, stage, round_, member.org)
     try:
+        StageHeader.from_config(content["config"])  # a stage's config holds the header and nothing else
         records = handle_stage(member, stage, content)
         reply = RecordDict({"info": ConfigRecord({"status": "ok"}), **records})
-    except (UpdateError, ProtocolError, CryptoError, IdentityError, KeyError, TypeError, ValueError) as exc:
+    except (FedembedError, KeyError, TypeError, ValueError) as exc:
         log.warning("%s: secure stage %s of round %d refused: %s", member.identity.name, stage, round_, exc)
         reply = RecordDict({"info": ConfigRecord({"status": "error", "error": f"{type(exc).__name__}: {exc}"})})
     return sign_reply(reply, member.identity, run_key, round_, f"train.{stage}", node)

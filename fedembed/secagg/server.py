@@ -40,6 +40,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 import numpy as np
 from flwr.app import ConfigRecord, RecordDict
 
+from fedembed.config import StageHeader
 from fedembed.secagg.graph import default_neighbours, default_threshold
 from fedembed.secagg.primitives import CryptoError
 from fedembed.secagg.protocol import (
@@ -148,7 +149,7 @@ class SecureRound:
 
     # ------------------------------------------------------------------ plumbing
     def _config(self) -> ConfigRecord:
-        return ConfigRecord({"round": self.round, "run_key": self.cfg.run_key(), "drop": json.dumps(self.cfg.drop)})
+        return ConfigRecord(StageHeader(round=self.round, run_key=self.cfg.run_key(), drop=json.dumps(self.cfg.drop)).to_config())
 
     def _message(self, secagg: dict, **records: object) -> RecordDict:
         return RecordDict({"config": self._config(), "secagg": ConfigRecord(secagg), **records})

@@ -1,0 +1,71 @@
+"""One typed schema for the config of every message of a round: parsed strictly on the organisation's side."""
+
+import pytest
+
+from conftest import run_config
+from fedembed.config import ConfigError, RoundPlan, StageHeader
+from fedembed.coordinator import Coordinator
+from fedembed.org import handle_content
+from fedembed.task import TaskSpec
+
+TASK = TaskSpec("examples.my_task:ClicksTask", {"orgs": 2, "products": 200})
+
+
+def test_a_plan_is_a_stage_header_and_round_trips():
+    plan = RoundPlan(round=3, run_key="k", since=2, evaluate_only=False, federation="{}", seed=0, table_scale=0.1,
+                     wire_dtype="float16", train="{}")
+    assert isinstance(plan, StageHeader)
+    assert RoundPlan.from_config(plan.to_config()) == plan
+    header = StageHeader.from_config({"round": 3, "run_key": "k"})
+    assert header == StageHeader(round=3, run_key="k", drop="{}")
+
+
+@pytest.mark.parametrize(
+    ("change", "fault"),
+    [
+        ({"mode": "fedavg-all"}, r"fields outside its schema: \['mode'\]"),
+        ({"round": "3"}, "'round' must be int, got str"),
+        ({"round": True}, "'round' must be int, got bool"),
+        ({"evaluate_only": 0}, "'evaluate_only' must be bool, got int"),
+        ({"table_scale": "0.1"}, "'table_scale' must be a number, got str"),
+    ],
+)
+def test_a_plan_outside_its_schema_is_refused_naming_the_field(change, fault):
+    cfg = {"round": 1, "run_key": "k", "since": 0, "evaluate_only": False, "federation": "{}", "seed": 0,
+           "table_scale": 0.1, "wire_dtype": "float16", "train": "{}"}
+    assert RoundPlan.from_config(cfg).round == 1  # the control: the plan as sent is taken
+    with pytest.raises(ConfigError, match=fault):
+        RoundPlan.from_config({**cfg, **change})
+
+
+def test_a_missing_field_is_named():
+    with pytest.raises(ConfigError, match="lacks 'run_key'"):
+        StageHeader.from_config({"round": 1})
+
+
+def test_an_organisation_refuses_a_coordinator_plan_with_an_extra_field_before_training(tmp_path, direct_transport):
+    t = direct_transport(tmp_path, 2, task=TASK)
+    msg = Coordinator(run_config(TASK, rounds=1), t).train_message(100, 1)
+    msg["config"]["mode"] = "local"  # an old baseline switch, or anything else a plan does not hold
+    reply = handle_content(t.orgs[100], msg, "train", 100)
+    assert reply["info"]["status"] == "refused"
+    assert "message config has fields outside its schema: ['mode']" in reply["info"]["error"]
+    assert t.orgs[100].state.load_head() is None
+
+
+def test_the_coordinator_files_a_signed_refusal_under_the_organisations_name(tmp_path, direct_transport):
+    t = direct_transport(tmp_path, 2, task=TASK)
+    c = Coordinator(run_config(TASK, rounds=1), t)
+    original = c._message
+
+    def with_extra(node, round_, evaluate_only):  # the coordinator's message to node 101 carries a field too many
+        msg = original(node, round_, evaluate_only)
+        if node == 101:
+            msg["config"]["mode"] = "local"
+        return msg
+
+    c._message = with_extra
+    entry = c.run_round(1, [100, 101])
+    assert set(entry["rejected"]) == {"org-1"}
+    assert "refused the coordinator's message: message config has fields outside its schema" in entry["rejected"]["org-1"]
+    assert entry["clients"] == 1
