@@ -79,6 +79,10 @@ class Coordinator:
         The federation's organisations; default ``cfg.roster``, else the transport's
         ``roster`` attribute (an in-process transport that made the keys). Replies are
         attributed by these keys only.
+    wait_for : int
+        Organisations that must be connected before every round (a simulation: all of
+        them, so no round runs with whoever happened to start first); fewer after
+        ``round_timeout`` fail the run. 0: wait for ``cfg.min_orgs`` only.
     """
 
     def __init__(
@@ -88,6 +92,7 @@ class Coordinator:
         state_dir: Path | None = None,
         on_round: Callable[[dict], None] | None = None,
         roster: Roster | None = None,
+        wait_for: int = 0,
     ) -> None:
         if cfg.mode != "fedembed":
             raise ConfigError(
@@ -95,6 +100,7 @@ class Coordinator:
                 "fedembed.baselines); a coordinator runs fedembed"
             )
         self.cfg = cfg
+        self.wait_for = int(wait_for)
         self.transport = transport
         self.state_dir = Path(state_dir) if state_dir else None
         self.on_round = on_round
@@ -280,14 +286,23 @@ class Coordinator:
     def run(self) -> RunLog:
         """Run the remaining rounds and the closing evaluation; returns the run log."""
         rng = random.Random(self.cfg.seed)
-        nodes = self.transport.node_ids(max(self.cfg.min_orgs, 1), self.cfg.round_timeout)
+        nodes = self._connected()
         for round_ in range(self.start_round, self.cfg.rounds + 1):
-            nodes = self.transport.node_ids(max(self.cfg.min_orgs, 1), self.cfg.round_timeout)
+            nodes = self._connected()
             k = max(self.cfg.min_orgs, int(np.ceil(self.cfg.fraction * len(nodes))))
             sampled = sorted(rng.sample(sorted(nodes), min(k, len(nodes))))
             self.run_round(round_, sampled)
         self.closing_evaluation(sorted(nodes))
         return self.log
+
+    def _connected(self) -> list[int]:
+        """The connected nodes, once at least ``max(min_orgs, wait_for)`` are (fewer than ``wait_for``: an error)."""
+        nodes = self.transport.node_ids(max(self.cfg.min_orgs, self.wait_for, 1), self.cfg.round_timeout)
+        if len(nodes) < self.wait_for:
+            raise ConfigError(
+                f"only {len(nodes)} of the {self.wait_for} organisations connected within {self.cfg.round_timeout:.0f} s"
+            )
+        return nodes
 
     def run_round(self, round_: int, nodes: list[int]) -> dict:
         """One round: sync + train + aggregate (plain or secure) + update + checkpoint."""

@@ -118,7 +118,8 @@ def simulate(
     def done(coordinator) -> None:
         result["coordinator"] = coordinator
 
-    server_app = make_server_app(cfg, state_dir=state / "coordinator", on_round=on_round, on_done=done)
+    # every simulated organisation takes part from round 1: a round never starts with whoever came up first
+    server_app = make_server_app(cfg, state_dir=state / "coordinator", on_round=on_round, on_done=done, wait_for=len(tasks))
     client_app = make_client_app(
         str((state / "orgs").resolve()),
         str((state / "audit").resolve()) if audit else None,

@@ -93,6 +93,7 @@ def make_server_app(
     state_dir: Path | None = None,
     on_round: Callable[[dict], None] | None = None,
     on_done: Callable[[Coordinator], None] | None = None,
+    wait_for: int = 0,
 ) -> ServerApp:
     """A ServerApp running ``cfg`` (or the run config of the Flower context when None).
 
@@ -106,6 +107,8 @@ def make_server_app(
         Coordinator checkpoints.
     on_round, on_done : callable, optional
         Progress callback per round; called with the coordinator when the run ends.
+    wait_for : int
+        Organisations that must be connected before every round (:class:`Coordinator`).
     """
     app = ServerApp()
 
@@ -120,7 +123,7 @@ def make_server_app(
 
             files = DeployedRunFiles(Path(str(context.run_config["state-dir"])))
             ckpt_dir, round_hook, done_hook = files.coordinator_dir, files.on_round, files.on_done
-        coordinator = Coordinator(run_cfg, GridTransport(grid), state_dir=ckpt_dir, on_round=round_hook)
+        coordinator = Coordinator(run_cfg, GridTransport(grid), state_dir=ckpt_dir, on_round=round_hook, wait_for=wait_for)
         if cfg is None and "state-dir" in context.run_config:
             files.on_start(coordinator)
         coordinator.run()
