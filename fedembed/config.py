@@ -40,7 +40,8 @@ class RunConfig:
         organisation alone), ``fedavg-all`` (heads averaged too; identical heads only) or
         ``pooled`` (the same architecture trained centrally on all data: the upper bound).
     seed : int
-        Seed of table initialisation, sampling and local shuffling.
+        Seed of table initialisation, sampling, every organisation's first head and its local
+        shuffling (both mixed with its name: :func:`fedembed.train.build_seeded`).
     fraction : float
         Share of organisations sampled per round.
     min_orgs : int

@@ -12,6 +12,9 @@ fedembed-plain      fedembed, row-sparse, no secure aggregation
 fedembed-dense      fedembed secure aggregation, row set ``dense``
 fedembed-union      fedembed secure aggregation, row set ``union``
 fedembed-revealed   fedembed secure aggregation, row set ``revealed``
+fedembed-union-     ``fedembed-union`` with the local recipe a user gets by default
+defaults            (``TrainConfig()``), where every other method pins the recipe the
+                    Flower clients share (batch 64, no kept table-optimizer state)
 ==================  ===========================================================
 
 Measured per method: upload and download bytes per organisation per round (serialized
@@ -50,8 +53,18 @@ from simulations.proctree import tree_cpu_seconds  # noqa: E402
 
 log = logging.getLogger("fedembed.bench")
 
-METHODS = ("flower-fedavg", "flower-secaggplus", "fedembed-plain", "fedembed-dense", "fedembed-union", "fedembed-revealed")
-SECURE_ROW_SET = {"fedembed-dense": "dense", "fedembed-union": "union", "fedembed-revealed": "revealed"}
+METHODS = ("flower-fedavg", "flower-secaggplus", "fedembed-plain", "fedembed-dense", "fedembed-union", "fedembed-revealed",
+           "fedembed-union-defaults")
+SECURE_ROW_SET = {"fedembed-dense": "dense", "fedembed-union": "union", "fedembed-revealed": "revealed",
+                  "fedembed-union-defaults": "union"}
+
+
+def method_train_config(method: str) -> Any:
+    """The local recipe ``method`` runs: the library's defaults for ``*-defaults``, else the pinned one."""
+    from fedembed.recipe import TrainConfig
+    from simulations import flower_baselines as fb
+
+    return TrainConfig() if method.endswith("-defaults") else fb.bench_train_config()
 QUICK = {"rows": 20_000, "dim": 16, "orgs": 3, "touch": 0.02, "rounds": 1, "warmup": 1}
 
 
@@ -92,7 +105,6 @@ def _fedembed_rounds(method: str, work: Workload, total_rounds: int, num_cpus: i
     from fedembed.config import RunConfig
     from fedembed.simulation import simulate
     from fedembed.task import TaskSpec, simulated_federation
-    from simulations import flower_baselines as fb
 
     secure = method in SECURE_ROW_SET
     # every organisation's own task (the one the Flower baselines' ClientApps build, Workload.org_task)
@@ -107,7 +119,7 @@ def _fedembed_rounds(method: str, work: Workload, total_rounds: int, num_cpus: i
         row_set=SECURE_ROW_SET.get(method, "union"),
         neighbours=work.shares - 1 if secure else None,
         threshold=work.threshold if secure else None,
-        train=fb.bench_train_config(),
+        train=method_train_config(method),
     )
     cpu_at_end: dict[int, float] = {}
 
@@ -173,7 +185,7 @@ def run_one(method: str, work: Workload, warmup: int, num_cpus: int, out: Path) 
     return {
         "method": method,
         "workload": asdict(work),
-        "train": fb.bench_train_config().to_dict(),
+        "train": method_train_config(method).to_dict(),
         "rounds": rounds,
         "warmup": warmup,
         "total_seconds": total_seconds,
@@ -242,6 +254,9 @@ def evaluate_targets(s: dict[str, dict[str, Any]], work: Workload) -> dict[str, 
         True, "Flower SecAgg+ s/round / fedembed secure dense s/round")
     add("union_time_vs_plain", _ratio(union and union["seconds_per_round"], plain and plain["seconds_per_round"]), 2,
         False, "fedembed union s/round / fedembed plain s/round")
+    defaults = s.get("fedembed-union-defaults")
+    add("union_defaults_vs_pinned", _ratio(defaults and defaults["seconds_per_round"], union and union["seconds_per_round"]),
+        1.5, False, "fedembed union s/round with the default recipe / with the pinned recipe")
     ours = {m: v for m, v in s.items() if m.startswith("fedembed-")}
     worst = max((v["peak_rise_bytes"] for v in ours.values()), default=None)
     add("coordinator_memory_vs_table", worst / table_bytes if worst is not None else None, 3, False,
