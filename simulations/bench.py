@@ -235,11 +235,12 @@ def evaluate_targets(s: dict[str, dict[str, Any]], work: Workload) -> dict[str, 
     t: dict[str, dict[str, Any]] = {}
 
     def add(name: str, value: float | None, bound: float, higher_is_better: bool, what: str) -> None:
+        op = ">=" if higher_is_better else "<="
         if value is None:
-            t[name] = {"what": what, "value": None, "bound": bound, "status": "not run"}
+            t[name] = {"what": what, "value": None, "bound": bound, "op": op, "status": "not run"}
             return
         met = value >= bound if higher_is_better else value <= bound
-        t[name] = {"what": what, "value": value, "bound": bound, "status": "met" if met else "not met"}
+        t[name] = {"what": what, "value": value, "bound": bound, "op": op, "status": "met" if met else "not met"}
 
     add("plain_upload_vs_dense_f32", _ratio(dense_f32, plain and plain["upload_per_org"]), 50, True,
         "dense float32 upload / fedembed plain upload (per org per round)")
@@ -312,7 +313,7 @@ def print_report(s: dict[str, dict[str, Any]], targets: dict[str, dict[str, Any]
             continue
         val = "-" if v["value"] is None else f"{v['value']:.2f}"
         style = {"met": "green", "not met": "red"}.get(v["status"], "yellow")
-        tt.add_row(v["what"], val, f"{'>=' if name != 'union_time_vs_plain' and name != 'coordinator_memory_vs_table' else '<='} {v['bound']}",
+        tt.add_row(v["what"], val, f"{v['op']} {v['bound']}",
                    f"[{style}]{v['status']}[/]")
     c.print(tt)
     for name, v in targets.items():
@@ -336,7 +337,7 @@ def markdown_report(s: dict[str, dict[str, Any]], targets: dict[str, dict[str, A
     lines += ["", "| target | measured | bound | status |", "|---|--:|--:|---|"]
     for name, v in targets.items():
         if "status" in v:
-            op = "<=" if name in ("union_time_vs_plain", "coordinator_memory_vs_table") else ">="
+            op = v["op"]
             val = "-" if v["value"] is None else f"{v['value']:.2f}"
             lines.append(f"| {v['what']} | {val} | {op} {v['bound']} | {v['status']} |")
     return "\n".join(lines)
