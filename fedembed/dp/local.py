@@ -39,10 +39,11 @@ import numpy as np
 import torch
 
 from fedembed.dp import DPError
-from fedembed.dp.accounting import DPRound, effective_noise_multiplier
+from fedembed.dp.accounting import DPRound, PrivacyLedger, effective_noise_multiplier
 from fedembed.dp.clipping import ClippedBatch, ExampleGradients
 from fedembed.dp.selection import example_count_scale, select_rows
 from fedembed.model import SplitModel
+from fedembed.recipe import TrainConfig
 from fedembed.task import to_device
 
 log = logging.getLogger(__name__)
@@ -278,3 +279,59 @@ def dp_epochs(
         seen += report.examples
     log.debug("DP: %d steps, q=%.4g, %d examples sampled", steps, q, seen)
     return loss_sum, seen, DPRound(cfg.effective_noise_multiplier, q, steps, population=n)
+
+
+def dp_train_round(
+    task: DPTask,
+    model: SplitModel,
+    cfg: TrainConfig,
+    optimizers: list[torch.optim.Optimizer],
+    rng: np.random.Generator,
+    lookups: dict[str, list[np.ndarray]],
+    ledger: PrivacyLedger | None = None,
+) -> tuple[float, int, dict[str, float]]:
+    """One organisation's DP round under recipe ``cfg`` (``cfg.dp``): budget check, steps, ledger entry.
+
+    Parameters
+    ----------
+    task, model, optimizers, rng, lookups
+        See :func:`dp_epochs`.
+    cfg : TrainConfig
+        The recipe: ``batch_size``, ``epochs`` and the ``dp_*`` group.
+    ledger : PrivacyLedger, optional
+        The organisation's ledger of earlier rounds, updated in place. None: a fresh one
+        (then ``dp_epsilon`` covers this round only).
+
+    Returns
+    -------
+    total : float
+        Mean training loss times steps (what :func:`fedembed.train.train_local` divides by steps).
+    steps : int
+        DP steps run.
+    stats : dict[str, float]
+        ``dp_epsilon`` (all rounds in the ledger), ``dp_delta``, ``dp_noise_multiplier``
+        (the effective one), ``dp_sampling_rate``, ``dp_steps``.
+
+    Raises
+    ------
+    fedembed.dp.BudgetExhausted
+        Before any step, when this round would take epsilon past ``cfg.dp_target_epsilon``.
+    """
+    dpc = DPConfig(cfg.dp_noise_multiplier, cfg.dp_clip, cfg.dp_selection_noise_multiplier, cfg.dp_row_threshold,
+                   cfg.dp_count_clip)
+    if ledger is None:
+        ledger = PrivacyLedger(cfg.dp_target_delta, cfg.dp_target_epsilon or None)
+    n = int(task.num_examples("train"))
+    if n < 1:
+        raise DPError("DP training needs at least one training example")
+    planned = DPRound(dpc.effective_noise_multiplier, min(1.0, cfg.batch_size / n),
+                      int(cfg.epochs) * math.ceil(n / cfg.batch_size), population=n)
+    ledger.check_next(planned)
+    loss_sum, seen, ran = dp_epochs(task, model, dpc, cfg.batch_size, cfg.epochs, optimizers, rng, lookups)
+    ledger.record(ran)
+    eps, delta = ledger.spent()
+    log.info("DP round: %d steps, effective noise multiplier %.3f, q=%.4g; epsilon %.3f at delta %g so far",
+             ran.steps, ran.noise_multiplier, ran.sampling_rate, eps, delta)
+    stats = {"dp_epsilon": eps, "dp_delta": delta, "dp_noise_multiplier": ran.noise_multiplier,
+             "dp_sampling_rate": ran.sampling_rate, "dp_steps": float(ran.steps)}
+    return loss_sum / max(seen, 1) * ran.steps, ran.steps, stats
