@@ -71,6 +71,23 @@ class TrainConfig:
     lr_decay : float
         Per-round decay of both learning rates: round ``r`` (1-based) trains with
         ``lr * lr_decay ** (r - 1)`` (see :meth:`at_round`); 1 keeps them constant.
+    dp_noise_multiplier : float
+        Record-level DP (:mod:`fedembed.dp.local`): gradient noise std over ``dp_clip``;
+        0 (the default) turns DP off. With DP, ``batch_size`` is the expected size of
+        Poisson samples, and head re-fit, co-occurrence and residual must be off.
+    dp_clip : float
+        L2 bound of one example's gradient (shared tables and head together).
+    dp_selection_noise_multiplier : float
+        Row-count noise std over ``dp_count_clip`` (DP-AdaFEST row selection).
+    dp_row_threshold : float
+        A row's gradient is released in a step when its noisy contribution count reaches this.
+    dp_count_clip : float
+        L2 bound of one example's contribution counts over the rows it looks up.
+    dp_target_epsilon : float
+        The organisation's budget: no DP round starts that would take its epsilon past it;
+        0 for no budget.
+    dp_target_delta : float
+        The delta epsilon is reported at.
     """
 
     epochs: int = 1
@@ -89,6 +106,14 @@ class TrainConfig:
     guard_blend: bool = True
     head_weight_decay: float = 0.0
     lr_decay: float = 0.8
+    # record-level DP (fedembed.dp); off while dp_noise_multiplier == 0
+    dp_noise_multiplier: float = 0.0
+    dp_clip: float = 1.0
+    dp_selection_noise_multiplier: float = 1.0
+    dp_row_threshold: float = 4.0
+    dp_count_clip: float = 1.0
+    dp_target_epsilon: float = 0.0
+    dp_target_delta: float = 1e-5
 
     def __post_init__(self) -> None:
         if self.table_optimizer not in TABLE_OPTIMIZERS:
@@ -102,6 +127,26 @@ class TrainConfig:
             raise RecipeError(f"lr_decay must be in (0, 1], got {self.lr_decay}")
         if self.head_weight_decay < 0:
             raise RecipeError(f"head_weight_decay must be >= 0, got {self.head_weight_decay}")
+        self._check_dp()
+
+    def _check_dp(self) -> None:
+        if self.dp_noise_multiplier < 0 or self.dp_target_epsilon < 0:
+            raise RecipeError("dp_noise_multiplier and dp_target_epsilon must be >= 0")
+        if not self.dp:
+            return
+        for f in ("dp_clip", "dp_selection_noise_multiplier", "dp_row_threshold", "dp_count_clip"):
+            if not getattr(self, f) > 0:
+                raise RecipeError(f"{f} must be > 0 with DP on, got {getattr(self, f)}")
+        if not 0 < self.dp_target_delta < 1:
+            raise RecipeError(f"dp_target_delta must be in (0, 1), got {self.dp_target_delta}")
+        if self.head_epochs or self.cooc_weight > 0 or self.residual:
+            raise RecipeError("with DP on, head_epochs, cooc_weight and residual must be off (they would train on "
+                              "the data outside the DP mechanism)")
+
+    @property
+    def dp(self) -> bool:
+        """Whether local training is record-level DP (:mod:`fedembed.dp.local`)."""
+        return self.dp_noise_multiplier > 0
 
     def to_dict(self) -> dict[str, Any]:
         """Plain dict (for messages and metrics.json)."""

@@ -270,18 +270,22 @@ class BagTask(Task):
         return len(self._split(split))
 
     def batches(self, split: str, batch_size: int, rng: np.random.Generator | None) -> Iterator[BagBatch]:
-        bags = self._split(split)
-        n = len(bags)
+        n = len(self._split(split))
         order = rng.permutation(n) if rng is not None else np.arange(n)
         for start in range(0, n, batch_size):
-            idx = order[start : start + batch_size]
-            lo, hi = bags.offsets[idx], bags.offsets[idx + 1]
-            lengths = hi - lo
-            ids = np.concatenate([bags.ids[a:b] for a, b in zip(lo, hi)]) if len(idx) else np.zeros(0, np.int64)
-            offsets = np.r_[0, np.cumsum(lengths)[:-1]]
-            t = bags.targets[idx]
-            targets = torch.from_numpy(t.astype(np.float32) if self.part.kind == "multilabel" else t.astype(np.int64))
-            yield BagBatch(torch.from_numpy(ids.astype(np.int64)), torch.from_numpy(offsets.astype(np.int64)), targets)
+            yield self.batch_of(split, order[start : start + batch_size])
+
+    def batch_of(self, split: str, idx: np.ndarray) -> BagBatch:
+        """The batch of examples ``idx`` of ``split`` (DP training draws its own Poisson samples, :mod:`fedembed.dp.local`)."""
+        bags = self._split(split)
+        idx = np.asarray(idx, dtype=np.int64)
+        lo, hi = bags.offsets[idx], bags.offsets[idx + 1]
+        lengths = hi - lo
+        ids = np.concatenate([bags.ids[a:b] for a, b in zip(lo, hi)]) if len(idx) else np.zeros(0, np.int64)
+        offsets = np.r_[0, np.cumsum(lengths)[:-1]] if len(idx) else np.zeros(0, np.int64)
+        t = bags.targets[idx]
+        targets = torch.from_numpy(t.astype(np.float32) if self.part.kind == "multilabel" else t.astype(np.int64))
+        return BagBatch(torch.from_numpy(ids.astype(np.int64)), torch.from_numpy(offsets.astype(np.int64)), targets)
 
     def id_bags(self, batch: BagBatch) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
         return {"ids": (batch.ids, batch.offsets)}
@@ -291,6 +295,13 @@ class BagTask(Task):
         if batch.targets.dtype == torch.float32:
             return F.binary_cross_entropy_with_logits(logits, batch.targets)
         return F.cross_entropy(logits, batch.targets)
+
+    def example_losses(self, model: SplitModel, batch: BagBatch) -> torch.Tensor:
+        """One loss per example, shape ``(B,)``: their mean is :meth:`loss` (DP training clips each one's gradient)."""
+        logits = model(batch.ids, batch.offsets)
+        if batch.targets.dtype == torch.float32:
+            return F.binary_cross_entropy_with_logits(logits, batch.targets, reduction="none").mean(1)
+        return F.cross_entropy(logits, batch.targets, reduction="none")
 
     @torch.no_grad()
     def evaluate(self, model: SplitModel, split: str) -> dict[str, float]:

@@ -116,6 +116,7 @@ def train_local(
     rng: np.random.Generator,
     start_tables: dict[str, np.ndarray] | None = None,
     table_state: dict[str, Any] | None = None,
+    dp_ledger: Any | None = None,
 ) -> tuple[RowUpdate, dict[str, float]]:
     """Train ``model`` on the organisation's training data for one round.
 
@@ -137,6 +138,9 @@ def train_local(
     table_state : dict, optional
         The organisation's saved table optimizer state (``cfg.keep_table_state``);
         loaded before and updated in place after training.
+    dp_ledger : fedembed.dp.accounting.PrivacyLedger, optional
+        With ``cfg.dp``: the organisation's privacy ledger, checked against its budget
+        before training and updated after (None: this round's epsilon only).
 
     Returns
     -------
@@ -159,7 +163,12 @@ def train_local(
     gen = torch.Generator().manual_seed(int(rng.integers(2**31)))
     lookups: dict[str, list[np.ndarray]] = {n: [] for n in model.table_names}
     total, steps = 0.0, 0
-    for _ in range(cfg.epochs):
+    dp_stats: dict[str, float] | None = None
+    if cfg.dp:  # record-level DP (fedembed.dp.local): own Poisson samples; lookups get the rows each step released
+        from fedembed.dp.local import dp_train_round
+
+        total, steps, dp_stats = dp_train_round(task, model, cfg, [head_opt, table_opt], rng, lookups, dp_ledger)
+    for _ in range(cfg.epochs if dp_stats is None else 0):
         for batch in task.batches("train", cfg.batch_size, rng):
             batch = to_device(batch, task.device)
             head_opt.zero_grad(set_to_none=True)
@@ -197,6 +206,7 @@ def train_local(
         "examples": float(task.num_examples("train")),
         "loss": total / max(steps, 1),
         "steps": float(steps),
+        **(dp_stats or {}),
     }
     return update, stats
 

@@ -17,10 +17,11 @@ LAYERS: list[tuple[str, list[str]]] = [
         "fedembed.report", "fedembed.identity", "fedembed.config", "fedembed.certs", "fedembed.data",
         "fedembed.secagg", "fedembed.secagg.graph", "fedembed.secagg.primitives", "fedembed.secagg.quantize",
         "fedembed.secagg.vector", "fedembed.secagg.protocol",
+        "fedembed.dp", "fedembed.dp.accounting", "fedembed.dp.selection",
     ]),
     ("model and task (torch)", [
         "fedembed.residual", "fedembed.model", "fedembed.cooc", "fedembed.task", "fedembed.train", "fedembed.serving",
-        "fedembed.guard",
+        "fedembed.guard", "fedembed.dp.clipping", "fedembed.dp.local",
     ]),
     ("the two sides", [
         "fedembed.coordinator", "fedembed.secagg.server", "fedembed.org", "fedembed.secagg.client",
