@@ -429,6 +429,14 @@ def _add_client(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--secure-colluders", type=int, default=0,
                    help="organisations that may collude with the coordinator: secure rounds need a consistency "
                         "statement signed by more than half of (roster + this many)")
+    p.add_argument("--dp-min-noise-multiplier", type=float, default=0.0,
+                   help="this organisation's DP floor: a recipe with a smaller dp_noise_multiplier is refused "
+                        "before anything trains (default: 0, training without DP accepted)")
+    p.add_argument("--dp-max-epsilon", type=float, default=0.0,
+                   help="this organisation's own privacy budget (epsilon at --dp-delta); the tighter of it and the "
+                        "recipe's applies; once spent it evaluates and trains no more (default: 0, the recipe's)")
+    p.add_argument("--dp-delta", type=float, default=0.0,
+                   help="the delta of --dp-max-epsilon (default: 0, the recipe's dp_target_delta)")
     p.add_argument("--secure-row-sets", default="dense,union,revealed",
                    help="secure row-set modes this organisation takes part in (revealed tells the coordinator "
                         "its row ids)")
@@ -582,7 +590,9 @@ def cmd_client(args: argparse.Namespace) -> int:
         auth_key=args.auth_key, insecure=args.insecure, runtime_port=args.runtime_port, restart=not args.no_restart,
         identity_key=args.identity_key, roster=args.roster, worker=not args.no_worker, task_config=task_config,
         extra_node_config={"secure-colluders": str(args.secure_colluders),
-                           "secure-row-sets": json.dumps(args.secure_row_sets)},
+                           "secure-row-sets": json.dumps(args.secure_row_sets),
+                           "dp-min-noise-multiplier": str(args.dp_min_noise_multiplier),
+                           "dp-max-epsilon": str(args.dp_max_epsilon), "dp-delta": str(args.dp_delta)},
     )
     if opts.insecure:
         log.warning("--insecure: this organisation's traffic to the coordinator is not encrypted")

@@ -256,13 +256,19 @@ class Coordinator:
             if not isinstance(cache_version, int) or isinstance(cache_version, bool):
                 raise UpdateError(f"cache_version must be an integer, got {cache_version!r}")
             metrics = _finite_metrics(c["metrics"]) if "metrics" in c else {}
-            if "train" in c:
-                _finite_metrics(c["train"])
+            stats = _finite_metrics(c["train"]) if "train" in c else {}
+            if "dp_epsilon" in stats:  # its own privacy spend, as its ledger composes it (recorded, not trusted)
+                entry.setdefault("privacy", {})[org] = {"epsilon": stats["dp_epsilon"], "delta": stats.get("dp_delta", 0.0)}
             if status == "stale":
                 self.known[rep.node] = cache_version if 0 <= cache_version <= self.tables.version else 0
                 if metrics:
                     self.log.set_metrics(evaluated_round, org, metrics)
                 raise UpdateError(f"cache at version {cache_version} was stale; resync next round")
+            if status == "exhausted":  # it applied the sync and evaluated; its DP budget allows no more training
+                self.known[rep.node] = self.tables.version
+                if metrics:
+                    self.log.set_metrics(evaluated_round, org, metrics)
+                raise UpdateError("its privacy budget is spent: it evaluates, and trains no more")
             if status == "refused":
                 raise UpdateError(f"refused the coordinator's message: {_printable(info.get('error', ''), 300)}")
             if status != "ok":

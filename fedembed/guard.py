@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import json
 import logging
+from dataclasses import replace
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -211,8 +212,8 @@ class Guard:
         out["guard_local"] = 1.0 if served == LOCAL else 0.0
         for n, m in candidates.items():
             out[f"{n}_val_score"] = float(m["val_score"])
-        if train:
-            state = train_alone(task, model, cfg, saved, seed, who, round_)
+        if train:  # the twin never leaves the organisation: it trains without DP noise
+            state = train_alone(task, model, replace(cfg, dp_noise_multiplier=0.0), saved, seed, who, round_)
             extra = {"table_state": state["table_state"]} if "table_state" in state else {}
             self.state.save_head(state["head"], state["optimizer"], round_, **extra)
             self.state.save_tables(model.get_tables(), round_, key)

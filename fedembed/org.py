@@ -13,7 +13,7 @@ from __future__ import annotations
 import json
 import logging
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +23,9 @@ from flwr.app import ConfigRecord, RecordDict
 
 from fedembed.config import RoundPlan, StageHeader
 from fedembed.errors import FedembedError
+from fedembed.dp import BudgetExhausted
+from fedembed.dp.accounting import PrivacyLedger
+from fedembed.dp.policy import DPPolicy
 from fedembed.faults import check_drop
 from fedembed.guard import Guard
 from fedembed.identity import Identity, sign_reply
@@ -87,11 +90,13 @@ class Organisation:
         Its own task (:mod:`fedembed.task`), from its own configuration, never from a message.
     device : str
         ``cpu``, ``cuda``, ``cuda:<n>`` or ``auto`` (CUDA when available).
+    dp_policy : DPPolicy, optional
+        Its own DP floor and budget (:mod:`fedembed.dp.policy`), held against any recipe.
     """
 
     def __init__(
         self, org: int, state_dir: Path, identity: Identity, policy: SecurePolicy | None = None,
-        task: TaskSpec | None = None, device: str = "cpu",
+        task: TaskSpec | None = None, device: str = "cpu", dp_policy: DPPolicy | None = None,
     ) -> None:
         if task is None:
             raise TaskError("an organisation needs its own task: --task (or node config task=...)")
@@ -101,6 +106,7 @@ class Organisation:
         self.policy = policy or SecurePolicy()
         self.task_spec = task
         self.device = resolve_device(device)
+        self.dp_policy = dp_policy or DPPolicy()
 
     @staticmethod
     def from_node_config(
@@ -121,7 +127,8 @@ class Organisation:
             spec, device = task_from_node_config(nc)
         else:
             spec, device = tasks[member.org], str(nc.get("device", "cpu"))
-        return Organisation(member.org, member.state_dir, member.identity, member.policy, spec, device)
+        return Organisation(member.org, member.state_dir, member.identity, member.policy, spec, device,
+                            DPPolicy.from_mapping(nc))
 
     @property
     def member(self) -> SecureMember:
@@ -160,6 +167,9 @@ class Organisation:
         task = self.task
         name = self.identity.name
         cfg = TrainConfig.from_dict(json.loads(plan.train)).at_round(plan.round)
+        if cfg.dp or self.dp_policy.max_epsilon:  # its own budget wins where it is tighter
+            epsilon, delta = self.dp_policy.budget(cfg.dp_target_epsilon, cfg.dp_target_delta)
+            cfg = replace(cfg, dp_target_epsilon=epsilon, dp_target_delta=delta)
         shapes = {n: t.shape for n, t in self.table_specs().items()}
         tables, version = self.state.load_tables(shapes, plan.seed, plan.table_scale, plan.run_key)
         if plan.since != version and plan.since != 0:
@@ -192,10 +202,22 @@ class Organisation:
 
         head_opt = make_head_optimizer(model, cfg, saved["optimizer"] if saved else None)
         table_state = (saved or {}).get("table_state", {}) if cfg.keep_table_state else None
-        update, stats = train_local(
-            task, model, cfg, head_opt, round_rng(plan.seed, name, plan.round), start_tables=tables, table_state=table_state
-        )
-        extra = {"table_state": table_state} if table_state is not None else {}
+        ledger = None
+        if cfg.dp:  # its privacy spend so far, kept with its head: composed over every round it trained
+            ledger = PrivacyLedger(cfg.dp_target_delta, cfg.dp_target_epsilon or None)
+            if saved and "dp_ledger" in saved:
+                ledger.rounds = PrivacyLedger.from_dict(saved["dp_ledger"]).rounds
+        try:
+            update, stats = train_local(
+                task, model, cfg, head_opt, round_rng(plan.seed, name, plan.round), start_tables=tables,
+                table_state=table_state, dp_ledger=ledger,
+            )
+        except BudgetExhausted as exc:  # nothing trained, nothing saved: it only evaluates from now on
+            log.warning("%s: %s", name, exc)
+            return OrgReply(name, "exhausted", version, metrics=metrics, train_stats={"dp_exhausted": 1.0})
+        extra: dict[str, Any] = {"table_state": table_state} if table_state is not None else {}
+        if ledger is not None:
+            extra["dp_ledger"] = ledger.to_dict()
         self.state.save_head(model.head_state_dict(), head_opt.state_dict(), plan.round, **extra)
         return OrgReply(name, "ok", version, update=update, metrics=metrics, train_stats=stats)
 
@@ -223,7 +245,8 @@ def _checked_plan(organisation: Organisation, content: RecordDict, message_type:
     MessageRefused, ConfigError, SpecError
         Records outside the message's schema (a head, say), a plan outside its schema, a
         federation whose tables differ from this organisation's model, a plan whose
-        evaluate flag contradicts the message type, a row-set mode its policy excludes.
+        evaluate flag contradicts the message type, a recipe below its own DP floor
+        (:class:`fedembed.dp.policy.DPPolicy`), a row-set mode its policy excludes.
     """
     extra = sorted(set(content.keys()) - MESSAGE_RECORDS)
     if extra:  # e.g. a head: this organisation's head is its own and never taken from a message
@@ -232,6 +255,7 @@ def _checked_plan(organisation: Organisation, content: RecordDict, message_type:
     organisation.check_federation(FederationSpec.from_json(plan.federation))
     if plan.evaluate_only != (message_type == "evaluate"):
         raise MessageRefused(f"a {message_type!r} message whose plan says evaluate_only={plan.evaluate_only}")
+    organisation.dp_policy.check(TrainConfig.from_dict(json.loads(plan.train)).dp_noise_multiplier)
     if plan.secure and plan.row_set not in organisation.policy.row_sets:
         raise MessageRefused(
             f"row-set mode {plan.row_set!r}: this organisation takes part in {list(organisation.policy.row_sets)}"

@@ -17,6 +17,7 @@ import numpy as np
 import torch
 
 from fedembed.cooc import cooccurrence_loss
+from fedembed.dp import BudgetExhausted
 from fedembed.model import SplitModel
 from fedembed.recipe import TrainConfig
 from fedembed.sparse import RowUpdate, TableUpdate
@@ -241,10 +242,24 @@ def train_alone(
     head_opt = make_head_optimizer(model, cfg, saved["optimizer"] if saved else None)
     table_state: dict[str, Any] | None = (saved or {}).get("table_state", {}) if cfg.keep_table_state else None
     alone = TrainConfig.from_dict({**cfg.to_dict(), "residual": False})
-    train_local(task, model, alone, head_opt, round_rng(seed, who, round_), start_tables=None, table_state=table_state)
+    ledger = None
+    if alone.dp:  # the local baseline with the federation's DP: its spend composed over its rounds
+        from fedembed.dp.accounting import PrivacyLedger
+
+        ledger = PrivacyLedger(alone.dp_target_delta, alone.dp_target_epsilon or None)
+        if saved and "dp_ledger" in saved:
+            ledger.rounds = PrivacyLedger.from_dict(saved["dp_ledger"]).rounds
+    try:
+        train_local(task, model, alone, head_opt, round_rng(seed, who, round_), start_tables=None,
+                    table_state=table_state, dp_ledger=ledger)
+    except BudgetExhausted as exc:
+        log.warning("%s: %s", who, exc)
+        return dict(saved or {"head": model.head_state_dict(), "optimizer": head_opt.state_dict()})
     out: dict[str, Any] = {"head": model.head_state_dict(), "optimizer": head_opt.state_dict()}
     if table_state is not None:
         out["table_state"] = table_state
+    if ledger is not None:
+        out["dp_ledger"] = ledger.to_dict()
     return out
 
 

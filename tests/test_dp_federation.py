@@ -1,0 +1,46 @@
+"""DP across rounds of a federation: the organisation holds its own floor and budget; its spend composes over rounds."""
+
+import pytest
+
+from conftest import run_config
+from fedembed.coordinator import Coordinator
+from fedembed.dp.accounting import PrivacyLedger
+from fedembed.dp.policy import DPPolicy
+from fedembed.org import handle_content
+from fedembed.recipe import TrainConfig
+from fedembed.task import TaskSpec
+
+TASK = TaskSpec("synthetic", {"orgs": 2, "rows": 2000, "examples": 300, "dim": 8, "hidden": 16})
+DP = dict(dp_noise_multiplier=1.0, dp_clip=1.0, dp_selection_noise_multiplier=0.5, dp_row_threshold=5.0,
+          dp_count_clip=3.0, keep_table_state=False, batch_size=16, max_row_weight=3)
+
+
+def test_a_recipe_below_the_organisations_dp_floor_is_refused_before_it_trains(tmp_path, direct_transport):
+    t = direct_transport(tmp_path, 2, task=TASK)
+    for org in t.orgs.values():
+        org.dp_policy = DPPolicy(min_noise_multiplier=1.0)
+    c = Coordinator(run_config(TASK, rounds=1), t)  # a coordinator that sends no DP at all
+    reply = handle_content(t.orgs[100], c.train_message(100, 1), "train", 100)
+    assert reply["info"]["status"] == "refused"
+    assert "dp_noise_multiplier 0.0 is below this organisation's minimum 1.0" in reply["info"]["error"]
+    assert t.orgs[100].state.load_head() is None
+    # the control: the same organisation trains a recipe at its floor
+    c2 = Coordinator(run_config(TASK, rounds=1, train=TrainConfig(**DP)), t)
+    assert handle_content(t.orgs[100], c2.train_message(100, 1), "train", 100)["info"]["status"] == "ok"
+
+
+def test_each_organisations_spend_composes_over_rounds_and_its_own_budget_stops_it(tmp_path, direct_transport):
+    t = direct_transport(tmp_path, 2, task=TASK)
+    c = Coordinator(run_config(TASK, rounds=4, train=TrainConfig(**DP)), t)
+    entries = [c.run_round(r, sorted(t.orgs)) for r in (1, 2)]
+    eps = [e["privacy"]["org-0"]["epsilon"] for e in entries]
+    assert 0 < eps[0] < eps[1]  # round 2 composes on round 1: the ledger is kept with the organisation's head
+    saved = PrivacyLedger.from_dict(t.orgs[100].state.load_head()["dp_ledger"])
+    assert len(saved.rounds) == 2 and saved.epsilon() == pytest.approx(eps[1])
+    # org-1 sets its own budget just above what it has spent: the next round would exceed it
+    t.orgs[101].dp_policy = DPPolicy(max_epsilon=eps[1] * 1.01)
+    entry = c.run_round(3, sorted(t.orgs))
+    assert "privacy budget is spent" in entry["rejected"]["org-1"]
+    assert entry["clients"] == 1
+    assert len(PrivacyLedger.from_dict(t.orgs[101].state.load_head()["dp_ledger"]).rounds) == 2  # nothing more spent
+    assert entry["privacy"]["org-0"]["epsilon"] > eps[1]  # the other goes on
