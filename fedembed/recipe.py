@@ -71,6 +71,21 @@ class TrainConfig:
     lr_decay : float
         Per-round decay of both learning rates: round ``r`` (1-based) trains with
         ``lr * lr_decay ** (r - 1)`` (see :meth:`at_round`); 1 keeps them constant.
+    serve_best : bool
+        Early stopping on validation: every organisation serves the state of its
+        evaluation with the best validation score so far and reports its metrics as
+        ``best_*`` with ``best_round`` (:mod:`fedembed.stopping`), in every mode.
+    keep_best_state : bool
+        With ``serve_best``, also keep a copy of that state's head and tables in the
+        organisation's ``best`` directory (a full table write at each improvement).
+    prox_mu : float
+        FedProx-style drift correction of the shared rows: after every local step, each
+        row the step touched moves ``min(prox_mu * table_lr, 1)`` of the way back towards
+        its synced value (a decoupled proximal term); 0 turns it off. The ``local``
+        baseline has no synced value and ignores it.
+    patience : int
+        Stop the run once no organisation's validation score has improved for this many
+        rounds; 0 runs every round.
     """
 
     epochs: int = 1
@@ -89,6 +104,10 @@ class TrainConfig:
     guard_blend: bool = True
     head_weight_decay: float = 0.0
     lr_decay: float = 0.8
+    serve_best: bool = True
+    keep_best_state: bool = False
+    prox_mu: float = 0.0
+    patience: int = 0
 
     def __post_init__(self) -> None:
         if self.table_optimizer not in TABLE_OPTIMIZERS:
@@ -100,6 +119,10 @@ class TrainConfig:
             raise RecipeError("learning rates must be > 0 and max_row_weight >= 1")
         if not 0 < self.lr_decay <= 1:
             raise RecipeError(f"lr_decay must be in (0, 1], got {self.lr_decay}")
+        if self.prox_mu < 0:
+            raise RecipeError(f"prox_mu must be >= 0, got {self.prox_mu}")
+        if int(self.patience) < 0:
+            raise RecipeError(f"patience must be >= 0 (0: no early stop), got {self.patience}")
         if self.head_weight_decay < 0:
             raise RecipeError(f"head_weight_decay must be >= 0, got {self.head_weight_decay}")
 

@@ -101,7 +101,7 @@ class InProcessTransport:
         return [Reply(node, handle_content(self.orgs[node], content, message_type, node)) for node, content in contents.items()]
 
 
-def run_args(scenario: str, mode: str, seed: int, rounds: int | None, out: Path) -> list[str]:
+def run_args(scenario: str, mode: str, seed: int, rounds: int | None, out: Path, extra: list[str] | None = None) -> list[str]:
     """``fedembed simulate`` arguments of one run (defaults for everything not named).
 
     ``seed`` seeds the run and every organisation's task (its data split); ``fedembed``
@@ -114,7 +114,7 @@ def run_args(scenario: str, mode: str, seed: int, rounds: int | None, out: Path)
             "--seed", str(seed), *guard, "--out", str(out)]
     if rounds is not None:
         args += ["--rounds", str(rounds)]
-    return args
+    return args + list(extra or [])
 
 
 def run_one(args: list[str], out: Path, engine: str) -> None:
@@ -227,6 +227,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--modes", nargs="+", choices=[*MODES, NO_GUARD], default=[*MODES, NO_GUARD],
                    help=f"{NO_GUARD}: fedembed with the guard off")
     p.add_argument("--engine", choices=["inprocess", "flower"], default="inprocess")
+    p.add_argument("--extra", default="", help="more `fedembed simulate` flags for every run (a candidate recipe), "
+                   "e.g. \"--head-epochs 1\"; give each candidate its own --out")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     logging.getLogger("fedembed").setLevel(logging.ERROR)
@@ -239,7 +241,7 @@ def main(argv: list[str] | None = None) -> int:
                 if (out / "metrics.json").exists():
                     continue
                 t0 = time.perf_counter()
-                run_one(run_args(scenario, mode, seed, args.rounds, out), out, args.engine)
+                run_one(run_args(scenario, mode, seed, args.rounds, out, args.extra.split()), out, args.engine)
                 score = json.loads((out / "metrics.json").read_text())["final"]["mean"]["score"]
                 log.info("%-13s %-10s seed %d: mean score %.4f (%.0f s)", scenario, mode, seed, score, time.perf_counter() - t0)
     summary = summarise(args.out, args.seeds)
