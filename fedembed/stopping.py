@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 #: The metric an evaluation is ranked by (higher is better).
 SELECT_ON = "val_score"
 #: Metrics of the best-validation evaluation reported under ``best_<name>``.
-REPORTED = ("score", "val_score", "loss", "val_loss")
+REPORTED = ("score", "val_score", "loss", "val_loss", "guard_weight")
 
 
 def improves(value: float | None, best: float | None) -> bool:
