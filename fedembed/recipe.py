@@ -83,6 +83,9 @@ class TrainConfig:
         row the step touched moves ``min(prox_mu * table_lr, 1)`` of the way back towards
         its synced value (a decoupled proximal term); 0 turns it off. The ``local``
         baseline has no synced value and ignores it.
+    freeze_head : bool
+        FedRep's alternation: the local epochs train the tables only, the head is trained
+        by the ``head_epochs`` re-fit alone (which must then be at least 1).
     patience : int
         Stop the run once no organisation's validation score has improved for this many
         rounds; 0 runs every round.
@@ -107,6 +110,7 @@ class TrainConfig:
     serve_best: bool = True
     keep_best_state: bool = False
     prox_mu: float = 0.0
+    freeze_head: bool = False
     patience: int = 0
 
     def __post_init__(self) -> None:
@@ -119,6 +123,8 @@ class TrainConfig:
             raise RecipeError("learning rates must be > 0 and max_row_weight >= 1")
         if not 0 < self.lr_decay <= 1:
             raise RecipeError(f"lr_decay must be in (0, 1], got {self.lr_decay}")
+        if self.freeze_head and int(self.head_epochs) < 1:
+            raise RecipeError("freeze_head trains the head in the head_epochs re-fit only: head_epochs must be >= 1")
         if self.prox_mu < 0:
             raise RecipeError(f"prox_mu must be >= 0, got {self.prox_mu}")
         if int(self.patience) < 0:

@@ -221,7 +221,8 @@ def train_local(
                 raise FloatingPointError(f"training loss became {float(loss)}; lower the learning rates")
             loss.backward()
             _record_lookups(model, lookups)
-            head_opt.step()
+            if not cfg.freeze_head:
+                head_opt.step()
             table_opt.step()
             if prox:
                 _proximal_pull(model, prox, rate)
