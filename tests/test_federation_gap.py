@@ -1,5 +1,7 @@
 """Issue 12: early stopping on validation, server-side adaptive optimisers, drift correction, FedRep order."""
 
+import json
+
 import numpy as np
 import pytest
 
@@ -101,3 +103,12 @@ def test_patience_stops_a_federated_run_and_a_baseline_early_and_reports_the_bes
     runlog, _ = run_baseline(run_config(TASK, rounds=8, mode="local", train=train), tasks, [f"org-{i}" for i in range(3)])
     assert runlog.extra["stopped_early"] < 8
     assert all("best_score" in m for m in runlog.to_dict()["final"].values())
+
+
+def test_keep_best_state_keeps_the_served_head_and_tables(tmp_path, direct_transport):
+    cfg = run_config(TASK, rounds=2, train=TrainConfig(keep_best_state=True))
+    doc = Coordinator(cfg, direct_transport(tmp_path, 3, task=TASK)).run().to_dict()
+    for i in range(3):
+        best = tmp_path / f"org-{i}" / "best"
+        assert (best / "best.json").exists() and (best / "head.pt").exists() and (best / "tables.npz").exists()
+        assert json.loads((best / "tables.json").read_text())["version"] == doc["final"][f"org-{i}"]["best_round"]
