@@ -17,7 +17,7 @@ from fedembed.tables import VersionedTables
 
 log = logging.getLogger(__name__)
 
-SERVER_OPTIMIZERS = ("sgd", "adagrad", "adam", "yogi")
+SERVER_OPTIMIZERS = ("sgd", "adagrad", "adam", "yogi", "sum")
 
 
 @dataclass
@@ -28,6 +28,13 @@ class ServerOptimizer:
     ----------
     name : str
         ``sgd``: ``row += lr * mean_delta`` (``lr=1`` is plain FedAvg of the rows).
+        ``sum`` (FedSubAvg-style per-row steps): ``row += lr * sum_i w_i delta_i / weight_cap``.
+        With weights of 1 per organisation (``TrainConfig.max_row_weight = 1``, the
+        default) a row moves by the sum of the deltas of the organisations that touched
+        it: the weighted mean times their number. A row one organisation touches moves as
+        under ``sgd``; a row ``k`` organisations share moves ``k`` times as far, as it would
+        in centralised training, where every organisation's batches step it (the mean
+        makes the shared rows, the ones federating is for, learn ``k`` times slower).
         ``adagrad``: row-wise Adagrad (one accumulator per row, the mean square of its
         pseudo-gradient): ``acc += mean(d**2)``; ``row += lr * d / (sqrt(acc) + eps)``.
         ``adam`` / ``yogi``: FedAdam / FedYogi (Reddi et al., 2021) with per-row state,
@@ -42,6 +49,9 @@ class ServerOptimizer:
         Numerical floor of the adaptive optimizers.
     beta1, beta2 : float
         Moment decays of ``adam`` and ``yogi``.
+    weight_cap : float
+        The largest weight one organisation gives a row (``TrainConfig.max_row_weight``):
+        ``sum`` counts an organisation's delta in full at that weight.
     state : dict[str, np.ndarray]
         Optimizer state per table (``<table>`` Adagrad accumulators; ``<table>.m``,
         ``<table>.v``, ``<table>.t`` for adam and yogi); saved in checkpoints.
@@ -52,6 +62,7 @@ class ServerOptimizer:
     eps: float = 1e-3
     beta1: float = 0.9
     beta2: float = 0.99
+    weight_cap: float = 1.0
     state: dict[str, np.ndarray] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -59,6 +70,8 @@ class ServerOptimizer:
             raise ValueError(f"unknown server optimizer {self.name!r}; choose one of {SERVER_OPTIMIZERS}")
         if not self.lr > 0:
             raise ValueError(f"server learning rate must be > 0, got {self.lr}")
+        if not self.weight_cap >= 1:
+            raise ValueError(f"weight_cap must be >= 1, got {self.weight_cap}")
 
     def step(self, tables: VersionedTables, agg: AggregateSum, version: int) -> int:
         """Apply one round's aggregate to ``tables`` and stamp the rows with ``version``.
@@ -85,6 +98,8 @@ class ServerOptimizer:
             table = tables.tables[name]
             if self.name == "sgd":
                 step = self.lr * mean
+            elif self.name == "sum":  # every organisation's (capped) share of its delta, added up
+                step = self.lr * (ts.weighted_delta / self.weight_cap).astype(np.float32)
             elif self.name == "adagrad":
                 acc = self.state.setdefault(name, np.zeros(table.shape[0], dtype=np.float32))
                 acc[ts.ids] += np.mean(mean.astype(np.float32) ** 2, axis=1)

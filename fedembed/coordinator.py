@@ -113,7 +113,7 @@ class Coordinator:
         self.roster = roster
         if cfg.secure and len(roster) < 2:
             raise ConfigError("secure aggregation needs at least 2 organisations in the roster (a sum of one is no secret)")
-        self.optimizer = ServerOptimizer(cfg.server_optimizer, cfg.server_lr)
+        self.optimizer = ServerOptimizer(cfg.server_optimizer, cfg.server_lr, weight_cap=cfg.train.max_row_weight)
         self.tables = VersionedTables.initial(self.shapes, cfg.seed, cfg.table_scale)
         self.log = RunLog(config=cfg.to_dict())
         self.start_round = 1

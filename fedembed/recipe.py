@@ -27,6 +27,9 @@ class TrainConfig:
     rounds; see ``simulations/evaluate.py`` and the README): small batches, Adam state of
     touched rows kept across rounds, learning rates decayed by 0.8 per round (the models
     overfit within a few rounds otherwise), no FedRep head re-fit, no residual and no co-occurrence objective (both measured lower on validation).
+    ``max_row_weight = 1`` with the coordinator's ``sum`` step was chosen on the
+    validation splits of movies (one target and mixed targets) and synthetic (issue 12,
+    README "Does federating pay off?").
 
     Parameters
     ----------
@@ -44,7 +47,9 @@ class TrainConfig:
     table_optimizer : str
         ``sparse_adam`` or ``sgd`` (both update only the rows a batch touched).
     max_row_weight : float
-        Cap on a row's weight (its lookup count) in the per-row weighted mean.
+        Cap on the weight an organisation gives a row it touched (its lookup count) in
+        the aggregate. 1 (the default): every organisation that touched a row counts
+        once, so the default server step (``sum``) adds their deltas up.
     cooc_weight : float
         Weight of the shared self-supervised co-occurrence objective
         (:mod:`fedembed.cooc`) added to the supervised loss; 0 turns it off.
@@ -97,7 +102,7 @@ class TrainConfig:
     table_lr: float = 0.05
     head_lr: float = 0.01
     table_optimizer: str = "sparse_adam"
-    max_row_weight: float = 100.0
+    max_row_weight: float = 1.0
     cooc_weight: float = 0.0
     cooc_negatives: int = 4
     keep_table_state: bool = True

@@ -112,3 +112,18 @@ def test_keep_best_state_keeps_the_served_head_and_tables(tmp_path, direct_trans
         best = tmp_path / f"org-{i}" / "best"
         assert (best / "best.json").exists() and (best / "head.pt").exists() and (best / "tables.npz").exists()
         assert json.loads((best / "tables.json").read_text())["version"] == doc["final"][f"org-{i}"]["best_round"]
+
+
+def test_sum_step_adds_up_the_organisations_deltas_each_counted_up_to_the_cap():
+    tables = VersionedTables.initial({"t": (4, 2)}, 0, 0.1)
+    before = tables.tables["t"].copy()
+    # row 1: two organisations at full weight (deltas 1 and 3); row 2: one organisation at half the cap
+    agg = {"t": TableSum(np.array([1, 2]), np.array([[4.0, 4.0], [1.0, 1.0]]), np.array([2.0, 0.5]))}
+    ServerOptimizer("sum", lr=1.0, weight_cap=1.0).step(tables, agg, 1)
+    moved = tables.tables["t"] - before
+    assert moved[1] == pytest.approx([4.0, 4.0]) and moved[2] == pytest.approx([1.0, 1.0])
+    tables = VersionedTables.initial({"t": (4, 2)}, 0, 0.1)
+    ServerOptimizer("sum", lr=1.0, weight_cap=2.0).step(tables, agg, 1)
+    assert (tables.tables["t"] - before)[1] == pytest.approx([2.0, 2.0])
+    with pytest.raises(ValueError):
+        ServerOptimizer("sum", weight_cap=0.5)

@@ -68,7 +68,7 @@ def run_fedavg_all(
             f"fedavg-all averages heads, but these organisations' heads differ from {names[0]}'s: {'; '.join(misfits)}"
         )
     tables = VersionedTables.initial(shapes, cfg.seed, cfg.table_scale)
-    optimizer = ServerOptimizer(cfg.server_optimizer, cfg.server_lr)
+    optimizer = ServerOptimizer(cfg.server_optimizer, cfg.server_lr, weight_cap=cfg.train.max_row_weight)
     head = _numpy_head(models[0])  # FedAvg starts every organisation from one model
     for task, model in zip(tasks, models):
         model.to(task.device)
