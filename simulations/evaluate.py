@@ -301,7 +301,7 @@ def main(argv: list[str] | None = None) -> int:
                    help=f"fedembed: the shared model alone (no guard); {GUARDED}: with the guard on")
     p.add_argument("--engine", choices=["inprocess", "flower"], default="inprocess")
     p.add_argument("--extra", default="", help="more `fedembed simulate` flags for every run (a candidate recipe), "
-                   "e.g. \"--head-epochs 1\"; give each candidate its own --out")
+                   "e.g. --extra=\"--head-epochs 1\" (with '=': the value starts with a dash); give each candidate its own --out")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     logging.getLogger("fedembed").setLevel(logging.ERROR)

@@ -4,8 +4,8 @@ import json
 
 import numpy as np
 import pytest
-
 from conftest import run_config
+
 from fedembed.aggregate import ServerOptimizer
 from fedembed.baselines import run_baseline
 from fedembed.coordinator import Coordinator

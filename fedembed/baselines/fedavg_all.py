@@ -21,8 +21,8 @@ import torch
 from fedembed.aggregate import ServerOptimizer
 from fedembed.config import ConfigError, RunConfig
 from fedembed.report import RunLog
-from fedembed.stopping import Evaluations
 from fedembed.secagg.vector import ValueScales, fixed_point_sum
+from fedembed.stopping import Evaluations
 from fedembed.tables import VersionedTables
 from fedembed.task import Task
 from fedembed.train import build_seeded, evaluate_splits, make_head_optimizer, round_rng, train_local
