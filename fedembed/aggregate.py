@@ -17,7 +17,7 @@ from fedembed.tables import VersionedTables
 
 log = logging.getLogger(__name__)
 
-SERVER_OPTIMIZERS = ("sgd", "adagrad")
+SERVER_OPTIMIZERS = ("sgd", "adagrad", "adam", "yogi", "sum")
 
 
 @dataclass
@@ -28,19 +28,41 @@ class ServerOptimizer:
     ----------
     name : str
         ``sgd``: ``row += lr * mean_delta`` (``lr=1`` is plain FedAvg of the rows).
+        ``sum`` (FedSubAvg-style per-row steps): ``row += lr * sum_i w_i delta_i / weight_cap``.
+        With weights of 1 per organisation (``TrainConfig.max_row_weight = 1``, the
+        default) a row moves by the sum of the deltas of the organisations that touched
+        it: the weighted mean times their number. A row one organisation touches moves as
+        under ``sgd``; a row ``k`` organisations share moves ``k`` times as far, as it would
+        in centralised training, where every organisation's batches step it (the mean
+        makes the shared rows, the ones federating is for, learn ``k`` times slower).
         ``adagrad``: row-wise Adagrad (one accumulator per row, the mean square of its
         pseudo-gradient): ``acc += mean(d**2)``; ``row += lr * d / (sqrt(acc) + eps)``.
+        ``adam`` / ``yogi``: FedAdam / FedYogi (Reddi et al., 2021) with per-row state,
+        stepped lazily like a sparse Adam (a row's state moves only in rounds that touch
+        it): a first moment per entry ``m = b1 m + (1 - b1) d``, a second moment per row
+        ``v = b2 v + (1 - b2) mean(d**2)`` (yogi: ``v -= (1 - b2) s sign(v - s)`` with
+        ``s = mean(d**2)``), bias-corrected by the row's own step count;
+        ``row += lr * m_hat / (sqrt(v_hat) + eps)``.
     lr : float
         Server learning rate.
     eps : float
-        Adagrad's numerical floor.
+        Numerical floor of the adaptive optimizers.
+    beta1, beta2 : float
+        Moment decays of ``adam`` and ``yogi``.
+    weight_cap : float
+        The largest weight one organisation gives a row (``TrainConfig.max_row_weight``):
+        ``sum`` counts an organisation's delta in full at that weight.
     state : dict[str, np.ndarray]
-        Optimizer state per table (Adagrad accumulators); saved in checkpoints.
+        Optimizer state per table (``<table>`` Adagrad accumulators; ``<table>.m``,
+        ``<table>.v``, ``<table>.t`` for adam and yogi); saved in checkpoints.
     """
 
     name: str = "sgd"
     lr: float = 1.0
     eps: float = 1e-3
+    beta1: float = 0.9
+    beta2: float = 0.99
+    weight_cap: float = 1.0
     state: dict[str, np.ndarray] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -48,6 +70,8 @@ class ServerOptimizer:
             raise ValueError(f"unknown server optimizer {self.name!r}; choose one of {SERVER_OPTIMIZERS}")
         if not self.lr > 0:
             raise ValueError(f"server learning rate must be > 0, got {self.lr}")
+        if not self.weight_cap >= 1:
+            raise ValueError(f"weight_cap must be >= 1, got {self.weight_cap}")
 
     def step(self, tables: VersionedTables, agg: AggregateSum, version: int) -> int:
         """Apply one round's aggregate to ``tables`` and stamp the rows with ``version``.
@@ -74,12 +98,34 @@ class ServerOptimizer:
             table = tables.tables[name]
             if self.name == "sgd":
                 step = self.lr * mean
-            else:
+            elif self.name == "sum":  # every organisation's (capped) share of its delta, added up
+                step = self.lr * (ts.weighted_delta / self.weight_cap).astype(np.float32)
+            elif self.name == "adagrad":
                 acc = self.state.setdefault(name, np.zeros(table.shape[0], dtype=np.float32))
                 acc[ts.ids] += np.mean(mean.astype(np.float32) ** 2, axis=1)
                 step = self.lr * mean / (np.sqrt(acc[ts.ids])[:, None] + self.eps)
+            else:
+                step = self._adaptive(name, table.shape, ts.ids, mean)
             table[ts.ids] += step.astype(np.float32)
             tables.stamp(name, ts.ids, version)
             changed += int(ts.ids.size)
         tables.version = version
         return changed
+
+    def _adaptive(self, name: str, shape: tuple[int, ...], ids: np.ndarray, d: np.ndarray) -> np.ndarray:
+        """The FedAdam / FedYogi step of rows ``ids`` with pseudo-gradient ``d`` (per-row state, lazy)."""
+        m = self.state.setdefault(f"{name}.m", np.zeros(shape, dtype=np.float32))
+        v = self.state.setdefault(f"{name}.v", np.zeros(shape[0], dtype=np.float32))
+        t = self.state.setdefault(f"{name}.t", np.zeros(shape[0], dtype=np.int32))
+        d = d.astype(np.float32)
+        sq = np.mean(d**2, axis=1)
+        t[ids] += 1
+        m[ids] = self.beta1 * m[ids] + (1 - self.beta1) * d
+        if self.name == "adam":
+            v[ids] = self.beta2 * v[ids] + (1 - self.beta2) * sq
+        else:  # yogi: the second moment moves towards sq additively, never by a factor
+            v[ids] = v[ids] - (1 - self.beta2) * sq * np.sign(v[ids] - sq)
+        steps = t[ids].astype(np.float64)
+        m_hat = m[ids] / (1 - self.beta1**steps)[:, None]
+        v_hat = v[ids] / (1 - self.beta2**steps)
+        return (self.lr * m_hat / (np.sqrt(np.maximum(v_hat, 0.0))[:, None] + self.eps)).astype(np.float32)

@@ -49,9 +49,11 @@ class RunConfig:
     train : TrainConfig
         Local recipe.
     server_optimizer : str
-        How the coordinator applies each row's weighted mean delta: ``sgd`` (moves the
-        row by it, times the server learning rate) or ``adagrad`` (per-row adaptive
-        steps); see :class:`fedembed.aggregate.ServerOptimizer`.
+        How the coordinator applies each row's aggregate: ``sum`` (the default: the row
+        moves by the sum of the deltas of the organisations that touched it, each counted
+        up to ``TrainConfig.max_row_weight``: as far as centralised training would move
+        it), ``sgd`` (by their weighted mean), ``adagrad``, ``adam`` or ``yogi`` (per-row
+        adaptive steps); see :class:`fedembed.aggregate.ServerOptimizer`.
     server_lr : float
         The server optimizer's learning rate (``sgd`` with 1: the plain weighted mean).
     table_scale : float
@@ -92,7 +94,7 @@ class RunConfig:
     fraction: float = 1.0
     min_orgs: int = 1
     train: TrainConfig = field(default_factory=TrainConfig)
-    server_optimizer: str = "sgd"
+    server_optimizer: str = "sum"
     server_lr: float = 1.0
     table_scale: float = 0.1
     wire_dtype: str = "float16"

@@ -27,6 +27,7 @@ from fedembed.identity import SIG_RECORD, IdentityError, Roster, verify_reply
 from fedembed.report import RunLog
 from fedembed.secagg.vector import ValueScales, fixed_point_sum
 from fedembed.sparse import RowUpdate, UpdateError
+from fedembed.stopping import stalled
 from fedembed.store import Checkpoint, load_latest_checkpoint, save_checkpoint
 from fedembed.tables import VersionedTables
 from fedembed.wire import decode_update, dense_upload_bytes, encode_sync, record_bytes
@@ -112,7 +113,7 @@ class Coordinator:
         self.roster = roster
         if cfg.secure and len(roster) < 2:
             raise ConfigError("secure aggregation needs at least 2 organisations in the roster (a sum of one is no secret)")
-        self.optimizer = ServerOptimizer(cfg.server_optimizer, cfg.server_lr)
+        self.optimizer = ServerOptimizer(cfg.server_optimizer, cfg.server_lr, weight_cap=cfg.train.max_row_weight)
         self.tables = VersionedTables.initial(self.shapes, cfg.seed, cfg.table_scale)
         self.log = RunLog(config=cfg.to_dict())
         self.start_round = 1
@@ -293,12 +294,21 @@ class Coordinator:
         """Run the remaining rounds and the closing evaluation; returns the run log."""
         rng = random.Random(self.cfg.seed)
         nodes = self._connected()
+        last = self.cfg.rounds
         for round_ in range(self.start_round, self.cfg.rounds + 1):
             nodes = self._connected()
             k = max(self.cfg.min_orgs, int(np.ceil(self.cfg.fraction * len(nodes))))
             sampled = sorted(rng.sample(sorted(nodes), min(k, len(nodes))))
             self.run_round(round_, sampled)
-        self.closing_evaluation(sorted(nodes))
+            # replies of round r carry the evaluation after round r - 1: the evaluations known so far
+            known = [self.log.initial, *(r["metrics"] for r in self.log.rounds[:-1])]
+            if round_ < self.cfg.rounds and stalled(known, self.cfg.train.patience):
+                log.info("round %d: no organisation's validation score improved for %d rounds; stopping early",
+                         round_, self.cfg.train.patience)
+                self.log.extra["stopped_early"] = round_
+                last = round_
+                break
+        self.closing_evaluation(sorted(nodes), last)
         return self.log
 
     def _connected(self) -> list[int]:
@@ -361,17 +371,18 @@ class Coordinator:
             agg = fixed_point_sum(updates, self.shapes, scales, self.cfg.wire_dtype)
         return agg
 
-    def closing_evaluation(self, nodes: list[int]) -> None:
-        """Every organisation evaluates the final tables with its own head."""
+    def closing_evaluation(self, nodes: list[int], final_round: int | None = None) -> None:
+        """Every organisation evaluates the final tables (after ``final_round``, default the last) with its own head."""
         t0 = time.perf_counter()
-        last = self.log.rounds[-1] if self.log.rounds else self.log.new_round(self.cfg.rounds)
-        contents = {n: self._message(n, self.cfg.rounds + 1, True) for n in nodes}
+        final = self.cfg.rounds if final_round is None else int(final_round)
+        last = self.log.rounds[-1] if self.log.rounds else self.log.new_round(final)
+        contents = {n: self._message(n, final + 1, True) for n in nodes}
         down = sum(record_bytes(c) for c in contents.values())
         replies = self.transport.exchange(EVALUATE, contents, self.cfg.round_timeout)
-        scratch = {"round": self.cfg.rounds, "rejected": {}, "upload_bytes": 0}
+        scratch = {"round": final, "rejected": {}, "upload_bytes": 0}
         self._round_names = {}
         for rep in replies:
-            self._read_reply(rep, scratch, self.cfg.rounds + 1, EVALUATE, self.cfg.rounds)
+            self._read_reply(rep, scratch, final + 1, EVALUATE, final)
         self.log.extra["closing_evaluation"] = {
             "download_bytes": down,
             "upload_bytes": scratch["upload_bytes"],

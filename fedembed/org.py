@@ -27,7 +27,6 @@ from fedembed.dp import BudgetExhausted
 from fedembed.dp.accounting import PrivacyLedger
 from fedembed.dp.policy import DPPolicy
 from fedembed.faults import check_drop
-from fedembed.guard import Guard
 from fedembed.identity import Identity, sign_reply
 from fedembed.secagg.client import SecureMember
 from fedembed.secagg.protocol import SecurePolicy
@@ -37,8 +36,9 @@ from fedembed.tables import RowSync, apply_sync, init_table
 from fedembed.spec import FederationSpec, SpecError, TableSpec
 from fedembed.task import Task, TaskError, TaskSpec, load_task, resolve_device, task_from_node_config
 from fedembed.recipe import TrainConfig
-from fedembed.serving import ServingContext, ServingPolicy, SharedOnly
-from fedembed.train import build_seeded, evaluate_splits, make_head_optimizer, round_rng, train_local
+from fedembed.guard import Guard
+from fedembed.serving import BestValidation, ServingContext, ServingPolicy, SharedOnly
+from fedembed.train import build_seeded, evaluate_splits, fit_head, make_head_optimizer, round_rng, train_local
 from fedembed.wire import decode_sync, encode_update, reply_content
 
 log = logging.getLogger(__name__)
@@ -193,15 +193,23 @@ class Organisation:
         if saved is not None:
             model.load_head_state_dict(saved["head"])
         model.to(self.device)
+        head_opt = make_head_optimizer(model, cfg, saved["optimizer"] if saved else None)
+        table_state = (saved or {}).get("table_state", {}) if cfg.keep_table_state else None
+        extra: dict[str, Any] = {"table_state": table_state} if table_state is not None else {}
+        if saved and "dp_ledger" in saved:  # a head saved here never drops the privacy spend kept with it
+            extra["dp_ledger"] = saved["dp_ledger"]
+        rng = round_rng(plan.seed, name, plan.round)
+        if cfg.head_epochs > 0:  # FedRep: the head meets the synced tables before it is evaluated (and served) on them
+            fit_head(task, model, cfg, head_opt, rng)
         metrics = evaluate_splits(task, model)
         context = ServingContext(task, cfg, plan.round, plan.seed, plan.table_scale, plan.run_key, shapes,
                                  train=not plan.evaluate_only, who=name)
-        metrics = _serving_policy(cfg, self.state.dir).serve(context, model, metrics)
+        metrics = serving_policy(cfg, self.state.dir).serve(context, model, metrics)
         if plan.evaluate_only:
+            if cfg.head_epochs > 0:  # the head evaluated is the head kept (and exported)
+                self.state.save_head(model.head_state_dict(), head_opt.state_dict(), plan.round, **extra)
             return OrgReply(name, "ok", version, metrics=metrics)
 
-        head_opt = make_head_optimizer(model, cfg, saved["optimizer"] if saved else None)
-        table_state = (saved or {}).get("table_state", {}) if cfg.keep_table_state else None
         ledger = None
         if cfg.dp:  # its privacy spend so far, kept with its head: composed over every round it trained
             ledger = PrivacyLedger(cfg.dp_target_delta, cfg.dp_target_epsilon or None)
@@ -209,22 +217,23 @@ class Organisation:
                 ledger.rounds = PrivacyLedger.from_dict(saved["dp_ledger"]).rounds
         try:
             update, stats = train_local(
-                task, model, cfg, head_opt, round_rng(plan.seed, name, plan.round), start_tables=tables,
-                table_state=table_state, dp_ledger=ledger,
+                task, model, cfg, head_opt, rng, start_tables=tables, table_state=table_state, fit_head_first=False,
+                dp_ledger=ledger,
             )
         except BudgetExhausted as exc:  # nothing trained, nothing saved: it only evaluates from now on
             log.warning("%s: %s", name, exc)
             return OrgReply(name, "exhausted", version, metrics=metrics, train_stats={"dp_exhausted": 1.0})
-        extra: dict[str, Any] = {"table_state": table_state} if table_state is not None else {}
         if ledger is not None:
             extra["dp_ledger"] = ledger.to_dict()
         self.state.save_head(model.head_state_dict(), head_opt.state_dict(), plan.round, **extra)
         return OrgReply(name, "ok", version, update=update, metrics=metrics, train_stats=stats)
 
 
-def _serving_policy(cfg: TrainConfig, state_dir: Path) -> ServingPolicy:
-    """What the organisation serves: the guard (kept in ``state_dir``) when the recipe asks for it, else the shared model."""
-    return Guard(state_dir) if cfg.guard else SharedOnly()
+def serving_policy(cfg: TrainConfig, state_dir: Path) -> ServingPolicy:
+    """What the organisation serves: the guard (kept in ``state_dir``) when the recipe asks for it, else the
+    shared model; with ``cfg.serve_best``, the best-validation state of either (:class:`BestValidation`)."""
+    inner: ServingPolicy = Guard(state_dir) if cfg.guard else SharedOnly()
+    return BestValidation(inner, state_dir) if cfg.serve_best else inner
 
 
 _TABLE_SPECS: dict[str, dict[str, TableSpec]] = {}

@@ -27,6 +27,9 @@ class TrainConfig:
     rounds; see ``simulations/evaluate.py`` and the README): small batches, Adam state of
     touched rows kept across rounds, learning rates decayed by 0.8 per round (the models
     overfit within a few rounds otherwise), no FedRep head re-fit, no residual and no co-occurrence objective (both measured lower on validation).
+    ``max_row_weight = 1`` with the coordinator's ``sum`` step was chosen on the
+    validation splits of movies (one target and mixed targets) and synthetic (issue 12,
+    README "Does federating pay off?").
 
     Parameters
     ----------
@@ -44,7 +47,9 @@ class TrainConfig:
     table_optimizer : str
         ``sparse_adam`` or ``sgd`` (both update only the rows a batch touched).
     max_row_weight : float
-        Cap on a row's weight (its lookup count) in the per-row weighted mean.
+        Cap on the weight an organisation gives a row it touched (its lookup count) in
+        the aggregate. 1 (the default): every organisation that touched a row counts
+        once, so the default server step (``sum``) adds their deltas up.
     cooc_weight : float
         Weight of the shared self-supervised co-occurrence objective
         (:mod:`fedembed.cooc`) added to the supervised loss; 0 turns it off.
@@ -88,6 +93,24 @@ class TrainConfig:
         0 for no budget.
     dp_target_delta : float
         The delta epsilon is reported at.
+    serve_best : bool
+        Early stopping on validation: every organisation serves the state of its
+        evaluation with the best validation score so far and reports its metrics as
+        ``best_*`` with ``best_round`` (:mod:`fedembed.stopping`), in every mode.
+    keep_best_state : bool
+        With ``serve_best``, also keep a copy of that state's head and tables in the
+        organisation's ``best`` directory (a full table write at each improvement).
+    prox_mu : float
+        FedProx-style drift correction of the shared rows: after every local step, each
+        row the step touched moves ``min(prox_mu * table_lr, 1)`` of the way back towards
+        its synced value (a decoupled proximal term); 0 turns it off. The ``local``
+        baseline has no synced value and ignores it.
+    freeze_head : bool
+        FedRep's alternation: the local epochs train the tables only, the head is trained
+        by the ``head_epochs`` re-fit alone (which must then be at least 1).
+    patience : int
+        Stop the run once no organisation's validation score has improved for this many
+        rounds; 0 runs every round.
     """
 
     epochs: int = 1
@@ -96,7 +119,7 @@ class TrainConfig:
     table_lr: float = 0.05
     head_lr: float = 0.01
     table_optimizer: str = "sparse_adam"
-    max_row_weight: float = 100.0
+    max_row_weight: float = 1.0
     cooc_weight: float = 0.0
     cooc_negatives: int = 4
     keep_table_state: bool = True
@@ -114,6 +137,11 @@ class TrainConfig:
     dp_count_clip: float = 1.0
     dp_target_epsilon: float = 0.0
     dp_target_delta: float = 1e-5
+    serve_best: bool = True
+    keep_best_state: bool = False
+    prox_mu: float = 0.0
+    freeze_head: bool = False
+    patience: int = 0
 
     def __post_init__(self) -> None:
         if self.table_optimizer not in TABLE_OPTIMIZERS:
@@ -125,6 +153,12 @@ class TrainConfig:
             raise RecipeError("learning rates must be > 0 and max_row_weight >= 1")
         if not 0 < self.lr_decay <= 1:
             raise RecipeError(f"lr_decay must be in (0, 1], got {self.lr_decay}")
+        if self.freeze_head and int(self.head_epochs) < 1:
+            raise RecipeError("freeze_head trains the head in the head_epochs re-fit only: head_epochs must be >= 1")
+        if self.prox_mu < 0:
+            raise RecipeError(f"prox_mu must be >= 0, got {self.prox_mu}")
+        if int(self.patience) < 0:
+            raise RecipeError(f"patience must be >= 0 (0: no early stop), got {self.patience}")
         if self.head_weight_decay < 0:
             raise RecipeError(f"head_weight_decay must be >= 0, got {self.head_weight_decay}")
         self._check_dp()

@@ -109,6 +109,50 @@ def _record_lookups(model: SplitModel, lookups: dict[str, list[np.ndarray]]) -> 
         lookups[name].append(idx.copy())
 
 
+@torch.no_grad()
+def _proximal_pull(model: SplitModel, start: dict[str, torch.Tensor], rate: float) -> None:
+    """FedProx on the rows of the last step: move each toward its synced value by ``rate`` of the gap.
+
+    A decoupled proximal step (like AdamW's decay, towards the round's start instead of 0)
+    on the rows the last batch touched (those with a gradient): ``w[ids] -= rate * (w[ids] - start[ids])``.
+    """
+    for name, t0 in start.items():
+        w = model.table(name).weight
+        grad = w.grad
+        if grad is None:
+            continue
+        ids = grad.coalesce()._indices()[0] if grad.is_sparse else torch.nonzero(grad.abs().sum(1)).squeeze(1)
+        w[ids] -= rate * (w[ids] - t0[ids])
+
+
+def fit_head(task: Task, model: SplitModel, cfg: TrainConfig, head_opt: torch.optim.Optimizer, rng: np.random.Generator) -> None:
+    """FedRep: re-fit only the head, ``cfg.head_epochs`` epochs, on the tables as they are (frozen).
+
+    An organisation calls it on the freshly synced tables before it evaluates them, so the
+    head it evaluates and serves is fitted to the very tables it is served with (not to
+    its own pre-averaging tables of the previous round).
+    """
+    if cfg.head_epochs <= 0:
+        return
+    frozen = model.table_parameters() + model.residual_parameters()
+    flags = [p.requires_grad for p in frozen]
+    for p in frozen:
+        p.requires_grad_(False)
+    was_training = model.training
+    model.train()
+    try:
+        for _ in range(cfg.head_epochs):
+            for batch in task.batches("train", cfg.batch_size, rng):
+                batch = to_device(batch, task.device)
+                head_opt.zero_grad(set_to_none=True)
+                task.loss(model, batch).backward()
+                head_opt.step()
+    finally:
+        for p, flag in zip(frozen, flags):
+            p.requires_grad_(flag)
+        model.train(was_training)
+
+
 def train_local(
     task: Task,
     model: SplitModel,
@@ -118,6 +162,7 @@ def train_local(
     start_tables: dict[str, np.ndarray] | None = None,
     table_state: dict[str, Any] | None = None,
     dp_ledger: Any | None = None,
+    fit_head_first: bool = True,
 ) -> tuple[RowUpdate, dict[str, float]]:
     """Train ``model`` on the organisation's training data for one round.
 
@@ -142,6 +187,9 @@ def train_local(
     dp_ledger : fedembed.dp.accounting.PrivacyLedger, optional
         With ``cfg.dp``: the organisation's privacy ledger, checked against its budget
         before training and updated after (None: this round's epsilon only).
+    fit_head_first : bool
+        Start with :func:`fit_head` (``cfg.head_epochs``); False when the caller has
+        already re-fitted the head on these tables (before evaluating them).
 
     Returns
     -------
@@ -151,18 +199,18 @@ def train_local(
         ``examples`` (examples seen per epoch), ``loss`` (mean training loss), ``steps``.
     """
     model.train()
-    for _ in range(cfg.head_epochs):  # FedRep: fit the head to the fresh table first
-        for batch in task.batches("train", cfg.batch_size, rng):
-            batch = to_device(batch, task.device)
-            head_opt.zero_grad(set_to_none=True)
-            task.loss(model, batch).backward()
-            head_opt.step()
+    if fit_head_first:
+        fit_head(task, model, cfg, head_opt, rng)
 
     table_opt = _table_optimizer(model, cfg)
     if table_state is not None:
         _load_table_state(table_opt, model, table_state)
     gen = torch.Generator().manual_seed(int(rng.integers(2**31)))
     lookups: dict[str, list[np.ndarray]] = {n: [] for n in model.table_names}
+    prox: dict[str, torch.Tensor] = {}
+    if cfg.prox_mu > 0 and start_tables is not None:
+        prox = {n: torch.from_numpy(start_tables[n]).to(model.table(n).weight.device) for n in model.table_names}
+    rate = min(cfg.prox_mu * cfg.table_lr, 1.0)
     total, steps = 0.0, 0
     dp_stats: dict[str, float] | None = None
     if cfg.dp:  # record-level DP (fedembed.dp.local): own Poisson samples; lookups get the rows each step released
@@ -183,8 +231,11 @@ def train_local(
                 raise FloatingPointError(f"training loss became {float(loss)}; lower the learning rates")
             loss.backward()
             _record_lookups(model, lookups)
-            head_opt.step()
+            if not cfg.freeze_head:
+                head_opt.step()
             table_opt.step()
+            if prox:
+                _proximal_pull(model, prox, rate)
             total += loss.item()
             steps += 1
     if table_state is not None:

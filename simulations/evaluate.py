@@ -1,11 +1,12 @@
 """Does federating pay off? fedembed vs local, fedavg-all and pooled, 3 seeds, 3 scenarios.
 
 Runs every ``--mode`` of ``fedembed simulate`` with the framework's defaults (the CLI's,
-10 rounds; nothing tuned here and nothing chosen on the test split), except the guard:
-``fedembed`` runs with it on (``--guard``; it is opt-in) and the ``fedembed-noguard``
-ablation with it off. The seed of a run is both the run's ``--seed`` (tables, sampling,
-shuffling) and every organisation's task seed (``--option seed=K``: data split, head
-initialisation). The scenarios:
+10 rounds; nothing tuned here and nothing chosen on the test split): ``fedembed`` is the
+shared model alone (the default, no guard), ``fedembed-guard`` the same run with the
+guard on (``--guard``: it serves the shared model, the organisation's private local twin
+or their blend, whichever validation favours). The seed of a run is both the run's
+``--seed`` (tables, sampling, shuffling) and every organisation's task seed (``--option
+seed=K``: data split, head initialisation). The scenarios:
 
 - ``movies-same``: 5 organisations of the real movies data, every one predicting genres;
 - ``movies-mixed``: the same organisations with different targets (genres, decade,
@@ -13,15 +14,23 @@ initialisation). The scenarios:
 - ``synthetic``: 5 organisations over a small Zipf table (20k rows, 1000 examples each,
   each touching ~5% of the rows).
 
+Every mode serves, per organisation, its best-validation state (early stopping on
+validation, :mod:`fedembed.stopping`): the score reported is the **test** score of the
+evaluation with the best **validation** score (``best_score`` in ``metrics.json``); the
+test split never chooses anything.
+
 Each run writes ``OUT/<scenario>/<mode>/seed<k>/metrics.json`` (the same file
 ``fedembed simulate`` writes); a run whose ``metrics.json`` exists is skipped, so the
 script resumes where it stopped. Then ``OUT/evaluate.json`` and ``OUT/evaluate.md`` hold
-the final test score per organisation and the mean, as mean ± std over the seeds, and the
-issue's targets checked against them.
+per organisation and on the mean (mean ± std over the seeds) the served test score of
+every mode, what sharing gives (``fedembed`` - ``local``) apart from what the guard's
+ensembling adds (``fedembed-guard`` - ``fedembed``, ``fedembed-guard`` - ``local``), and
+issue 12's targets checked against them.
 
 By default the organisations run in this process (the coordinator and organisation code
 of a Flower run, minus Flower: the results equal the Flower simulation's, and it is much
 faster on a small machine); ``--engine flower`` runs ``fedembed simulate`` instead.
+``--extra`` adds ``fedembed simulate`` flags to every run (a candidate recipe).
 
 Usage::
 
@@ -58,8 +67,8 @@ from fedembed.task import TaskSpec, load_task, parse_options, simulated_federati
 log = logging.getLogger("evaluate")
 
 MODES = ("fedembed", "local", "fedavg-all", "pooled")
-#: Ablation: fedembed with the guard off (the shared model always served).
-NO_GUARD = "fedembed-noguard"
+#: fedembed with the guard on: what an organisation serves when it may fall back on its local twin.
+GUARDED = "fedembed-guard"
 SCENARIOS: dict[str, list[str]] = {
     "movies-same": ["--task", "movies", "--option", "scenario=same"],
     "movies-mixed": ["--task", "movies", "--option", "scenario=mixed"],
@@ -67,6 +76,8 @@ SCENARIOS: dict[str, list[str]] = {
 }
 HEADS_DIFFER = {"movies-mixed"}
 GUARD_NAMES = {"shared": 1.0, "blend": 0.5, "local twin": 0.0}
+#: Issue 12: the shared model alone within this much of pooled (on the mean over seeds).
+POOLED_MARGIN = 0.005
 ROUNDS = None  # None: the CLI's default (10 rounds x 1 local epoch)  # fedavg-all needs identical heads
 
 
@@ -101,20 +112,20 @@ class InProcessTransport:
         return [Reply(node, handle_content(self.orgs[node], content, message_type, node)) for node, content in contents.items()]
 
 
-def run_args(scenario: str, mode: str, seed: int, rounds: int | None, out: Path) -> list[str]:
+def run_args(scenario: str, mode: str, seed: int, rounds: int | None, out: Path, extra: list[str] | None = None) -> list[str]:
     """``fedembed simulate`` arguments of one run (defaults for everything not named).
 
     ``seed`` seeds the run and every organisation's task (its data split); ``fedembed``
-    turns the guard on, ``fedembed-noguard`` (the ablation) off; the guard acts in
-    ``fedembed`` mode only, so the other modes leave it at its default.
+    runs with the guard off (the shared model alone), ``fedembed-guard`` with it on; the
+    guard acts in ``fedembed`` mode only, so the other modes leave it at its default.
     """
-    guard = {"fedembed": ["--guard"], NO_GUARD: ["--no-guard"]}.get(mode, [])
-    mode = "fedembed" if mode == NO_GUARD else mode
+    guard = {"fedembed": ["--no-guard"], GUARDED: ["--guard"]}.get(mode, [])
+    mode = "fedembed" if mode == GUARDED else mode
     args = ["simulate", *SCENARIOS[scenario], "--option", f"seed={seed}", "--orgs", "5", "--mode", mode,
             "--seed", str(seed), *guard, "--out", str(out)]
     if rounds is not None:
         args += ["--rounds", str(rounds)]
-    return args
+    return args + list(extra or [])
 
 
 def run_one(args: list[str], out: Path, engine: str) -> None:
@@ -145,58 +156,109 @@ def _mean_std(values: list[float]) -> dict[str, float]:
     return {"mean": float(a.mean()), "std": float(a.std(ddof=1)) if a.size > 1 else 0.0, "n": int(a.size)}
 
 
+def served(doc: dict[str, Any], org: str) -> dict[str, float]:
+    """An organisation's served state in a ``metrics.json``: its best-validation evaluation.
+
+    ``best_*`` as the run recorded them (:mod:`fedembed.stopping`); for a run from before
+    they were recorded, the same choice made from its per-round metrics (the first
+    evaluation with the highest ``val_score``).
+    """
+    final = doc["final"].get(org, {})
+    if "best_score" in final:
+        return {"score": final["best_score"], "val_score": final["best_val_score"], "round": final["best_round"],
+                **({"guard_weight": final["best_guard_weight"]} if "best_guard_weight" in final else {})}
+    hist = [(0, doc.get("initial", {}).get(org))] + [(r["round"], r["metrics"].get(org)) for r in doc["rounds"]]
+    hist = [(r, m) for r, m in hist if m and "val_score" in m]
+    r, m = max(hist, key=lambda rm: (rm[1]["val_score"], -rm[0]))
+    return {"score": m["score"], "val_score": m["val_score"], "round": float(r),
+            **({"guard_weight": m["guard_weight"]} if "guard_weight" in m else {})}
+
+
 def summarise(out: Path, seeds: list[int]) -> dict[str, Any]:
-    """Per scenario, mode and organisation: final test score, mean and std over seeds."""
+    """Per scenario, mode and organisation: the served (best-validation) test score, mean and std over seeds.
+
+    Also ``last`` (the score after the last round, for reference), ``best_round`` (mean
+    round of the served state) and, for ``fedembed-guard``, which candidate it served.
+    """
     summary: dict[str, Any] = {}
     for scenario in SCENARIOS:
         summary[scenario] = {}
-        for mode in (*MODES, NO_GUARD):
+        for mode in (*MODES, GUARDED):
             docs = [out / scenario / mode / f"seed{s}" / "metrics.json" for s in seeds]
             docs = [json.loads(p.read_text()) for p in docs if p.exists()]
             if not docs:
                 continue
             orgs = [k for k in docs[0]["final"] if k != "mean"]
-            row = {o: _mean_std([d["final"][o]["score"] for d in docs]) for o in orgs}
-            row["mean"] = _mean_std([d["final"]["mean"]["score"] for d in docs])
-            served = [d["final"][o].get("guard_weight") for d in docs for o in orgs]
-            if all(v is not None for v in served):  # share of (organisation, seed) pairs per served candidate
-                row["guard_served"] = {k: float(np.mean([v == w for v in served])) for k, w in GUARD_NAMES.items()}
+            picks = [{o: served(d, o) for o in orgs} for d in docs]
+            row: dict[str, Any] = {o: _mean_std([p[o]["score"] for p in picks]) for o in orgs}
+            row["mean"] = _mean_std([float(np.mean([p[o]["score"] for o in orgs])) for p in picks])
+            row["last"] = _mean_std([d["final"]["mean"]["score"] for d in docs])
+            row["best_round"] = float(np.mean([p[o]["round"] for p in picks for o in orgs]))
+            weights = [p[o].get("guard_weight") for p in picks for o in orgs]
+            if all(v is not None for v in weights):  # share of (organisation, seed) pairs per served candidate
+                row["guard_served"] = {k: float(np.mean([v == w for v in weights])) for k, w in GUARD_NAMES.items()}
             summary[scenario][mode] = row
     return summary
 
 
+def _orgs(modes: dict[str, Any]) -> list[str]:
+    first = next(iter(modes.values()))
+    return [k for k in first if k not in ("mean", "last", "best_round", "guard_served")]
+
+
+def gains(summary: dict[str, Any]) -> dict[str, Any]:
+    """Per scenario and organisation (and the mean): what sharing gives apart from what ensembling adds.
+
+    ``sharing`` = fedembed - local (the shared model alone against training alone);
+    ``pooled_gap`` = fedembed - pooled (what federating loses against centralised training
+    of the same architecture); ``guard_vs_shared`` = fedembed-guard - fedembed and
+    ``guard_vs_local`` = fedembed-guard - local (what serving the twin or the blend adds
+    over either). Differences of means over seeds.
+    """
+    out: dict[str, Any] = {}
+    pairs = {"sharing": ("fedembed", "local"), "pooled_gap": ("fedembed", "pooled"),
+             "guard_vs_shared": (GUARDED, "fedembed"), "guard_vs_local": (GUARDED, "local")}
+    for scenario, modes in summary.items():
+        if "fedembed" not in modes:
+            continue
+        rows = {}
+        for org in [*_orgs(modes), "mean"]:
+            rows[org] = {k: modes[a][org]["mean"] - modes[b][org]["mean"] for k, (a, b) in pairs.items() if a in modes and b in modes}
+        out[scenario] = rows
+    return out
+
+
 def targets(summary: dict[str, Any]) -> list[dict[str, Any]]:
-    """The issue's targets, checked on the mean over seeds: (name, value, goal, met)."""
+    """Issue 12's targets per scenario, on the mean over organisations and seeds.
+
+    The shared model alone (``fedembed``, no guard) scores at least pooled - 0.005, and
+    gains over ``local`` wherever ``pooled`` does.
+    """
     out: list[dict[str, Any]] = []
 
     def add(name: str, value: float, goal: float) -> None:
         out.append({"target": name, "value": round(value, 4), "goal": goal, "met": bool(value >= goal), "margin": round(value - goal, 4)})
 
-    same = summary.get("movies-same", {})
-    if {"fedembed", "local", "pooled"} <= set(same):
-        f, lo, p = same["fedembed"], same["local"], same["pooled"]
-        add("same: fedembed - pooled (mean)", f["mean"]["mean"] - p["mean"]["mean"], 0.02)
-        add("same: fedembed - local (mean)", f["mean"]["mean"] - lo["mean"]["mean"], 0.05)
-        for org in ("Canada", "Germany"):  # the two smallest organisations
-            add(f"same: fedembed - local ({org})", f[org]["mean"] - lo[org]["mean"], 0.08)
-    mixed = summary.get("movies-mixed", {})
-    if {"fedembed", "local"} <= set(mixed):
-        f, lo = mixed["fedembed"], mixed["local"]
-        add("mixed: fedembed - local (mean)", f["mean"]["mean"] - lo["mean"]["mean"], 0.03)
-        for org in (k for k in f if k not in ("mean", "guard_served")):
-            add(f"mixed: fedembed - local ({org})", f[org]["mean"] - lo[org]["mean"], 0.0)
+    for scenario, modes in summary.items():
+        if not {"fedembed", "local", "pooled"} <= set(modes):
+            continue
+        f, lo, p = (modes[m]["mean"]["mean"] for m in ("fedembed", "local", "pooled"))
+        add(f"{scenario}: fedembed - pooled", f - p, -POOLED_MARGIN)
+        if p > lo:
+            add(f"{scenario}: fedembed - local (pooled gains {p - lo:+.4f})", f - lo, 0.0)
     return out
 
 
 def markdown(summary: dict[str, Any], checks: list[dict[str, Any]], seeds: list[int]) -> str:
-    """The README table: one block per scenario, modes as columns, mean ± std over seeds."""
+    """The README tables: per scenario the served test score per mode, then the gains apart, then the targets."""
     lines = []
+    split = gains(summary)
     for scenario, modes in summary.items():
         if not modes:
             continue
         names = list(modes)
-        orgs = [k for k in modes[names[0]] if k not in ("mean", "guard_served")]
-        lines += [f"**{scenario}** (test score, mean ± std over seeds {', '.join(map(str, seeds))})", ""]
+        orgs = _orgs(modes)
+        lines += [f"**{scenario}** (test score of the best-validation state, mean ± std over seeds {', '.join(map(str, seeds))})", ""]
         lines += ["| organisation | " + " | ".join(names) + " |", "|---|" + "---:|" * len(names)]
         for org in [*orgs, "mean"]:
             cells = []
@@ -205,14 +267,25 @@ def markdown(summary: dict[str, Any], checks: list[dict[str, Any]], seeds: list[
                 cells.append(f"{v['mean']:.4f} ± {v['std']:.4f}" if v else "—")
             label = f"**{org}**" if org == "mean" else org
             lines.append(f"| {label} | " + " | ".join(cells) + " |")
-        if "guard_served" in modes.get("fedembed", {}):
-            shares = ", ".join(f"{k} {100 * v:.0f}%" for k, v in modes["fedembed"]["guard_served"].items())
-            lines += ["", f"fedembed's guard served, over (organisation, seed) pairs after the last round: {shares}."]
+        lines.append("| after the last round (mean) | " + " | ".join(f"{modes[m]['last']['mean']:.4f}" for m in names) + " |")
+        lines.append("| round served (mean) | " + " | ".join(f"{modes[m]['best_round']:.1f}" for m in names) + " |")
+        if "guard_served" in modes.get(GUARDED, {}):
+            shares = ", ".join(f"{k} {100 * v:.0f}%" for k, v in modes[GUARDED]["guard_served"].items())
+            lines += ["", f"fedembed-guard served, over (organisation, seed) pairs: {shares}."]
+        rows = split.get(scenario)
+        if rows:
+            cols = [c for c in ("sharing", "pooled_gap", "guard_vs_shared", "guard_vs_local") if c in rows["mean"]]
+            heads = {"sharing": "sharing: fedembed − local", "pooled_gap": "fedembed − pooled",
+                     "guard_vs_shared": "guard − fedembed", "guard_vs_local": "guard − local"}
+            lines += ["", "| organisation | " + " | ".join(heads[c] for c in cols) + " |", "|---|" + "---:|" * len(cols)]
+            for org, r in rows.items():
+                label = f"**{org}**" if org == "mean" else org
+                lines.append(f"| {label} | " + " | ".join(f"{r[c]:+.4f}" for c in cols) + " |")
         lines.append("")
     if checks:
-        lines += ["**Targets** (issue 6)", "", "| target | value | goal | met |", "|---|---:|---:|---|"]
+        lines += ["**Targets** (issue 12)", "", "| target | value | goal | met |", "|---|---:|---:|---|"]
         for c in checks:
-            lines.append(f"| {c['target']} | {c['value']:+.4f} | ≥ {c['goal']:+.2f} | {'yes' if c['met'] else 'no'} |")
+            lines.append(f"| {c['target']} | {c['value']:+.4f} | ≥ {c['goal']:+.3f} | {'yes' if c['met'] else 'no'} |")
         lines.append("")
     return "\n".join(lines)
 
@@ -224,9 +297,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--rounds", type=int, default=ROUNDS, help="rounds per run (default: the CLI's)")
     p.add_argument("--scenarios", nargs="+", choices=list(SCENARIOS), default=list(SCENARIOS))
-    p.add_argument("--modes", nargs="+", choices=[*MODES, NO_GUARD], default=[*MODES, NO_GUARD],
-                   help=f"{NO_GUARD}: fedembed with the guard off")
+    p.add_argument("--modes", nargs="+", choices=[*MODES, GUARDED], default=[*MODES, GUARDED],
+                   help=f"fedembed: the shared model alone (no guard); {GUARDED}: with the guard on")
     p.add_argument("--engine", choices=["inprocess", "flower"], default="inprocess")
+    p.add_argument("--extra", default="", help="more `fedembed simulate` flags for every run (a candidate recipe), "
+                   "e.g. --extra=\"--head-epochs 1\" (with '=': the value starts with a dash); give each candidate its own --out")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     logging.getLogger("fedembed").setLevel(logging.ERROR)
@@ -239,12 +314,13 @@ def main(argv: list[str] | None = None) -> int:
                 if (out / "metrics.json").exists():
                     continue
                 t0 = time.perf_counter()
-                run_one(run_args(scenario, mode, seed, args.rounds, out), out, args.engine)
+                run_one(run_args(scenario, mode, seed, args.rounds, out, args.extra.split()), out, args.engine)
                 score = json.loads((out / "metrics.json").read_text())["final"]["mean"]["score"]
                 log.info("%-13s %-10s seed %d: mean score %.4f (%.0f s)", scenario, mode, seed, score, time.perf_counter() - t0)
     summary = summarise(args.out, args.seeds)
     checks = targets(summary)
-    (args.out / "evaluate.json").write_text(json.dumps({"seeds": args.seeds, "summary": summary, "targets": checks}, indent=1))
+    doc = {"seeds": args.seeds, "extra": args.extra, "summary": summary, "gains": gains(summary), "targets": checks}
+    (args.out / "evaluate.json").write_text(json.dumps(doc, indent=1))
     md = markdown(summary, checks, args.seeds)
     (args.out / "evaluate.md").write_text(md)
     sys.stdout.write(md + "\n")

@@ -22,6 +22,7 @@ from fedembed.aggregate import ServerOptimizer
 from fedembed.config import ConfigError, RunConfig
 from fedembed.report import RunLog
 from fedembed.secagg.vector import ValueScales, fixed_point_sum
+from fedembed.stopping import Evaluations
 from fedembed.tables import VersionedTables
 from fedembed.task import Task
 from fedembed.train import build_seeded, evaluate_splits, make_head_optimizer, round_rng, train_local
@@ -67,11 +68,12 @@ def run_fedavg_all(
             f"fedavg-all averages heads, but these organisations' heads differ from {names[0]}'s: {'; '.join(misfits)}"
         )
     tables = VersionedTables.initial(shapes, cfg.seed, cfg.table_scale)
-    optimizer = ServerOptimizer(cfg.server_optimizer, cfg.server_lr)
+    optimizer = ServerOptimizer(cfg.server_optimizer, cfg.server_lr, weight_cap=cfg.train.max_row_weight)
     head = _numpy_head(models[0])  # FedAvg starts every organisation from one model
     for task, model in zip(tasks, models):
         model.to(task.device)
     runlog = RunLog(config=cfg.to_dict())
+    evals = Evaluations(cfg.train.serve_best, cfg.train.patience)  # early stopping on validation
 
     def load_global(model: Any, device: Any) -> None:
         model.set_tables(tables.tables)
@@ -79,7 +81,7 @@ def run_fedavg_all(
 
     for task, model, name in zip(tasks, models, names):
         load_global(model, task.device)
-        runlog.set_metrics(0, name, evaluate_splits(task, model))
+        runlog.set_metrics(0, name, evals.record(0, name, evaluate_splits(task, model)))
     head_states: list[dict | None] = [None] * len(tasks)
     table_states: list[dict] = [{} for _ in tasks]
     for round_ in range(1, cfg.rounds + 1):
@@ -103,9 +105,14 @@ def run_fedavg_all(
         head = average_heads(heads)
         for task, model, name in zip(tasks, models, names):
             load_global(model, task.device)
-            runlog.set_metrics(round_, name, evaluate_splits(task, model))
+            runlog.set_metrics(round_, name, evals.record(round_, name, evaluate_splits(task, model)))
         entry["clients"] = len(tasks)
         entry["wall_seconds"] = time.perf_counter() - t0
         if on_round:
             on_round(entry)
+        if evals.stalled():
+            log.info("round %d: no organisation's validation score improved for %d rounds; stopping early",
+                     round_, cfg.train.patience)
+            runlog.extra["stopped_early"] = round_
+            break
     return runlog, tables.tables

@@ -15,6 +15,7 @@ from typing import Any
 
 from fedembed.config import RunConfig
 from fedembed.report import RunLog
+from fedembed.stopping import Evaluations
 from fedembed.tables import init_table
 from fedembed.task import Task
 from fedembed.train import build_seeded, evaluate_splits, train_alone
@@ -39,6 +40,7 @@ def run_local(
         Called with each round's log entry.
     """
     runlog = RunLog(config=cfg.to_dict())
+    evals = Evaluations(cfg.train.serve_best, cfg.train.patience)  # early stopping on validation
     shapes = cfg.federation.shapes()
     models = []
     for task, name in zip(tasks, names):
@@ -46,7 +48,7 @@ def run_local(
         model.set_tables({t: init_table(t, s, cfg.seed, cfg.table_scale) for t, s in shapes.items()})
         model.to(task.device)
         models.append(model)
-        runlog.set_metrics(0, name, evaluate_splits(task, model))
+        runlog.set_metrics(0, name, evals.record(0, name, evaluate_splits(task, model)))
     saved: list[dict[str, Any] | None] = [None] * len(tasks)
     for round_ in range(1, cfg.rounds + 1):
         t0 = time.perf_counter()
@@ -54,9 +56,14 @@ def run_local(
         recipe = cfg.train.at_round(round_)
         for i, (task, model, name) in enumerate(zip(tasks, models, names)):
             saved[i] = train_alone(task, model, recipe, saved[i], cfg.seed, name, round_)
-            runlog.set_metrics(round_, name, evaluate_splits(task, model))
+            runlog.set_metrics(round_, name, evals.record(round_, name, evaluate_splits(task, model)))
         entry["clients"] = len(tasks)
         entry["wall_seconds"] = time.perf_counter() - t0
         if on_round:
             on_round(entry)
+        if evals.stalled():
+            log.info("round %d: no organisation's validation score improved for %d rounds; stopping early",
+                     round_, cfg.train.patience)
+            runlog.extra["stopped_early"] = round_
+            break
     return runlog

@@ -19,6 +19,7 @@ import torch
 from fedembed.config import RunConfig
 from fedembed.model import SplitModel
 from fedembed.report import RunLog
+from fedembed.stopping import Evaluations
 from fedembed.tables import init_table
 from fedembed.task import Task, to_device
 from fedembed.train import _table_optimizer, build_seeded, evaluate_splits
@@ -56,8 +57,9 @@ def run_pooled(
     for task, model in zip(tasks, models):
         model.to(task.device)
     runlog = RunLog(config=cfg.to_dict())
+    evals = Evaluations(cfg.train.serve_best, cfg.train.patience)  # early stopping on validation
     for i in range(n):
-        runlog.set_metrics(0, names[i], evaluate_splits(tasks[i], models[i]))
+        runlog.set_metrics(0, names[i], evals.record(0, names[i], evaluate_splits(tasks[i], models[i])))
     rng = np.random.default_rng(cfg.seed)
     for round_ in range(1, cfg.rounds + 1):
         t0 = time.perf_counter()
@@ -75,9 +77,14 @@ def run_pooled(
             head_opt.step()
             table_opt.step()
         for i in range(n):
-            runlog.set_metrics(round_, names[i], evaluate_splits(tasks[i], models[i]))
+            runlog.set_metrics(round_, names[i], evals.record(round_, names[i], evaluate_splits(tasks[i], models[i])))
         entry["clients"] = n
         entry["wall_seconds"] = time.perf_counter() - t0
         if on_round:
             on_round(entry)
+        if evals.stalled():
+            log.info("round %d: no organisation's validation score improved for %d rounds; stopping early",
+                     round_, cfg.train.patience)
+            runlog.extra["stopped_early"] = round_
+            break
     return runlog, models[0].get_tables()
