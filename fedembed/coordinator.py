@@ -28,8 +28,8 @@ from fedembed.report import RunLog
 from fedembed.secagg.vector import ValueScales, fixed_point_sum
 from fedembed.sparse import RowUpdate, UpdateError
 from fedembed.store import Checkpoint, load_latest_checkpoint, save_checkpoint
-from fedembed.tables import VersionedTables
-from fedembed.wire import decode_update, dense_upload_bytes, encode_sync, record_bytes
+from fedembed.tables import RowRequest, VersionedTables, request_digest
+from fedembed.wire import decode_request, decode_update, dense_upload_bytes, encode_sync, record_bytes
 
 log = logging.getLogger(__name__)
 
@@ -119,7 +119,10 @@ class Coordinator:
         self.known: dict[int, int] = {}  # node -> table version its cache holds
         self.node_org: dict[int, str] = {}  # node -> roster name it last signed as (for naming a silent node)
         self._round_names: dict[int, str] = {}  # node -> roster name verified this round
-        self._sync_records: dict[tuple[int, int], ArrayRecord] = {}  # (tables version, since) -> sync
+        # node -> the working set it asked for in its last accepted reply, and that request's digest
+        # (absent: it asked for no working set, and gets every changed row)
+        self.wants: dict[int, tuple[dict[str, RowRequest], bytes]] = {}
+        self._sync_records: dict[tuple[int, int, bytes], ArrayRecord] = {}  # (tables version, since, request) -> sync
         self.dense_bytes = dense_upload_bytes(self.shapes)
         if self.state_dir is not None:
             self._resume()
@@ -165,16 +168,27 @@ class Coordinator:
     # ------------------------------------------------------------------ messages
     def _message(self, node: int, round_: int, evaluate_only: bool) -> RecordDict:
         since = self.known.get(node, 0)
-        plan = RoundPlan.for_round(self.cfg, round_, since, evaluate_only)
+        want = self.wants.get(node)
+        plan = RoundPlan.for_round(self.cfg, round_, since, evaluate_only, request=want[1].hex() if want else "")
         content = RecordDict({"config": ConfigRecord(plan.to_config())})
-        # Organisations at the same version get the very same record: built once per
-        # round, not once per organisation (100 orgs x a 6 MiB sync was 600 MiB).
-        key = (self.tables.version, since)
+        # Organisations at the same version with the same request (or none) get the very
+        # same record: built once per round, not once per organisation (100 orgs x a 6 MiB
+        # sync was 600 MiB). An organisation that asked for its working set gets only its
+        # rows changed since its version, plus the rows new to the set.
+        key = (self.tables.version, since, want[1] if want else b"")
         if key not in self._sync_records:
             self._sync_records = {k: v for k, v in self._sync_records.items() if k[0] == self.tables.version}
-            self._sync_records[key] = encode_sync(self.tables.rows_since(since), self.shapes)
+            rows = self.tables.rows_requested(want[0], since) if want else self.tables.rows_since(since)
+            self._sync_records[key] = encode_sync(rows, self.shapes)
         content["sync"] = self._sync_records[key]
         return content
+
+    def _set_request(self, node: int, request: dict[str, RowRequest] | None) -> None:
+        """Keep the working set an accepted reply asks for (None: every changed row from now on)."""
+        if request is None:
+            self.wants.pop(node, None)
+        else:
+            self.wants[node] = (request, request_digest(request))
 
     def train_message(self, node: int, round_: int) -> RecordDict:
         """The ``train`` message of ``round_`` for ``node``: the plan and its row sync."""
@@ -246,6 +260,7 @@ class Coordinator:
         allowed = {"info", "metrics", "train", SIG_RECORD}
         if training:
             allowed |= {"secagg"} | ({"rows"} if self.cfg.row_set == "revealed" else set()) if secure else {"update"}
+            allowed |= {"want"}  # the organisation's own choice of rows to sync (fedembed.workingset)
         try:
             extra = sorted(set(c.keys()) - allowed)
             if extra:
@@ -258,8 +273,13 @@ class Coordinator:
             metrics = _finite_metrics(c["metrics"]) if "metrics" in c else {}
             if "train" in c:
                 _finite_metrics(c["train"])
+            if status in ("stale", "ok") and training:
+                want = c.get("want")
+                request = decode_request(want, self.shapes) if want is not None else None
             if status == "stale":
                 self.known[rep.node] = cache_version if 0 <= cache_version <= self.tables.version else 0
+                if training:
+                    self._set_request(rep.node, request)
                 if metrics:
                     self.log.set_metrics(evaluated_round, org, metrics)
                 raise UpdateError(f"cache at version {cache_version} was stale; resync next round")
@@ -275,6 +295,8 @@ class Coordinator:
             if training and secure and "secagg" not in c:
                 raise UpdateError("status ok but no key advertisement in a secure training reply")
             self.known[rep.node] = self.tables.version
+            if training:
+                self._set_request(rep.node, request)
             if metrics:
                 self.log.set_metrics(evaluated_round, org, metrics)
             return org, update

@@ -20,6 +20,7 @@ LAYERS: list[tuple[str, list[str]]] = [
     ]),
     ("model and task (torch)", [
         "fedembed.residual", "fedembed.model", "fedembed.cooc", "fedembed.task", "fedembed.train", "fedembed.serving",
+        "fedembed.workingset",
         "fedembed.guard",
     ]),
     ("the two sides", [
