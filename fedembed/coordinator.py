@@ -29,7 +29,9 @@ from fedembed.secagg.vector import ValueScales, fixed_point_sum
 from fedembed.sparse import RowUpdate, UpdateError
 from fedembed.store import Checkpoint, load_latest_checkpoint, save_checkpoint
 from fedembed.tables import RowRequest, VersionedTables, request_digest
-from fedembed.wire import decode_request, decode_update, dense_upload_bytes, encode_sync, record_bytes
+from fedembed.wire import (
+    decode_request, decode_request_digest, decode_update, dense_upload_bytes, encode_sync, record_bytes,
+)
 
 log = logging.getLogger(__name__)
 
@@ -183,6 +185,24 @@ class Coordinator:
         content["sync"] = self._sync_records[key]
         return content
 
+    def _read_request(self, node: int, want: ArrayRecord | None) -> dict[str, RowRequest] | None:
+        """The working set a reply asks for: in full, or by the digest of the one held for ``node``.
+
+        Raises
+        ------
+        UpdateError
+            A request outside its schema, or a digest of a request this node never made.
+        """
+        if want is None:
+            return None
+        digest = decode_request_digest(want)
+        if digest is None:
+            return decode_request(want, self.shapes)
+        held = self.wants.get(node)
+        if held is None or held[1] != digest:
+            raise UpdateError("a working-set request by digest, but not the digest of the request held for it")
+        return held[0]
+
     def _set_request(self, node: int, request: dict[str, RowRequest] | None) -> None:
         """Keep the working set an accepted reply asks for (None: every changed row from now on)."""
         if request is None:
@@ -274,8 +294,7 @@ class Coordinator:
             if "train" in c:
                 _finite_metrics(c["train"])
             if status in ("stale", "ok") and training:
-                want = c.get("want")
-                request = decode_request(want, self.shapes) if want is not None else None
+                request = self._read_request(rep.node, c.get("want"))
             if status == "stale":
                 self.known[rep.node] = cache_version if 0 <= cache_version <= self.tables.version else 0
                 if training:

@@ -231,6 +231,28 @@ def decode_request(record: ArrayRecord, shapes: Mapping[str, tuple[int, int]]) -
     return out
 
 
+def encode_request_digest(digest: bytes) -> ArrayRecord:
+    """A request unchanged from the one the coordinator holds, by its SHA-256 alone (``digest``, 32 bytes)."""
+    return encode_arrays({"digest": np.frombuffer(digest, dtype=np.uint8)})
+
+
+def decode_request_digest(record: ArrayRecord) -> bytes | None:
+    """The digest of a by-digest request, or None when ``record`` is a full request.
+
+    Raises
+    ------
+    UpdateError
+        A ``digest`` entry that is not 32 bytes, or one next to other entries.
+    """
+    if "digest" not in record.keys():
+        return None
+    arrays = decode_arrays(record)
+    d = arrays["digest"]
+    if set(arrays) != {"digest"} or d.dtype != np.uint8 or d.shape != (32,):
+        raise UpdateError("working-set request by digest: one uint8 array of 32 bytes, nothing else")
+    return d.tobytes()
+
+
 def _short(text: str, limit: int = 60) -> str:
     return "".join(ch if ch.isprintable() else "?" for ch in str(text))[:limit]
 

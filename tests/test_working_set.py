@@ -266,3 +266,20 @@ def test_padding_hides_the_working_set_in_a_fixed_secret_keyed_superset():
     assert a.size == 16 and np.isin(ws, a).all()
     assert np.array_equal(a, padded(ws, 1000, 4.0, b"k" * 32, "t"))  # asking again reveals nothing new
     assert not np.array_equal(a, padded(ws, 1000, 4.0, b"j" * 32, "t"))
+
+
+def test_an_unchanged_request_travels_as_its_digest_and_a_foreign_digest_is_refused(tmp_path):
+    def forge(node, content):
+        if node == 101 and "want" in content and "digest" in content["want"].keys():
+            content["want"]["digest"] = Array(np.frombuffer(b"\x01" * 32, dtype=np.uint8).copy())
+        return content
+
+    t = DirectTransport(tmp_path, 3, task=TASK, tamper=forge)
+    c = Coordinator(run_config(TASK, rounds=3), t)
+    for r in (1, 2, 3):
+        entry = c.run_round(r, sorted(t.orgs))
+    wants = [(n, out["want"]) for n, typ, out in t.seen if typ == "train" and not isinstance(out, Exception)]
+    assert all("ids.ids" in w.keys() for _, w in wants[:3])  # round 1: the whole request
+    assert all(list(w.keys()) == ["digest"] for n, w in wants[3:6] if n != 101)  # unchanged since: 32 bytes
+    assert "not the digest of the request held" in c.log.rounds[1]["rejected"]["org-1"]  # named, the round goes on
+    assert c.log.rounds[1]["clients"] == 2
