@@ -283,3 +283,17 @@ def test_an_unchanged_request_travels_as_its_digest_and_a_foreign_digest_is_refu
     assert all(list(w.keys()) == ["digest"] for n, w in wants[3:6] if n != 101)  # unchanged since: 32 bytes
     assert "not the digest of the request held" in c.log.rounds[1]["rejected"]["org-1"]  # named, the round goes on
     assert c.log.rounds[1]["clients"] == 2
+
+
+def test_plain_and_secure_runs_stay_bit_identical_with_each_modes_default_sync(tmp_path):
+    tables, wants = {}, {}
+    for name, kw in (("plain", {}), ("revealed", {"secure": True, "row_set": "revealed"}),
+                     ("union", {"secure": True, "row_set": "union"})):
+        t = DirectTransport(tmp_path / name, 3, task=TASK)
+        c = Coordinator(run_config(TASK, rounds=3, **kw), t)
+        c.run()
+        assert all(r["rejected"] == {} and r["clients"] == 3 for r in c.log.rounds)
+        tables[name] = c.tables.tables["ids"]
+        wants[name] = any("want" in out.keys() for _, typ, out in t.seen if typ == "train" and not isinstance(out, Exception))
+    assert np.array_equal(tables["plain"], tables["revealed"]) and np.array_equal(tables["plain"], tables["union"])
+    assert wants == {"plain": True, "revealed": True, "union": False}  # union keeps the full sync: nothing revealed
