@@ -36,6 +36,8 @@ from fedembed.wire import (
 log = logging.getLogger(__name__)
 
 TRAIN = "train"
+#: Per-request sync records of one version hold at most this many tables' worth of rows together.
+REQUEST_RECORD_TABLES = 4.0
 EVALUATE = "evaluate"
 
 
@@ -125,6 +127,7 @@ class Coordinator:
         # (absent: it asked for no working set, and gets every changed row)
         self.wants: dict[int, tuple[dict[str, RowRequest], bytes]] = {}
         self._sync_records: dict[tuple[int, int, bytes], ArrayRecord] = {}  # (tables version, since, request) -> sync
+        self._request_rows = (0, 0)  # (tables version, rows held in per-request sync records of that version)
         self.dense_bytes = dense_upload_bytes(self.shapes)
         if self.state_dir is not None:
             self._resume()
@@ -177,11 +180,33 @@ class Coordinator:
         # same record: built once per round, not once per organisation (100 orgs x a 6 MiB
         # sync was 600 MiB). An organisation that asked for its working set gets only its
         # rows changed since its version, plus the rows new to the set.
+        # Per-request records are bounded: together at most REQUEST_RECORD_TABLES tables' rows
+        # per version; past that an organisation gets the shared full sync (which it always
+        # accepts, and which reveals nothing), so memory stays bounded however many ask.
         key = (self.tables.version, since, want[1] if want else b"")
         if key not in self._sync_records:
             self._sync_records = {k: v for k, v in self._sync_records.items() if k[0] == self.tables.version}
+            if self._request_rows[0] != self.tables.version:
+                self._request_rows = (self.tables.version, 0)
             rows = self.tables.rows_requested(want[0], since) if want else self.tables.rows_since(since)
+            n = sum(int(rs.ids.size) for rs in rows.values())
+            budget = REQUEST_RECORD_TABLES * sum(s[0] for s in self.shapes.values())
+            if want and self._request_rows[1] + n > budget:
+                log.info("sync records of this round hold %d rows; node %d gets the full sync", self._request_rows[1], node)
+                return self._full_message(node, round_, evaluate_only, since)
+            if want:
+                self._request_rows = (self.tables.version, self._request_rows[1] + n)
             self._sync_records[key] = encode_sync(rows, self.shapes)
+        content["sync"] = self._sync_records[key]
+        return content
+
+    def _full_message(self, node: int, round_: int, evaluate_only: bool, since: int) -> RecordDict:
+        """The message with every row changed since ``since`` (the shared record), whatever the node asked for."""
+        plan = RoundPlan.for_round(self.cfg, round_, since, evaluate_only)
+        content = RecordDict({"config": ConfigRecord(plan.to_config())})
+        key = (self.tables.version, since, b"")
+        if key not in self._sync_records:
+            self._sync_records[key] = encode_sync(self.tables.rows_since(since), self.shapes)
         content["sync"] = self._sync_records[key]
         return content
 

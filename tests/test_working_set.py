@@ -297,3 +297,18 @@ def test_plain_and_secure_runs_stay_bit_identical_with_each_modes_default_sync(t
         wants[name] = any("want" in out.keys() for _, typ, out in t.seen if typ == "train" and not isinstance(out, Exception))
     assert np.array_equal(tables["plain"], tables["revealed"]) and np.array_equal(tables["plain"], tables["union"])
     assert wants == {"plain": True, "revealed": True, "union": False}  # union keeps the full sync: nothing revealed
+
+
+def test_per_request_sync_records_are_bounded_and_past_the_bound_the_full_sync_is_sent(tmp_path, monkeypatch):
+    import fedembed.coordinator as coordinator
+
+    t = DirectTransport(tmp_path, 3, task=TASK)
+    c = Coordinator(run_config(TASK, rounds=3), t)
+    c.run_round(1, sorted(t.orgs))
+    c.run_round(2, sorted(t.orgs))
+    monkeypatch.setattr(coordinator, "REQUEST_RECORD_TABLES", 1e-9)  # no room for any per-request record
+    content = c.train_message(100, 3)
+    assert content["config"]["request"] == ""  # the full sync: always accepted, reveals nothing
+    assert decode_sync(content["sync"], c.shapes)["ids"].ids.tolist() == c.tables.rows_since(c.known[100])["ids"].ids.tolist()
+    entry = c.run_round(3, sorted(t.orgs))
+    assert entry["rejected"] == {} and entry["clients"] == 3
