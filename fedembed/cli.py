@@ -160,6 +160,7 @@ def _add_simulate(sub: argparse._SubParsersAction) -> None:
                         "unmask_indicators, masked, unmask), in every round or only ROUND; repeatable")
     p.add_argument("--out", type=Path, default=Path("runs/latest"), help="output directory")
     p.add_argument("--cpus", type=_positive_int, default=None, help="CPUs for the simulation engine (default: all)")
+    _add_sync_option(p)
     p.add_argument("--quiet", action="store_true", help="no live progress display, no logs below warnings")
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging, Flower's included")
 
@@ -266,7 +267,7 @@ def cmd_simulate(args: argparse.Namespace) -> int:
         f" -> {args.out}"
     )
     runlog = simulate(cfg, tasks, args.out, on_round=progress, num_cpus=args.cpus, names=names,
-                      device=args.device, threads=args.threads, quiet=args.quiet)
+                      device=args.device, threads=args.threads, quiet=args.quiet, sync=args.sync)
     _print_final(runlog.to_dict(), progress.console)
     progress.console.print(f"wrote {args.out}/metrics.json, embeddings.npz, report.png")
     return 0
@@ -440,6 +441,9 @@ def _add_client(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--secure-row-sets", default="dense,union,revealed",
                    help="secure row-set modes this organisation takes part in (revealed tells the coordinator "
                         "its row ids)")
+    _add_sync_option(p)
+    p.add_argument("--sync-pad", type=float, default=4.0,
+                   help="--sync padded: ask for at least this many times its working set, rounded up to a power of two")
     p.add_argument("--insecure", action="store_true", help="no TLS (only against an --insecure coordinator)")
     p.add_argument("--runtime-port", type=int, default=None,
                    help="port of the SuperNode's local Runtime API on 127.0.0.1 (default: a free one)")
@@ -448,6 +452,14 @@ def _add_client(sub: argparse._SubParsersAction) -> None:
                    help="no long-lived organisation worker: every message loads torch and the task in its own "
                         "ClientApp process (slower; what a stock flower-supernode does)")
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+
+
+def _add_sync_option(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--sync", choices=("auto", "full", "working-set", "padded"), default="auto",
+                   help="which table rows the organisation asks to be synced (its own policy, never the coordinator's): "
+                        "full (every changed row; reveals nothing), working-set (only rows its data looks up; the "
+                        "coordinator learns them), padded (its working set inside a fixed larger secret-keyed set); "
+                        "auto: full in secure union/dense rounds, working-set otherwise")
 
 
 def _add_certs(sub: argparse._SubParsersAction) -> None:
@@ -592,7 +604,8 @@ def cmd_client(args: argparse.Namespace) -> int:
         extra_node_config={"secure-colluders": str(args.secure_colluders),
                            "secure-row-sets": json.dumps(args.secure_row_sets),
                            "dp-min-noise-multiplier": str(args.dp_min_noise_multiplier),
-                           "dp-max-epsilon": str(args.dp_max_epsilon), "dp-delta": str(args.dp_delta)},
+                           "dp-max-epsilon": str(args.dp_max_epsilon), "dp-delta": str(args.dp_delta),
+                           "sync": json.dumps(args.sync), "sync-pad": repr(float(args.sync_pad))},
     )
     if opts.insecure:
         log.warning("--insecure: this organisation's traffic to the coordinator is not encrypted")

@@ -243,6 +243,11 @@ class RoundPlan(StageHeader):
         carries every row changed after it (the tables sent are at version ``round - 1``).
     evaluate_only : bool
         Apply the sync and evaluate, do not train (the closing evaluation).
+    request : str
+        What the sync covers: empty, every row changed since ``since``; else the hex
+        digest of the working set the organisation asked for in its last accepted reply,
+        whose rows changed since ``since`` (and rows new to it) are all the sync holds
+        (:meth:`fedembed.tables.VersionedTables.rows_requested`).
     """
 
     since: int
@@ -255,11 +260,13 @@ class RoundPlan(StageHeader):
     secure: bool = False
     row_set: str = "union"
     delta_clip: float = 4.0
+    request: str = ""
 
     @staticmethod
-    def for_round(cfg: RunConfig, round_: int, since: int, evaluate_only: bool = False) -> RoundPlan:
-        """The plan of ``round_`` for an organisation whose cache is at ``since``."""
+    def for_round(cfg: RunConfig, round_: int, since: int, evaluate_only: bool = False, request: str = "") -> RoundPlan:
+        """The plan of ``round_`` for an organisation whose cache is at ``since`` (``request``: what its sync covers)."""
         return RoundPlan(
+            request=request,
             round=round_,
             since=since,
             evaluate_only=evaluate_only,

@@ -29,12 +29,16 @@ from fedembed.secagg.vector import ValueScales, fixed_point_sum
 from fedembed.sparse import RowUpdate, UpdateError
 from fedembed.stopping import stalled
 from fedembed.store import Checkpoint, load_latest_checkpoint, save_checkpoint
-from fedembed.tables import VersionedTables
-from fedembed.wire import decode_update, dense_upload_bytes, encode_sync, record_bytes
+from fedembed.tables import RowRequest, VersionedTables, request_digest
+from fedembed.wire import (
+    decode_request, decode_request_digest, decode_update, dense_upload_bytes, encode_sync, record_bytes,
+)
 
 log = logging.getLogger(__name__)
 
 TRAIN = "train"
+#: Per-request sync records of one version hold at most this many tables' worth of rows together.
+REQUEST_RECORD_TABLES = 4.0
 EVALUATE = "evaluate"
 
 
@@ -120,7 +124,11 @@ class Coordinator:
         self.known: dict[int, int] = {}  # node -> table version its cache holds
         self.node_org: dict[int, str] = {}  # node -> roster name it last signed as (for naming a silent node)
         self._round_names: dict[int, str] = {}  # node -> roster name verified this round
-        self._sync_records: dict[tuple[int, int], ArrayRecord] = {}  # (tables version, since) -> sync
+        # node -> the working set it asked for in its last accepted reply, and that request's digest
+        # (absent: it asked for no working set, and gets every changed row)
+        self.wants: dict[int, tuple[dict[str, RowRequest], bytes]] = {}
+        self._sync_records: dict[tuple[int, int, bytes], ArrayRecord] = {}  # (tables version, since, request) -> sync
+        self._request_rows = (0, 0)  # (tables version, rows held in per-request sync records of that version)
         self.dense_bytes = dense_upload_bytes(self.shapes)
         if self.state_dir is not None:
             self._resume()
@@ -166,16 +174,67 @@ class Coordinator:
     # ------------------------------------------------------------------ messages
     def _message(self, node: int, round_: int, evaluate_only: bool) -> RecordDict:
         since = self.known.get(node, 0)
-        plan = RoundPlan.for_round(self.cfg, round_, since, evaluate_only)
+        want = self.wants.get(node)
+        plan = RoundPlan.for_round(self.cfg, round_, since, evaluate_only, request=want[1].hex() if want else "")
         content = RecordDict({"config": ConfigRecord(plan.to_config())})
-        # Organisations at the same version get the very same record: built once per
-        # round, not once per organisation (100 orgs x a 6 MiB sync was 600 MiB).
-        key = (self.tables.version, since)
+        # Organisations at the same version with the same request (or none) get the very
+        # same record: built once per round, not once per organisation (100 orgs x a 6 MiB
+        # sync was 600 MiB). An organisation that asked for its working set gets only its
+        # rows changed since its version, plus the rows new to the set.
+        # Per-request records are bounded: together at most REQUEST_RECORD_TABLES tables' rows
+        # per version; past that an organisation gets the shared full sync (which it always
+        # accepts, and which reveals nothing), so memory stays bounded however many ask.
+        key = (self.tables.version, since, want[1] if want else b"")
         if key not in self._sync_records:
             self._sync_records = {k: v for k, v in self._sync_records.items() if k[0] == self.tables.version}
+            if self._request_rows[0] != self.tables.version:
+                self._request_rows = (self.tables.version, 0)
+            rows = self.tables.rows_requested(want[0], since) if want else self.tables.rows_since(since)
+            n = sum(int(rs.ids.size) for rs in rows.values())
+            budget = REQUEST_RECORD_TABLES * sum(s[0] for s in self.shapes.values())
+            if want and self._request_rows[1] + n > budget:
+                log.info("sync records of this round hold %d rows; node %d gets the full sync", self._request_rows[1], node)
+                return self._full_message(node, round_, evaluate_only, since)
+            if want:
+                self._request_rows = (self.tables.version, self._request_rows[1] + n)
+            self._sync_records[key] = encode_sync(rows, self.shapes)
+        content["sync"] = self._sync_records[key]
+        return content
+
+    def _full_message(self, node: int, round_: int, evaluate_only: bool, since: int) -> RecordDict:
+        """The message with every row changed since ``since`` (the shared record), whatever the node asked for."""
+        plan = RoundPlan.for_round(self.cfg, round_, since, evaluate_only)
+        content = RecordDict({"config": ConfigRecord(plan.to_config())})
+        key = (self.tables.version, since, b"")
+        if key not in self._sync_records:
             self._sync_records[key] = encode_sync(self.tables.rows_since(since), self.shapes)
         content["sync"] = self._sync_records[key]
         return content
+
+    def _read_request(self, node: int, want: ArrayRecord | None) -> dict[str, RowRequest] | None:
+        """The working set a reply asks for: in full, or by the digest of the one held for ``node``.
+
+        Raises
+        ------
+        UpdateError
+            A request outside its schema, or a digest of a request this node never made.
+        """
+        if want is None:
+            return None
+        digest = decode_request_digest(want)
+        if digest is None:
+            return decode_request(want, self.shapes)
+        held = self.wants.get(node)
+        if held is None or held[1] != digest:
+            raise UpdateError("a working-set request by digest, but not the digest of the request held for it")
+        return held[0]
+
+    def _set_request(self, node: int, request: dict[str, RowRequest] | None) -> None:
+        """Keep the working set an accepted reply asks for (None: every changed row from now on)."""
+        if request is None:
+            self.wants.pop(node, None)
+        else:
+            self.wants[node] = (request, request_digest(request))
 
     def train_message(self, node: int, round_: int) -> RecordDict:
         """The ``train`` message of ``round_`` for ``node``: the plan and its row sync."""
@@ -247,6 +306,7 @@ class Coordinator:
         allowed = {"info", "metrics", "train", SIG_RECORD}
         if training:
             allowed |= {"secagg"} | ({"rows"} if self.cfg.row_set == "revealed" else set()) if secure else {"update"}
+            allowed |= {"want"}  # the organisation's own choice of rows to sync (fedembed.workingset)
         try:
             extra = sorted(set(c.keys()) - allowed)
             if extra:
@@ -260,8 +320,12 @@ class Coordinator:
             stats = _finite_metrics(c["train"]) if "train" in c else {}
             if "dp_epsilon" in stats:  # its own privacy spend, as its ledger composes it (recorded, not trusted)
                 entry.setdefault("privacy", {})[org] = {"epsilon": stats["dp_epsilon"], "delta": stats.get("dp_delta", 0.0)}
+            if status in ("stale", "ok") and training:
+                request = self._read_request(rep.node, c.get("want"))
             if status == "stale":
                 self.known[rep.node] = cache_version if 0 <= cache_version <= self.tables.version else 0
+                if training:
+                    self._set_request(rep.node, request)
                 if metrics:
                     self.log.set_metrics(evaluated_round, org, metrics)
                 raise UpdateError(f"cache at version {cache_version} was stale; resync next round")
@@ -282,6 +346,8 @@ class Coordinator:
             if training and secure and "secagg" not in c:
                 raise UpdateError("status ok but no key advertisement in a secure training reply")
             self.known[rep.node] = self.tables.version
+            if training:
+                self._set_request(rep.node, request)
             if metrics:
                 self.log.set_metrics(evaluated_round, org, metrics)
             return org, update

@@ -34,6 +34,24 @@ class ExportError(FedembedError, ValueError):
     """Nothing to export, or the state does not fit the task."""
 
 
+def _warn_unsynced_rows(state: OrgState, shapes: dict[str, tuple[int, int]], version: int) -> None:
+    """Say how many cached rows are older than the tables (an organisation that synced its working set only)."""
+    from fedembed.workingset import RowState
+
+    try:
+        key = str(json.loads((state.dir / "tables.json").read_text()).get("key"))
+    except (OSError, ValueError, AttributeError):
+        return
+    rows = RowState.load(state.dir, shapes, version, key)
+    old = {n: int((~rows.fresh_mask(n)).sum()) for n in shapes}
+    if any(old.values()):
+        log.warning(
+            "%s: rows outside this organisation's working set were not synced (sync=working-set) and hold older "
+            "values: %s; every row its data looks up is current. Run its last round with --sync full for a whole "
+            "current table.", state.dir, ", ".join(f"{n}: {k} of {shapes[n][0]}" for n, k in old.items()),
+        )
+
+
 def organisation_model(state_dir: Path, spec: TaskSpec, device: str = "cpu") -> tuple[torch.nn.Module, dict[str, Any]]:
     """The organisation's trained plain module (final cached tables + its head) and a description of it.
 
@@ -49,6 +67,7 @@ def organisation_model(state_dir: Path, spec: TaskSpec, device: str = "cpu") -> 
     tables, version = state.load_cached_tables(shapes)
     if version == 0:
         raise ExportError(f"{state_dir} holds no trained tables (has this organisation taken part in a round?)")
+    _warn_unsynced_rows(state, shapes, version)
     model = task.build_model()
     path = state.dir / "head.pt"
     try:  # read here, not through OrgState.load_head: an export never moves the organisation's live head aside

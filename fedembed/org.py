@@ -10,6 +10,7 @@ share heads or train alone run in one process, :mod:`fedembed.baselines`.)
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 from collections.abc import Mapping
@@ -30,16 +31,19 @@ from fedembed.faults import check_drop
 from fedembed.identity import Identity, sign_reply
 from fedembed.secagg.client import SecureMember
 from fedembed.secagg.protocol import SecurePolicy
-from fedembed.sparse import RowUpdate
+from fedembed.sparse import RowUpdate, UpdateError
 from fedembed.store import OrgState
-from fedembed.tables import RowSync, apply_sync, init_table
+from fedembed.tables import RowRequest, RowSync, apply_sync, init_table, request_digest
 from fedembed.spec import FederationSpec, SpecError, TableSpec
 from fedembed.task import Task, TaskError, TaskSpec, load_task, resolve_device, task_from_node_config
 from fedembed.recipe import TrainConfig
 from fedembed.guard import Guard
 from fedembed.serving import BestValidation, ServingContext, ServingPolicy, SharedOnly
 from fedembed.train import build_seeded, evaluate_splits, fit_head, make_head_optimizer, round_rng, train_local
-from fedembed.wire import decode_sync, encode_update, reply_content
+from fedembed.wire import decode_sync, encode_request, encode_request_digest, encode_update, reply_content
+from fedembed.workingset import (
+    FULL, RowState, StaleRowError, SyncPolicy, SyncRefused, derive_working_set, lookup_guard, requested_rows,
+)
 
 log = logging.getLogger(__name__)
 
@@ -62,6 +66,9 @@ class OrgReply:
         ``val_*`` and test metrics.
     train_stats : dict
         Examples, loss, steps of the local training.
+    request : dict or None
+        The working set it asks the next sync to cover (:mod:`fedembed.workingset`);
+        None: every changed row.
     """
 
     org: str
@@ -70,6 +77,7 @@ class OrgReply:
     update: RowUpdate | None = None
     metrics: dict[str, float] = field(default_factory=dict)
     train_stats: dict[str, float] = field(default_factory=dict)
+    request: dict[str, RowRequest] | None = None
 
 
 class Organisation:
@@ -92,11 +100,15 @@ class Organisation:
         ``cpu``, ``cuda``, ``cuda:<n>`` or ``auto`` (CUDA when available).
     dp_policy : DPPolicy, optional
         Its own DP floor and budget (:mod:`fedembed.dp.policy`), held against any recipe.
+    sync : SyncPolicy, optional
+        Which rows it asks the coordinator to sync (:mod:`fedembed.workingset`; default
+        ``auto``: its working set where the round's mode reveals its rows anyway).
     """
 
     def __init__(
         self, org: int, state_dir: Path, identity: Identity, policy: SecurePolicy | None = None,
         task: TaskSpec | None = None, device: str = "cpu", dp_policy: DPPolicy | None = None,
+        sync: SyncPolicy | None = None,
     ) -> None:
         if task is None:
             raise TaskError("an organisation needs its own task: --task (or node config task=...)")
@@ -107,6 +119,7 @@ class Organisation:
         self.task_spec = task
         self.device = resolve_device(device)
         self.dp_policy = dp_policy or DPPolicy()
+        self.sync = sync or SyncPolicy()
 
     @staticmethod
     def from_node_config(
@@ -118,7 +131,7 @@ class Organisation:
         Its task comes from the node config (``task``, ``data``, ``task-options``,
         ``task-config``, ``device``: :func:`fedembed.task.task_from_node_config`) or, in a
         simulation, from ``tasks[partition-id]``; ``threads`` sets torch's CPU threads
-        (default: torch's choice).
+        (default: torch's choice); ``sync`` and ``sync-pad`` its :class:`SyncPolicy`.
         """
         member = SecureMember.from_node_config(nc, state_root, key_dir, roster)
         if "threads" in nc:  # otherwise torch's own choice
@@ -128,7 +141,7 @@ class Organisation:
         else:
             spec, device = tasks[member.org], str(nc.get("device", "cpu"))
         return Organisation(member.org, member.state_dir, member.identity, member.policy, spec, device,
-                            DPPolicy.from_mapping(nc))
+                            DPPolicy.from_mapping(nc), SyncPolicy.from_node_config(nc))
 
     @property
     def member(self) -> SecureMember:
@@ -172,18 +185,69 @@ class Organisation:
             cfg = replace(cfg, dp_target_epsilon=epsilon, dp_target_delta=delta)
         shapes = {n: t.shape for n, t in self.table_specs().items()}
         tables, version = self.state.load_tables(shapes, plan.seed, plan.table_scale, plan.run_key)
+        rows = RowState.load(self.state.dir, shapes, version, plan.run_key)  # per-row freshness (workingset)
+        mode = self.sync.resolve(plan.secure, plan.row_set)
         if plan.since != version and plan.since != 0:
             log.warning("%s: cache at version %d, coordinator assumed %d; asking for a resync", name, version, plan.since)
-            return OrgReply(name, "stale", version)
+            return OrgReply(name, "stale", version, request=self._ask(task, shapes, mode, rows, plan))
         rebuilt = plan.since == 0 and version != 0
+        if plan.request and (rows.request is None or request_digest(rows.request).hex() != plan.request or rebuilt):
+            log.warning("%s: a sync of a working set other than the one on record here; asking again", name)
+            return OrgReply(name, "stale", version, request=self._ask(task, shapes, mode, rows, plan))
         if rebuilt:
             tables = {n: init_table(n, s, plan.seed, plan.table_scale) for n, s in shapes.items()}
+            rows.rebuilt()
+        # refuses what contradicts what it holds (rows it did not ask for, stamps rolled back)
+        rows.apply(sync, "requested" if plan.request else "all", plan.since, plan.round - 1, plan.secure)
         apply_sync(tables, sync)
         version = plan.round - 1
         if rebuilt:
             self.state.save_tables(tables, version, plan.run_key)
         else:  # only the synced rows are written
             self.state.save_sync(tables, sync, version, plan.run_key)
+        if mode != FULL:  # rows it will look up that are not current: fetched next round (first use)
+            used, _ = requested_rows(task, shapes, mode, self.sync.pad, rows, self.state.dir)
+            missing = rows.stale(used)
+            if missing:
+                log.info("%s: %d rows of its working set not yet synced; fetching them next round", name,
+                         sum(int(v.size) for v in missing.values()))
+                return OrgReply(name, "stale", version, request=self._ask(task, shapes, mode, rows, plan))
+        try:
+            reply = self._evaluate_and_train(task, cfg, plan, shapes, tables, rows if mode != FULL else None)
+        except StaleRowError as exc:  # a lookup outside the working set: every such row joins it, fetched next round
+            found = rows.stale(derive_working_set(task))  # one pass over its data finds them all, not just this one
+            log.warning("%s: %s; %d rows join its working set", name, exc, sum(int(v.size) for v in found.values()))
+            rows.add_extra(exc.rows)
+            rows.add_extra(found)
+            return OrgReply(name, "stale", version, request=self._ask(task, shapes, mode, rows, plan))
+        if not plan.evaluate_only:
+            if reply.update is not None and not plan.secure:  # kept to check the next sync brings them back
+                rows.uploaded = {n: tu.ids.astype(np.int64) for n, tu in reply.update.items()}
+                rows.uploaded_round = plan.round
+            reply.request = self._ask(task, shapes, mode, rows, plan)
+        else:
+            rows.save(self.state.dir, plan.run_key)
+        return reply
+
+    def _ask(self, task: Task, shapes: dict[str, tuple[int, int]], mode: str, rows: RowState,
+             plan: RoundPlan) -> dict[str, RowRequest] | None:
+        """The rows its reply asks the next sync for (None under ``full``), kept on record with the row state."""
+        if mode == FULL:
+            rows.request = None
+            request = None
+        else:
+            _, asked = requested_rows(task, shapes, mode, self.sync.pad, rows, self.state.dir)
+            request = rows.make_request(asked)
+        rows.save(self.state.dir, plan.run_key)
+        return request
+
+    def _evaluate_and_train(
+        self, task: Task, cfg: TrainConfig, plan: RoundPlan, shapes: dict[str, tuple[int, int]],
+        tables: dict[str, np.ndarray], rows: RowState | None,
+    ) -> OrgReply:
+        """Evaluate on the synced tables, then train (unless evaluating only); ``rows``: guard every lookup."""
+        name = self.identity.name
+        version = plan.round - 1
 
         model = build_seeded(task, plan.seed, name)  # its first head repeats from --seed; later ones are loaded
         if cfg.residual:
@@ -199,30 +263,31 @@ class Organisation:
         if saved and "dp_ledger" in saved:  # a head saved here never drops the privacy spend kept with it
             extra["dp_ledger"] = saved["dp_ledger"]
         rng = round_rng(plan.seed, name, plan.round)
-        if cfg.head_epochs > 0:  # FedRep: the head meets the synced tables before it is evaluated (and served) on them
-            fit_head(task, model, cfg, head_opt, rng)
-        metrics = evaluate_splits(task, model)
-        context = ServingContext(task, cfg, plan.round, plan.seed, plan.table_scale, plan.run_key, shapes,
-                                 train=not plan.evaluate_only, who=name)
-        metrics = serving_policy(cfg, self.state.dir).serve(context, model, metrics)
-        if plan.evaluate_only:
-            if cfg.head_epochs > 0:  # the head evaluated is the head kept (and exported)
-                self.state.save_head(model.head_state_dict(), head_opt.state_dict(), plan.round, **extra)
-            return OrgReply(name, "ok", version, metrics=metrics)
+        with lookup_guard(model, rows) if rows is not None else contextlib.nullcontext():
+            if cfg.head_epochs > 0:  # FedRep: the head meets the synced tables before it is evaluated (and served) on them
+                fit_head(task, model, cfg, head_opt, rng)
+            metrics = evaluate_splits(task, model)
+            context = ServingContext(task, cfg, plan.round, plan.seed, plan.table_scale, plan.run_key, shapes,
+                                     train=not plan.evaluate_only, who=name)
+            metrics = serving_policy(cfg, self.state.dir).serve(context, model, metrics)
+            if plan.evaluate_only:
+                if cfg.head_epochs > 0:  # the head evaluated is the head kept (and exported)
+                    self.state.save_head(model.head_state_dict(), head_opt.state_dict(), plan.round, **extra)
+                return OrgReply(name, "ok", version, metrics=metrics)
 
-        ledger = None
-        if cfg.dp:  # its privacy spend so far, kept with its head: composed over every round it trained
-            ledger = PrivacyLedger(cfg.dp_target_delta, cfg.dp_target_epsilon or None)
-            if saved and "dp_ledger" in saved:
-                ledger.rounds = PrivacyLedger.from_dict(saved["dp_ledger"]).rounds
-        try:
-            update, stats = train_local(
-                task, model, cfg, head_opt, rng, start_tables=tables, table_state=table_state, fit_head_first=False,
-                dp_ledger=ledger,
-            )
-        except BudgetExhausted as exc:  # nothing trained, nothing saved: it only evaluates from now on
-            log.warning("%s: %s", name, exc)
-            return OrgReply(name, "exhausted", version, metrics=metrics, train_stats={"dp_exhausted": 1.0})
+            ledger = None
+            if cfg.dp:  # its privacy spend so far, kept with its head: composed over every round it trained
+                ledger = PrivacyLedger(cfg.dp_target_delta, cfg.dp_target_epsilon or None)
+                if saved and "dp_ledger" in saved:
+                    ledger.rounds = PrivacyLedger.from_dict(saved["dp_ledger"]).rounds
+            try:
+                update, stats = train_local(
+                    task, model, cfg, head_opt, rng, start_tables=tables, table_state=table_state,
+                    fit_head_first=False, dp_ledger=ledger,
+                )
+            except BudgetExhausted as exc:  # nothing trained, nothing saved: it only evaluates from now on
+                log.warning("%s: %s", name, exc)
+                return OrgReply(name, "exhausted", version, metrics=metrics, train_stats={"dp_exhausted": 1.0})
         if ledger is not None:
             extra["dp_ledger"] = ledger.to_dict()
         self.state.save_head(model.head_state_dict(), head_opt.state_dict(), plan.round, **extra)
@@ -313,17 +378,23 @@ def handle_content(organisation: Organisation, content: RecordDict, message_type
     if message_type not in ("train", "evaluate"):
         raise ValueError(f"unknown message type {message_type!r}")
     header = StageHeader.from_config(content["config"], header_only=True)  # without a run and a round there is nothing to sign for
-    try:
-        plan = _checked_plan(organisation, content, message_type)
-    except (FedembedError, ValueError, KeyError, TypeError) as exc:  # refused before anything is loaded or trained, and signed: the coordinator knows who
+    def refuse(exc: Exception) -> RecordDict:
         log.warning("%s: refused the %s message of round %d: %s", organisation.identity.name, message_type, header.round, exc)
         refusal = RecordDict({"info": ConfigRecord({"status": "refused", "error": str(exc)[:1000]})})
         return sign_reply(refusal, organisation.identity, header.run_key, header.round, message_type, node)
+
+    try:
+        plan = _checked_plan(organisation, content, message_type)
+    except (FedembedError, ValueError, KeyError, TypeError) as exc:  # refused before anything is loaded or trained, and signed: the coordinator knows who
+        return refuse(exc)
     # the closing evaluation is its own stage: a dropout injected at "train" never hits it
     check_drop(plan.drop, "evaluate" if plan.evaluate_only else "train", plan.round, organisation.org)
     shapes = {n: t.shape for n, t in organisation.table_specs().items()}
-    sync = decode_sync(content["sync"], shapes) if "sync" in content else {}
-    reply = organisation.handle(plan, sync)
+    try:
+        sync = decode_sync(content["sync"], shapes) if "sync" in content else {}
+        reply = organisation.handle(plan, sync)
+    except (UpdateError, SyncRefused) as exc:  # a sync that contradicts itself or what this organisation holds
+        return refuse(exc)
     secure = plan.secure and reply.update is not None and reply.status == "ok"
     record = None
     if reply.update is not None and not secure:
@@ -332,6 +403,11 @@ def handle_content(organisation: Organisation, content: RecordDict, message_type
     if len(metrics) != len(reply.metrics):
         log.warning("%s: non-finite metrics not reported: %s", organisation.identity.name, sorted(set(reply.metrics) - set(metrics)))
     out = reply_content(reply.status, reply.cache_version, record, metrics, reply.train_stats)
+    if reply.request is not None and not plan.evaluate_only:  # its own choice of rows, signed with the rest
+        digest = request_digest(reply.request)
+        # the request the coordinator holds already (its plan names it): 32 bytes say "the same"
+        same = plan.request == digest.hex() and reply.status == "ok"
+        out["want"] = encode_request_digest(digest) if same else encode_request(reply.request, shapes)
     if secure:
         from fedembed.secagg.client import begin
 

@@ -34,6 +34,7 @@ def simulate(
     device: str = "cpu",
     threads: int | None = None,
     quiet: bool = False,
+    sync: str = "auto",
 ) -> RunLog:
     """Run ``cfg`` as a local simulation and write its outputs.
 
@@ -49,6 +50,9 @@ def simulate(
         Where every simulated organisation trains (``cpu``, ``cuda``, ``auto``).
     threads : int, optional
         Torch CPU threads per organisation (default: torch's choice).
+    sync : str
+        Every simulated organisation's sync policy (:class:`fedembed.workingset.SyncPolicy`:
+        ``auto``, ``full``, ``working-set``, ``padded``).
     quiet : bool
         Keep the simulation engine's (Ray's) worker output, such as its warnings at
         shutdown, off the console.
@@ -127,7 +131,7 @@ def simulate(
         roster=str(roster_path.resolve()),
         mods=client_mods,
         tasks=tasks,
-        node_defaults={"device": device, **({"threads": threads} if threads else {})},
+        node_defaults={"device": device, "sync": sync, **({"threads": threads} if threads else {})},
     )
     cpus = num_cpus or os.cpu_count() or 1
     backend = {

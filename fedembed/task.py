@@ -129,6 +129,17 @@ class Task(ABC):
         """
         return {}
 
+    def working_set(self) -> dict[str, np.ndarray] | None:
+        """Every row of each shared table this organisation's data can look up (any split).
+
+        An organisation syncing its working set (:mod:`fedembed.workingset`) asks the
+        coordinator for these rows only. Return a new answer when the data changes (it is
+        asked every round). The default, None, lets fedembed find the rows itself with one
+        pass over every split with the lookups recorded; a task that reads rows other than
+        through its tables' forward (or :meth:`id_bags`) must list them here.
+        """
+        return None
+
     def table_specs(self) -> dict[str, TableSpec]:
         """This organisation's shared tables as the federation spec describes them (shape, vocabulary digest).
 
@@ -289,6 +300,12 @@ class BagTask(Task):
 
     def id_bags(self, batch: BagBatch) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
         return {"ids": (batch.ids, batch.offsets)}
+
+    def working_set(self) -> dict[str, np.ndarray]:
+        """The ids of every bag of every split (computed once: the partition does not change)."""
+        if getattr(self, "_working_set", None) is None:
+            self._working_set = {"ids": np.unique(np.concatenate([self._split(s).ids for s in SPLITS])).astype(np.int64)}
+        return self._working_set
 
     def loss(self, model: SplitModel, batch: BagBatch) -> torch.Tensor:
         logits = model(batch.ids, batch.offsets)

@@ -19,7 +19,7 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, MetricRecord, RecordDict
 from flwr.supercore.inflatable.inflatable_object import get_all_nested_objects
 
 from fedembed.sparse import WIRE_DTYPES, RowUpdate, TableUpdate, UpdateError, validate_update
-from fedembed.tables import RowSync
+from fedembed.tables import RowRequest, RowSync
 
 log = logging.getLogger(__name__)
 
@@ -108,11 +108,17 @@ def decode_arrays(record: ArrayRecord) -> dict[str, np.ndarray]:
 
 
 def encode_sync(sync: Mapping[str, RowSync], shapes: Mapping[str, tuple[int, int]]) -> ArrayRecord:
-    """Rows to overwrite, per table: ``<t>.ids`` and ``<t>.rows`` (float32, exact)."""
+    """Rows to overwrite, per table: ``<t>.ids``, ``<t>.rows`` (float32, exact) and ``<t>.stamps`` (int32).
+
+    The stamps (the round that last changed each row) cost 4 bytes a row; they let the
+    organisation hold the stamp of every row it keeps and refuse a sync that rolls one back.
+    """
     arrays: dict[str, np.ndarray] = {}
     for name, rs in sync.items():
         arrays[f"{name}.ids"] = rs.ids.astype(_ids_dtype(shapes[name][0]))
         arrays[f"{name}.rows"] = rs.values.astype(np.float32)
+        if rs.stamps is not None:
+            arrays[f"{name}.stamps"] = rs.stamps.astype(np.int32)
     return encode_arrays(arrays)
 
 
@@ -150,12 +156,105 @@ def decode_sync(record: ArrayRecord, shapes: Mapping[str, tuple[int, int]]) -> d
     for name, (rows, dim) in shapes.items():
         if f"{name}.ids" not in arrays:
             continue
-        ids = arrays[f"{name}.ids"].astype(np.int64)
+        raw = arrays[f"{name}.ids"]
+        if raw.ndim != 1 or raw.dtype.kind not in "iu" or f"{name}.rows" not in arrays:
+            raise UpdateError(f"sync of table {name!r}: ids must be a 1-d integer array with its rows")
+        ids = raw.astype(np.int64)
         vals = arrays[f"{name}.rows"]
         if vals.shape != (ids.shape[0], dim) or (ids.size and (ids.min() < 0 or ids.max() >= rows)):
             raise UpdateError(f"sync of table {name!r} does not fit its shape ({rows}, {dim})")
-        out[name] = RowSync(ids, vals.astype(np.float32))
+        if ids.size > 1 and not np.all(np.diff(ids) > 0):
+            raise UpdateError(f"sync of table {name!r}: row ids are not sorted and unique")
+        stamps = arrays.get(f"{name}.stamps")
+        if stamps is not None:
+            if stamps.shape != ids.shape or stamps.dtype.kind not in "iu":
+                raise UpdateError(f"sync of table {name!r}: stamps do not match its ids")
+            stamps = stamps.astype(np.int64)
+        out[name] = RowSync(ids, vals.astype(np.float32), stamps)
     return out
+
+
+MAX_REQUEST_SHARE = 1.0
+"""A working-set request may name at most this share of a table's rows (all of them: no more exists)."""
+
+
+def encode_request(request: Mapping[str, RowRequest], shapes: Mapping[str, tuple[int, int]]) -> ArrayRecord:
+    """An organisation's working-set request on the wire: ``<t>.ids`` and ``<t>.new`` per table (int32)."""
+    arrays: dict[str, np.ndarray] = {}
+    for name, req in request.items():
+        dtype = _ids_dtype(shapes[name][0])
+        arrays[f"{name}.ids"] = np.asarray(req.ids).astype(dtype)
+        arrays[f"{name}.new"] = np.asarray(req.new).astype(dtype)
+    return encode_arrays(arrays)
+
+
+def decode_request(record: ArrayRecord, shapes: Mapping[str, tuple[int, int]]) -> dict[str, RowRequest]:
+    """Decode and validate an organisation's working-set request (never trusting the sender).
+
+    Every shared table must be named; per table ``ids`` must be a 1-d integer array of
+    sorted, unique row ids in range, at most :data:`MAX_REQUEST_SHARE` of the table's rows,
+    and ``new`` a sorted, unique subset of them.
+
+    Raises
+    ------
+    UpdateError
+        Says what is wrong (unknown or missing table, unreadable array, out of range,
+        unsorted or duplicated ids, too many rows, ``new`` outside ``ids``).
+    """
+    arrays = decode_arrays(record)
+    expected = {f"{n}.{f}" for n in shapes for f in ("ids", "new")}
+    unknown = sorted(set(arrays) - expected)
+    if unknown:
+        raise UpdateError(f"working-set request: unexpected arrays {[_short(k) for k in unknown[:5]]}")
+    missing = sorted(expected - set(arrays))
+    if missing:
+        raise UpdateError(f"working-set request lacks {missing[:5]} (it names every shared table)")
+    out: dict[str, RowRequest] = {}
+    for name, (rows, _dim) in shapes.items():
+        parts = []
+        for fld in ("ids", "new"):
+            a = arrays[f"{name}.{fld}"]
+            if a.ndim != 1 or a.dtype.kind not in "iu":
+                raise UpdateError(f"working-set request of table {name!r}: {fld} must be a 1-d integer array")
+            parts.append(a.astype(np.int64))
+        ids, new = parts
+        if ids.size > MAX_REQUEST_SHARE * rows:
+            raise UpdateError(f"working-set request of table {name!r} names {ids.size} rows; the table has {rows}")
+        for fld, a in (("ids", ids), ("new", new)):
+            if a.size and (a[0] < 0 or a[-1] >= rows or a.min() < 0 or a.max() >= rows):
+                raise UpdateError(f"working-set request of table {name!r}: {fld} out of range [0, {rows})")
+            if a.size > 1 and not np.all(np.diff(a) > 0):
+                raise UpdateError(f"working-set request of table {name!r}: {fld} not sorted and unique")
+        if new.size and not np.isin(new, ids, assume_unique=True).all():
+            raise UpdateError(f"working-set request of table {name!r}: new rows outside its ids")
+        out[name] = RowRequest(ids, new)
+    return out
+
+
+def encode_request_digest(digest: bytes) -> ArrayRecord:
+    """A request unchanged from the one the coordinator holds, by its SHA-256 alone (``digest``, 32 bytes)."""
+    return encode_arrays({"digest": np.frombuffer(digest, dtype=np.uint8)})
+
+
+def decode_request_digest(record: ArrayRecord) -> bytes | None:
+    """The digest of a by-digest request, or None when ``record`` is a full request.
+
+    Raises
+    ------
+    UpdateError
+        A ``digest`` entry that is not 32 bytes, or one next to other entries.
+    """
+    if "digest" not in record.keys():
+        return None
+    arrays = decode_arrays(record)
+    d = arrays["digest"]
+    if set(arrays) != {"digest"} or d.dtype != np.uint8 or d.shape != (32,):
+        raise UpdateError("working-set request by digest: one uint8 array of 32 bytes, nothing else")
+    return d.tobytes()
+
+
+def _short(text: str, limit: int = 60) -> str:
+    return "".join(ch if ch.isprintable() else "?" for ch in str(text))[:limit]
 
 
 def encode_update(update: RowUpdate, shapes: Mapping[str, tuple[int, int]], dtype: str = "float16") -> ArrayRecord:

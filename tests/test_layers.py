@@ -21,6 +21,7 @@ LAYERS: list[tuple[str, list[str]]] = [
     ]),
     ("model and task (torch)", [
         "fedembed.residual", "fedembed.model", "fedembed.cooc", "fedembed.task", "fedembed.train", "fedembed.serving",
+        "fedembed.workingset",
         "fedembed.guard", "fedembed.dp.clipping", "fedembed.dp.local",
     ]),
     ("the two sides", [

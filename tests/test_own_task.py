@@ -32,6 +32,7 @@ from fedembed.spec import FederationSpec, SpecError
 from fedembed.tables import init_table
 from fedembed.task import TaskSpec, load_task
 from fedembed.vocab import Vocabulary
+from fedembed.workingset import RowState, working_set
 
 ROOT = Path(__file__).resolve().parents[1]
 TASK_FILE = f"{ROOT / 'examples' / 'baskets' / 'task.py'}:BasketsTask"  # the file-path form `--task` takes
@@ -154,9 +155,11 @@ def test_three_organisations_with_their_own_files_federate_the_sku_table(data, t
     changed = np.any(table != init, axis=1)
     assert changed.sum() > 100  # the table learned
     assert changed[Vocabulary.load(data["vocabulary"]).oov_row]  # unknown SKUs trained the OOV row
-    for org in t.orgs.values():  # every organisation's cache is the coordinator's final table
+    for org in t.orgs.values():  # every organisation's cache is the coordinator's final table on every row it holds fresh
         cache, version = org.state.load_tables(c.shapes, cfg.seed, cfg.table_scale, cfg.run_key())
-        assert version == 2 and np.array_equal(cache["skus"], table)
+        fresh = RowState.load(org.state.dir, c.shapes, version, cfg.run_key()).fresh_mask("skus")
+        assert version == 2 and np.array_equal(cache["skus"][fresh], table[fresh])
+        assert fresh[working_set(org.task, c.shapes)["skus"]].all()  # which is every row its data looks up
 
 
 @pytest.mark.parametrize("change, differs", [

@@ -198,7 +198,12 @@ def test_corrupt_table_cache_is_rebuilt_and_stays_repaired(tmp_path, direct_tran
     assert stale == [3]  # one resync, then repaired for good (not stale every other round)
     c.closing_evaluation(nodes)
     cache, version = t.orgs[101].state.load_tables(c.shapes, cfg.seed, cfg.table_scale, cfg.run_key())
-    assert version == 8 and np.array_equal(cache["products"], c.tables.tables["products"])
+    # current on every row it holds fresh, which is every row its data looks up (its working set is all it syncs)
+    from fedembed.workingset import RowState, working_set
+
+    fresh = RowState.load(t.orgs[101].state.dir, c.shapes, version, cfg.run_key()).fresh_mask("products")
+    assert fresh[working_set(t.orgs[101].task, c.shapes)["products"]].all()
+    assert version == 8 and np.array_equal(cache["products"][fresh], c.tables.tables["products"][fresh])
 
 
 # ------------------------------------------------------------------ 4. head.pt of another model
