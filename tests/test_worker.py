@@ -250,3 +250,10 @@ def test_node_config_writes_org_only_when_given_and_the_orgs_own_task_before_the
     assert nc["task"] == "examples.my_task:ClicksTask" and nc["task-options"] == "products=400"
     indexed = parse_config_args([node_config(_opts(tmp_path, roster, 0))])
     assert next(iter(indexed)) == "org" and indexed["org"] == 0
+
+
+def test_the_processes_fedembed_starts_let_idle_torch_threads_sleep_unless_the_user_chose(monkeypatch):
+    monkeypatch.delenv("OMP_WAIT_POLICY", raising=False)
+    assert flower_env()["OMP_WAIT_POLICY"] == "PASSIVE"  # spinning threads starve the other processes
+    monkeypatch.setenv("OMP_WAIT_POLICY", "ACTIVE")
+    assert flower_env()["OMP_WAIT_POLICY"] == "ACTIVE"
