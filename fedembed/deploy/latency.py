@@ -30,8 +30,9 @@ from typing import Any
 PULL_INITIAL_BACKOFF = 0.02
 """Seconds before a not-yet-available object is asked for again (Flower: 1 s)."""
 
-PULL_BACKOFF_CAP = 1.0
-"""Longest wait between two asks for the same object (Flower: 10 s)."""
+PULL_BACKOFF_CAP = 0.1
+"""Longest wait between two asks for the same object (Flower: 10 s): a reply is often pulled while its
+sender still uploads it (a few tenths of a second for ~12 objects over TLS), and each ask is one small request."""
 
 
 def shorten_object_pulls(module: ModuleType) -> None:
