@@ -56,6 +56,9 @@ log = logging.getLogger(__name__)
 SOCKET_NAME = "sock"
 """The socket's file name, in ``<state-dir>/worker/``."""
 
+WAKEUP_NAME = "wakeup"
+"""The file name of the socket the SuperNode wakes the worker's task loop on, next to :data:`SOCKET_NAME`."""
+
 MAX_FRAME = 1 << 31
 """Largest frame accepted (bytes); a longer one is a bad request."""
 
@@ -394,7 +397,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.runtime_api:
         from fedembed.deploy.taskloop import TaskLoop, load_secret
 
-        loop = TaskLoop(args.runtime_api, handler, load_secret(args.superexec_secret))
+        loop = TaskLoop(args.runtime_api, handler, load_secret(args.superexec_secret),
+                        wakeup=args.socket.with_name(WAKEUP_NAME))
         threading.Thread(target=loop.serve_forever, name="taskloop", daemon=True).start()
     try:
         worker.serve_forever()
@@ -403,6 +407,7 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         if loop is not None:
             loop.stop()
+            loop.close()
         worker.close()
     return 0
 

@@ -210,3 +210,40 @@ def test_the_loop_waits_for_a_supernode_that_is_not_up_yet_and_serves_until_stop
         api.close()
     assert not thread.is_alive()
     loop.close()
+
+
+def test_a_message_the_supernode_stores_wakes_the_loop_instead_of_its_next_poll(api, tmp_path):
+    import os
+    import stat
+    import types
+
+    from fedembed.deploy.taskloop import wake_worker_on_messages
+
+    wakeup = tmp_path / "wakeup"
+    loop = TaskLoop(api.address, echo, wakeup=wakeup, idle=60.0)  # polling alone would take a minute
+    assert stat.S_IMODE(os.stat(wakeup).st_mode) == 0o600 and stat.S_ISSOCK(os.stat(wakeup).st_mode)
+    stored: list[Message] = []
+
+    def pull_and_store_message(**_kwargs):  # the SuperNode's message loop storing a pulled message
+        stored.append(api.deliver(_content(len(stored)))[1])
+        return RUN
+
+    supernode = types.SimpleNamespace(_pull_and_store_message=pull_and_store_message)
+    wake_worker_on_messages(supernode, wakeup)
+    thread = threading.Thread(target=loop.serve_forever, daemon=True)
+    thread.start()
+    try:
+        time.sleep(0.3)  # the loop has looked once and now waits (60 s, or a wake-up)
+        for n in (1, 2):
+            assert supernode._pull_and_store_message(state=None) == RUN
+            deadline = time.monotonic() + 20
+            while loop.served < n and time.monotonic() < deadline:
+                time.sleep(0.02)
+            assert loop.served == n
+        assert [api.reply(m).content["config"]["x"] for m in stored] == [0, 1]
+    finally:
+        loop.stop()
+        thread.join(timeout=5)
+    assert not thread.is_alive()  # stopping wakes it too
+    loop.close()
+    assert not wakeup.exists()

@@ -292,7 +292,8 @@ def run_client(opts: ClientOptions, max_restarts: int | None = None, restart_del
     int
         The SuperNode's last exit code (0 on Ctrl-C).
     """
-    from fedembed.worker import MAX_SOCKET_PATH
+    from fedembed.deploy.taskloop import WAKEUP_ENV
+    from fedembed.worker import MAX_SOCKET_PATH, WAKEUP_NAME
 
     opts.state_dir.mkdir(mode=0o700, parents=True, exist_ok=True)  # the org's private state: owner only
     env = flower_env(opts.state_dir / "flwr-home")
@@ -316,7 +317,10 @@ def run_client(opts: ClientOptions, max_restarts: int | None = None, restart_del
                 cmd = supernode_command(opts, port, worker_socket=None if worker is None else worker.path,
                                         task_secret=worker.task_secret if worker_runs_tasks else None)
                 log.info("organisation %s: %s", opts.name, " ".join(cmd))
-                proc[0] = subprocess.Popen(cmd, env=env, preexec_fn=_die_with_parent)
+                supernode_env = env
+                if worker_runs_tasks:  # it wakes the worker for every message it stores
+                    supernode_env = {**env, WAKEUP_ENV: str(worker.path.with_name(WAKEUP_NAME))}
+                proc[0] = subprocess.Popen(cmd, env=supernode_env, preexec_fn=_die_with_parent)
                 fallback = False
                 while (code := proc[0].poll()) is None:
                     if worker is not None and not worker.ensure() and worker_runs_tasks:

@@ -10,8 +10,11 @@ SuperLink (a request over the network) starts at ``FEDEMBED_POLL_MIN_SECONDS`` (
 0.02 s) after a message and doubles up to ``FEDEMBED_POLL_SECONDS`` (default 0.2 s)
 while none comes; the waits on its own state (no network) are capped at
 ``FEDEMBED_LOCAL_POLL_SECONDS`` (default 0.02 s); object pulls retry after 0.02 s.
-``fedembed client`` uses it. The stock ``flower-supernode`` with the same arguments
-works too, only slower between stages.
+With ``FEDEMBED_TASK_WAKEUP`` set (``fedembed client`` sets it when the organisation
+worker runs the SuperNode's tasks), every message it stores wakes the worker through that
+socket (:func:`fedembed.deploy.taskloop.wake_worker_on_messages`) instead of the worker
+polling for it. ``fedembed client`` uses it. The stock ``flower-supernode`` with the same
+arguments works too, only slower between stages.
 """
 
 from __future__ import annotations
@@ -32,6 +35,10 @@ def main() -> None:
                          fast=float(os.environ.get("FEDEMBED_POLL_MIN_SECONDS", "0.02")))
     start_client_internal.time = clock  # type: ignore[attr-defined]
     shorten_object_pulls(start_client_internal)
+    if wakeup := os.environ.get("FEDEMBED_TASK_WAKEUP"):
+        from fedembed.deploy.taskloop import wake_worker_on_messages
+
+        wake_worker_on_messages(start_client_internal, wakeup)
     sys.argv[0] = "flower-supernode"
     flower_supernode()
 

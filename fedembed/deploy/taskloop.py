@@ -20,6 +20,15 @@ speaks the Runtime API the way ``flwr-clientapp`` does
    node config, the reply signed by :func:`fedembed.org.handle_content`);
 4. the reply pushed (``PushMessages``, its objects), then ``PushTaskOutput`` finishes the task.
 
+When the worker has to look for a task: ``fedembed client``'s SuperNode
+(:mod:`fedembed.deploy.supernode`) sends a datagram to the worker's wake-up socket
+(``<state-dir>/worker/wakeup``, 0600 in 0700) each time it has stored a message
+(:func:`wake_worker_on_messages`), and the loop claims the task at once; without a
+wake-up (a SuperNode that sends none, a datagram lost) it polls, every few milliseconds
+right after a task, backing off to :data:`IDLE_POLL` with a wake-up socket and to
+:data:`IDLE_POLL_UNWOKEN` without. A datagram carries nothing: a forged one only makes
+the loop ask the SuperNode once more.
+
 The SuperNode's state machine is Flower's own: the task is claimed, activated, kept alive
 with heartbeats while it runs (a task whose heartbeats stop is expired by the SuperNode,
 which answers the coordinator with Flower's "ClientApp stopped responding" error) and
@@ -34,10 +43,14 @@ sends the process SIGINT on an HTTP 401; its heartbeat helper on a refused heart
 from __future__ import annotations
 
 import logging
+import os
+import select
+import socket
 import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
+from types import ModuleType
 
 import httpx
 from flwr.app import Error, Message, RecordDict
@@ -51,6 +64,15 @@ Handler = Callable[[str, int, RecordDict], RecordDict]
 
 ACQUIRE_METHOD = "/flwr.proto.Runtime/AcquireTask"
 """The Runtime API call the SuperExec secret signs."""
+
+WAKEUP_ENV = "FEDEMBED_TASK_WAKEUP"
+"""Environment variable naming the worker's wake-up socket to :mod:`fedembed.deploy.supernode`."""
+
+IDLE_POLL = 0.5
+"""Longest wait between two looks for a task when the SuperNode wakes the worker."""
+
+IDLE_POLL_UNWOKEN = 0.05
+"""Longest wait between two looks for a task when nothing wakes the worker."""
 
 
 class TaskLoopError(FedembedError, RuntimeError):
@@ -90,21 +112,28 @@ class TaskLoop:
     secret : bytes or None
         The SuperExec secret the SuperNode checks ``AcquireTask`` against (None: the
         SuperNode checks none).
+    wakeup : Path or None
+        Where to listen for the SuperNode's wake-ups (a Unix datagram socket, created
+        0600; the directory must exist), or None to only poll.
     fast, idle : float
         Seconds between two ``AcquireTask`` polls right after a task, and at most while
-        none comes (doubling in between): the next stage of a round follows the last.
+        none comes (doubling in between; default :data:`IDLE_POLL` with ``wakeup``,
+        :data:`IDLE_POLL_UNWOKEN` without).
     message_wait : float
         Seconds to wait for an acquired task's message (the SuperNode creates the task
         just before it stores the message).
     """
 
-    def __init__(self, address: str, handler: Handler, secret: bytes | None = None, fast: float = 0.005,
-                 idle: float = 0.05, message_wait: float = 30.0) -> None:
+    def __init__(self, address: str, handler: Handler, secret: bytes | None = None, wakeup: Path | None = None,
+                 fast: float = 0.005, idle: float | None = None, message_wait: float = 30.0) -> None:
         from flwr.supercore.interceptors import RuntimeVersionHttpInterceptor, SuperExecAuthHttpInterceptor
         from flwr.supercore.runtime import RuntimeHttpClient
 
         self.address, self.handler = address, handler
-        self.fast, self.idle, self.message_wait = fast, idle, message_wait
+        self.wakeup_path = None if wakeup is None else Path(wakeup)
+        self._wakeup = None if wakeup is None else _bind_wakeup(Path(wakeup))
+        self.fast, self.message_wait = fast, message_wait
+        self.idle = idle if idle is not None else IDLE_POLL if wakeup is not None else IDLE_POLL_UNWOKEN
         interceptors: list = [RuntimeVersionHttpInterceptor(component_name="flwr-clientapp")]
         if secret is not None:
             interceptors.append(SuperExecAuthHttpInterceptor(master_secret=secret, protected_methods={ACQUIRE_METHOD}))
@@ -162,12 +191,33 @@ class TaskLoop:
                 self.served += 1
                 delay = self.fast
                 continue  # the SuperNode may hold the next task already
-            self.stopped.wait(delay)
-            delay = min(self.idle, delay * 2)
+            if self._sleep(delay):
+                delay = self.fast  # a message was stored: look now, and soon again
+            else:
+                delay = min(self.idle, delay * 2)
+
+    def _sleep(self, seconds: float) -> bool:
+        """Wait ``seconds`` or until the SuperNode wakes us (then True, its datagrams read)."""
+        if self._wakeup is None:
+            self.stopped.wait(seconds)
+            return False
+        ready, _, _ = select.select([self._wakeup], [], [], seconds)
+        if not ready:
+            return False
+        while True:  # several wake-ups are one
+            try:
+                self._wakeup.recv(16)
+            except BlockingIOError:
+                return True
 
     def stop(self) -> None:
-        """Make :meth:`serve_forever` return after the task it is running."""
+        """Make :meth:`serve_forever` return after the task it is running (or at once, if it waits)."""
         self.stopped.set()
+        if self._wakeup is not None:
+            try:
+                self._wakeup.sendto(b"!", str(self.wakeup_path))
+            except OSError:
+                pass
 
     # -------------------------------------------------------------- one task
     def run_task(self, token: str) -> None:
@@ -259,8 +309,58 @@ class TaskLoop:
         return message
 
     def close(self) -> None:
-        """Close the connection to the Runtime API."""
+        """Close the connection to the Runtime API and remove the wake-up socket."""
         self._acquirer.close()
+        if self._wakeup is not None:
+            self._wakeup.close()
+            self._wakeup = None
+            try:
+                self.wakeup_path.unlink()
+            except FileNotFoundError:
+                pass
+
+
+def _bind_wakeup(path: Path) -> socket.socket:
+    """A non-blocking Unix datagram socket bound at ``path``, mode 0600 (a stale file there is replaced)."""
+    if path.exists() or path.is_symlink():
+        path.unlink()
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    old = os.umask(0o177)
+    try:
+        sock.bind(str(path))
+    finally:
+        os.umask(old)
+    os.chmod(path, 0o600)
+    sock.setblocking(False)
+    return sock
+
+
+def wake_worker_on_messages(start_client_internal: ModuleType, path: str | Path) -> None:
+    """Make the SuperNode's message loop wake the worker at ``path`` whenever it has stored a message.
+
+    Parameters
+    ----------
+    start_client_internal : ModuleType
+        ``flwr.supernode.start_client_internal`` (its ``_pull_and_store_message`` returns
+        the run id once the message and its objects are stored, and its task created).
+    path : str or Path
+        The worker's wake-up socket. Nothing listening there is not an error: the worker
+        also polls.
+    """
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    sock.setblocking(False)
+    pull_and_store = start_client_internal._pull_and_store_message  # pylint: disable=protected-access
+
+    def pull_store_and_wake(*args, **kwargs):
+        run_id = pull_and_store(*args, **kwargs)
+        if run_id is not None:
+            try:
+                sock.sendto(b"!", str(path))
+            except OSError:
+                pass
+        return run_id
+
+    start_client_internal._pull_and_store_message = pull_store_and_wake  # pylint: disable=protected-access
 
 
 def _heartbeat_fn(client) -> Callable[[], bool]:
