@@ -399,7 +399,16 @@ def main(argv: list[str] | None = None) -> int:
 
         loop = TaskLoop(args.runtime_api, handler, load_secret(args.superexec_secret),
                         wakeup=args.socket.with_name(WAKEUP_NAME))
-        threading.Thread(target=loop.serve_forever, name="taskloop", daemon=True).start()
+
+        def run_tasks() -> None:
+            try:
+                loop.serve_forever()
+            finally:
+                if not loop.stopped.is_set():  # never leave the SuperNode without its executor
+                    log.error("the task loop ended unexpectedly; exiting so that fedembed client starts the worker again")
+                    os.kill(os.getpid(), signal.SIGTERM)
+
+        threading.Thread(target=run_tasks, name="taskloop", daemon=True).start()
     try:
         worker.serve_forever()
     except KeyboardInterrupt:

@@ -247,3 +247,29 @@ def test_a_message_the_supernode_stores_wakes_the_loop_instead_of_its_next_poll(
     assert not thread.is_alive()  # stopping wakes it too
     loop.close()
     assert not wakeup.exists()
+
+
+def test_an_answer_the_loop_cannot_read_does_not_stop_it(api, monkeypatch):
+    loop = TaskLoop(api.address, echo, idle=0.05)
+    calls = []
+    real = loop.acquire
+
+    def garbled():
+        calls.append(1)
+        if len(calls) == 1:
+            raise ValueError("Invalid protobuf response payload")  # what Flower's client raises on garbage
+        return real()
+
+    monkeypatch.setattr(loop, "acquire", garbled)
+    thread = threading.Thread(target=loop.serve_forever, daemon=True)
+    thread.start()
+    try:
+        msg = api.deliver(_content(3))[1]
+        deadline = time.monotonic() + 20
+        while loop.served < 1 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert api.reply(msg).content["config"]["x"] == 3
+    finally:
+        loop.stop()
+        thread.join(timeout=5)
+    loop.close()

@@ -218,7 +218,7 @@ class WorkerProcess:
         A worker that keeps dying soon after its start is restarted ever more slowly
         (1 s, 2 s, ... at most 60 s between starts): False while it waits for its next start.
         """
-        if self.proc is None or self.proc.poll() is None:
+        if self.running() or self.proc is None:
             return self.proc is not None
         now = time.monotonic()
         if now < self._next_start:
@@ -266,7 +266,7 @@ def write_task_secret(path: Path) -> Path:
     """Write a new random secret to ``path`` (mode 0600, its directory 0700): the SuperNode's task-claim secret."""
     path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
     os.chmod(path.parent, 0o700)
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600)
     try:
         os.fchmod(fd, 0o600)
         os.write(fd, secrets.token_bytes(32))

@@ -184,6 +184,10 @@ class TaskLoop:
                     log.info("SuperNode Runtime API at %s not answering (%s); waiting for it", self.address, exc)
                 self.stopped.wait(0.5)
                 continue
+            except Exception as exc:  # noqa: BLE001 - nothing the SuperNode answers stops the loop
+                log.warning("could not look for a task at %s: %s: %s", self.address, type(exc).__name__, exc)
+                self.stopped.wait(0.5)
+                continue
             if down_since is not None:
                 log.info("SuperNode Runtime API at %s answering", self.address)
                 down_since = None
