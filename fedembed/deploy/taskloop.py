@@ -262,7 +262,7 @@ class TaskLoop:
                 sub_status, details = SubStatus.COMPLETED, ""
             except Exception as exc:  # noqa: BLE001 - the organisation refuses or fails: an error reply
                 log.warning("%s failed: %s: %s", message.metadata.message_type, type(exc).__name__, exc)
-                details = f"{type(exc)}:<'{exc}'>"  # as flwr-clientapp words a ClientApp's exception
+                details = f"{type(exc).__name__}: {exc}"  # as the worker's socket words it
                 reply = Message(Error(code=ErrorCode.CLIENT_APP_RAISED_EXCEPTION, reason=details), reply_to=message)
             log.info("%s answered in %.3f s", message.metadata.message_type, time.perf_counter() - started)
             push_message(client, reply, context)
