@@ -174,13 +174,13 @@ class TaskLoop:
 
     def serve_forever(self) -> None:
         """Run tasks until :meth:`stop`; a SuperNode that is not (yet) up is waited for."""
-        delay, down_since = self.idle, None
+        delay, down = self.idle, False
         while not self.stopped.is_set():
             try:
                 ran = self.run_once()
             except httpx.HTTPError as exc:
-                if down_since is None:
-                    down_since = time.monotonic()
+                if not down:
+                    down = True
                     log.info("SuperNode Runtime API at %s not answering (%s); waiting for it", self.address, exc)
                 self.stopped.wait(0.5)
                 continue
@@ -188,9 +188,9 @@ class TaskLoop:
                 log.warning("could not look for a task at %s: %s: %s", self.address, type(exc).__name__, exc)
                 self.stopped.wait(0.5)
                 continue
-            if down_since is not None:
+            if down:
                 log.info("SuperNode Runtime API at %s answering", self.address)
-                down_since = None
+                down = False
             if ran:
                 self.served += 1
                 delay = self.fast
