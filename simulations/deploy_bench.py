@@ -4,7 +4,8 @@ For each aggregation (``plain``, secure ``union``, secure ``dense``) the same ru
 twice: with ``fedembed simulate`` (Flower's simulation engine, one process) and as a real
 loopback deployment (``fedembed certs``, ``fedembed server`` with TLS and SuperNode
 authentication, ``--orgs`` x ``fedembed client``, every one a process of its own, each
-organisation with its long-lived worker unless ``--no-worker``). Per run it reports the
+organisation with its long-lived worker, which runs its SuperNode's ClientApp tasks itself,
+unless ``--no-worker``: then a ``flwr-clientapp`` process per message). Per run it reports the
 seconds per round (``wall_seconds`` of each round in ``metrics.json``, the first
 ``--warmup`` rounds left out), the round trips per round (the message stages a round is
 made of), and each stage's seconds (``rounds[i].stages``); it prints a table and writes
@@ -179,6 +180,17 @@ def table(results: dict[str, dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+def _commit() -> str:
+    """The fedembed commit measured (``+dirty`` with uncommitted changes), or ``unknown``."""
+    try:
+        head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True, check=True)
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT,
+                               capture_output=True, text=True, check=True)
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+    return head.stdout.strip() + ("+dirty" if dirty.stdout.strip() else "")
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run the benchmark (see the module docstring)."""
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -220,6 +232,7 @@ def main(argv: list[str] | None = None) -> int:
                      "worker": not a.no_worker, "guard": a.guard},
         "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version(),
                     "load_average_start": load_start, "load_average_end": os.getloadavg()},
+        "commit": _commit(),
         "started_utc": time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(started)),
         "ended_utc": time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime()),
         "results": results,

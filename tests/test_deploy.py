@@ -163,16 +163,13 @@ def wait_until(what: str, predicate, timeout: float, procs: Procs, server: subpr
                 f"{procs.log(server.name)[-3000:] if server is not None else ''}")
 
 
-def clientapps(proc: subprocess.Popen) -> list[int]:
-    """Process ids of the ``flwr-clientapp`` processes under ``proc`` right now."""
-    out = []
-    for pid in descendants(proc.pid):
-        try:
-            if b"flwr-clientapp" in Path(f"/proc/{pid}/cmdline").read_bytes():
-                out.append(pid)
-        except OSError:
-            pass
-    return out
+def messages_received(procs: Procs, name: str) -> int:
+    """How many coordinator messages the SuperNode of process ``name`` has logged receiving."""
+    return procs.log(name).count("Receiving: ")
+
+
+CLIENTAPP_STARTED = "Start `flwr-clientapp` process"
+"""What every per-message ``flwr-clientapp`` process logs first."""
 
 
 def rounds_done(state: Path) -> list[dict]:
@@ -255,11 +252,16 @@ def test_stock_flower_supernode_with_the_same_node_config_joins(tls_run):
     assert "flower-supernode" in tls_run["procs"].log("org2") or (tls_run["root"] / "org2" / "tables.npz").exists()
 
 
-def test_fedembed_client_orgs_answer_through_their_long_lived_worker(tls_run):
-    for org in (0, 1):  # `fedembed client`: a worker per organisation, the ClientApps forward to it
+def test_fedembed_client_orgs_answer_in_their_worker_without_a_process_per_message(tls_run):
+    for org in (0, 1):  # `fedembed client`: the worker runs the SuperNode's ClientApp tasks itself
         assert (tls_run["root"] / f"org{org}" / "worker").is_dir()
-        assert "in this process" not in tls_run["procs"].log(f"org{org}")  # never fell back
-    assert not (tls_run["root"] / "org2" / "worker").exists()  # stock flower-supernode: no worker, still works
+        log = tls_run["procs"].log(f"org{org}")
+        assert "--isolation process" in log and messages_received(tls_run["procs"], f"org{org}") >= 16
+        assert CLIENTAPP_STARTED not in log  # not one flwr-clientapp process was started
+        assert "in this process" not in log and "worker is down" not in log  # never fell back
+    # stock flower-supernode: no worker, a flwr-clientapp per message doing the work itself, still works
+    assert not (tls_run["root"] / "org2" / "worker").exists()
+    assert tls_run["procs"].log("org2").count(CLIENTAPP_STARTED) >= 16
 
 
 def test_unlisted_org_key_is_refused(tls_run):
@@ -293,15 +295,15 @@ def fault_run(tmp_path_factory, certs):
         # org 2 is killed once it has received round 2's message, and started again at once. Flower
         # takes the dead node for online until it misses 2 heartbeats (60 s) and refuses a second
         # activation with the same key until then: `fedembed client` keeps trying.
-        # With its worker, org 2 answers about a second after its ClientApp process starts (most
-        # of it the process importing Flower), so it is killed as soon as a new one appears: in
-        # round 2, or in round 3 when round 2's had already started; the round it was killed in
-        # is the one in progress then (the round waits for org 2 until the round timeout).
-        before = set(clientapps(clients[2]))
+        # Its worker answers a few tenths of a second after its SuperNode logs the message, so
+        # org 2 is killed as soon as a new one is logged: in round 2, or in round 3 when round
+        # 2's had already come; the round it was killed in is the one in progress then (the
+        # round waits for org 2 until the round timeout).
+        before = messages_received(procs, "org2")
         deadline = time.monotonic() + 120
-        while not set(clientapps(clients[2])) - before and time.monotonic() < deadline:
+        while messages_received(procs, "org2") == before and time.monotonic() < deadline:
             time.sleep(0.02)
-        assert time.monotonic() < deadline, "org 2 never started a ClientApp for round 2"
+        assert time.monotonic() < deadline, "org 2 never received a message for round 2"
         procs.kill(clients[2])
         killed_in = len(rounds_done(state)) + 1
         clients[2] = procs.start("org2-again", client_cmd(2, port, root / "org2", certs))

@@ -214,14 +214,16 @@ def attacked_run(tmp_path_factory, certs):
         state = root / "coordinator"
         t0 = time.monotonic()
         cmd = [str(BIN / "fedembed"), "server", "--federation", str(write_federation(procs, ORGS)), *RUN,
-               "--rounds", "2", "--min-orgs", "2", "--start-orgs", "2",
+               "--rounds", "2", "--min-orgs", "2", "--start-orgs", "1",
                "--round-timeout", "120", "--state-dir", str(state), "--port", str(port), "--quiet",
                "--certfile", str(certs.server_cert), "--keyfile", str(certs.server_key),
                "--ca-certfile", str(certs.ca_cert),
                "--auth-key", str(certs.org_public_keys[0]), "--auth-key", str(certs.org_public_keys[1])]
         server = procs.start("server", cmd)
-        for org in (0, 1):
-            procs.start(f"org{org}", client_cmd(org, port, root / f"org{org}", certs, orgs=ORGS))
+        # The run is submitted once org-0 is online and its ServerApp then waits (up to the round
+        # timeout) for org-1, which joins only after the attacks: the run is going all along,
+        # however fast its rounds are.
+        procs.start("org0", client_cmd(0, port, root / "org0", certs, orgs=ORGS))
         wait_until("the ServerApp to start", lambda: any(e.get("event") == "start" for e in events(state)),
                    180, procs, server)
         public = f"127.0.0.1:{port}"
@@ -290,6 +292,7 @@ def attacked_run(tmp_path_factory, certs):
         ]}
         fleet_call = safely(lambda: raw_request(port, ca, "POST /v1/fleet/activate-node"))  # no SuperNode signature
 
+        procs.start("org1", client_cmd(1, port, root / "org1", certs, orgs=ORGS))
         server.wait(timeout=300)
         return {"root": root, "state": state, "procs": procs, "server_code": server.returncode, "port": port,
                 "public": public, "loopback": loopback, "sockets": sockets, "org0_node": org0_node, "run_id": run_id,

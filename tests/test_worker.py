@@ -25,6 +25,7 @@ from fedembed.deploy import (
     WorkerProcess,
     flower_env,
     node_config,
+    supernode_command,
     tables_digest,
 )
 from fedembed.identity import make_identities
@@ -250,3 +251,27 @@ def test_node_config_writes_org_only_when_given_and_the_orgs_own_task_before_the
     assert nc["task"] == "examples.my_task:ClicksTask" and nc["task-options"] == "products=400"
     indexed = parse_config_args([node_config(_opts(tmp_path, roster, 0))])
     assert next(iter(indexed)) == "org" and indexed["org"] == 0
+
+
+def test_the_processes_fedembed_starts_let_idle_torch_threads_sleep_unless_the_user_chose(monkeypatch):
+    monkeypatch.delenv("OMP_WAIT_POLICY", raising=False)
+    assert flower_env()["OMP_WAIT_POLICY"] == "PASSIVE"  # spinning threads starve the other processes
+    monkeypatch.setenv("OMP_WAIT_POLICY", "ACTIVE")
+    assert flower_env()["OMP_WAIT_POLICY"] == "ACTIVE"
+
+
+def test_with_a_worker_the_supernode_starts_no_clientapp_and_only_the_secrets_holder_claims_its_tasks(tmp_path):
+    from fedembed.deploy.client import write_task_secret
+
+    roster = make_identities(["org-0"], tmp_path / "keys")
+    opts = _opts(tmp_path, roster, 0)
+    secret = write_task_secret(opts.state_dir / "worker" / "superexec.secret")
+    assert stat.S_IMODE(os.stat(secret).st_mode) == 0o600 and stat.S_IMODE(os.stat(secret.parent).st_mode) == 0o700
+    first = secret.read_bytes()
+    assert len(first) == 32 and write_task_secret(secret).read_bytes() != first  # a new one at every start
+    cmd = supernode_command(opts, 9999, worker_socket=socket_path(opts.state_dir), task_secret=secret)
+    assert cmd[cmd.index("--isolation") + 1] == "process"
+    assert cmd[cmd.index("--superexec-auth-secret-file") + 1] == str(secret)
+    assert "--isolation" not in supernode_command(opts, 9999)  # no worker: Flower's default, a ClientApp per message
+    w = WorkerProcess(opts, {}, runtime_api="127.0.0.1:9999", task_secret=secret)
+    assert w.command()[-4:] == ["--runtime-api", "127.0.0.1:9999", "--superexec-secret", str(secret)]

@@ -1,9 +1,12 @@
 """Flower ClientApp: an organisation. Decodes a message, calls :mod:`fedembed.org`, replies.
 
-With node config ``worker-socket`` (set by ``fedembed client``), the message goes to the
-organisation's long-lived worker (:mod:`fedembed.worker`) instead, and this process, one
-per message in Flower 1.42, imports neither torch nor the task; when no worker answers
-there, the message is handled here as with a stock ``flower-supernode``.
+Under ``fedembed client`` no ClientApp process is started at all: the organisation's
+long-lived worker (:mod:`fedembed.worker`) runs the SuperNode's tasks itself, through the
+same handler (:func:`fedembed.org.handle_content`). Under a SuperNode that starts a
+ClientApp process per message (Flower 1.42's default, e.g. the stock ``flower-supernode``,
+or ``fedembed client`` while its worker is down) with node config ``worker-socket``, the
+message goes to the worker there, and this process imports neither torch nor the task;
+when no worker answers, the message is handled here.
 
 Where the organisation's state lives: node config ``state-dir`` (deployment), or
 ``<state_root>/org-<partition-id>`` in simulation. Its own task: node config ``task``,

@@ -6,6 +6,7 @@ All round logic lives in :mod:`fedembed.coordinator`; this module only moves mes
 from __future__ import annotations
 
 import logging
+import sys
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -22,14 +23,26 @@ log = logging.getLogger(__name__)
 class GridTransport:
     """Message exchange with organisations through a Flower ``Grid``.
 
+    Replies are polled for every :attr:`poll_seconds`. A deployed Grid's object pulls
+    retry after 20 ms instead of Flower's 1 s (:func:`fedembed.deploy.latency.shorten_object_pulls`):
+    a reply seen while its sender is still uploading its arrays no longer costs a second.
+
     Parameters
     ----------
     grid : Grid
         The Grid Flower hands to the ServerApp.
+    poll_seconds : float
+        Seconds between two polls for replies.
     """
 
-    def __init__(self, grid: Grid) -> None:
+    def __init__(self, grid: Grid, poll_seconds: float = 0.05) -> None:
+        from fedembed.deploy.latency import shorten_object_pulls
+
         self.grid = grid
+        self.poll_seconds = poll_seconds
+        grid_module = sys.modules.get(type(grid).__module__)
+        if grid_module is not None and hasattr(grid_module, "pull_objects"):  # the deployed (HTTP) Grid
+            shorten_object_pulls(grid_module)
 
     def node_ids(self, minimum: int, timeout: float) -> list[int]:
         """Connected node ids, waiting up to ``timeout`` seconds for ``minimum`` of them."""
@@ -74,7 +87,7 @@ class GridTransport:
                     yield Reply(node, msg.content)
             del got
             if pending:
-                time.sleep(0.1)
+                time.sleep(self.poll_seconds)
         for n in contents:
             if n not in answered:
                 yield Reply(n, None, f"no reply within {timeout:.0f} s")

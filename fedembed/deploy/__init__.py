@@ -13,7 +13,10 @@ dependency installation (``uv sync``) is switched off on both sides.
 
 ``fedembed client`` = :func:`run_client`: runs a Flower SuperNode with the node config
 :func:`node_config` writes (state directory, identity key, roster; the organisation's
-index ``org`` or its own task), restarting it if it exits while the coordinator is away.
+index ``org`` or its own task), restarting it if it exits while the coordinator is away,
+and the organisation's long-lived worker (:mod:`fedembed.worker`), which runs the
+SuperNode's ClientApp tasks itself (:mod:`fedembed.deploy.taskloop`): no process is
+started per message.
 
 Files in the coordinator's state directory::
 
@@ -28,6 +31,8 @@ Files in the coordinator's state directory::
 Modules (each imports only modules listed above it)::
 
     processes   process plumbing: Flower's environment, process trees, ports, signals
+    latency     Flower's fixed waits shortened (object-pull backoff, the SuperNode's polls)
+    taskloop    the worker's executor of its SuperNode's ClientApp tasks (Runtime API)
     flowerapp   the minimal Flower App submitted (write_app)
     server      fedembed server: ServerOptions, CoordinatorProcess, run_outcome, run_server
     client      fedembed client: ClientOptions, node_config, WorkerProcess, supernode_command, run_client
@@ -35,7 +40,7 @@ Modules (each imports only modules listed above it)::
 (the files a deployed run writes into the coordinator's state directory are the
 ServerApp's: :mod:`fedembed.apps.runfiles`), and the two programs that server and client start, ``python -m fedembed.deploy.<name>``::
 
-    supernode   Flower's SuperNode with its idle and reply polls shortened (each organisation)
+    supernode   Flower's SuperNode with its waits shortened (each organisation)
     fleetgate   the public port: Flower's Fleet API and nothing else (the coordinator)
 
 The names in ``_EXPORTS`` are importable from ``fedembed.deploy`` itself; they load their

@@ -34,6 +34,11 @@ def flower_env(flwr_home: Path | None = None) -> dict[str, str]:
     # A SuperNode's SuperExec looks for a ClientApp task to launch every second by default;
     # secure aggregation is several messages in a row, each waiting on that poll.
     env.setdefault("FLWR_SUPEREXEC_TASK_POLL_INTERVAL", "0.1")
+    # torch's OpenMP threads spin between parallel regions by default. An organisation's
+    # worker shares its cores with its SuperNode (and, on a test machine, with the other
+    # organisations): spinning threads then starve each other, and a local fit measured
+    # 10-25x slower with three organisations on two cores. Idle threads sleep instead.
+    env.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     if flwr_home is not None:
         env["FLWR_HOME"] = str(flwr_home)
     # the ServerApp / ClientApp processes must find fedembed, server, client and user tasks

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import subprocess
 import sys
 import time
@@ -61,7 +62,8 @@ class ServerOptions:
     startup_timeout : float
         Seconds to wait for the SuperLink and the Fleet gate to listen.
     poll_seconds : float
-        How often the run's status is checked.
+        How often the run's status is checked while its ServerApp has not written its
+        ``done`` event (each check is a ``flwr list`` process, about 0.6 s of CPU).
     superlink_port : int or None
         Port of the SuperLink itself, on 127.0.0.1 only (its Control and Runtime APIs, and
         the Fleet API behind the gate); None picks a free one at start.
@@ -76,7 +78,7 @@ class ServerOptions:
     insecure: bool = False
     auth_keys: list[Path] = field(default_factory=list)
     startup_timeout: float = 60.0
-    poll_seconds: float = 5.0
+    poll_seconds: float = 15.0
     superlink_port: int | None = None
 
     def __post_init__(self) -> None:
@@ -141,6 +143,10 @@ class CoordinatorProcess:
         self.opts.state_dir.mkdir(parents=True, exist_ok=True)
         self.files = DeployedRunFiles(self.opts.state_dir)
         self.env = flower_env(self.opts.flwr_home)
+        # The SuperLink's SuperExec launches the ServerApp once per run; polling for it every
+        # 0.1 s (flower_env's default, for the organisations) costs the SuperLink ten TLS
+        # requests a second for the whole run.
+        self.env["FLWR_SUPEREXEC_TASK_POLL_INTERVAL"] = os.environ.get("FLWR_SUPEREXEC_TASK_POLL_INTERVAL", "0.5")
 
     @property
     def superlink_address(self) -> str:

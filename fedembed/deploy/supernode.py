@@ -1,45 +1,26 @@
-"""``python -m fedembed.deploy.supernode ARGS``: Flower's ``flower-supernode`` with a shorter idle poll.
+"""``python -m fedembed.deploy.supernode ARGS``: Flower's ``flower-supernode`` with its waits shortened.
 
 Flower 1.42's SuperNode sleeps a fixed 3 s whenever it polls the SuperLink and finds no
-message, and 0.5 s at a time while it waits for the ClientApp's reply in its own local
-state. A round of secure aggregation is several message round trips in a row, so each
-one waits for those sleeps (1.5 s + 0.25 s on average, per stage). This entry point runs
-the stock SuperNode with the sleeps of its message loop capped, nothing else changed:
-the idle poll of the SuperLink (a request over the network) at ``FEDEMBED_POLL_SECONDS``
-(default 0.2 s), the waits on its own local state (no network) at
-``FEDEMBED_LOCAL_POLL_SECONDS`` (default 0.05 s). ``fedembed client`` uses it. The stock
-``flower-supernode`` with the same arguments works too, only slower between stages.
+message, 0.5 s at a time while it waits for the ClientApp's reply in its own state, and
+1 s (then 2 s, 4 s...) when it pulls a message whose objects the coordinator is still
+uploading. A round of secure aggregation is several message round trips in a row, each
+one waiting for those sleeps. This entry point runs the stock SuperNode with them
+shortened (:mod:`fedembed.deploy.latency`), nothing else changed: the idle poll of the
+SuperLink (a request over the network) starts at ``FEDEMBED_POLL_MIN_SECONDS`` (default
+0.02 s) after a message and doubles up to ``FEDEMBED_POLL_SECONDS`` (default 0.2 s)
+while none comes; the waits on its own state (no network) are capped at
+``FEDEMBED_LOCAL_POLL_SECONDS`` (default 0.02 s); object pulls retry after 0.02 s.
+With ``FEDEMBED_TASK_WAKEUP`` set (``fedembed client`` sets it when the organisation
+worker runs the SuperNode's tasks), every message it stores wakes the worker through that
+socket (:func:`fedembed.deploy.taskloop.wake_worker_on_messages`) instead of the worker
+polling for it. ``fedembed client`` uses it. The stock ``flower-supernode`` with the same
+arguments works too, only slower between stages.
 """
 
 from __future__ import annotations
 
 import os
 import sys
-import time as _time
-from types import ModuleType
-
-
-class _CappedTime(ModuleType):
-    """The ``time`` module with ``sleep`` capped (for one Flower module only).
-
-    Parameters
-    ----------
-    cap : float
-        Cap of the long sleeps (1 s or more: the idle poll of the SuperLink).
-    local_cap : float
-        Cap of the short ones (waits on the SuperNode's own state).
-    """
-
-    def __init__(self, cap: float, local_cap: float | None = None) -> None:
-        super().__init__("time")
-        self._cap = cap
-        self._local_cap = cap if local_cap is None else local_cap
-
-    def sleep(self, seconds: float) -> None:  # noqa: D102
-        _time.sleep(min(seconds, self._cap if seconds >= 1.0 else self._local_cap))
-
-    def __getattr__(self, name: str):  # everything else is the real module's
-        return getattr(_time, name)
 
 
 def main() -> None:
@@ -47,9 +28,17 @@ def main() -> None:
     from flwr.supernode import start_client_internal
     from flwr.supernode.cli.flower_supernode import flower_supernode
 
-    cap = float(os.environ.get("FEDEMBED_POLL_SECONDS", "0.2"))
-    local_cap = float(os.environ.get("FEDEMBED_LOCAL_POLL_SECONDS", "0.05"))
-    start_client_internal.time = _CappedTime(cap, local_cap)  # type: ignore[attr-defined]
+    from fedembed.deploy.latency import PollingClock, shorten_object_pulls
+
+    clock = PollingClock(cap=float(os.environ.get("FEDEMBED_POLL_SECONDS", "0.2")),
+                         local=float(os.environ.get("FEDEMBED_LOCAL_POLL_SECONDS", "0.02")),
+                         fast=float(os.environ.get("FEDEMBED_POLL_MIN_SECONDS", "0.02")))
+    start_client_internal.time = clock  # type: ignore[attr-defined]
+    shorten_object_pulls(start_client_internal)
+    if wakeup := os.environ.get("FEDEMBED_TASK_WAKEUP"):
+        from fedembed.deploy.taskloop import wake_worker_on_messages
+
+        wake_worker_on_messages(start_client_internal, wakeup)
     sys.argv[0] = "flower-supernode"
     flower_supernode()
 

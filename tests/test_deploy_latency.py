@@ -1,0 +1,69 @@
+"""Flower's fixed waits as fedembed's processes shorten them (fedembed.deploy.latency)."""
+
+from __future__ import annotations
+
+import time
+import types
+
+import pytest
+from flwr.supercore.inflatable import inflatable_utils
+
+from fedembed.deploy import latency
+from fedembed.deploy.latency import PollingClock, shorten_object_pulls
+
+
+def _module_with_flowers_pull_objects() -> types.ModuleType:
+    module = types.ModuleType("fake_flower_module")
+    module.pull_objects = inflatable_utils.pull_objects
+    return module
+
+
+def test_an_object_still_being_uploaded_is_asked_for_again_within_a_fraction_of_flowers_second():
+    asks: list[float] = []
+
+    def pull_object(object_id: str) -> bytes:
+        asks.append(time.monotonic())
+        if len(asks) == 1:  # the sender has not finished uploading it
+            raise inflatable_utils.ObjectUnavailableError(object_id)
+        return b"content"
+
+    module = _module_with_flowers_pull_objects()
+    shorten_object_pulls(module)
+    assert module.pull_objects(["abc"], pull_object) == {"abc": b"content"}
+    assert len(asks) == 2
+    assert asks[1] - asks[0] < 0.5  # Flower's own first retry waits 1 s (+-20%)
+
+
+def test_shortening_keeps_what_the_caller_asked_for_and_is_done_once():
+    seen: list[dict] = []
+    module = types.ModuleType("m")
+    module.pull_objects = lambda *a, **kw: seen.append(kw)
+    shorten_object_pulls(module)
+    once = module.pull_objects
+    shorten_object_pulls(module)
+    assert module.pull_objects is once
+    module.pull_objects([], None)
+    module.pull_objects([], None, initial_backoff=3.0)
+    assert seen[0] == {"initial_backoff": latency.PULL_INITIAL_BACKOFF, "backoff_cap": latency.PULL_BACKOFF_CAP}
+    assert seen[1]["initial_backoff"] == 3.0
+
+
+@pytest.fixture
+def slept(monkeypatch) -> list[float]:
+    out: list[float] = []
+    monkeypatch.setattr(latency._time, "sleep", out.append)
+    return out
+
+
+def test_the_supernode_polls_fast_after_a_message_and_backs_off_to_the_cap_while_idle(slept):
+    clock = PollingClock(cap=0.2, local=0.02, fast=0.02)
+    clock.sleep(3)  # before any message: at the cap
+    clock.sleep(0.5)  # waiting for a reply in its own state: cut to `local`
+    for _ in range(6):
+        clock.sleep(3)  # the SuperLink had nothing
+    assert slept == pytest.approx([0.2, 0.02, 0.02, 0.04, 0.08, 0.16, 0.2, 0.2])
+
+
+def test_the_supernode_clock_is_the_time_module_otherwise():
+    clock = PollingClock(cap=0.2, local=0.02)
+    assert clock.monotonic() <= time.monotonic() and clock.time is time.time
