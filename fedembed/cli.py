@@ -449,8 +449,8 @@ def _add_client(sub: argparse._SubParsersAction) -> None:
                    help="port of the SuperNode's local Runtime API on 127.0.0.1 (default: a free one)")
     p.add_argument("--no-restart", action="store_true", help="exit when the SuperNode exits, do not restart it")
     p.add_argument("--no-worker", action="store_true",
-                   help="no long-lived organisation worker: every message loads torch and the task in its own "
-                        "ClientApp process (slower; what a stock flower-supernode does)")
+                   help="no long-lived organisation worker: a flwr-clientapp process per message, each loading "
+                        "torch and the task (slower; what a stock flower-supernode does)")
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
 
 
