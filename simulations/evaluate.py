@@ -112,7 +112,9 @@ class InProcessTransport:
         return [Reply(node, handle_content(self.orgs[node], content, message_type, node)) for node, content in contents.items()]
 
 
-def run_args(scenario: str, mode: str, seed: int, rounds: int | None, out: Path, extra: list[str] | None = None) -> list[str]:
+def run_args(
+    scenario: str, mode: str, seed: int, rounds: int | None, out: Path, extra: list[str] | None = None, orgs: int = 5
+) -> list[str]:
     """``fedembed simulate`` arguments of one run (defaults for everything not named).
 
     ``seed`` seeds the run and every organisation's task (its data split); ``fedembed``
@@ -121,7 +123,7 @@ def run_args(scenario: str, mode: str, seed: int, rounds: int | None, out: Path,
     """
     guard = {"fedembed": ["--no-guard"], GUARDED: ["--guard"]}.get(mode, [])
     mode = "fedembed" if mode == GUARDED else mode
-    args = ["simulate", *SCENARIOS[scenario], "--option", f"seed={seed}", "--orgs", "5", "--mode", mode,
+    args = ["simulate", *SCENARIOS[scenario], "--option", f"seed={seed}", "--orgs", str(orgs), "--mode", mode,
             "--seed", str(seed), *guard, "--out", str(out)]
     if rounds is not None:
         args += ["--rounds", str(rounds)]
@@ -300,6 +302,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--modes", nargs="+", choices=[*MODES, GUARDED], default=[*MODES, GUARDED],
                    help=f"fedembed: the shared model alone (no guard); {GUARDED}: with the guard on")
     p.add_argument("--engine", choices=["inprocess", "flower"], default="inprocess")
+    p.add_argument("--orgs", type=int, default=5, help="organisations per run (the README's table: 5)")
     p.add_argument("--extra", default="", help="more `fedembed simulate` flags for every run (a candidate recipe), "
                    "e.g. --extra=\"--head-epochs 1\" (with '=': the value starts with a dash); give each candidate its own --out")
     args = p.parse_args(argv)
@@ -314,7 +317,7 @@ def main(argv: list[str] | None = None) -> int:
                 if (out / "metrics.json").exists():
                     continue
                 t0 = time.perf_counter()
-                run_one(run_args(scenario, mode, seed, args.rounds, out, args.extra.split()), out, args.engine)
+                run_one(run_args(scenario, mode, seed, args.rounds, out, args.extra.split(), args.orgs), out, args.engine)
                 score = json.loads((out / "metrics.json").read_text())["final"]["mean"]["score"]
                 log.info("%-13s %-10s seed %d: mean score %.4f (%.0f s)", scenario, mode, seed, score, time.perf_counter() - t0)
     summary = summarise(args.out, args.seeds)
