@@ -52,10 +52,13 @@ def test_no_reply_carries_a_head_parameter_by_name_or_value(audited_run):
                 for enc in (w.astype(np.float32).tobytes(), w.astype(np.float16).tobytes()):
                     assert enc not in wire, f"values of head parameter {name} ({path.parent.name}) found on the wire"
     for idx in indexes:
-        assert set(idx) - {"org"} <= {"info", "metrics", "train", "update", "sig"}
+        # "want": the rows its working set asks for (row ids, or their digest), its own sync policy
+        assert set(idx) - {"org"} <= {"info", "metrics", "train", "update", "want", "sig"}
         assert idx["sig"] == ["name", "signature"] and idx["org"] in ("shop-0", "shop-1", "shop-2")
         for arr in idx.get("update", {}):
             assert arr.split(".")[-1] in ("ids", "delta", "weight")
+        for arr in idx.get("want", {}):
+            assert arr == "digest" or arr.split(".")[-1] in ("ids", "new")
 
 
 def test_the_search_does_find_values_that_were_sent(audited_run):
