@@ -44,10 +44,21 @@ def test_embeddings_file_holds_the_coordinators_final_table(movies_run):
         table = z["ids"]
     # 63,815 people (the movies people vocabulary) + its out-of-vocabulary row
     assert table.shape == (63815 + 1, 32) and np.all(np.isfinite(table))
-    # every organisation's cache was synced to exactly this table by the closing evaluation
-    for org in sorted((movies_run / "state" / "orgs").iterdir()):
-        cache = np.load(org / "tables.npz")["ids"]
-        assert np.array_equal(cache, table)
+    # every organisation's cache was synced to exactly this table by the closing evaluation, on every row it
+    # holds fresh; those cover every row its data looks up (its working set: all it syncs in plain rounds)
+    from fedembed.store import OrgState
+    from fedembed.workingset import RowState, working_set
+
+    shapes = {"ids": table.shape}
+    orgs = sorted((movies_run / "state" / "orgs").iterdir())
+    assert len(orgs) == 3
+    for org in orgs:
+        cache, version = OrgState(org).load_cached_tables(shapes)
+        key = json.loads((org / "tables.json").read_text())["key"]
+        fresh = RowState.load(org, shapes, version, key).fresh_mask("ids")
+        assert version == 2 and np.array_equal(cache["ids"][fresh], table[fresh])
+        i = int(org.name.rpartition("-")[2])
+        assert fresh[working_set(load_task(TaskSpec("movies", {"org": i, "orgs": 3})), shapes)["ids"]].all()
 
 
 def test_heads_persist_in_each_organisations_state_dir(movies_run):
