@@ -39,7 +39,6 @@ import hashlib
 import hmac
 import json
 import logging
-import os
 import secrets
 import weakref
 from collections.abc import Iterator, Mapping

@@ -277,7 +277,7 @@ def test_an_unchanged_request_travels_as_its_digest_and_a_foreign_digest_is_refu
     t = DirectTransport(tmp_path, 3, task=TASK, tamper=forge)
     c = Coordinator(run_config(TASK, rounds=3), t)
     for r in (1, 2, 3):
-        entry = c.run_round(r, sorted(t.orgs))
+        c.run_round(r, sorted(t.orgs))
     wants = [(n, out["want"]) for n, typ, out in t.seen if typ == "train" and not isinstance(out, Exception)]
     assert all("ids.ids" in w.keys() for _, w in wants[:3])  # round 1: the whole request
     assert all(list(w.keys()) == ["digest"] for n, w in wants[3:6] if n != 101)  # unchanged since: 32 bytes
