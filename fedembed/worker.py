@@ -8,7 +8,7 @@ Messages reach it two ways, both answered by the same handler, one at a time:
 
 - with ``--runtime-api`` (``fedembed client``'s own SuperNode, ``--isolation process``),
   the worker runs the SuperNode's ClientApp tasks itself
-  (:class:`fedembed.deploy.taskloop.TaskLoop`): no process is started per message;
+  (:class:`fedembed.apps.taskloop.TaskLoop`): no process is started per message;
 - on its socket, from a per-message ClientApp (:mod:`fedembed.apps.client`, under a
   SuperNode that starts one per message, e.g. the stock ``flower-supernode``) that only
   forwards the message (:func:`forward`) and returns the reply.
@@ -372,7 +372,7 @@ def main(argv: list[str] | None = None) -> int:
     """``python -m fedembed.worker --socket PATH --node-config CONFIG [--runtime-api HOST:PORT --superexec-secret FILE]``.
 
     Started by ``fedembed client``. With ``--runtime-api``, it also runs the SuperNode's
-    ClientApp tasks (:class:`fedembed.deploy.taskloop.TaskLoop`, in a thread of its own),
+    ClientApp tasks (:class:`fedembed.apps.taskloop.TaskLoop`, in a thread of its own),
     signing its claims with the secret in ``--superexec-secret``.
     """
     import threading
@@ -395,7 +395,7 @@ def main(argv: list[str] | None = None) -> int:
     worker = Worker(args.socket, handler)
     loop = None
     if args.runtime_api:
-        from fedembed.deploy.taskloop import TaskLoop, load_secret
+        from fedembed.apps.taskloop import TaskLoop, load_secret
 
         loop = TaskLoop(args.runtime_api, handler, load_secret(args.superexec_secret),
                         wakeup=args.socket.with_name(WAKEUP_NAME))

@@ -1,4 +1,4 @@
-"""Flower's fixed waits as fedembed's processes shorten them (fedembed.deploy.latency)."""
+"""Flower's fixed waits as fedembed's processes shorten them (fedembed.apps.latency)."""
 
 from __future__ import annotations
 
@@ -8,8 +8,8 @@ import types
 import pytest
 from flwr.supercore.inflatable import inflatable_utils
 
-from fedembed.deploy import latency
-from fedembed.deploy.latency import PollingClock, shorten_object_pulls
+from fedembed.apps import latency
+from fedembed.apps.latency import PollingClock, shorten_object_pulls
 
 
 def _module_with_flowers_pull_objects() -> types.ModuleType:

@@ -30,7 +30,7 @@ from flwr.supernode.nodestate import NodeStateFactory
 from flwr.supernode.start_client_internal import _insert_message
 
 from fedembed.deploy import free_port
-from fedembed.deploy.taskloop import TaskLoop, load_secret, TaskLoopError
+from fedembed.apps.taskloop import TaskLoop, load_secret, TaskLoopError
 
 NODE, RUN = 4242, 77
 
@@ -217,7 +217,7 @@ def test_a_message_the_supernode_stores_wakes_the_loop_instead_of_its_next_poll(
     import stat
     import types
 
-    from fedembed.deploy.taskloop import wake_worker_on_messages
+    from fedembed.apps.taskloop import wake_worker_on_messages
 
     wakeup = tmp_path / "wakeup"
     loop = TaskLoop(api.address, echo, wakeup=wakeup, idle=60.0)  # polling alone would take a minute

@@ -24,7 +24,7 @@ class GridTransport:
     """Message exchange with organisations through a Flower ``Grid``.
 
     Replies are polled for every :attr:`poll_seconds`. A deployed Grid's object pulls
-    retry after 20 ms instead of Flower's 1 s (:func:`fedembed.deploy.latency.shorten_object_pulls`):
+    retry after 20 ms instead of Flower's 1 s (:func:`fedembed.apps.latency.shorten_object_pulls`):
     a reply seen while its sender is still uploading its arrays no longer costs a second.
 
     Parameters
@@ -36,7 +36,7 @@ class GridTransport:
     """
 
     def __init__(self, grid: Grid, poll_seconds: float = 0.05) -> None:
-        from fedembed.deploy.latency import shorten_object_pulls
+        from fedembed.apps.latency import shorten_object_pulls
 
         self.grid = grid
         self.poll_seconds = poll_seconds

@@ -15,7 +15,7 @@ dependency installation (``uv sync``) is switched off on both sides.
 :func:`node_config` writes (state directory, identity key, roster; the organisation's
 index ``org`` or its own task), restarting it if it exits while the coordinator is away,
 and the organisation's long-lived worker (:mod:`fedembed.worker`), which runs the
-SuperNode's ClientApp tasks itself (:mod:`fedembed.deploy.taskloop`): no process is
+SuperNode's ClientApp tasks itself (:mod:`fedembed.apps.taskloop`): no process is
 started per message.
 
 Files in the coordinator's state directory::
@@ -31,8 +31,9 @@ Files in the coordinator's state directory::
 Modules (each imports only modules listed above it)::
 
     processes   process plumbing: Flower's environment, process trees, ports, signals
-    latency     Flower's fixed waits shortened (object-pull backoff, the SuperNode's polls)
-    taskloop    the worker's executor of its SuperNode's ClientApp tasks (Runtime API)
+    (fedembed.apps.latency: Flower's fixed waits shortened; fedembed.apps.taskloop: the
+    worker's executor of its SuperNode's tasks; both are runtime pieces the apps and the
+    worker use, so they live one layer below)
     flowerapp   the minimal Flower App submitted (write_app)
     server      fedembed server: ServerOptions, CoordinatorProcess, run_outcome, run_server
     client      fedembed client: ClientOptions, node_config, WorkerProcess, supernode_command, run_client

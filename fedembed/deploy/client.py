@@ -7,7 +7,7 @@
 
 With its worker running, the SuperNode starts no process per message (``--isolation
 process``): the worker runs the SuperNode's ClientApp tasks itself
-(:mod:`fedembed.deploy.taskloop`), claiming them with a secret only the two share
+(:mod:`fedembed.apps.taskloop`), claiming them with a secret only the two share
 (``<state-dir>/worker/superexec.secret``, 0600, new at every start). Without a worker (it
 did not come up, or ``--no-worker``) the SuperNode runs as Flower's default, one
 ``flwr-clientapp`` per message, each handling it itself or forwarding it to the worker's
@@ -292,7 +292,7 @@ def run_client(opts: ClientOptions, max_restarts: int | None = None, restart_del
     int
         The SuperNode's last exit code (0 on Ctrl-C).
     """
-    from fedembed.deploy.taskloop import WAKEUP_ENV
+    from fedembed.apps.taskloop import WAKEUP_ENV
     from fedembed.worker import MAX_SOCKET_PATH, WAKEUP_NAME
 
     opts.state_dir.mkdir(mode=0o700, parents=True, exist_ok=True)  # the org's private state: owner only

@@ -5,14 +5,14 @@ message, 0.5 s at a time while it waits for the ClientApp's reply in its own sta
 1 s (then 2 s, 4 s...) when it pulls a message whose objects the coordinator is still
 uploading. A round of secure aggregation is several message round trips in a row, each
 one waiting for those sleeps. This entry point runs the stock SuperNode with them
-shortened (:mod:`fedembed.deploy.latency`), nothing else changed: the idle poll of the
+shortened (:mod:`fedembed.apps.latency`), nothing else changed: the idle poll of the
 SuperLink (a request over the network) starts at ``FEDEMBED_POLL_MIN_SECONDS`` (default
 0.02 s) after a message and doubles up to ``FEDEMBED_POLL_SECONDS`` (default 0.2 s)
 while none comes; the waits on its own state (no network) are capped at
 ``FEDEMBED_LOCAL_POLL_SECONDS`` (default 0.02 s); object pulls retry after 0.02 s.
 With ``FEDEMBED_TASK_WAKEUP`` set (``fedembed client`` sets it when the organisation
 worker runs the SuperNode's tasks), every message it stores wakes the worker through that
-socket (:func:`fedembed.deploy.taskloop.wake_worker_on_messages`) instead of the worker
+socket (:func:`fedembed.apps.taskloop.wake_worker_on_messages`) instead of the worker
 polling for it. ``fedembed client`` uses it. The stock ``flower-supernode`` with the same
 arguments works too, only slower between stages.
 """
@@ -28,7 +28,7 @@ def main() -> None:
     from flwr.supernode import start_client_internal
     from flwr.supernode.cli.flower_supernode import flower_supernode
 
-    from fedembed.deploy.latency import PollingClock, shorten_object_pulls
+    from fedembed.apps.latency import PollingClock, shorten_object_pulls
 
     clock = PollingClock(cap=float(os.environ.get("FEDEMBED_POLL_SECONDS", "0.2")),
                          local=float(os.environ.get("FEDEMBED_LOCAL_POLL_SECONDS", "0.02")),
@@ -36,7 +36,7 @@ def main() -> None:
     start_client_internal.time = clock  # type: ignore[attr-defined]
     shorten_object_pulls(start_client_internal)
     if wakeup := os.environ.get("FEDEMBED_TASK_WAKEUP"):
-        from fedembed.deploy.taskloop import wake_worker_on_messages
+        from fedembed.apps.taskloop import wake_worker_on_messages
 
         wake_worker_on_messages(start_client_internal, wakeup)
     sys.argv[0] = "flower-supernode"

@@ -293,7 +293,7 @@ class TaskLoop:
         )
         from flwr.supercore.inflatable.inflatable_utils import pull_and_inflate_object_from_tree
 
-        from fedembed.deploy.latency import PULL_BACKOFF_CAP, PULL_INITIAL_BACKOFF
+        from fedembed.apps.latency import PULL_BACKOFF_CAP, PULL_INITIAL_BACKOFF
 
         deadline, wait = time.monotonic() + self.message_wait, 0.005
         while not (res := client.PullMessages(PullAppMessagesRequest())).messages_list:
