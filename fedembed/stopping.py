@@ -15,9 +15,14 @@ anyone serves unless the models recover, and the run ends.
 
 from __future__ import annotations
 
+import logging
 import math
-from collections.abc import Iterable, Mapping
+import time
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
+from typing import Any
+
+log = logging.getLogger(__name__)
 
 #: The metric an evaluation is ranked by (higher is better).
 SELECT_ON = "val_score"
@@ -135,3 +140,33 @@ class Evaluations:
     def stalled(self) -> bool:
         """No organisation improved on validation in the last ``patience`` evaluations."""
         return stalled((self.history[r] for r in sorted(self.history)), self.patience)
+
+    def end_round(
+        self, runlog: Any, entry: dict[str, Any], clients: int, started: float,
+        on_round: Callable[[dict], None] | None,
+    ) -> bool:
+        """Close a baseline round's log entry (clients, wall seconds, progress); True when the run stops here.
+
+        Parameters
+        ----------
+        runlog : fedembed.report.RunLog
+            The run's log (``extra["stopped_early"]`` is set when it stops).
+        entry : dict
+            The round's entry.
+        clients : int
+            Organisations that trained in it.
+        started : float
+            ``time.perf_counter()`` at the start of the round.
+        on_round : callable, optional
+            Progress callback, called with the entry.
+        """
+        entry["clients"] = clients
+        entry["wall_seconds"] = time.perf_counter() - started
+        if on_round:
+            on_round(entry)
+        if not self.stalled():
+            return False
+        log.info("round %d: no organisation's validation score improved for %d rounds; stopping early",
+                 entry["round"], self.patience)
+        runlog.extra["stopped_early"] = entry["round"]
+        return True

@@ -57,13 +57,6 @@ def run_local(
         for i, (task, model, name) in enumerate(zip(tasks, models, names)):
             saved[i] = train_alone(task, model, recipe, saved[i], cfg.seed, name, round_)
             runlog.set_metrics(round_, name, evals.record(round_, name, evaluate_splits(task, model)))
-        entry["clients"] = len(tasks)
-        entry["wall_seconds"] = time.perf_counter() - t0
-        if on_round:
-            on_round(entry)
-        if evals.stalled():
-            log.info("round %d: no organisation's validation score improved for %d rounds; stopping early",
-                     round_, cfg.train.patience)
-            runlog.extra["stopped_early"] = round_
+        if evals.end_round(runlog, entry, len(tasks), t0, on_round):
             break
     return runlog

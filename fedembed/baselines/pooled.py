@@ -78,13 +78,6 @@ def run_pooled(
             table_opt.step()
         for i in range(n):
             runlog.set_metrics(round_, names[i], evals.record(round_, names[i], evaluate_splits(tasks[i], models[i])))
-        entry["clients"] = n
-        entry["wall_seconds"] = time.perf_counter() - t0
-        if on_round:
-            on_round(entry)
-        if evals.stalled():
-            log.info("round %d: no organisation's validation score improved for %d rounds; stopping early",
-                     round_, cfg.train.patience)
-            runlog.extra["stopped_early"] = round_
+        if evals.end_round(runlog, entry, n, t0, on_round):
             break
     return runlog, models[0].get_tables()
