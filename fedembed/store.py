@@ -21,6 +21,7 @@ import logging
 import os
 import re
 import secrets
+import socket
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -69,6 +70,21 @@ def make_private_dir(directory: Path) -> Path:
     directory = Path(directory)
     directory.mkdir(mode=PRIVATE_DIR, parents=True, exist_ok=True)
     return directory
+
+
+def bind_private_socket(path: Path, kind: int) -> socket.socket:
+    """A Unix socket of ``kind`` bound at ``path`` and private from its creation (mode 0600, under umask 0177).
+
+    The caller removes a stale file at ``path`` first.
+    """
+    sock = socket.socket(socket.AF_UNIX, kind)
+    old = os.umask(0o177)
+    try:
+        sock.bind(str(path))
+    finally:
+        os.umask(old)
+    os.chmod(path, PRIVATE)
+    return sock
 
 
 @contextmanager

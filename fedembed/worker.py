@@ -39,7 +39,6 @@ import logging
 import os
 import signal
 import socket
-import stat
 import struct
 import sys
 import time
@@ -50,6 +49,7 @@ from typing import Any
 from flwr.app import RecordDict
 
 from fedembed.errors import FedembedError
+from fedembed.store import bind_private_socket
 
 log = logging.getLogger(__name__)
 
@@ -239,13 +239,7 @@ def bind_private(path: Path) -> socket.socket:
                                "is a second `fedembed client` running on this state dir?")
         finally:
             probe.close()
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    old = os.umask(0o177)
-    try:
-        sock.bind(str(path))
-    finally:
-        os.umask(old)
-    os.chmod(path, stat.S_IRUSR | stat.S_IWUSR)
+    sock = bind_private_socket(path, socket.SOCK_STREAM)
     sock.listen(16)
     return sock
 

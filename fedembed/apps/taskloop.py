@@ -43,7 +43,6 @@ sends the process SIGINT on an HTTP 401; its heartbeat helper on a refused heart
 from __future__ import annotations
 
 import logging
-import os
 import select
 import socket
 import threading
@@ -56,6 +55,7 @@ import httpx
 from flwr.app import Error, Message, RecordDict
 
 from fedembed.errors import FedembedError
+from fedembed.store import bind_private_socket
 
 log = logging.getLogger(__name__)
 
@@ -328,13 +328,7 @@ def _bind_wakeup(path: Path) -> socket.socket:
     """A non-blocking Unix datagram socket bound at ``path``, mode 0600 (a stale file there is replaced)."""
     if path.exists() or path.is_symlink():
         path.unlink()
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-    old = os.umask(0o177)
-    try:
-        sock.bind(str(path))
-    finally:
-        os.umask(old)
-    os.chmod(path, 0o600)
+    sock = bind_private_socket(path, socket.SOCK_DGRAM)
     sock.setblocking(False)
     return sock
 
