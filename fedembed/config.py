@@ -68,6 +68,16 @@ class RunConfig:
         SecAgg+ neighbourhood size k and Shamir threshold t out of the k + 1 share
         holders (the neighbours and the organisation itself); None: derived
         (:mod:`fedembed.secagg.graph`).
+    secure_ahead : bool
+        Set each secure round's session up during the previous round (its key
+        advertisement and share exchange ride on that round's messages, and its U is
+        agreed there), so a round is 3 round trips (train, check, unmask) instead of 5
+        (dense, revealed) or 8 (union); see :mod:`fedembed.secagg.server`.
+    consistency_check : str
+        ``auto`` (skip a group's consistency check where it cannot matter: every
+        organisation of the roster in the session, a complete neighbour graph, nobody
+        dropped; each organisation checks this itself, see
+        :meth:`fedembed.secagg.protocol.ClientSession.unmask_fast`) or ``always``.
     max_message_bytes : int
         Replies larger than this are refused.
     round_timeout : float
@@ -102,6 +112,8 @@ class RunConfig:
     row_set: str = "union"
     neighbours: int | None = None
     threshold: int | None = None
+    secure_ahead: bool = True
+    consistency_check: str = "auto"
     max_message_bytes: int = 512 * 2**20
     round_timeout: float = 600.0
     delta_clip: float = 4.0
@@ -113,6 +125,8 @@ class RunConfig:
             raise ConfigError(f"mode must be one of {MODES}, got {self.mode!r}")
         if self.row_set not in ROW_SETS:
             raise ConfigError(f"row_set must be one of {ROW_SETS}, got {self.row_set!r}")
+        if self.consistency_check not in ("auto", "always"):
+            raise ConfigError(f"consistency_check must be auto or always, got {self.consistency_check!r}")
         if self.rounds < 1:
             raise ConfigError(f"rounds must be >= 1, got {self.rounds}")
         if not 0 < self.fraction <= 1:
@@ -248,6 +262,9 @@ class RoundPlan(StageHeader):
         digest of the working set the organisation asked for in its last accepted reply,
         whose rows changed since ``since`` (and rows new to it) are all the sync holds
         (:meth:`fedembed.tables.VersionedTables.rows_requested`).
+    next_session : bool
+        Secure rounds: advertise keys for the next round's session in the reply (it is set
+        up ahead, during this round; :mod:`fedembed.secagg.server`).
     """
 
     since: int
@@ -261,11 +278,15 @@ class RoundPlan(StageHeader):
     row_set: str = "union"
     delta_clip: float = 4.0
     request: str = ""
+    next_session: bool = False
 
     @staticmethod
-    def for_round(cfg: RunConfig, round_: int, since: int, evaluate_only: bool = False, request: str = "") -> RoundPlan:
-        """The plan of ``round_`` for an organisation whose cache is at ``since`` (``request``: what its sync covers)."""
+    def for_round(cfg: RunConfig, round_: int, since: int, evaluate_only: bool = False, request: str = "",
+                  next_session: bool = False) -> RoundPlan:
+        """The plan of ``round_`` for an organisation whose cache is at ``since`` (``request``: what its sync covers;
+        ``next_session``: it advertises the next round's secure session)."""
         return RoundPlan(
+            next_session=next_session,
             request=request,
             round=round_,
             since=since,

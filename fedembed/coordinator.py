@@ -16,7 +16,7 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord, RecordDict
@@ -33,6 +33,9 @@ from fedembed.tables import RowRequest, VersionedTables, request_digest
 from fedembed.wire import (
     decode_request, decode_request_digest, decode_update, dense_upload_bytes, encode_sync, record_bytes,
 )
+
+if TYPE_CHECKING:
+    from fedembed.secagg.server import SecurePipeline
 
 log = logging.getLogger(__name__)
 
@@ -129,6 +132,12 @@ class Coordinator:
         self.wants: dict[int, tuple[dict[str, RowRequest], bytes]] = {}
         self._sync_records: dict[tuple[int, int, bytes], ArrayRecord] = {}  # (tables version, since, request) -> sync
         self._request_rows = (0, 0)  # (tables version, rows held in per-request sync records of that version)
+        self.refusals: dict[int, str] = {}  # node -> the error of a signed refusal it sent (secure rounds read it)
+        self.secure: SecurePipeline | None = None
+        if cfg.secure:
+            from fedembed.secagg.server import SecurePipeline
+
+            self.secure = SecurePipeline(self)
         self.dense_bytes = dense_upload_bytes(self.shapes)
         if self.state_dir is not None:
             self._resume()
@@ -172,10 +181,11 @@ class Coordinator:
         save_checkpoint(self.state_dir, Checkpoint(self.tables, self.optimizer.state, meta))
 
     # ------------------------------------------------------------------ messages
-    def _message(self, node: int, round_: int, evaluate_only: bool) -> RecordDict:
+    def _message(self, node: int, round_: int, evaluate_only: bool, ahead: bool = False) -> RecordDict:
         since = self.known.get(node, 0)
         want = self.wants.get(node)
-        plan = RoundPlan.for_round(self.cfg, round_, since, evaluate_only, request=want[1].hex() if want else "")
+        plan = RoundPlan.for_round(self.cfg, round_, since, evaluate_only, request=want[1].hex() if want else "",
+                                   next_session=ahead)
         content = RecordDict({"config": ConfigRecord(plan.to_config())})
         # Organisations at the same version with the same request (or none) get the very
         # same record: built once per round, not once per organisation (100 orgs x a 6 MiB
@@ -194,16 +204,16 @@ class Coordinator:
             budget = REQUEST_RECORD_TABLES * sum(s[0] for s in self.shapes.values())
             if want and self._request_rows[1] + n > budget:
                 log.info("sync records of this round hold %d rows; node %d gets the full sync", self._request_rows[1], node)
-                return self._full_message(node, round_, evaluate_only, since)
+                return self._full_message(node, round_, evaluate_only, since, ahead)
             if want:
                 self._request_rows = (self.tables.version, self._request_rows[1] + n)
             self._sync_records[key] = encode_sync(rows, self.shapes)
         content["sync"] = self._sync_records[key]
         return content
 
-    def _full_message(self, node: int, round_: int, evaluate_only: bool, since: int) -> RecordDict:
+    def _full_message(self, node: int, round_: int, evaluate_only: bool, since: int, ahead: bool = False) -> RecordDict:
         """The message with every row changed since ``since`` (the shared record), whatever the node asked for."""
-        plan = RoundPlan.for_round(self.cfg, round_, since, evaluate_only)
+        plan = RoundPlan.for_round(self.cfg, round_, since, evaluate_only, next_session=ahead)
         content = RecordDict({"config": ConfigRecord(plan.to_config())})
         key = (self.tables.version, since, b"")
         if key not in self._sync_records:
@@ -236,9 +246,10 @@ class Coordinator:
         else:
             self.wants[node] = (request, request_digest(request))
 
-    def train_message(self, node: int, round_: int) -> RecordDict:
-        """The ``train`` message of ``round_`` for ``node``: the plan and its row sync."""
-        return self._message(node, round_, False)
+    def train_message(self, node: int, round_: int, ahead: bool = False) -> RecordDict:
+        """The ``train`` message of ``round_`` for ``node``: the plan and its row sync (``ahead``: the plan asks
+        for the keys of the next round's secure session)."""
+        return self._message(node, round_, False, ahead)
 
     def refuse(self, entry: dict, who: str, reason: str, verb: str = "refused") -> None:
         """Record and log a refusal under ``who`` (a roster name or ``node <id>``); the reason is made printable."""
@@ -269,8 +280,8 @@ class Coordinator:
     def read_train_reply(self, rep: Reply, entry: dict, round_: int, secure: bool = False) -> tuple[str | None, RowUpdate | None]:
         """Validate a ``train`` reply; returns (organisation, update), (None, None) when refused.
 
-        In secure mode the "update" is the organisation's key advertisement: the returned
-        update is an empty dict when the reply is usable.
+        In secure mode the update travels masked (:mod:`fedembed.secagg.server` reads the
+        secure records): the returned update is an empty dict when the reply is usable.
         """
         name, update = self._read_reply(rep, entry, round_, "train", round_ - 1, secure=secure)
         if name is not None and secure:
@@ -305,7 +316,10 @@ class Coordinator:
         training = stage == TRAIN
         allowed = {"info", "metrics", "train", SIG_RECORD}
         if training:
-            allowed |= {"secagg"} | ({"rows"} if self.cfg.row_set == "revealed" else set()) if secure else {"update"}
+            # secure: an advert (a session started with its round) or the masked update (one set up ahead), and
+            # the next round's advert; the secure round checks which it needs
+            secure_records = {"secagg", "masked", "complaints", "next"} | ({"rows"} if self.cfg.row_set == "revealed" else set())
+            allowed |= secure_records if secure else {"update"}
             allowed |= {"want"}  # the organisation's own choice of rows to sync (fedembed.workingset)
         try:
             extra = sorted(set(c.keys()) - allowed)
@@ -335,6 +349,7 @@ class Coordinator:
                     self.log.set_metrics(evaluated_round, org, metrics)
                 raise UpdateError("its privacy budget is spent: it evaluates, and trains no more")
             if status == "refused":
+                self.refusals[rep.node] = str(info.get("error", ""))
                 raise UpdateError(f"refused the coordinator's message: {_printable(info.get('error', ''), 300)}")
             if status != "ok":
                 raise UpdateError(f"unknown status {status!r}")
@@ -343,8 +358,6 @@ class Coordinator:
                 update = decode_update(c["update"], self.shapes, max_weight=self.cfg.train.max_row_weight)
             elif training and not secure:
                 raise UpdateError("status ok but no update in a training reply")
-            if training and secure and "secagg" not in c:
-                raise UpdateError("status ok but no key advertisement in a secure training reply")
             self.known[rep.node] = self.tables.version
             if training:
                 self._set_request(rep.node, request)
@@ -391,10 +404,10 @@ class Coordinator:
         t0 = time.perf_counter()
         entry = self.log.new_round(round_)
         self._round_names = {}
-        if self.cfg.secure:
-            from fedembed.secagg.server import run_secure_round
-
-            agg = run_secure_round(self, round_, nodes, entry)
+        if self.secure is not None:
+            # the next round's session is set up on this round's messages when one follows with the same organisations
+            ahead = self.cfg.secure_ahead and round_ < self.cfg.rounds and self.cfg.fraction >= 1
+            agg = self.secure.run_round(round_, nodes, entry, ahead=ahead)
             entry.setdefault("clients", 0)
             entry["dense_upload_bytes"] = self.dense_bytes * max(len(nodes), 1)
         else:

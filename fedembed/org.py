@@ -27,7 +27,7 @@ from fedembed.errors import FedembedError
 from fedembed.dp import BudgetExhausted
 from fedembed.dp.accounting import PrivacyLedger
 from fedembed.dp.policy import DPPolicy
-from fedembed.faults import check_drop
+from fedembed.faults import SimulatedDropout, check_drop
 from fedembed.identity import Identity, sign_reply
 from fedembed.secagg.client import SecureMember
 from fedembed.secagg.protocol import SecurePolicy
@@ -304,7 +304,8 @@ def serving_policy(cfg: TrainConfig, state_dir: Path) -> ServingPolicy:
 _TABLE_SPECS: dict[str, dict[str, TableSpec]] = {}
 
 MESSAGE_RECORDS = {"config", "sync"}
-"""The records of a ``train`` or ``evaluate`` message: its plan and its row sync, nothing else."""
+"""The records of a ``train`` or ``evaluate`` message: its plan and its row sync, nothing else (a secure ``train``
+message may also bring a session set up ahead its routed shares: :data:`fedembed.secagg.client.TRAIN_RECORDS`)."""
 
 
 class MessageRefused(FedembedError, ValueError):
@@ -322,10 +323,16 @@ def _checked_plan(organisation: Organisation, content: RecordDict, message_type:
         evaluate flag contradicts the message type, a recipe below its own DP floor
         (:class:`fedembed.dp.policy.DPPolicy`), a row-set mode its policy excludes.
     """
-    extra = sorted(set(content.keys()) - MESSAGE_RECORDS)
+    from fedembed.secagg.client import TRAIN_RECORDS
+
+    allowed = MESSAGE_RECORDS | (set(TRAIN_RECORDS) if message_type == "train" else set())
+    extra = sorted(set(content.keys()) - allowed)
     if extra:  # e.g. a head: this organisation's head is its own and never taken from a message
         raise MessageRefused(f"a {message_type!r} message with records outside its schema: {extra}")
     plan = RoundPlan.from_config(content["config"])
+    secure_records = sorted(set(content.keys()) & set(TRAIN_RECORDS))
+    if secure_records and not plan.secure:
+        raise MessageRefused(f"a plain {message_type!r} message with secure-aggregation records: {secure_records}")
     organisation.check_federation(FederationSpec.from_json(plan.federation))
     if plan.evaluate_only != (message_type == "evaluate"):
         raise MessageRefused(f"a {message_type!r} message whose plan says evaluate_only={plan.evaluate_only}")
@@ -335,6 +342,42 @@ def _checked_plan(organisation: Organisation, content: RecordDict, message_type:
             f"row-set mode {plan.row_set!r}: this organisation takes part in {list(organisation.policy.row_sets)}"
         )
     return plan
+
+
+def _secure_records(organisation: Organisation, plan: RoundPlan, content: RecordDict, update: RowUpdate,
+                    shapes: dict[str, tuple[int, int]]) -> dict:
+    """The secure part of a ``train`` reply (:mod:`fedembed.secagg.client`).
+
+    A session started with this round: its advert, the update kept on disk. A session set
+    up ahead (the message brings its shares): the update masked now. Either way, when the
+    plan asks, the advert of the next round's session; in ``union``/``revealed`` mode the
+    rows claimed for U are the rows it touched and the rows its training data looks up
+    (the next round's, agreed ahead).
+    """
+    from fedembed.secagg.client import advertise_next, begin, encode_rows, mask_in_train
+    from fedembed.workingset import training_rows
+
+    cfg = TrainConfig.from_dict(json.loads(plan.train))
+    member = organisation.member
+    encoding = (plan.delta_clip, cfg.max_row_weight, plan.wire_dtype)
+    rows: dict[str, np.ndarray] = {}
+    if plan.row_set != "dense":
+        rows = {n: tu.ids.astype(np.int64) for n, tu in update.items()}
+        if not cfg.dp:  # DP releases rows drawn each round: no U is agreed ahead, only the round's own rows count
+            for name, ids in training_rows(organisation.task).items():
+                rows[name] = np.union1d(rows.get(name, np.zeros(0, np.int64)), ids)
+    if "secagg" in content:  # the session was set up ahead: mask the update in this reply
+        check_drop(plan.drop, "masked", plan.round, organisation.org)
+        if plan.row_set == "union":
+            check_drop(plan.drop, "indicators", plan.round, organisation.org)
+        records = mask_in_train(member, plan.run_key, plan.round, plan.row_set, content, update, rows, shapes, *encoding)
+        if plan.row_set == "revealed":
+            records["rows"] = encode_rows(rows)
+    else:
+        records = begin(member, plan.run_key, plan.round, plan.row_set, update, shapes, *encoding, rows=rows)
+    if plan.next_session:
+        records["next"] = advertise_next(member, plan.run_key, plan.round + 1, plan.row_set, shapes, *encoding)
+    return records
 
 
 def handle_content(organisation: Organisation, content: RecordDict, message_type: str, node: int) -> RecordDict:
@@ -409,11 +452,11 @@ def handle_content(organisation: Organisation, content: RecordDict, message_type
         same = plan.request == digest.hex() and reply.status == "ok"
         out["want"] = encode_request_digest(digest) if same else encode_request(reply.request, shapes)
     if secure:
-        from fedembed.secagg.client import begin
-
-        cfg = TrainConfig.from_dict(json.loads(plan.train))
-        records = begin(organisation.member, plan.run_key, plan.round, plan.row_set, reply.update, shapes,
-                        plan.delta_clip, cfg.max_row_weight, plan.wire_dtype)
-        for key, rec in records.items():
-            out[key] = rec
+        try:
+            for key, rec in _secure_records(organisation, plan, content, reply.update, shapes).items():
+                out[key] = rec
+        except SimulatedDropout:
+            raise
+        except (FedembedError, ValueError, KeyError, TypeError) as exc:  # nothing masked leaves; the refusal says why
+            return refuse(MessageRefused(f"{type(exc).__name__}: {exc}"))
     return sign_reply(out, organisation.identity, plan.run_key, plan.round, message_type, node)

@@ -164,9 +164,24 @@ def working_set(task: Task, shapes: Mapping[str, tuple[int, int]]) -> dict[str, 
     return {n: _as_rows(declared.get(n, ()), s[0], f"working set of table {n!r}") for n, s in shapes.items()}
 
 
+def training_rows(task: Task) -> dict[str, np.ndarray]:
+    """The rows of each shared table the organisation's **training** data looks up (computed once per task object).
+
+    What a secure ``union``/``revealed`` round set up ahead agrees its row set U on
+    (:mod:`fedembed.secagg.server`): the rows this organisation will touch next round,
+    known before it trains (one pass over the ``train`` split, lookups recorded).
+    """
+    if task not in _TRAINING:
+        _TRAINING[task] = derive_working_set(task, ("train",))
+    return _TRAINING[task]
+
+
+_TRAINING: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
 @torch.no_grad()
-def derive_working_set(task: Task) -> dict[str, np.ndarray]:
-    """Every row the task's batches look up, over all its splits (one pass, lookups recorded).
+def derive_working_set(task: Task, splits: tuple[str, ...] = SPLITS) -> dict[str, np.ndarray]:
+    """Every row the task's batches look up, over ``splits`` (default all; one pass, lookups recorded).
 
     The model's forward runs through :meth:`fedembed.task.Task.loss` on every batch of
     ``train``, ``val`` and ``test`` with a hook on each shared table recording the ids it
@@ -187,7 +202,7 @@ def derive_working_set(task: Task) -> dict[str, np.ndarray]:
 
     handles = [model.table(n).register_forward_pre_hook(recorder(n), with_kwargs=True) for n in model.table_names]
     try:
-        for split in SPLITS:
+        for split in splits:
             if task.num_examples(split) == 0:
                 continue
             for batch in task.batches(split, 1024, None):

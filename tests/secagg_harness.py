@@ -23,9 +23,11 @@ def keys_for(n: int) -> dict[int, SigningKey]:
 class Harness:
     """n parties with identities in one roster (party p is ``org-<p:03d>``), a server session, stage helpers."""
 
-    def __init__(self, n: int, phases=("values",), k=None, t=None, policy=None, context=CTX, keys=None):
-        self.keys = keys or keys_for(n)
-        self.roster = Roster({f"org-{p:03d}": key.public for p, key in self.keys.items()})
+    def __init__(self, n: int, phases=("values",), k=None, t=None, policy=None, context=CTX, keys=None, absent=0):
+        """``absent``: roster members beyond the n parties, who take no part in the session."""
+        everyone = keys or keys_for(n + absent)
+        self.roster = Roster({f"org-{p:03d}": key.public for p, key in everyone.items()})
+        self.keys = {p: key for p, key in everyone.items() if p <= n}
         self.ids = {p: Identity(f"org-{p:03d}", key, self.roster) for p, key in self.keys.items()}
         self.policy = policy or SecurePolicy()
         self.phases = list(phases)
@@ -34,7 +36,7 @@ class Harness:
         adverts = {p: c.advert(self.ids[p]) for p, c in self.clients.items()}  # node id == party id here
         k = n - 1 if k is None else k
         self.server = ServerSession(context, self.phases, adverts, {p: i.name for p, i in self.ids.items()},
-                                    self.roster, k, t or default_threshold(min(k, n - 1)), seed=0)
+                                    self.roster, k, t or default_threshold(min(k, n - 1)))
 
     def share(self, skip=()):
         s = self.server
@@ -42,7 +44,7 @@ class Harness:
         for p, c in self.clients.items():
             if p in skip:
                 continue
-            shares[p] = c.make_shares(self.ids[p], self.policy, s.parties, s.threshold, s.share_request(p))
+            shares[p] = c.make_shares(self.ids[p], self.policy, s.parties, s.threshold, s.share_request(p), s.k)
         s.route_shares(shares)
         return shares
 

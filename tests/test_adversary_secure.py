@@ -97,9 +97,9 @@ def test_no_neighbours_and_threshold_one_are_refused_and_the_own_seed_share_stay
     h = Harness(5)
     c, me = h.clients[1], h.ids[1]
     with pytest.raises(ProtocolError, match="neighbours"):
-        c.make_shares(me, h.policy, h.server.parties, 1, {})
+        c.make_shares(me, h.policy, h.server.parties, 1, {}, h.server.k)
     with pytest.raises(ProtocolError, match="threshold 1 refused"):
-        c.make_shares(me, h.policy, h.server.parties, 1, h.server.share_request(1))
+        c.make_shares(me, h.policy, h.server.parties, 1, h.server.share_request(1), h.server.k)
     # and it cannot be asked for its own seed share before sharing, masking and checking
     with pytest.raises(ProtocolError, match="out of order"):
         c.unmask(me, h.policy, "values", {})
@@ -110,8 +110,8 @@ def test_a_lowered_threshold_is_refused(tmp_path):
     h = Harness(7)  # k = 6: 7 holders, a strict majority is 4
     c = h.clients[1]
     with pytest.raises(ProtocolError, match=r"threshold 3 refused: with 6 neighbours it must be in \[4, 7\]"):
-        c.make_shares(h.ids[1], h.policy, h.server.parties, 3, h.server.share_request(1))
-    c.make_shares(h.ids[1], h.policy, h.server.parties, 4, h.server.share_request(1))
+        c.make_shares(h.ids[1], h.policy, h.server.parties, 3, h.server.share_request(1), h.server.k)
+    c.make_shares(h.ids[1], h.policy, h.server.parties, 4, h.server.share_request(1), h.server.k)
 
 
 def test_a_threshold_changed_after_sharing_is_never_read(tmp_path):
@@ -120,7 +120,7 @@ def test_a_threshold_changed_after_sharing_is_never_read(tmp_path):
     h.share()
     fixed = h.clients[1].threshold
     with pytest.raises(ProtocolError, match="already answered"):
-        h.clients[1].make_shares(h.ids[1], h.policy, h.server.parties, 1, h.server.share_request(1))
+        h.clients[1].make_shares(h.ids[1], h.policy, h.server.parties, 1, h.server.share_request(1), h.server.k)
     assert h.clients[1].threshold == fixed
 
 
@@ -182,17 +182,17 @@ def test_a_sybil_or_substituted_key_in_a_forwarded_advert_is_refused():
     forged = dict(req)
     forged[2] = {**req[2], "enc": ClientSession.new(h.context, ["values"]).enc.public}
     with pytest.raises(ProtocolError, match="not signed by its roster key"):
-        c.make_shares(me, h.policy, h.server.parties, h.server.threshold, forged)
+        c.make_shares(me, h.policy, h.server.parties, h.server.threshold, forged, h.server.k)
     # a Sybil: a party the coordinator made up, with a key of its own, signing as org-002
     sybil = SigningKey.generate()
     fake = ClientSession.new(h.context, ["values"])
     adv = fake.advert(Identity("org-002", sybil, Roster({"org-002": sybil.public})))
     with pytest.raises(ProtocolError, match="not signed by its roster key"):
-        c.make_shares(me, h.policy, h.server.parties, h.server.threshold, {**req, 2: adv})
+        c.make_shares(me, h.policy, h.server.parties, h.server.threshold, {**req, 2: adv}, h.server.k)
     # or a party beyond the roster
     with pytest.raises(ProtocolError, match="outside the roster"):
-        c.make_shares(me, h.policy, h.server.parties + [9], h.server.threshold, req)
-    c.make_shares(me, h.policy, h.server.parties, h.server.threshold, req)  # the genuine ones pass
+        c.make_shares(me, h.policy, h.server.parties + [9], h.server.threshold, req, h.server.k)
+    c.make_shares(me, h.policy, h.server.parties, h.server.threshold, req, h.server.k)  # the genuine ones pass
 
 
 def test_a_copied_key_is_refused_by_the_organisation_too():
@@ -201,7 +201,7 @@ def test_a_copied_key_is_refused_by_the_organisation_too():
     me = h.clients[1]
     copied = {**req, 3: {**req[3], "mask.values": me.mask["values"].public}}  # claims our own mask key
     with pytest.raises(ProtocolError):
-        me.make_shares(h.ids[1], h.policy, h.server.parties, h.server.threshold, copied)
+        me.make_shares(h.ids[1], h.policy, h.server.parties, h.server.threshold, copied, h.server.k)
 
 
 def test_stage_messages_replayed_from_an_earlier_round_are_refused(tmp_path, direct_transport):
@@ -216,22 +216,27 @@ def test_stage_messages_replayed_from_an_earlier_round_are_refused(tmp_path, dir
 
     t = direct_transport(tmp_path, 4, task=synthetic(4))
     net = EvilNetwork(t, keep)
-    c = Coordinator(run_config(synthetic(), rounds=2, secure=True, row_set="dense"), net)
+    c = Coordinator(run_config(synthetic(), rounds=2, secure=True, row_set="dense", consistency_check="always"), net)
     c.run_round(1, sorted(t.orgs))
-    # round 2 up to its masked stage, then the coordinator replays round 1's share message
+    # round 2 (its session set up during round 1) up to its check stage, then the coordinator replays round 1's
+    # share message, its check message (which carried round 2's share request) and its unmask message
     stop = {}
 
     def replay(message_type, node, content, deliver, net):
-        if message_type == "train.masked" and node == 101 and "done" not in stop:
+        if message_type == "train.check" and node == 101 and "done" not in stop:
             stop["done"] = True
             replies["replayed share"] = deliver(kept["train.share"][0])
+            replies["replayed check"] = handle_content(t.orgs[101], kept["train.check"][0], "train.check", 101)
             replies["unmask first"] = handle_content(t.orgs[101], kept["train.unmask"][0], "train.unmask", 101)
         yield Reply(node, deliver(content))
 
     net.on = replay
     entry = c.run_round(2, sorted(t.orgs))
-    assert "another run or round" in replies["replayed share"]["info"]["error"]
-    assert "another run or round" in replies["unmask first"]["info"]["error"]
+    assert entry["secure"]["set_up_ahead"]
+    for what in ("replayed share", "replayed check", "unmask first"):
+        info = replies[what]["info"]
+        assert info["status"] == "error" and "round 1" in info["error"], what  # round 1's session is spent and gone
+        assert set(replies[what].keys()) == {"info", "sig"}, what  # nothing else in the reply
     assert "abandoned" not in entry and entry["clients"] == 4
 
 
@@ -321,16 +326,16 @@ def test_a_bad_share_names_its_sender_and_keeps_the_receiver(tmp_path, direct_tr
 def test_a_hostile_org_adding_unbounded_values_gets_the_secure_round_abandoned(tmp_path, direct_transport, monkeypatch):
     """Clipping is the sender's job; skipping it (here: 2.5x the clip on every entry it sends) is caught
     by the bounds of the decoded sum, and the tables stay as they were."""
-    orig = ClientSession.mask_vector
+    orig = ClientSession.mask_group
 
-    def skip_clipping(self, phase, vector):
-        if self.name == "org-1" and phase == "values":
-            vector = vector.view(np.int32).copy()
+    def skip_clipping(self, vectors):
+        if self.name == "org-1" and "values" in vectors:
+            vector = vectors["values"].view(np.int32).copy()
             vector[vector != 0] *= 3  # |w*delta| up to 3x the clip the others respect
-            vector = vector.view(np.uint32)
-        return orig(self, phase, vector)
+            vectors = {**vectors, "values": vector.view(np.uint32)}
+        return orig(self, vectors)
 
-    monkeypatch.setattr(ClientSession, "mask_vector", skip_clipping)
+    monkeypatch.setattr(ClientSession, "mask_group", skip_clipping)
     t = direct_transport(tmp_path, 4, task=synthetic(4))
     c = Coordinator(run_config(synthetic(4), rounds=1, secure=True, row_set="dense", delta_clip=0.001), t)
     before = c.tables.tables["ids"].copy()
@@ -341,11 +346,12 @@ def test_a_hostile_org_adding_unbounded_values_gets_the_secure_round_abandoned(t
 
 
 def test_a_cancel_vector_that_removes_anothers_row_abandons_the_round(tmp_path, direct_transport, monkeypatch):
-    orig = ClientSession.mask_vector
+    orig = ClientSession.mask_group
     touched = {}
 
-    def cancel(self, phase, vector):
-        if phase == "indicators":
+    def cancel(self, vectors):
+        if "indicators" in vectors:
+            vector = vectors["indicators"]
             touched[self.name] = np.flatnonzero(vector)
             if self.name == "org-1":  # -1 on every row org-0 touched and org-1 did not
                 vector = vector.copy()
@@ -353,9 +359,10 @@ def test_a_cancel_vector_that_removes_anothers_row_abandons_the_round(tmp_path, 
                 for r in touched.get("org-0", []):
                     if r not in own:
                         vector[r] = np.uint8(255)
-        return orig(self, phase, vector)
+                vectors = {**vectors, "indicators": vector}
+        return orig(self, vectors)
 
-    monkeypatch.setattr(ClientSession, "mask_vector", cancel)
+    monkeypatch.setattr(ClientSession, "mask_group", cancel)
     t = direct_transport(tmp_path, 4, task=synthetic(4))
     c = Coordinator(run_config(synthetic(4), rounds=1, secure=True, row_set="union"), t)
     before = c.tables.tables["ids"].copy()

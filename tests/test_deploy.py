@@ -239,9 +239,12 @@ def test_three_orgs_over_tls_complete_two_rounds(tls_run):
 def test_secure_aggregation_runs_between_processes(tls_run):
     doc = json.loads((tls_run["state"] / "metrics.json").read_text())
     assert doc["config"]["secure"] is True
+    first, second = doc["rounds"]
+    # round 1 starts its own session; round 2's was set up during round 1: train (+ masked update), unmask (the
+    # whole roster took part, nobody dropped: no consistency check needed)
+    assert {"train", "share", "indicators", "unmask_indicators", "masked", "unmask"} <= set(first["stages"])
+    assert set(second["stages"]) - {"aggregate"} == {"train", "unmask"} and second["secure"]["set_up_ahead"]
     for r in doc["rounds"]:
-        assert {"train", "share", "indicators", "check_indicators", "unmask_indicators", "masked", "check",
-                "unmask"} <= set(r["stages"])
         assert r["clients"] == 3 and r["rows_changed"] > 0
 
 
@@ -256,12 +259,12 @@ def test_fedembed_client_orgs_answer_in_their_worker_without_a_process_per_messa
     for org in (0, 1):  # `fedembed client`: the worker runs the SuperNode's ClientApp tasks itself
         assert (tls_run["root"] / f"org{org}" / "worker").is_dir()
         log = tls_run["procs"].log(f"org{org}")
-        assert "--isolation process" in log and messages_received(tls_run["procs"], f"org{org}") >= 16
+        assert "--isolation process" in log and messages_received(tls_run["procs"], f"org{org}") >= 9
         assert CLIENTAPP_STARTED not in log  # not one flwr-clientapp process was started
         assert "in this process" not in log and "worker is down" not in log  # never fell back
     # stock flower-supernode: no worker, a flwr-clientapp per message doing the work itself, still works
     assert not (tls_run["root"] / "org2" / "worker").exists()
-    assert tls_run["procs"].log("org2").count(CLIENTAPP_STARTED) >= 16
+    assert tls_run["procs"].log("org2").count(CLIENTAPP_STARTED) >= 9
 
 
 def test_unlisted_org_key_is_refused(tls_run):

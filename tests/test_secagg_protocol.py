@@ -167,10 +167,11 @@ STAGES = {
 
 @pytest.mark.parametrize("row_set", ["dense", "union", "revealed"])
 def test_secure_round_equals_plain_round_with_a_dropout_at_every_stage(tmp_path, direct_transport, row_set):
+    """With the consistency check on every group (``consistency_check="always"``): every stage is a message."""
     plain_all = _run(tmp_path, direct_transport, False)
     plain_without = _run(tmp_path, direct_transport, False, drop={"train": [1]})
     for stage in STAGES[row_set]:
-        secure = _run(tmp_path, direct_transport, True, row_set, drop={stage: [1]})
+        secure = _run(tmp_path, direct_transport, True, row_set, drop={stage: [1]}, consistency_check="always")
         entry = secure.log.rounds[-1]
         assert "abandoned" not in entry
         who = "org-1" if "org-1" in entry["rejected"] else "node 101"  # unnamed if it never replied
@@ -185,6 +186,29 @@ def test_secure_round_equals_plain_round_with_a_dropout_at_every_stage(tmp_path,
         stages = entry["stages"]
         assert set(STAGES[row_set]) <= set(stages)
         assert all(stages[s]["upload_bytes"] >= 0 and stages[s]["seconds"] >= 0 for s in STAGES[row_set])
+
+
+@pytest.mark.parametrize("row_set", ["dense", "union", "revealed"])
+def test_without_the_consistency_check_a_dropout_at_any_stage_still_sums_exactly(tmp_path, direct_transport, row_set):
+    """``auto``: a group is unmasked without its check when the whole roster took part and nobody who shared
+    dropped; a dropout before the unmask brings the check back, one during the unmask is tolerated as before."""
+    plain_all = _run(tmp_path, direct_transport, False)
+    plain_without = _run(tmp_path, direct_transport, False, drop={"train": [1]})
+    skipped = [s for s in STAGES[row_set] if not s.startswith("check")]
+    for stage in skipped:
+        secure = _run(tmp_path, direct_transport, True, row_set, drop={stage: [1]})
+        entry = secure.log.rounds[-1]
+        assert "abandoned" not in entry, (stage, entry.get("abandoned"))
+        who = "org-1" if "org-1" in entry["rejected"] else "node 101"
+        assert "dropped at stage" in entry["rejected"][who]
+        ref = plain_all if stage == "unmask" else plain_without
+        diff = np.abs(ref.tables.tables["ids"] - secure.tables.tables["ids"]).max()
+        assert diff <= entry["secure"]["error_bound"], (stage, diff)
+        checked = any(s.startswith("check") for s in entry["stages"])
+        # the check comes back exactly when someone who could have shared is missing from the sum
+        assert checked == (stage in ("train", "masked", "indicators", "unmask_indicators")), (stage, sorted(entry["stages"]))
+    clean = _run(tmp_path, direct_transport, True, row_set).log.rounds[-1]
+    assert not any(s.startswith("check") for s in clean["stages"])
 
 
 def test_union_upload_is_far_smaller_than_dense(tmp_path, direct_transport):

@@ -11,16 +11,21 @@ Modules, bottom up:
   cannot wrap for n organisations, and its error bound ``n / (2 s)``.
 - :mod:`~fedembed.secagg.vector`: what is masked: per-row indicator counters, and
   ``weight * delta`` plus ``weight`` over the agreed row set.
-- :mod:`~fedembed.secagg.graph`: the k-neighbour graph and the default k and t.
+- :mod:`~fedembed.secagg.graph`: the k-neighbour graph (a pure function of a seed every
+  organisation derives itself) and the default k and t.
 - :mod:`~fedembed.secagg.protocol`: :class:`ClientSession` / :class:`ServerSession`, the two
   state machines, with no transport in them.
 - :mod:`~fedembed.secagg.client` / :mod:`~fedembed.secagg.server`: the stages as Flower
-  records and Message API round trips (``train``, ``train.share``, ``train.indicators``,
-  ``train.unmask_indicators``, ``train.masked``, ``train.unmask``).
+  records and Message API round trips. A round's session is set up during the previous
+  round (its advert and share exchange ride on that round's ``train`` and ``train.check``
+  messages), so a round is ``train`` (with the masked update), ``train.check``,
+  ``train.unmask``; the first round, and one whose organisations changed, starts its own
+  (``train``, ``train.share``, [``train.indicators``, ``train.check_indicators``,
+  ``train.unmask_indicators``], ``train.masked``, ``train.check``, ``train.unmask``).
 
 What each ``row_set`` reveals to the coordinator: ``dense`` nothing beyond the sum;
-``union`` which rows anyone touched and how many organisations touched each; ``revealed``
-each organisation's own row ids (never their values).
+``union`` which rows anyone's training data looks up and how many organisations' data
+look each up; ``revealed`` each organisation's own row ids (never their values).
 
 Threat model: an actively malicious coordinator (it may re-ask stages, change parameters
 mid-session, lie about who shared or delivered, show parties different lists, add keys of

@@ -1,36 +1,62 @@
 """An organisation's side of the secure stages, between Flower records and the protocol.
 
-The ``train`` stage (local training, in :mod:`fedembed.org`) ends with :func:`begin`: the
-row-sparse update is kept in the organisation's private state directory together with the
-session's keys and its fixed parameters (row-set mode, clip, weight cap, wire dtype, its
-own table shapes), and only the signed key advertisement (and, in ``revealed`` mode, the
-row ids) goes back. Each later stage (:func:`handle_stage`) reloads the session under a
-file lock, checks that this stage is the one the session expects next, does its step and
-saves it before the reply leaves; the session is deleted after the last unmask. Nothing
-here holds state in memory between messages, so it works the same in simulation (a new
-worker per message) and in deployment, and survives a restart of the organisation.
+A secure round aggregates the round's update in one SecAgg+ session
+(:mod:`fedembed.secagg.protocol`), bound to the run and the round. Sessions reach an
+organisation two ways (the coordinator's choice, :mod:`fedembed.secagg.server`; the
+organisation holds either to the same rules):
 
-The stage is the Flower message type (``train.<stage>``); a message's config is a
-:class:`fedembed.config.StageHeader` (the header every ``train`` plan starts with too):
-``run_key`` and ``round`` (which must name the session on disk) and, in tests and demos,
-injected dropouts. Every other parameter was fixed when the session started.
+- **started with its round** (the first round, and whenever the parties change): the
+  ``train`` reply carries the session's signed key advertisement (:func:`begin`; the
+  update is kept in the organisation's private state directory, never sent in the clear),
+  then ``train.share``, then per group of phases a mask, a check and an unmask stage
+  (``union``: ``indicators``, ``check_indicators``, ``unmask_indicators``, then
+  ``masked``, ``check``, ``unmask``; ``dense``/``revealed``: ``masked``, ``check``,
+  ``unmask``);
+- **set up ahead**, during the previous round (:func:`advertise_next` in the previous
+  ``train`` reply; its share stage rides on the previous round's ``train.check`` message,
+  :func:`handle_stage`): then the round's own ``train`` message brings the routed shares
+  (and the row set U the values are summed over), and the organisation masks its update in
+  the ``train`` reply itself (:func:`mask_in_train`); ``train.check`` and
+  ``train.unmask`` finish it. Three round trips a round. In ``union`` mode that session
+  also sums the indicators of the rows the organisation's training data looks up
+  (:func:`fedembed.workingset.training_rows`): the next round's U.
 
-Message layout (``RecordDict`` keys; large arrays in ``ArrayRecord``, which Flower chunks):
+Each session lives in ``<state-dir>/secagg/<round>/`` (``session.json``, and for a session
+started with its round the kept update, ``update.npz``), 0600 in 0700. Every stage
+reloads it under a file lock, checks that this stage is the one it expects next, does its
+step and saves it before the reply leaves; the session is deleted after its last unmask,
+and sessions of other rounds are deleted when a round's ``train`` message comes. Every
+session parameter (row-set mode, clip, weight cap, wire dtype, the organisation's own
+table shapes) is fixed when the session is made, from the organisation's own training;
+a round whose plan differs from the session it was set up with is refused. Nothing here
+holds state in memory between messages, so it works the same in simulation and in
+deployment, and survives a restart of the organisation.
+
+The stage is the Flower message type (``train.<stage>``); a stage message's config is a
+:class:`fedembed.config.StageHeader` (``run_key`` and ``round``, which must name a session
+on disk, and, in tests and demos, injected dropouts). Message layout (``RecordDict`` keys;
+large arrays in ``ArrayRecord``, which Flower chunks):
 
 ==================== ============================================ ======================================
 stage                coordinator sends                            organisation replies
 ==================== ============================================ ======================================
-train                config, sync                                 info, metrics, train, ``secagg``
-                                                                  (signed advert), ``rows`` (revealed)
-share                ``secagg`` (u1, t, neighbours' signed        ``shares``, ``share_sigs`` (dst ->
+train                config, sync; set up ahead: ``secagg``        info, metrics, train, ``secagg``
+                     (u2), ``shares``, ``share_sigs``, ``rowset``  (advert: started with its round) or
+                     (union/revealed)                             ``masked`` + ``complaints`` (set up
+                                                                  ahead); ``next`` (advert of the next
+                                                                  round's session); ``rows`` (revealed)
+share                ``secagg`` (u1, t, k, neighbours' signed      ``shares``, ``share_sigs`` (dst ->
                      adverts ``adv.<q>.<field>``)                 ciphertext, signature)
-indicators / masked  ``secagg`` (u2), ``shares``, ``share_sigs``  ``masked`` (uint8 counters / uint32
-                     (first phase), ``rowset`` (values phase,     values), ``complaints`` (first phase:
-                     union/revealed)                              sender -> why its share failed)
-check_indicators /   ``secagg`` (u3)                              ``check`` (signature of the statement)
-check
-unmask_indicators /  ``secagg`` (``sig.<party>``: the others'     ``unmask`` (shares)
-unmask               consistency signatures)
+indicators / masked  ``secagg`` (u2), ``shares``, ``share_sigs``  ``masked`` (``<phase>``: uint8
+                     (first group), ``rowset`` (values, union/    counters / uint32 values),
+                     revealed)                                    ``complaints`` (first group)
+check_indicators /   ``secagg`` (u3); ``next`` (the next round's  ``check`` (``<phase>``: signature);
+check                share request, as ``share``'s ``secagg``)    ``next_shares``, ``next_share_sigs``
+                                                                  or ``next_error``
+unmask_indicators /  ``secagg`` (``sig.<phase>.<party>``: the     ``unmask`` (``<phase>.<kind>.<party>``:
+unmask               others' consistency signatures; or ``u3``    shares); ``next_*`` as for check
+                     and ``fast`` when the check is skipped);
+                     ``next`` when the check was skipped
 ==================== ============================================ ======================================
 
 Every reply also carries the organisation's ``sig`` record (:func:`fedembed.identity.sign_reply`).
@@ -41,6 +67,7 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import logging
+import shutil
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -54,14 +81,13 @@ from fedembed.errors import FedembedError
 from fedembed.faults import check_drop
 from fedembed.identity import Identity, sign_reply
 from fedembed.secagg.protocol import (
-    CHECK_STAGE,
-    MASK_STAGE,
-    UNMASK_STAGE,
     ClientSession,
     ProtocolError,
     RowsMissing,
     SecurePolicy,
-    phases_for,
+    ahead_groups,
+    fresh_groups,
+    group_stage,
     rowset_digest,
     session_context,
 )
@@ -71,7 +97,7 @@ from fedembed.secagg.vector import (
     check_rowset,
     dense_rowset,
     encode_values,
-    indicator_vector,
+    rows_indicator,
 )
 from fedembed.sparse import RowUpdate, TableUpdate, UpdateError
 from fedembed.store import atomic_write, atomic_write_npz
@@ -80,7 +106,14 @@ from fedembed.wire import decode_arrays, encode_arrays
 log = logging.getLogger(__name__)
 
 SECURE_STAGES = ("share", "indicators", "check_indicators", "unmask_indicators", "masked", "check", "unmask")
-PHASE_OF = {s: p for table in (MASK_STAGE, CHECK_STAGE, UNMASK_STAGE) for p, s in table.items()}
+STAGE_KIND = {
+    "share": "share", "indicators": "mask", "masked": "mask", "check_indicators": "check", "check": "check",
+    "unmask_indicators": "unmask", "unmask": "unmask",
+}
+"""What each secure stage does to a session."""
+
+TRAIN_RECORDS = ("secagg", "shares", "share_sigs", "rowset")
+"""Records a ``train`` message may carry for a session set up ahead (besides its plan and sync)."""
 
 
 @dataclass(frozen=True)
@@ -145,14 +178,19 @@ class SecureMember:
         return cls(org, state, Identity.load(key, roster_path), SecurePolicy.from_mapping(nc))
 
 
-def _dir(state_dir: Path) -> Path:
+# ------------------------------------------------------------------ sessions on disk
+def _root(state_dir: Path) -> Path:
     return Path(state_dir) / "secagg"
+
+
+def _dir(state_dir: Path, round_: int) -> Path:
+    return _root(state_dir) / str(int(round_))
 
 
 @contextlib.contextmanager
 def _locked(state_dir: Path) -> Iterator[None]:
     """One stage at a time per organisation (two deliveries of one message cannot both pass the order check)."""
-    d = _dir(state_dir)
+    d = _root(state_dir)
     d.mkdir(parents=True, exist_ok=True, mode=0o700)
     with open(d / "lock", "a") as fh:
         fcntl.flock(fh, fcntl.LOCK_EX)
@@ -162,35 +200,93 @@ def _locked(state_dir: Path) -> Iterator[None]:
             fcntl.flock(fh, fcntl.LOCK_UN)
 
 
-def _save(state_dir: Path, session: ClientSession, update: RowUpdate | None = None) -> None:
-    d = _dir(state_dir)
+def _save(state_dir: Path, round_: int, session: ClientSession, update: RowUpdate | None = None,
+          rows: Mapping[str, np.ndarray] | None = None) -> None:
+    d = _dir(state_dir, round_)
     d.mkdir(parents=True, exist_ok=True, mode=0o700)
     if update is not None:
         arrays = {}
         for name, tu in update.items():
             arrays[f"{name}.ids"], arrays[f"{name}.delta"], arrays[f"{name}.weight"] = tu.ids, tu.delta, tu.weight
+        for name, ids in (rows or {}).items():
+            arrays[f"{name}.rows"] = np.asarray(ids, dtype=np.int64)
         atomic_write_npz(d / "update.npz", arrays)
     atomic_write(d / "session.json", session.to_json().encode())
 
 
-def _load(state_dir: Path, context: bytes) -> tuple[ClientSession, RowUpdate]:
-    d = _dir(state_dir)
+def _load(state_dir: Path, context: bytes, round_: int) -> tuple[ClientSession, RowUpdate | None, dict[str, np.ndarray]]:
+    """The session of ``round_`` and, for a session started with its round, its kept update and rows.
+
+    Raises
+    ------
+    UpdateError
+        No session of that round on disk (never made, finished, or lost).
+    ProtocolError
+        The session on disk belongs to another run.
+    """
+    d = _dir(state_dir, round_)
     try:
         session = ClientSession.from_json((d / "session.json").read_text())
-        with np.load(d / "update.npz") as z:
-            arrays = {k: z[k] for k in z.files}
     except (OSError, ValueError, KeyError) as exc:
-        raise UpdateError(f"no secure-aggregation session on disk ({exc}); the organisation lost it") from exc
+        raise UpdateError(f"no secure-aggregation session of round {round_} on disk ({exc}); the organisation lost it "
+                          "or never made it") from exc
     if session.context != context:
         raise ProtocolError("the message names another run or round than the secure-aggregation session on disk")
-    update: RowUpdate = {}
-    for key in arrays:
-        name, _, fld = key.rpartition(".")
-        if fld == "ids":
-            update[name] = TableUpdate(arrays[f"{name}.ids"], arrays[f"{name}.delta"], arrays[f"{name}.weight"])
-    return session, update
+    update: RowUpdate | None = None
+    rows: dict[str, np.ndarray] = {}
+    if (d / "update.npz").exists():
+        try:
+            with np.load(d / "update.npz") as z:
+                arrays = {k: z[k] for k in z.files}
+        except (OSError, ValueError) as exc:
+            raise UpdateError(f"the update kept for round {round_} cannot be read ({exc})") from exc
+        update = {}
+        for key in arrays:
+            name, _, fld = key.rpartition(".")
+            if fld == "ids":
+                update[name] = TableUpdate(arrays[f"{name}.ids"], arrays[f"{name}.delta"], arrays[f"{name}.weight"])
+            elif fld == "rows":
+                rows[name] = arrays[key]
+    return session, update, rows
 
 
+def _discard(state_dir: Path, keep: Callable[[int], bool]) -> None:
+    """Delete the sessions whose round ``keep`` rejects (their secrets are never needed again)."""
+    root = _root(state_dir)
+    if not root.is_dir():
+        return
+    for d in root.iterdir():
+        if d.is_dir() and d.name.isdigit() and not keep(int(d.name)):
+            shutil.rmtree(d, ignore_errors=True)
+
+
+def _params(member: SecureMember, row_set: str, shapes: Mapping[str, tuple[int, int]], clip_delta: float,
+            max_weight: float, wire_dtype: str) -> dict:
+    """The session parameters, from the organisation's own training, checked against its policy.
+
+    Raises
+    ------
+    ProtocolError
+        A row-set mode its policy does not allow, or unusable encoding parameters.
+    """
+    if row_set not in member.policy.row_sets:
+        raise ProtocolError(f"row-set mode {row_set!r} refused: this organisation takes part in {member.policy.row_sets}")
+    if not (clip_delta > 0 and max_weight >= 1 and wire_dtype in ("float16", "float32")):
+        raise ProtocolError(f"session parameters refused: clip {clip_delta}, weight cap {max_weight}, dtype {wire_dtype!r}")
+    return {"row_set": row_set, "clip_delta": float(clip_delta), "max_weight": float(max_weight),
+            "wire_dtype": wire_dtype, "shapes": {k: [int(v[0]), int(v[1])] for k, v in sorted(shapes.items())}}
+
+
+def _shapes(session: ClientSession) -> dict[str, tuple[int, int]]:
+    return {k: (int(v[0]), int(v[1])) for k, v in session.params["shapes"].items()}
+
+
+def encode_rows(rows: Mapping[str, np.ndarray]) -> Any:
+    """The ``rows`` record of a ``revealed`` reply: sorted row ids per table (int64)."""
+    return encode_arrays({name: np.unique(np.asarray(ids, dtype=np.int64)) for name, ids in rows.items()})
+
+
+# ------------------------------------------------------------------ the train stage
 def begin(
     member: SecureMember,
     run_key: str,
@@ -201,8 +297,9 @@ def begin(
     clip_delta: float,
     max_weight: float,
     wire_dtype: str,
+    rows: Mapping[str, np.ndarray] | None = None,
 ) -> dict:
-    """Start a session after local training; returns the records to add to the train reply.
+    """Start the round's session after local training; returns the records to add to the train reply.
 
     Parameters
     ----------
@@ -218,25 +315,131 @@ def begin(
         The organisation's own table shapes.
     clip_delta, max_weight, wire_dtype : float, float, str
         The encoding of the value vector, fixed for the whole session.
+    rows : dict, optional
+        The rows it claims for U (``union``: its indicators; ``revealed``: told in the
+        clear): the rows it touched and the rows its training data looks up, so the same U
+        also serves a next round set up ahead. Default: the rows it touched.
 
     Raises
     ------
     ProtocolError
         A row-set mode the organisation's policy does not allow.
     """
-    if row_set not in member.policy.row_sets:
-        raise ProtocolError(f"row-set mode {row_set!r} refused: this organisation takes part in {member.policy.row_sets}")
-    if not (clip_delta > 0 and max_weight >= 1 and wire_dtype in ("float16", "float32")):
-        raise ProtocolError(f"session parameters refused: clip {clip_delta}, weight cap {max_weight}, dtype {wire_dtype!r}")
-    params = {"row_set": row_set, "clip_delta": float(clip_delta), "max_weight": float(max_weight),
-              "wire_dtype": wire_dtype, "shapes": {k: [int(v[0]), int(v[1])] for k, v in shapes.items()}}
-    session = ClientSession.new(session_context(run_key, round_), phases_for(row_set), params)
+    params = _params(member, row_set, shapes, clip_delta, max_weight, wire_dtype)
+    claimed = _claimed_rows(update, rows)
+    session = ClientSession.new(session_context(run_key, round_), fresh_groups(row_set), params)
     advert = session.advert(member.identity)
     with _locked(member.state_dir):
-        _save(member.state_dir, session, update)
+        _discard(member.state_dir, lambda r: False)  # a session started with its round replaces any earlier one
+        _save(member.state_dir, round_, session, update, claimed)
     out = {"secagg": ConfigRecord(advert)}
     if row_set == "revealed":
-        out["rows"] = encode_arrays({name: tu.ids.astype(np.int64) for name, tu in update.items()})
+        out["rows"] = encode_rows(claimed)
+    return out
+
+
+def _claimed_rows(update: RowUpdate, rows: Mapping[str, np.ndarray] | None) -> dict[str, np.ndarray]:
+    out = {name: np.asarray(tu.ids, dtype=np.int64) for name, tu in update.items()}
+    for name, ids in (rows or {}).items():
+        out[name] = np.union1d(out.get(name, np.zeros(0, np.int64)), np.asarray(ids, dtype=np.int64))
+    return out
+
+
+def advertise_next(
+    member: SecureMember,
+    run_key: str,
+    round_: int,
+    row_set: str,
+    shapes: dict[str, tuple[int, int]],
+    clip_delta: float,
+    max_weight: float,
+    wire_dtype: str,
+) -> ConfigRecord:
+    """Make the session of ``round_`` (the next round) ahead of time; its signed advert, the train reply's ``next``.
+
+    Its parameters are fixed now, from this round's training; the next round's plan must
+    agree with them (:func:`mask_in_train` refuses otherwise).
+    """
+    params = _params(member, row_set, shapes, clip_delta, max_weight, wire_dtype)
+    session = ClientSession.new(session_context(run_key, round_), ahead_groups(row_set), params)
+    advert = session.advert(member.identity)
+    with _locked(member.state_dir):
+        _discard(member.state_dir, lambda r: r < round_)  # never two sessions for one round
+        _save(member.state_dir, round_, session)
+    return ConfigRecord(advert)
+
+
+def mask_in_train(
+    member: SecureMember,
+    run_key: str,
+    round_: int,
+    row_set: str,
+    content: RecordDict,
+    update: RowUpdate,
+    rows: Mapping[str, np.ndarray],
+    shapes: dict[str, tuple[int, int]],
+    clip_delta: float,
+    max_weight: float,
+    wire_dtype: str,
+) -> dict:
+    """Mask the round's update in the session set up ahead for it; the records of the train reply.
+
+    The ``train`` message brings U2 and the shares routed to this organisation (and, in
+    ``union``/``revealed`` mode, the row set U): the shares are opened, the values vector
+    is encoded over U (which must hold every row it touched), ``union`` adds the indicators
+    of ``rows`` (the next round's U), and the group is masked. The update never touches
+    the disk.
+
+    Raises
+    ------
+    ProtocolError, UpdateError
+        No session set up for the round, a plan whose parameters differ from the ones the
+        session was made with, a stage out of order, or U missing rows it touched
+        (:class:`fedembed.secagg.protocol.RowsMissing`).
+    """
+    params = _params(member, row_set, shapes, clip_delta, max_weight, wire_dtype)
+    context = session_context(run_key, round_)
+    with _locked(member.state_dir):
+        session, _, _ = _load(member.state_dir, context, round_)
+        fixed = {k: session.params.get(k) for k in params}  # what the session was made with (it adds U's digest later)
+        if session.groups != ahead_groups(row_set) or fixed != params:
+            changed = sorted(k for k in params if params[k] != fixed[k])
+            raise ProtocolError(
+                f"the round's plan differs from the session set up for it ({changed or 'groups'}): parameters are "
+                "fixed when a session is made"
+            )
+        out = _mask(member, session, content, update, rows, session.groups[0])
+        _save(member.state_dir, round_, session)
+    return out
+
+
+def _mask(member: SecureMember, session: ClientSession, content: RecordDict, update: RowUpdate | None,
+          rows: Mapping[str, np.ndarray], group: list[str]) -> dict:
+    """Open the shares (first group), encode and mask the group's vectors; the reply records."""
+    sec = content["secagg"] if "secagg" in content else ConfigRecord({})
+    out: dict = {}
+    if group == session.groups[0]:  # the first group opens the shares
+        cts, sigs = (content[k] if k in content else ConfigRecord({}) for k in ("shares", "share_sigs"))
+        routed = {int(q): (bytes(cts[q]), bytes(sigs.get(q, b""))) for q in cts.keys()}
+        complaints = session.accept_shares(member.identity.roster, _party_list(sec.get("u2"), "u2"), routed)
+        if complaints:
+            out["complaints"] = ConfigRecord({str(q): why for q, why in complaints.items()})
+    p = session.params
+    shapes = _shapes(session)
+    vectors = {}
+    for phase in group:
+        if phase == "indicators":
+            vectors[phase] = rows_indicator(rows, shapes, session.n)
+            continue
+        if update is None:
+            raise UpdateError("no update to mask in this session")
+        rowset = _rowset(content, session, update)
+        session.params["rowset_digest"] = rowset_digest(rowset).hex()
+        scales = ValueScales(n=session.n, clip_delta=p["clip_delta"], max_weight=p["max_weight"])
+        vectors[phase], clipped = encode_values(update, rowset, p["shapes"], scales, p["wire_dtype"])
+        if clipped:
+            log.warning("secure aggregation: %d delta entries beyond +-%g were clipped", clipped, scales.clip_delta)
+    out["masked"] = encode_arrays(session.mask_group(vectors))
     return out
 
 
@@ -257,7 +460,7 @@ def _adverts(sec: ConfigRecord) -> dict[int, dict[str, object]]:
 
 def _rowset(content: RecordDict, session: ClientSession, update: RowUpdate) -> RowSet:
     """The values phase's row set U: all rows (dense) or the coordinator's, which must hold every row we touched."""
-    shapes = {k: (int(v[0]), int(v[1])) for k, v in session.params["shapes"].items()}
+    shapes = _shapes(session)
     if session.params["row_set"] == "dense":
         return dense_rowset(shapes)
     if "rowset" not in content:
@@ -270,12 +473,28 @@ def _rowset(content: RecordDict, session: ClientSession, update: RowUpdate) -> R
         missing = np.setdiff1d(tu.ids, rowset.get(name, np.zeros(0, np.int64)))
         if missing.size:
             raise RowsMissing(
-                f"table {name!r}: {missing.size} rows we touched are missing from U (a cancelled indicator or a "
-                "coordinator dropping our rows); refusing to send a vector that would lose them"
+                f"table {name!r}: {missing.size} rows we touched are missing from U (a cancelled indicator, a "
+                "coordinator dropping our rows, or rows our data did not look up when U was agreed); refusing to send "
+                "a vector that would lose them"
             )
     return rowset
 
 
+def _make_shares(member: SecureMember, session: ClientSession, sec: Mapping[str, Any]) -> dict:
+    k = sec.get("k")
+    threshold = sec.get("threshold")
+    if isinstance(threshold, bool) or not isinstance(threshold, int):
+        raise ProtocolError(f"threshold must be an integer, got {threshold!r}")
+    shares = session.make_shares(
+        member.identity, member.policy, _party_list(sec.get("u1"), "u1"), threshold, _adverts(sec), k,  # type: ignore[arg-type]
+    )
+    return {
+        "shares": ConfigRecord({str(q): ct for q, (ct, _) in shares.items()}),
+        "share_sigs": ConfigRecord({str(q): sig for q, (_, sig) in shares.items()}),
+    }
+
+
+# ------------------------------------------------------------------ the stages after train
 def handle_stage(member: SecureMember, stage: str, content: RecordDict) -> dict:
     """Run one secure stage for an organisation; returns the records of its reply.
 
@@ -292,52 +511,82 @@ def handle_stage(member: SecureMember, stage: str, content: RecordDict) -> dict:
     ------
     UpdateError, fedembed.secagg.protocol.ProtocolError
         Whatever makes the stage impossible or breaks the protocol; nothing is revealed.
+        A ``next`` part (the next round's share, on a check message) that fails does not
+        fail the stage: its reason goes back in ``next_error``.
     """
     if stage not in SECURE_STAGES:
         raise ProtocolError(f"unknown secure stage {stage!r}")
+    kind = STAGE_KIND[stage]
     header = StageHeader.from_config(content["config"])
-    context = session_context(header.run_key, header.round)
+    extra = sorted(set(content.keys()) - {"config", "secagg", "shares", "share_sigs", "rowset", "next"})
+    if extra:
+        raise ProtocolError(f"a {stage!r} message with records outside its schema: {extra}")
+    has_next = "next" in content
+    if has_next and kind not in ("check", "unmask"):
+        raise ProtocolError(f"only a check or unmask message may carry the next round's share request, not {stage!r}")
+    if "secagg" not in content and not has_next:
+        raise ProtocolError(f"a {stage!r} message with nothing to answer")
+    out: dict = {}
     with _locked(member.state_dir):
-        session, update = _load(member.state_dir, context)
-        sec = content["secagg"] if "secagg" in content else ConfigRecord({})
-        out: dict = {}
-        ident, policy, phase = member.identity, member.policy, PHASE_OF.get(stage)
-        if stage == "share":
-            shares = session.make_shares(
-                ident, policy, _party_list(sec.get("u1"), "u1"), int(sec["threshold"]), _adverts(sec)
-            )
-            out["shares"] = ConfigRecord({str(q): ct for q, (ct, _) in shares.items()})
-            out["share_sigs"] = ConfigRecord({str(q): sig for q, (_, sig) in shares.items()})
-        elif stage == MASK_STAGE.get(phase):
-            if stage == MASK_STAGE[session.phases[0]]:  # the first phase opens the shares
-                cts, sigs = (content[k] if k in content else ConfigRecord({}) for k in ("shares", "share_sigs"))
-                routed = {int(q): (bytes(cts[q]), bytes(sigs.get(q, b""))) for q in cts.keys()}
-                complaints = session.accept_shares(ident.roster, _party_list(sec.get("u2"), "u2"), routed)
-                if complaints:
-                    out["complaints"] = ConfigRecord({str(q): why for q, why in complaints.items()})
-            p = session.params
-            if phase == "indicators":
-                vector = indicator_vector(update, p["shapes"], session.n)
-            else:
-                rowset = _rowset(content, session, update)
-                session.params["rowset_digest"] = rowset_digest(rowset).hex()
-                scales = ValueScales(n=session.n, clip_delta=p["clip_delta"], max_weight=p["max_weight"])
-                vector, clipped = encode_values(update, rowset, p["shapes"], scales, p["wire_dtype"])
-                if clipped:
-                    log.warning("secure aggregation: %d delta entries beyond +-%g were clipped", clipped, scales.clip_delta)
-            out["masked"] = encode_arrays({"vector": session.mask_vector(phase, vector)})
-        elif stage == CHECK_STAGE.get(phase):
-            extra = bytes.fromhex(session.params.get("rowset_digest", "")) if phase == "values" else b""
-            sig = session.sign_check(ident, policy, phase, _party_list(sec.get("u3"), "u3"), extra)
-            out["check"] = ConfigRecord({"signature": sig})
-        else:  # unmask stages
-            sigs = {int(k.split(".", 1)[1]): bytes(sec[k]) for k in sec.keys() if k.startswith("sig.")}
-            out["unmask"] = ConfigRecord(dict(session.unmask(ident, policy, phase, sigs)))
-        if session.next_stage is None:
-            for f in ("session.json", "update.npz"):  # the round's secrets are spent
-                (_dir(member.state_dir) / f).unlink(missing_ok=True)
-        else:
-            _save(member.state_dir, session)
+        if "secagg" in content:
+            out.update(_session_stage(member, stage, kind, header, content))
+        if has_next:
+            try:
+                nxt = header.round + 1
+                session, _, _ = _load(member.state_dir, session_context(header.run_key, nxt), nxt)
+                out.update({f"next_{k}": v for k, v in _make_shares(member, session, content["next"]).items()})
+                _save(member.state_dir, nxt, session)
+            except (FedembedError, KeyError, TypeError, ValueError) as exc:
+                log.warning("%s: the share request of round %d's session refused: %s", member.identity.name,
+                            header.round + 1, exc)
+                out["next_error"] = ConfigRecord({"error": f"{type(exc).__name__}: {exc}"[:1000]})
+    return out
+
+
+def _session_stage(member: SecureMember, stage: str, kind: str, header: StageHeader, content: RecordDict) -> dict:
+    """The part of a stage message that belongs to the round's own session (under the lock)."""
+    context = session_context(header.run_key, header.round)
+    session, update, rows = _load(member.state_dir, context, header.round)
+    sec = content["secagg"]
+    ident, policy = member.identity, member.policy
+    out: dict = {}
+    if kind == "share":
+        out.update(_make_shares(member, session, sec))
+    elif kind == "mask":
+        group = session.group
+        if group_stage(group, "mask") != stage:
+            raise ProtocolError(f"stage {stage!r} refused: this session expects {session.next_stage!r} next")
+        out.update(_mask(member, session, content, update, rows, group))
+    elif kind == "check":
+        group = session.group
+        extras = {p: bytes.fromhex(session.params.get("rowset_digest", "")) if p == "values" else b"" for p in group}
+        if group_stage(group, "check") != stage:
+            raise ProtocolError(f"stage {stage!r} refused: this session expects {session.next_stage!r} next")
+        sigs = session.sign_group_check(ident, policy, _party_list(sec.get("u3"), "u3"), extras)
+        out["check"] = ConfigRecord(dict(sigs))
+    elif sec.get("fast"):  # unmask without the consistency check (the protocol decides whether that is safe)
+        group = session.group
+        if group_stage(group, "unmask") != stage:
+            raise ProtocolError(f"stage {stage!r} refused: this session expects {session.next_stage!r} next")
+        extras = {p: bytes.fromhex(session.params.get("rowset_digest", "")) if p == "values" else b"" for p in group}
+        shares = session.unmask_fast(ident, policy, _party_list(sec.get("u3"), "u3"), extras)
+        out["unmask"] = ConfigRecord({f"{phase}.{k}": v for phase, d in shares.items() for k, v in d.items()})
+    else:  # unmask
+        group = session.group
+        if group_stage(group, "unmask") != stage:
+            raise ProtocolError(f"stage {stage!r} refused: this session expects {session.next_stage!r} next")
+        signatures: dict[str, dict[int, bytes]] = {p: {} for p in group}
+        for key in sec.keys():
+            if key.startswith("sig."):
+                _, phase, party = key.split(".", 2)
+                if phase in signatures:
+                    signatures[phase][int(party)] = bytes(sec[key])
+        shares = session.unmask_group(ident, policy, signatures)
+        out["unmask"] = ConfigRecord({f"{phase}.{k}": v for phase, d in shares.items() for k, v in d.items()})
+    if session.next_stage is None:
+        shutil.rmtree(_dir(member.state_dir, header.round), ignore_errors=True)  # the round's secrets are spent
+    else:
+        _save(member.state_dir, header.round, session)
     return out
 
 
@@ -362,11 +611,15 @@ def handle_message(member: SecureMember, stage: str, content: RecordDict, node: 
     Raises
     ------
     fedembed.faults.SimulatedDropout
-        When the run's injected dropouts name this organisation at this stage.
+        When the run's injected dropouts name this organisation at this stage (or, for a
+        message carrying the next round's share request, at that round's ``share``).
     """
     header = StageHeader.from_config(content["config"], header_only=True)  # what a refusal is signed for
     run_key, round_ = header.run_key, header.round
-    check_drop(header.drop, stage, round_, member.org)
+    if "secagg" in content or "next" not in content:
+        check_drop(header.drop, stage, round_, member.org)
+    if "next" in content:
+        check_drop(header.drop, "share", round_ + 1, member.org)
     try:
         StageHeader.from_config(content["config"])  # a stage's config holds the header and nothing else
         records = handle_stage(member, stage, content)
@@ -385,7 +638,8 @@ def add_secure_stages(app: Any, state_root: str | None = None, key_dir: str | No
     from a Flower user's own ClientApp: each stage loads the organisation (state dir,
     identity, policy: :meth:`SecureMember.from_node_config`) and answers with
     :func:`handle_message`; no task and no torch are loaded. The ``train`` handler itself
-    (local training) stays the app's own and ends with :func:`begin`.
+    (local training) stays the app's own and ends with :func:`begin` (or, for a session
+    set up ahead, :func:`mask_in_train`, and :func:`advertise_next`).
 
     Parameters
     ----------

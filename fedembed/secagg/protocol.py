@@ -1,45 +1,60 @@
 """SecAgg+ (Bell et al. 2020) against an active coordinator: two state machines, no transport.
 
-One session sums one or two *phases* (vectors summed in turn: ``values``, preceded by
-``indicators`` in ``union`` mode). Each phase is an independent SecAgg+ instance (its
-own mask key pair and self-mask seed) sharing the key advertisement and the share
-exchange. Every organisation holds the federation's **roster** (name -> identity key,
+One session sums one or more *phases* (vectors: ``values``, the row deltas over the agreed
+row set U, and in ``union`` mode ``indicators``, per-row counters that give a row set U).
+Each phase is an independent SecAgg+ instance (its own mask key pair and self-mask seed)
+sharing the key advertisement and the share exchange. Phases run in **groups**: the
+phases of one group are masked, checked and unmasked in the same three stages (one message
+each way carries all of them). A session's groups are fixed when it starts:
+
+- ``[[values]]`` (``dense``, ``revealed``);
+- ``[[indicators], [values]]`` (``union``, a session started with its own round): the
+  indicator sum gives U, then the values are summed over it;
+- ``[[values, indicators]]`` (``union``, a session set up ahead, in the previous round):
+  the values over a U agreed before the round and the indicators of the next round's
+  rows, in one group (see :mod:`fedembed.secagg.server` for how rounds overlap).
+
+Every organisation holds the federation's **roster** (name -> identity key,
 :mod:`fedembed.identity`) and a local :class:`SecurePolicy`, and trusts nothing the
 coordinator says that it can check itself:
 
-1. **advertise** (merged with local training): :meth:`ClientSession.new` makes an X25519
-   pair for share encryption and, per phase, an X25519 mask pair and a 32-byte self-mask
-   seed. :meth:`ClientSession.advert` returns the public keys and a hash commitment to
-   each seed, **signed** with the organisation's identity key over the session context.
+1. **advertise**: :meth:`ClientSession.new` makes an X25519 pair for share encryption and,
+   per phase, an X25519 mask pair and a 32-byte self-mask seed. :meth:`ClientSession.advert`
+   returns the public keys and a hash commitment to each seed, **signed** with the
+   organisation's identity key over the session context.
 2. **share**: the coordinator lists the parties that advertised (U1; a party's id is its
-   position in the roster), draws the neighbour graph and sends each its neighbours'
-   adverts and the threshold. :meth:`ClientSession.make_shares` checks every advert's
-   signature against its *own* roster (no Sybil, no substituted key, no low-order or
-   copied key), the neighbour count and the threshold against its policy (t at least a
-   strict majority of its k + 1 share holders), fixes all of it for the session, splits
-   every seed and mask private key t-of-(k+1) and encrypts each neighbour's shares
-   (X25519 + HKDF + ChaCha20-Poly1305; associated data binds run, round, sender,
-   receiver), **signing** each ciphertext.
-3. **mask** (once per phase): the coordinator sends U2 (who shared) and the ciphertexts
-   for the party. :meth:`ClientSession.accept_shares` checks each ciphertext's signature
-   and opens it; a bad one is a *complaint against its sender* (the receiver stays in the
-   round). :meth:`ClientSession.mask_vector` adds the self mask and, per neighbour in U2,
-   the pairwise mask. A mask is applied once: the stage is never answered twice.
-4. **check** (once per phase, the consistency check of Bonawitz et al. 2017): the
-   coordinator sends U3 (whose vectors arrived). :meth:`ClientSession.sign_check` checks
-   it against its policy (it is in U3, enough delivered, no more dropouts among its
-   neighbours than it will help recover) and signs the statement ``(session, phase, n,
-   U1, U2, U3, row set digest)``.
-5. **unmask** (once per phase): the coordinator forwards the signatures.
-   :meth:`ClientSession.unmask` requires valid roster signatures on *its own* statement
-   from at least :meth:`SecurePolicy.min_signers` parties of U3, then reveals, for each
-   neighbour, its seed share if the neighbour is in U3 and its mask-key share if not:
-   derived from the signed statement, never from a list in the message.
-   :meth:`ServerSession.finish` recombines, checks each secret against its commitment
-   (seeds) or advertised public key (mask keys), strips the masks and returns the sum.
+   position in the roster), names k and the threshold and sends each its neighbours'
+   adverts. :meth:`ClientSession.make_shares` checks every advert's signature against its
+   *own* roster (no Sybil, no substituted key, no low-order or copied key), derives the
+   neighbour graph itself from the session and U1 (:func:`graph_seed`: the coordinator
+   cannot choose anyone's neighbours) and refuses other neighbours, checks the neighbour
+   count and the threshold against its policy (t at least a strict majority of its k + 1
+   share holders), fixes all of it for the session, splits every seed and mask private key
+   t-of-(k+1) and encrypts each neighbour's shares (X25519 + HKDF + ChaCha20-Poly1305;
+   associated data binds run, round, sender, receiver), **signing** each ciphertext.
+3. **mask** (once per group): the coordinator sends U2 (who shared) and, with the first
+   group, the ciphertexts for the party. :meth:`ClientSession.accept_shares` checks each
+   ciphertext's signature and opens it; a bad one is a *complaint against its sender*
+   (the receiver stays in the round). :meth:`ClientSession.mask_group` adds to each
+   phase's vector the self mask and, per neighbour in U2, the pairwise mask. A mask is
+   applied once: the stage is never answered twice.
+4. **check** (once per group, the consistency check of Bonawitz et al. 2017): the
+   coordinator sends U3 (whose vectors arrived). :meth:`ClientSession.sign_group_check`
+   checks it against its policy (it is in U3, enough delivered, no more of its neighbours
+   missing from U3 than it will help recover: a neighbour that never shared counts as
+   missing too) and signs, per phase, the statement ``(session, phase, n, U1, U2, U3, row
+   set digest)``.
+5. **unmask** (once per group): the coordinator forwards the signatures.
+   :meth:`ClientSession.unmask_group` requires, for every phase, valid roster signatures
+   on *its own* statement from at least :meth:`SecurePolicy.min_signers` parties of U3,
+   then reveals, for each neighbour, its seed share if the neighbour is in U3 and its
+   mask-key share if not: derived from the signed statement, never from a list in the
+   message. :meth:`ServerSession.finish` recombines, checks each secret against its
+   commitment (seeds) or advertised public key (mask keys), strips the masks and returns
+   the sum.
 
 Every stage is answered at most once per session and only in this order
-(:data:`stage_order`); anything else is refused with :class:`ProtocolError` before
+(:func:`stage_order`); anything else is refused with :class:`ProtocolError` before
 anything is revealed. If fewer than t of some neighbourhood answer, or too few vectors
 were delivered, :class:`RoundAbandoned` is raised and the caller leaves its state
 unchanged.
@@ -50,7 +65,11 @@ two conflicting statements cannot both gather enough signatures unless more than
 organisations sign both: a coordinator colluding with at most ``c`` organisations
 (``SecurePolicy.colluders``, default 0) cannot show parties different lists. With one
 agreed U3, no honest holder reveals a seed share and a mask-key share of the same party,
-so recovering one organisation's vector needs ``t`` colluding share holders of it.
+so recovering one organisation's vector needs ``t`` colluding share holders of it. Masks
+cancel within connected groups of delivered parties: with k < n - 1 the coordinator
+learns the sum of each connected component of the delivered parties in a graph it
+cannot choose, and each honest party keeps at least ``t - 1`` delivered neighbours in its
+component (it refuses more missing neighbours than ``k + 1 - t``).
 """
 
 from __future__ import annotations
@@ -104,12 +123,50 @@ class ProtocolError(FedembedError, ValueError):
     """A request that breaks the protocol or the organisation's policy; nothing was revealed."""
 
 
-def stage_order(phases: list[str]) -> list[str]:
+Groups = list[list[str]]
+"""Phases of a session grouped by the stages that carry them (see the module docstring)."""
+
+
+def as_groups(phases: list[str] | Groups) -> Groups:
+    """``phases`` as groups: a flat list of phases is one group per phase, in order.
+
+    Raises
+    ------
+    ProtocolError
+        An unknown phase, a phase twice, an empty group or no phase at all.
+    """
+    groups = [list(g) if isinstance(g, (list, tuple)) else [g] for g in phases]
+    flat = [p for g in groups for p in g]
+    if not flat or any(not g for g in groups) or len(set(flat)) != len(flat) or set(flat) - set(PHASES):
+        raise ProtocolError(f"phases must be distinct, non-empty groups of {PHASES}, got {phases}")
+    return groups
+
+
+def group_stage(group: list[str], kind: str) -> str:
+    """The stage name of ``kind`` (``mask``, ``check``, ``unmask``) for ``group``: a group with the
+    values phase is carried by ``masked``/``check``/``unmask``, the indicators alone by
+    ``indicators``/``check_indicators``/``unmask_indicators``."""
+    table = {"mask": MASK_STAGE, "check": CHECK_STAGE, "unmask": UNMASK_STAGE}[kind]
+    return table["values" if "values" in group else group[0]]
+
+
+def stage_order(phases: list[str] | Groups) -> list[str]:
     """The secure stages of a session after ``train``, in the only order they are answered."""
     out = ["share"]
-    for p in phases:
-        out += [MASK_STAGE[p], CHECK_STAGE[p], UNMASK_STAGE[p]]
+    for g in as_groups(phases):
+        out += [group_stage(g, "mask"), group_stage(g, "check"), group_stage(g, "unmask")]
     return out
+
+
+def graph_seed(context: bytes, parties: list[int], k: int) -> bytes:
+    """Seed of the session's neighbour graph: bound to the session, its parties U1 and k.
+
+    Every organisation derives the graph from it and refuses neighbours the graph does not
+    give it, so a coordinator cannot hand a target neighbours of its choosing (colluders,
+    or parties it will claim dropped); it can only choose U1, which the organisation checks
+    against its roster and policy.
+    """
+    return hashlib.sha256(DOMAIN + b"graph|" + context + _ids(parties) + struct.pack(">I", k)).digest()
 
 
 @dataclass(frozen=True)
@@ -275,8 +332,9 @@ class ClientSession:
     ----------
     context : bytes
         :func:`session_context` of the run and round.
-    phases : list[str]
-        Vectors summed in this session, in order (subset of :data:`PHASES`).
+    groups : list[list[str]]
+        Vectors summed in this session (phases, :data:`PHASES`), grouped by the stages
+        that carry them, in order (:func:`as_groups`).
     enc : KeyPair
         Share-encryption key pair.
     mask : dict[str, KeyPair]
@@ -289,7 +347,7 @@ class ClientSession:
     """
 
     context: bytes
-    phases: list[str]
+    groups: Groups
     enc: KeyPair = field(repr=False)
     mask: dict[str, KeyPair] = field(repr=False)
     seeds: dict[str, bytes] = field(repr=False)
@@ -306,31 +364,47 @@ class ClientSession:
     u2: list[int] = field(default_factory=list)
     checks: dict[str, dict] = field(default_factory=dict)
     revealed: dict[str, str] = field(default_factory=dict)
+    k: int = 0
 
     @staticmethod
-    def new(context: bytes, phases: list[str], params: dict | None = None) -> ClientSession:
-        """Fresh keys and seeds for a session."""
-        bad = [p for p in phases if p not in PHASES]
-        if bad or not phases:
-            raise ProtocolError(f"phases must be a non-empty subset of {PHASES}, got {phases}")
+    def new(context: bytes, phases: list[str] | Groups, params: dict | None = None) -> ClientSession:
+        """Fresh keys and seeds for a session (``phases``: a flat list, one group each, or groups)."""
+        groups = as_groups(phases)
+        flat = [p for g in groups for p in g]
         return ClientSession(
             context=context,
-            phases=list(phases),
+            groups=groups,
             enc=KeyPair.generate(),
-            mask={p: KeyPair.generate() for p in phases},
-            seeds={p: os.urandom(32) for p in phases},
+            mask={p: KeyPair.generate() for p in flat},
+            seeds={p: os.urandom(32) for p in flat},
             params=dict(params or {}),
         )
 
     # ---------------------------------------------------------------- order
     @property
+    def phases(self) -> list[str]:
+        """Every phase of the session, in stage order."""
+        return [p for g in self.groups for p in g]
+
+    @property
     def next_stage(self) -> str | None:
         """The one stage this session answers next (None when finished)."""
-        order = stage_order(self.phases)
+        order = stage_order(self.groups)
         return order[self.step] if self.step < len(order) else None
 
+    @property
+    def group(self) -> list[str]:
+        """The group the next mask, check or unmask stage belongs to (the last one once finished)."""
+        return self.groups[min(max(self.step - 1, 0) // 3, len(self.groups) - 1)]
+
+    def _group_of(self, phase: str) -> list[str]:
+        for g in self.groups:
+            if phase in g:
+                return g
+        raise ProtocolError(f"phase {phase!r} is not part of this session ({self.phases})")
+
     def _expect(self, stage: str) -> None:
-        order = stage_order(self.phases)
+        order = stage_order(self.groups)
         if stage not in order:
             raise ProtocolError(f"stage {stage!r} is not part of this session ({', '.join(order)})")
         if self.next_stage != stage:
@@ -360,6 +434,7 @@ class ClientSession:
         u1: list[int],
         threshold: int,
         neighbours: dict[int, Mapping[str, object]],
+        k: int,
     ) -> dict[int, tuple[bytes, bytes]]:
         """Check the session's parties against the roster and policy, fix them, share the secrets.
 
@@ -375,6 +450,10 @@ class ClientSession:
             t, as the coordinator proposes it.
         neighbours : dict[int, Mapping]
             Neighbour party id -> its signed advert.
+        k : int
+            The neighbour count the graph is drawn with; the neighbours must be exactly the
+            ones :func:`fedembed.secagg.graph.neighbour_graph` gives this party for U1, k
+            and :func:`graph_seed`.
 
         Returns
         -------
@@ -385,7 +464,8 @@ class ClientSession:
         ------
         ProtocolError
             Out of order, a party not in the roster, a forged, malformed, low-order or
-            copied key, too few parties or neighbours, or a threshold below our rule.
+            copied key, neighbours other than the session's graph gives, too few parties or
+            neighbours, or a threshold below our rule.
         """
         self._expect("share")
         roster = identity.roster
@@ -402,7 +482,15 @@ class ClientSession:
             )
         if party in neighbours or not set(neighbours) <= set(u1):
             raise ProtocolError("neighbours must be other parties of the session")
-        k = len(neighbours)
+        if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+            raise ProtocolError(f"k must be a positive integer, got {k!r}")
+        graph = neighbour_graph(u1, k, graph_seed(self.context, u1, k))
+        if set(neighbours) != set(graph[party]):
+            raise ProtocolError(
+                f"neighbours {sorted(neighbours)} are not the ones the session's graph gives us ({graph[party]}): "
+                "the coordinator chose them"
+            )
+        k_requested, k = k, len(neighbours)
         if k < policy.min_neighbours:
             raise ProtocolError(f"{k} neighbours; our policy needs at least {policy.min_neighbours}")
         if not policy.min_threshold(k) <= threshold <= k + 1:
@@ -422,6 +510,7 @@ class ClientSession:
             seen |= set(keys)
             checked[q] = adv
         self.party, self.n, self.u1, self.threshold, self.neighbours = party, len(u1), u1, threshold, checked
+        self.k = k_requested
         xs = sorted(checked) + [party]  # we hold a share of our own secrets too
         split = {}
         for p in self.phases:
@@ -457,7 +546,9 @@ class ClientSession:
             from non-neighbours, or fewer than t sharing holders (our secrets could never
             be recovered).
         """
-        self._expect(MASK_STAGE[self.phases[0]])
+        self._expect(group_stage(self.groups[0], "mask"))
+        if self.u2:
+            raise ProtocolError("the shares were already accepted in this session (U2 is fixed)")
         u2 = sorted(set(int(x) for x in u2))
         if self.party not in u2 or not set(u2) <= set(self.u1):
             raise ProtocolError("U2 must hold us and only parties of the session")
@@ -492,50 +583,94 @@ class ClientSession:
         return complaints
 
     def mask_vector(self, phase: str, vector: np.ndarray) -> np.ndarray:
-        """``vector`` + self mask + pairwise masks with the neighbours in U2 (modular, same dtype).
+        """``vector`` + self mask + pairwise masks for a group of one phase (see :meth:`mask_group`)."""
+        return self.mask_group({phase: vector})[phase]
 
-        Answers the phase's mask stage once: a second call (a coordinator asking again,
+    def mask_group(self, vectors: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """Each phase's vector + its self mask + its pairwise masks with the neighbours in U2 (modular).
+
+        Answers the group's mask stage once: a second call (a coordinator asking again,
         with any other parameters) is refused, so one mask never hides two plaintexts.
+
+        Parameters
+        ----------
+        vectors : Mapping[str, np.ndarray]
+            One vector per phase of the group the session is at, nothing else.
+
+        Raises
+        ------
+        ProtocolError
+            Out of order, shares not accepted yet, or not exactly the group's phases.
         """
-        self._expect(MASK_STAGE.get(phase, phase))
-        out = np.ascontiguousarray(vector).copy()
-        keystream_add(self_key(self.seeds[phase], self.party, self.context, phase), out)
-        for q in self._mine():
-            key = pair_key(self.mask[phase].private, self.neighbours[q][f"mask.{phase}"], self.party, q, self.context, phase)
-            keystream_add(key, out, subtract=self.party > q)  # + toward a larger id, - toward a smaller
+        stage = group_stage(self._group_of(next(iter(vectors), "values")), "mask") if vectors else "masked"
+        self._expect(stage)
+        group = self.group
+        if set(vectors) != set(group):
+            raise ProtocolError(f"this mask stage masks {group}, got {sorted(vectors)}")
+        if not self.u2:
+            raise ProtocolError("the shares have not been accepted: U2 is unknown")
+        out = {}
+        for phase in group:
+            v = np.ascontiguousarray(vectors[phase]).copy()
+            keystream_add(self_key(self.seeds[phase], self.party, self.context, phase), v)
+            for q in self._mine():
+                key = pair_key(self.mask[phase].private, self.neighbours[q][f"mask.{phase}"], self.party, q, self.context, phase)
+                keystream_add(key, v, subtract=self.party > q)  # + toward a larger id, - toward a smaller
+            out[phase] = v
         self.step += 1
         return out
 
     # ---------------------------------------------------------------- stage 4
     def sign_check(self, identity: Identity, policy: SecurePolicy, phase: str, u3: list[int], extra: bytes = b"") -> bytes:
-        """Sign the phase's consistency statement after checking U3 against our policy.
+        """Sign the consistency statement of a group of one phase (see :meth:`sign_group_check`)."""
+        return self.sign_group_check(identity, policy, u3, {phase: extra})[phase]
+
+    def sign_group_check(
+        self, identity: Identity, policy: SecurePolicy, u3: list[int], extras: Mapping[str, bytes]
+    ) -> dict[str, bytes]:
+        """Sign each phase's consistency statement of the group after checking U3 against our policy.
+
+        Parameters
+        ----------
+        u3 : list[int]
+            Who delivered the group's vectors (one list: a party delivers all of a group's
+            vectors in one reply, or none).
+        extras : Mapping[str, bytes]
+            Per phase of the group, what else its statement binds (the values phase: the
+            digest of the row set U it was masked over).
 
         Raises
         ------
         ProtocolError
-            Out of order, U3 without us (we delivered), outside U2, smaller than our
-            minimum, or more dropped neighbours than we help recover.
+            Out of order, not exactly the group's phases, U3 without us (we delivered),
+            outside U2, smaller than our minimum, or more of our neighbours missing from it
+            (dropped, or never shared) than we help recover.
         """
-        self._expect(CHECK_STAGE[phase])
+        stage = group_stage(self._group_of(next(iter(extras), "values")), "check") if extras else "check"
+        self._expect(stage)
+        group = self.group
+        if set(extras) != set(group):
+            raise ProtocolError(f"this check stage covers {group}, got {sorted(extras)}")
         u3 = sorted(set(int(x) for x in u3))
         if self.party not in u3:
             raise ProtocolError("U3 leaves us out although we delivered our vector")
         if not set(u3) <= set(self.u2):
             raise ProtocolError("U3 names parties that did not share")
-        earlier = [self.checks[p]["u3"] for p in self.phases[: self.phases.index(phase)]]
-        if earlier and not set(u3) <= set(earlier[-1]):
+        index = self.groups.index(group)
+        if index and not set(u3) <= set(self.checks[self.groups[index - 1][0]]["u3"]):
             raise ProtocolError("U3 names parties that did not deliver in the previous phase")
         if len(u3) < policy.min_delivered:
             raise ProtocolError(f"{len(u3)} vectors delivered; our policy unmasks sums of at least {policy.min_delivered}")
-        dropped = set(self._mine()) - set(u3)
-        if len(dropped) > policy.max_dropouts(len(self.neighbours), self.threshold):
+        missing = set(self.neighbours) - set(u3)  # a neighbour that never shared is as gone as one that dropped
+        if len(missing) > policy.max_dropouts(len(self.neighbours), self.threshold):
             raise ProtocolError(
-                f"{len(dropped)} of our neighbours listed as dropped; we help recover at most "
-                f"{policy.max_dropouts(len(self.neighbours), self.threshold)}"
+                f"{len(missing)} of our {len(self.neighbours)} neighbours missing from U3 (dropped or never shared); "
+                f"we help recover at most {policy.max_dropouts(len(self.neighbours), self.threshold)}"
             )
-        self.checks[phase] = {"u3": u3, "extra": extra.hex()}
+        for phase in group:
+            self.checks[phase] = {"u3": u3, "extra": bytes(extras[phase]).hex()}
         self.step += 1
-        return identity.sign(self._check_statement(phase))
+        return {phase: identity.sign(self._check_statement(phase)) for phase in group}
 
     def _check_statement(self, phase: str) -> bytes:
         c = self.checks[phase]
@@ -543,43 +678,123 @@ class ClientSession:
 
     # ---------------------------------------------------------------- stage 5
     def unmask(self, identity: Identity, policy: SecurePolicy, phase: str, signatures: Mapping[int, bytes]) -> dict[str, bytes]:
-        """Our shares for the coordinator, as the signed statement of ``phase`` says.
+        """Our shares for a group of one phase (see :meth:`unmask_group`)."""
+        return self.unmask_group(identity, policy, {phase: signatures})[phase]
+
+    def unmask_group(
+        self, identity: Identity, policy: SecurePolicy, signatures: Mapping[str, Mapping[int, bytes]]
+    ) -> dict[str, dict[str, bytes]]:
+        """Our shares for the coordinator, per phase of the group, as the signed statements say.
 
         For each neighbour in U2 (and ourselves): its seed share if it is in the agreed U3,
-        its mask-key share if not; never both for one party.
+        its mask-key share if not; never both for one party and phase.
 
         Raises
         ------
         ProtocolError
-            Out of order, or fewer valid roster signatures on our own statement than
-            :meth:`SecurePolicy.min_signers` (the coordinator may be showing parties
-            different lists).
+            Out of order, not exactly the group's phases, or, for some phase, fewer valid
+            roster signatures on our own statement than :meth:`SecurePolicy.min_signers`
+            (the coordinator may be showing parties different lists). Nothing is revealed
+            unless every phase of the group has its signatures.
         """
-        self._expect(UNMASK_STAGE[phase])
+        stage = group_stage(self._group_of(next(iter(signatures), "values")), "unmask") if signatures else "unmask"
+        self._expect(stage)
+        group = self.group
+        if set(signatures) != set(group):
+            raise ProtocolError(f"this unmask stage covers {group}, got {sorted(signatures)}")
         roster = identity.roster
-        u3 = self.checks[phase]["u3"]
-        stmt = self._check_statement(phase)
-        valid = {self.party}
-        for p, sig in signatures.items():
-            if p in u3 and p not in valid and roster.verify(roster.name_of_party(p), stmt, bytes(sig)):
-                valid.add(p)
         need = policy.min_signers(len(roster))
-        if len(valid) < need:
-            raise ProtocolError(
-                f"only {len(valid)} valid signatures on our view of phase {phase}, {need} needed: "
-                "the parties' lists of who shared and who delivered do not agree"
-            )
-        out = {}
-        for q in sorted(set(self._mine()) | {self.party}):
-            if q not in self.received:
-                continue  # its share never reached us (complaint sent)
-            kind = "seed" if q in u3 else "key"
-            tag = f"{phase}:{q}"
-            if self.revealed.get(tag, kind) != kind:
-                raise ProtocolError(f"refusing to reveal both the seed and the mask key of party {q} in phase {phase}")
-            self.revealed[tag] = kind
-            out[f"{kind}.{q}"] = self.received[q][f"{kind}.{phase}"]
+        for phase in group:
+            u3 = self.checks[phase]["u3"]
+            stmt = self._check_statement(phase)
+            valid = {self.party}
+            for p, sig in signatures[phase].items():
+                if p in u3 and p not in valid and roster.verify(roster.name_of_party(p), stmt, bytes(sig)):
+                    valid.add(p)
+            if len(valid) < need:
+                raise ProtocolError(
+                    f"only {len(valid)} valid signatures on our view of phase {phase}, {need} needed: "
+                    "the parties' lists of who shared and who delivered do not agree"
+                )
+        out: dict[str, dict[str, bytes]] = {}
+        for phase in group:
+            u3 = self.checks[phase]["u3"]
+            shares = {}
+            for q in sorted(set(self._mine()) | {self.party}):
+                if q not in self.received:
+                    continue  # its share never reached us (complaint sent)
+                kind = "seed" if q in u3 else "key"
+                tag = f"{phase}:{q}"
+                if self.revealed.get(tag, kind) != kind:
+                    raise ProtocolError(f"refusing to reveal both the seed and the mask key of party {q} in phase {phase}")
+                self.revealed[tag] = kind
+                shares[f"{kind}.{q}"] = self.received[q][f"{kind}.{phase}"]
+            out[phase] = shares
         self.step += 1
+        return out
+
+    def unmask_fast(
+        self, identity: Identity, policy: SecurePolicy, u3: list[int], extras: Mapping[str, bytes]
+    ) -> dict[str, dict[str, bytes]]:
+        """Our seed shares for the group without the consistency check, where it cannot matter.
+
+        Allowed only when (checked here, from what the session fixed and our own roster and
+        policy, never from the message): the session's parties are the **whole roster**, the
+        graph is **complete** (every party holds a share of every party's secrets), the
+        threshold is at least ``floor((N + colluders) / 2) + 1`` of the N holders, and U3
+        is exactly U2 as we were told it (nobody who shared dropped). Only seed shares are
+        revealed, never a mask-key share; the group's check stage is skipped and can never
+        be answered afterwards.
+
+        Why no signed statement is needed then: a mask key is only ever revealed behind a
+        statement signed by ``floor((N + c) / 2) + 1`` organisations, and a seed share here
+        only by organisations that skipped the check (and so signed nothing). To rebuild
+        both secrets of one party the coordinator would need ``t - c`` honest holders of
+        one kind and ``floor((N + c) / 2) + 1 - c`` honest signers of the other, disjoint,
+        among the ``N - c`` honest organisations: more than there are. Without any mask
+        key, masks cancel only in sums over sets closed under every member's U2, each of
+        at least ``t`` parties (more than half the roster), so at most one such sum exists.
+
+        Raises
+        ------
+        ProtocolError
+            Out of order, or any condition above not met (the coordinator must run the check).
+        """
+        stage = group_stage(self._group_of(next(iter(extras), "values")), "check") if extras else "check"
+        self._expect(stage)
+        group = self.group
+        if set(extras) != set(group):
+            raise ProtocolError(f"this unmask covers {group}, got {sorted(extras)}")
+        size = len(identity.roster)
+        if self.u1 != list(range(1, size + 1)):
+            raise ProtocolError("no consistency check refused: the session's parties are not the whole roster")
+        if len(self.neighbours) != self.n - 1:
+            raise ProtocolError("no consistency check refused: the neighbour graph is not complete")
+        need = (size + policy.colluders) // 2 + 1
+        if self.threshold < need:
+            raise ProtocolError(
+                f"no consistency check refused: threshold {self.threshold} below the {need} it needs with "
+                f"{size} organisations and {policy.colluders} colluders"
+            )
+        u3 = sorted(set(int(x) for x in u3))
+        if u3 != sorted(self.u2):
+            raise ProtocolError("no consistency check refused: U3 is not every party that shared (someone dropped)")
+        if len(u3) < policy.min_delivered:
+            raise ProtocolError(f"{len(u3)} vectors delivered; our policy unmasks sums of at least {policy.min_delivered}")
+        out: dict[str, dict[str, bytes]] = {}
+        for phase in group:
+            self.checks[phase] = {"u3": u3, "extra": bytes(extras[phase]).hex(), "fast": True}
+            shares = {}
+            for q in sorted(set(self._mine()) | {self.party}):
+                if q not in self.received:
+                    continue  # its share never reached us (complaint sent)
+                tag = f"{phase}:{q}"
+                if self.revealed.get(tag, "seed") != "seed":
+                    raise ProtocolError(f"refusing to reveal both the seed and the mask key of party {q} in phase {phase}")
+                self.revealed[tag] = "seed"
+                shares[f"seed.{q}"] = self.received[q][f"seed.{phase}"]
+            out[phase] = shares
+        self.step += 2
         return out
 
     # ---------------------------------------------------------------- persistence
@@ -589,7 +804,7 @@ class ClientSession:
         return json.dumps(
             {
                 "context": h(self.context),
-                "phases": self.phases,
+                "groups": self.groups,
                 "enc": h(self.enc.private),
                 "mask": {p: h(kp.private) for p, kp in self.mask.items()},
                 "seeds": {p: h(s) for p, s in self.seeds.items()},
@@ -606,6 +821,7 @@ class ClientSession:
                 "u2": self.u2,
                 "checks": self.checks,
                 "revealed": self.revealed,
+                "k": self.k,
             }
         )
 
@@ -616,7 +832,7 @@ class ClientSession:
         b = bytes.fromhex
         return ClientSession(
             context=b(d["context"]),
-            phases=d["phases"],
+            groups=as_groups(d["groups"]),
             enc=KeyPair.from_private(b(d["enc"])),
             mask={p: KeyPair.from_private(b(v)) for p, v in d["mask"].items()},
             seeds={p: b(v) for p, v in d["seeds"].items()},
@@ -633,6 +849,7 @@ class ClientSession:
             u2=d["u2"],
             checks=d["checks"],
             revealed=d["revealed"],
+            k=int(d.get("k", 0)),
         )
 
 
@@ -644,8 +861,9 @@ class ServerSession:
     ----------
     context : bytes
         :func:`session_context` of the run and round.
-    phases : list[str]
-        Phases of the session.
+    phases : list[str] or list[list[str]]
+        Phases of the session, or its groups (:func:`as_groups`; the adverts sign the
+        phases' keys in this order).
     adverts : dict[int, Mapping]
         Advert per node id; faulty ones (forged, malformed, low-order or copied keys) are
         dropped and listed by node in :attr:`faults`.
@@ -654,26 +872,24 @@ class ServerSession:
     roster : Roster
         The federation's roster.
     neighbours : int
-        k.
+        k (the graph is drawn from :func:`graph_seed`, as every organisation checks).
     threshold : int
         t (raised to a strict majority of the share holders if lower: organisations refuse less).
-    seed : int
-        Seed of the neighbour graph.
     """
 
     def __init__(
         self,
         context: bytes,
-        phases: list[str],
+        phases: list[str] | Groups,
         adverts: Mapping[int, Mapping[str, object]],
         names: Mapping[int, str],
         roster: Roster,
         neighbours: int,
         threshold: int,
-        seed: int,
     ) -> None:
         self.context = context
-        self.phases = list(phases)
+        self.groups = as_groups(phases)
+        self.phases = [p for g in self.groups for p in g]
         self.roster = roster
         self.faults: dict[int, str] = {}  # node -> reason
         good: dict[int, dict[str, bytes]] = {}
@@ -694,8 +910,8 @@ class ServerSession:
         self.party_of = {node: p for p, node in self.node_of.items()}
         self.adverts = {p: good[n] for p, n in self.node_of.items()}
         parties = sorted(self.node_of)
-        k = min(neighbours, len(parties) - 1)
-        self.graph = neighbour_graph(parties, k, seed) if len(parties) > 1 else {p: [] for p in parties}
+        self.k = k = max(min(neighbours, len(parties) - 1), 1)
+        self.graph = neighbour_graph(parties, k, graph_seed(context, parties, k)) if len(parties) > 1 else {p: [] for p in parties}
         degree = min((len(v) for v in self.graph.values()), default=0)
         floor = (degree + 1) // 2 + 1
         self.threshold = min(max(threshold, floor), degree + 1)
@@ -781,23 +997,51 @@ class ServerSession:
         ------
         RoundAbandoned
             Too few vectors, too few shares for some party, or shares that do not
-            reconstruct the committed secret.
+            reconstruct the committed secret. The running sum is then left as it was
+            (still masked): more shares may come.
+        """
+        secrets = self.recover(phase, responses, length, dtype, minimum)
+        return self.strip(phase, secrets)
+
+    def recover(
+        self, phase: str, responses: dict[int, dict[str, bytes]], length: int, dtype: type, minimum: int = 2
+    ) -> tuple[dict[int, bytes], dict[int, bytes]]:
+        """The secrets :meth:`finish` needs: each delivered party's seed and each dropped sharer's mask key.
+
+        Nothing is changed: a group's phases are all recovered before any is stripped.
+
+        Raises
+        ------
+        RoundAbandoned, ProtocolError
+            As :meth:`finish`.
         """
         delivered = self.delivered[phase]
         if len(delivered) < max(2, minimum):
             raise RoundAbandoned(f"phase {phase}: {len(delivered)} vectors delivered, {max(2, minimum)} needed")
-        total = self.sums.pop(phase)  # unmasked in place: finish is the phase's last step
-        if total.shape != (length,) or total.dtype != np.dtype(dtype):
-            raise ProtocolError(f"phase {phase}: the sum is {total.dtype}{total.shape}, expected {np.dtype(dtype)}({length},)")
+        total = self.sums.get(phase)
+        if total is None or total.shape != (length,) or total.dtype != np.dtype(dtype):
+            got = "none" if total is None else f"{total.dtype}{total.shape}"
+            raise ProtocolError(f"phase {phase}: the sum is {got}, expected {np.dtype(dtype)}({length},)")
+        seeds = {}
         for j in sorted(delivered):
             shares = {q: r[f"seed.{j}"] for q, r in responses.items() if self._holds(q, j) and f"seed.{j}" in r}
             commit = self.adverts[j][f"commit.{phase}"]
-            seed = self._combine(shares, j, phase, "seed", lambda v: seed_commitment(self.context, phase, v) == commit)
-            keystream_add(self_key(seed, j, self.context, phase), total, subtract=True)
+            seeds[j] = self._combine(shares, j, phase, "seed", lambda v: seed_commitment(self.context, phase, v) == commit)
+        keys = {}
         for j in sorted(self.u2 - delivered):
             shares = {q: r[f"key.{j}"] for q, r in responses.items() if self._holds(q, j) and f"key.{j}" in r}
             public = self.adverts[j][f"mask.{phase}"]
-            private = self._combine(shares, j, phase, "key", lambda v: _public_of(v) == public)
+            keys[j] = self._combine(shares, j, phase, "key", lambda v: _public_of(v) == public)
+        return seeds, keys
+
+    def strip(self, phase: str, secrets: tuple[dict[int, bytes], dict[int, bytes]]) -> np.ndarray:
+        """Remove the masks of ``phase`` from its running sum with :meth:`recover`'s secrets; the sum."""
+        seeds, keys = secrets
+        delivered = self.delivered[phase]
+        total = self.sums.pop(phase)  # unmasked in place: this is the phase's last step
+        for j, seed in seeds.items():
+            keystream_add(self_key(seed, j, self.context, phase), total, subtract=True)
+        for j, private in keys.items():
             for i in sorted(set(self.graph[j]) & delivered):
                 key = pair_key(private, self.adverts[i][f"mask.{phase}"], j, i, self.context, phase)
                 keystream_add(key, total, subtract=i < j)  # i added +m toward a larger id j, -m toward a smaller
@@ -846,6 +1090,17 @@ class RowsMissing(ProtocolError):
 def phases_for(row_set: str) -> list[str]:
     """Phases of a session in ``row_set`` mode."""
     return ["indicators", "values"] if row_set == "union" else ["values"]
+
+
+def fresh_groups(row_set: str) -> Groups:
+    """Groups of a session started with its own round: ``union`` sums the indicators (U) first."""
+    return [["indicators"], ["values"]] if row_set == "union" else [["values"]]
+
+
+def ahead_groups(row_set: str) -> Groups:
+    """Groups of a session set up ahead: U is known before the round, so ``union`` masks the values
+    and the next round's indicators together."""
+    return [["values", "indicators"]] if row_set == "union" else [["values"]]
 
 
 def rowset_digest(rowset: Mapping[str, np.ndarray]) -> bytes:

@@ -1,23 +1,35 @@
-"""The coordinator's secure round: SecAgg+ stages as Message API round trips.
+"""The coordinator's secure rounds: SecAgg+ stages as Message API round trips, rounds overlapped.
 
-Round trips (message types ``train`` then ``train.<stage>``):
+A round's secure sum is one session (:mod:`fedembed.secagg.protocol`). A session is
+**started with its round** or **set up ahead**, during the previous round:
 
-- ``dense`` / ``revealed``: train (+ signed key advertisement, + row ids when revealed)
-  -> share -> masked -> check -> unmask: **5 round trips** (a plain round takes 1).
-- ``union``: train -> share -> indicators -> check_indicators -> unmask_indicators ->
-  masked -> check -> unmask: **8 round trips**; the first secure sum (per-row counters)
-  yields the row set U, the second sums the values over U only.
+- started with its round (message types ``train`` then ``train.<stage>``):
+  ``dense``/``revealed``: train (+ signed key advertisement, + row ids when revealed) ->
+  share -> masked -> check -> unmask: 5 round trips; ``union``: train -> share ->
+  indicators -> check_indicators -> unmask_indicators -> masked -> check -> unmask: 8,
+  the first sum (per-row counters) giving the row set U, the second summing the values
+  over U only.
+- set up ahead: the previous round's ``train`` replies carry the next session's signed
+  advertisements, and its share request rides on the previous round's last ``check``
+  message (the shares come back in its replies). The round's ``train`` message then
+  brings each party the shares routed to it and the row set U, and the reply carries the
+  update already masked: **train -> check -> unmask, 3 round trips** in every row-set
+  mode. U is agreed before the round: ``dense`` every row; ``revealed`` the rows each
+  party said in its previous ``train`` reply it will use; ``union`` the secure sum of
+  indicators each party masked in the previous round's session (the rows its training
+  data looks up), so a ``union`` session set up ahead sums, in one group, the round's
+  values over U and the next round's indicators.
+
+The first round starts its own session; so does a round after one that was abandoned, or
+whose organisations are not exactly the parties that set its session up (one joined, one
+left, a sample of ``--fraction``), or one under record-level DP in ``union``/``revealed``
+mode (its released rows are drawn each round, so U cannot be agreed before). The last
+round sets nothing up.
 
 The ``check`` stages are the consistency check against an active coordinator: every
 organisation signs the lists it was given (parties, sharers, deliverers, row set) and
 reveals shares only for a statement signed by a majority of the roster, so the
 coordinator cannot tell different organisations different stories about who dropped.
-They cost one round trip per phase and, per organisation, one signature up (~100
-bytes) and the others' signatures down.
-
-Local training and the key advertisement share a round trip; the share exchange cannot
-share one with the masked upload, because an organisation must know who shared before it
-masks (else a neighbour that vanished before sharing leaves a mask nobody can remove).
 
 Every reply is identified by its roster signature (:func:`fedembed.identity.verify_reply`),
 never by what it says. Any fault of one organisation (a malformed, oversized, unsigned or
@@ -26,7 +38,7 @@ its name, and the round goes on without it as a dropout. A share that does not o
 a complaint of its receiver against its sender: the sender is named, the receiver stays.
 If the secure sum cannot be finished (:class:`fedembed.secagg.protocol.RoundAbandoned`),
 or decodes outside what honest organisations can send, the round is abandoned: tables
-unchanged, logged, and the next round runs.
+unchanged, logged, and the next round starts its own session.
 """
 
 from __future__ import annotations
@@ -35,6 +47,7 @@ import json
 import logging
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
@@ -44,14 +57,13 @@ from fedembed.config import StageHeader
 from fedembed.secagg.graph import default_neighbours, default_threshold
 from fedembed.secagg.primitives import CryptoError
 from fedembed.secagg.protocol import (
-    CHECK_STAGE,
-    MASK_STAGE,
-    UNMASK_STAGE,
     ProtocolError,
     RoundAbandoned,
     RowsMissing,
     ServerSession,
-    phases_for,
+    ahead_groups,
+    fresh_groups,
+    group_stage,
     rowset_digest,
     session_context,
 )
@@ -99,9 +111,11 @@ class SecureRoundHost(Protocol):
     """The federation's organisations and their public keys."""
     transport: Exchange
     """How messages reach the organisations."""
+    refusals: dict[int, str]
+    """Per node, the error of a signed refusal it sent this round (``RowsMissing: ...`` among them)."""
 
-    def train_message(self, node: int, round_: int) -> RecordDict:
-        """The ``train`` message of ``round_`` for ``node``."""
+    def train_message(self, node: int, round_: int, ahead: bool = False) -> RecordDict:
+        """The ``train`` message of ``round_`` for ``node`` (``ahead``: it asks for the next round's advert)."""
         ...
 
     def read_train_reply(self, rep: Any, entry: dict, round_: int, secure: bool = False) -> tuple[str | None, RowUpdate | None]:
@@ -123,6 +137,72 @@ ROWS_MISSING = RowsMissing.__name__
 """Error code of an organisation whose touched rows were left out of U (a cancelled indicator)."""
 
 
+@dataclass
+class Prepared:
+    """A session set up ahead, during the previous round, for ``round``.
+
+    Attributes
+    ----------
+    round : int
+        The round it aggregates.
+    session : ServerSession
+        Its parties, graph and routed shares (U2 known).
+    names : dict[int, str]
+        Node -> roster name, as verified when its advert came.
+    rowset : RowSet or None
+        U for its values (``union``/``revealed``; None: ``dense``, every row).
+    counts : dict or None
+        ``union``: per row of U, how many organisations' indicators hold it.
+    """
+
+    round: int
+    session: ServerSession
+    names: dict[int, str]
+    rowset: RowSet | None = None
+    counts: dict[str, np.ndarray] | None = None
+
+    def nodes(self) -> list[int]:
+        """The nodes of the parties that shared (U2)."""
+        return sorted(self.session.node_of[p] for p in self.session.u2)
+
+
+class SecurePipeline:
+    """The secure rounds of one run: each round's sum, and the next round's session set up on its messages.
+
+    Parameters
+    ----------
+    coord : SecureRoundHost
+        The server hosting the rounds.
+    """
+
+    def __init__(self, coord: SecureRoundHost) -> None:
+        self.coord = coord
+        self.prepared: Prepared | None = None
+
+    def run_round(self, round_: int, nodes: list[int], entry: dict, ahead: bool = False) -> AggregateSum | None:
+        """One round's secure sum over ``nodes``; None when abandoned.
+
+        Parameters
+        ----------
+        ahead : bool
+            Set up the next round's session on this round's messages (the caller knows a
+            next round follows, with the same organisations).
+        """
+        prepared, self.prepared = self.prepared, None
+        if prepared is not None and (prepared.round != round_ or prepared.nodes() != sorted(nodes)):
+            log.info("round %d starts its own secure session: the session set up ahead was for round %d with nodes %s",
+                     round_, prepared.round, prepared.nodes())
+            prepared = None
+        if prepared is not None and len(prepared.session.u2) < max(2, self.coord.cfg.min_orgs):
+            prepared = None
+        if self.coord.cfg.train.dp and self.coord.cfg.row_set != "dense":
+            ahead = False  # DP draws its released rows each round: U cannot be agreed before the round
+        secure_round = SecureRound(self.coord, round_, entry, prepared, ahead)
+        agg = secure_round.run(nodes)
+        self.prepared = secure_round.next if agg is not None else None
+        return agg
+
+
 class SecureRound:
     """One round of secure aggregation (the server-side workflow), driven through its host's exchange.
 
@@ -134,25 +214,39 @@ class SecureRound:
         The round.
     entry : dict
         The round's log entry (stages, bytes, rejections are recorded in it).
+    prepared : Prepared, optional
+        The round's session, set up ahead during the previous round; None: it starts its own.
+    ahead : bool
+        Set up the next round's session on this round's messages.
     """
 
-    def __init__(self, coord: SecureRoundHost, round_: int, entry: dict) -> None:
+    def __init__(self, coord: SecureRoundHost, round_: int, entry: dict, prepared: Prepared | None = None,
+                 ahead: bool = False) -> None:
         self.coord = coord
         self.cfg = coord.cfg
         self.round = round_
         self.entry = entry
         self.shapes = dict(coord.shapes)
         self.context = session_context(self.cfg.run_key(), round_)
-        self.phases = phases_for(self.cfg.row_set)
+        self.prepared = prepared
+        self.ahead = ahead
         self.session: ServerSession | None = None
         self.names: dict[int, str] = {}  # node -> verified roster name
+        self.next_adverts: dict[int, dict[str, object]] = {}  # node -> its advert of the next round's session
+        self.next_rows: dict[int, RowSet] = {}  # node -> the rows it says it will use next round (revealed)
+        self.next_session: ServerSession | None = None
+        self.next: Prepared | None = None
+        self._responded: set[int] = set()  # parties that answered the last unmask stage
 
     # ------------------------------------------------------------------ plumbing
-    def _config(self) -> ConfigRecord:
+    def _header(self) -> ConfigRecord:
         return ConfigRecord(StageHeader(round=self.round, run_key=self.cfg.run_key(), drop=json.dumps(self.cfg.drop)).to_config())
 
-    def _message(self, secagg: dict, **records: object) -> RecordDict:
-        return RecordDict({"config": self._config(), "secagg": ConfigRecord(secagg), **records})
+    def _message(self, secagg: dict | None, **records: object) -> RecordDict:
+        content: dict = {"config": self._header(), **records}
+        if secagg is not None:
+            content["secagg"] = ConfigRecord(secagg)
+        return RecordDict(content)
 
     def _exchange(self, stage: str, contents: dict[int, RecordDict], handle: Callable[[int, RecordDict], None]) -> None:
         """Send a stage and hand each valid, signed reply to ``handle`` as it arrives; account bytes and seconds.
@@ -203,157 +297,421 @@ class SecureRound:
     def _fault(self, node: int, reason: str) -> None:
         self.coord.refuse(self.entry, self._name(node), reason, "left the secure round")
 
-    # ------------------------------------------------------------------ stages
+    # ------------------------------------------------------------------ the round
     def run(self, nodes: list[int]) -> AggregateSum | None:
         """Run the round's stages; returns the per-row sums, or None if the round was abandoned."""
         try:
-            return self._run(nodes)
+            return self._run_ahead(nodes) if self.prepared is not None else self._run_fresh(nodes)
         except RoundAbandoned as exc:
             self.entry["abandoned"] = str(exc)
             log.warning("round %d abandoned, tables unchanged: %s", self.round, exc)
             return None
 
-    def _train(self, nodes: list[int]) -> tuple[dict[int, dict[str, object]], dict[int, RowSet]]:
+    def _minimum(self) -> int:
+        return max(2, self.cfg.min_orgs)
+
+    def _train(self, nodes: list[int], extra: Callable[[int], dict] | None = None,
+               take: Callable[[int, RecordDict], None] | None = None) -> dict[int, RecordDict]:
+        """The ``train`` exchange: the plan and sync (and ``extra(node)`` records); valid replies by node.
+
+        Each accepted reply's next-round advert (and, ``revealed``, its rows) is kept for
+        the next session; ``take(node, content)`` handles the rest, and a fault it raises
+        removes that organisation from the round.
+        """
         coord, entry = self.coord, self.entry
         t0 = time.perf_counter()
-        contents = {n: coord.train_message(n, self.round) for n in nodes}
+        contents = {}
+        for n in nodes:
+            c = coord.train_message(n, self.round, ahead=self.ahead)
+            if extra is not None:
+                for key, rec in extra(n).items():
+                    c[key] = rec
+            contents[n] = c
         down = sum(record_bytes(c) for c in contents.values())
         up_before = entry["upload_bytes"]
-        replies = coord.transport.exchange("train", contents, self.cfg.round_timeout)
-        adverts, rows = {}, {}
-        for rep in replies:
+        coord.refusals.clear()
+        accepted: dict[int, RecordDict] = {}
+        for rep in coord.transport.exchange("train", contents, self.cfg.round_timeout):
             name, update = coord.read_train_reply(rep, entry, self.round, secure=True)
             if name is None or update is None:
                 continue
+            expected = self.names.get(rep.node)
+            if expected is not None and name != expected:  # cannot happen with one name per node per round; kept explicit
+                self._fault(rep.node, f"train: signed as {name!r}, its session was set up by {expected!r}")
+                continue
             self.names[rep.node] = name
             try:
-                sec = rep.content["secagg"]
-                adverts[rep.node] = {k: sec[k] for k in sec.keys()}
-                if self.cfg.row_set == "revealed":
-                    rs = {k: v.astype(np.int64) for k, v in decode_arrays(rep.content["rows"]).items()}
-                    check_rowset(rs, self.shapes)
-                    rows[rep.node] = rs
+                if take is not None:
+                    take(rep.node, rep.content)
+                accepted[rep.node] = rep.content
             except _FAULTS as exc:
-                adverts.pop(rep.node, None)
-                self._fault(rep.node, f"train: bad key advertisement: {exc}")
+                self._fault(rep.node, f"train: {type(exc).__name__}: {exc}")
+                continue
+            self._keep_next(rep.node, rep.content)
+        missing = [msg for msg in coord.refusals.values() if msg.startswith(ROWS_MISSING)]
         self.entry["download_bytes"] += down
         self.entry["stages"]["train"] = {
             "seconds": time.perf_counter() - t0,
             "upload_bytes": entry["upload_bytes"] - up_before,
             "download_bytes": down,
         }
-        return adverts, rows
+        if missing:
+            raise RoundAbandoned(f"an organisation reports that rows it touched are missing from U: {missing[0]}")
+        return accepted
 
-    def _run(self, nodes: list[int]) -> AggregateSum | None:
-        cfg = self.cfg
-        adverts, revealed = self._train(nodes)
-        minimum = max(2, cfg.min_orgs)
-        if len(adverts) < minimum:
-            raise RoundAbandoned(f"{len(adverts)} organisations advertised keys, {minimum} needed")
+    def _keep_next(self, node: int, content: RecordDict) -> None:
+        """Keep a train reply's advert of the next round's session (and its rows, ``revealed``); a bad one is a fault."""
+        if not self.ahead or "next" not in content:
+            return
+        try:
+            nxt = content["next"]
+            self.next_adverts[node] = {k: nxt[k] for k in nxt.keys()}
+            if self.cfg.row_set == "revealed":
+                self.next_rows[node] = self._rows(content)
+        except _FAULTS as exc:
+            self.next_adverts.pop(node, None)
+            self._fault(node, f"train: bad advert of the next round's session: {exc}")
+
+    def _rows(self, content: RecordDict) -> RowSet:
+        """The row ids a ``revealed`` reply names (validated)."""
+        rs = {k: v.astype(np.int64) for k, v in decode_arrays(content["rows"]).items()}
+        check_rowset(rs, self.shapes)
+        return rs
+
+    def _new_session(self, context: bytes, groups: list[list[str]], adverts: dict[int, dict], stage: str) -> ServerSession:
         n0 = len(adverts)
-        k = cfg.neighbours or default_neighbours(n0)
-        t = cfg.threshold or default_threshold(min(k, n0 - 1))
-        s = ServerSession(self.context, self.phases, adverts, self.names, self.coord.roster, k, t,
-                          seed=cfg.seed * 1_000_003 + self.round)
-        self.session = s
+        k = self.cfg.neighbours or default_neighbours(n0)
+        t = self.cfg.threshold or default_threshold(min(k, max(n0 - 1, 1)))
+        s = ServerSession(context, groups, adverts, self.names, self.coord.roster, k, t)
         for node, reason in s.faults.items():
-            self._fault(node, f"train: {reason}")
-        n = len(s.parties)
-        if n < minimum:
-            raise RoundAbandoned(f"{n} organisations with usable keys, {minimum} needed")
-        self.entry["secure"] = {"row_set": cfg.row_set, "parties": n, "neighbours": min(k, n - 1), "threshold": s.threshold}
+            self._fault(node, f"{stage}: {reason}")
+        return s
 
-        # share
-        contents = {}
-        for p in s.parties:
-            sec: dict = {"u1": s.parties, "threshold": s.threshold}
-            for q, adv in s.share_request(p).items():
-                sec.update({f"adv.{q}.{f}": (v.decode() if f == "name" else v) for f, v in adv.items()})
-            contents[s.node_of[p]] = self._message(sec)
-        shares: dict[int, dict[int, tuple[bytes, bytes]]] = {}
+    @staticmethod
+    def _share_request(s: ServerSession, party: int) -> dict:
+        sec: dict = {"u1": s.parties, "threshold": s.threshold, "k": s.k}
+        for q, adv in s.share_request(party).items():
+            sec.update({f"adv.{q}.{f}": (v.decode() if f == "name" else v) for f, v in adv.items()})
+        return sec
 
-        def take_shares(node: int, c: RecordDict) -> None:
-            cts, sigs = c["shares"], c["share_sigs"]
-            shares[s.party_of[node]] = {int(q): (bytes(cts[q]), bytes(sigs[q])) for q in cts.keys()}
+    @staticmethod
+    def _shares_of(c: RecordDict, prefix: str = "") -> dict[int, tuple[bytes, bytes]]:
+        cts, sigs = c[f"{prefix}shares"], c[f"{prefix}share_sigs"]
+        return {int(q): (bytes(cts[q]), bytes(sigs[q])) for q in cts.keys()}
 
-        self._exchange("share", contents, take_shares)
+    def _route(self, s: ServerSession, shares: dict[int, dict[int, tuple[bytes, bytes]]], stage: str) -> None:
         known = set(s.faults)
         s.route_shares(shares)
         for node, reason in s.faults.items():
             if node not in known:
-                self._fault(node, f"share: {reason}")
+                self._fault(node, f"{stage}: {reason}")
 
-        total, rowset, counts = None, None, None
-        active = sorted(s.u2)
-        for phase in self.phases:
-            stage = MASK_STAGE[phase]
-            if phase == "indicators":
-                length, dtype = indicator_length(self.shapes), indicator_dtype(n)
-            else:
-                if cfg.row_set == "dense":
-                    rowset = dense_rowset(self.shapes)
-                elif cfg.row_set == "revealed":
-                    rowset = union_of([revealed[s.node_of[p]] for p in active if s.node_of[p] in revealed], self.shapes)
-                length, dtype = values_length(rowset, self.shapes), np.uint32
-            contents = {}
-            for p in active:
-                u2, cts = s.masked_request(p)
-                records: dict = {}
-                if phase == self.phases[0]:
-                    records["shares"] = ConfigRecord({str(q): ct for q, (ct, _) in cts.items()})
-                    records["share_sigs"] = ConfigRecord({str(q): sig for q, (_, sig) in cts.items()})
-                if phase == "values" and cfg.row_set != "dense":
-                    records["rowset"] = encode_arrays({name: ids.astype(np.int32) for name, ids in rowset.items()})
-                contents[s.node_of[p]] = self._message({"u2": u2}, **records)
+    def _shape_of(self, phase: str, n: int, rowset: RowSet | None) -> tuple[int, type]:
+        if phase == "indicators":
+            return indicator_length(self.shapes), indicator_dtype(n)
+        return values_length(rowset, self.shapes), np.uint32
 
-            def take_masked(node: int, c: RecordDict, phase: str = phase, length: int = length, dtype: type = dtype) -> None:
-                party = s.party_of[node]
-                complaints = self._complaints(party, c["complaints"]) if "complaints" in c else {}
-                s.add_masked(phase, party, array_view(c["masked"]["vector"]), length, dtype)
-                for sender, reason in complaints.items():  # recorded once the reply is accepted whole
-                    self.entry.setdefault("accused", {})[sender] = reason
-                    log.warning("round %d: %s is accused: %s", self.round, sender, reason)
+    def _take_masked(self, s: ServerSession, group: list[str], rowset: RowSet | None) -> Callable[[int, RecordDict], None]:
+        """A handler adding a reply's masked vectors of ``group`` (all of them, or none) to the running sums."""
+        shapes = {p: self._shape_of(p, len(s.parties), rowset) for p in group}
 
-            self._exchange(stage, contents, take_masked)
-            del contents
-            delivered = sorted(s.delivered[phase])
-            if len(delivered) < minimum:
-                raise RoundAbandoned(f"phase {phase}: {len(delivered)} vectors delivered, {minimum} needed")
-            # consistency check: every deliverer signs the same statement
-            u3 = s.check_request(phase, rowset_digest(rowset) if phase == "values" else b"")
-            contents = {s.node_of[p]: self._message({"u3": u3}) for p in delivered}
-            self._exchange(CHECK_STAGE[phase], contents,
-                           lambda node, c, phase=phase: s.add_check(phase, s.party_of[node], bytes(c["check"]["signature"])))
-            signers = sorted(s.signatures[phase])
-            sigs = {f"sig.{p}": sig for p, sig in s.signatures[phase].items()}
-            contents = {s.node_of[p]: self._message(sigs) for p in signers}
-            responses: dict[int, dict[str, bytes]] = {}
+        def take(node: int, c: RecordDict) -> None:
+            party = s.party_of.get(node)
+            if party is None or party not in s.u2:
+                raise ProtocolError("it is not a party that shared in this session")
+            record = c["masked"]
+            if set(record.keys()) != set(group):
+                raise ProtocolError(f"masked vectors {sorted(record.keys())}, expected {group}")
+            vectors = {}
+            for phase in group:
+                v = array_view(record[phase])
+                length, dtype = shapes[phase]
+                if v.dtype != np.dtype(dtype) or v.shape != (length,):
+                    raise ProtocolError(f"masked {phase} vector is {v.dtype}{v.shape}, expected {np.dtype(dtype)}({length},)")
+                vectors[phase] = v
+            complaints = self._complaints(s, party, c["complaints"]) if "complaints" in c else {}
+            for phase in group:
+                s.add_masked(phase, party, vectors[phase], *shapes[phase])
+            for sender, reason in complaints.items():  # recorded once the reply is accepted whole
+                self.entry.setdefault("accused", {})[sender] = reason
+                log.warning("round %d: %s is accused: %s", self.round, sender, reason)
 
-            def take_unmask(node: int, c: RecordDict) -> None:
-                responses[s.party_of[node]] = {k: bytes(v) for k, v in c["unmask"].items()}
+        return take
 
-            self._exchange(UNMASK_STAGE[phase], contents, take_unmask)
-            t_finish = time.perf_counter()
-            total = s.finish(phase, responses, length, dtype, minimum)
-            self.entry["stages"][UNMASK_STAGE[phase]]["seconds"] += time.perf_counter() - t_finish  # mask removal
-            if phase == "indicators":
-                try:
-                    rowset, counts = rowset_from_counts(total, self.shapes, len(delivered))
-                except UpdateError as exc:
-                    raise RoundAbandoned(f"the secure indicator sum is impossible: {exc}") from exc
-                self.entry["secure"]["union_rows"] = int(sum(ids.size for ids in rowset.values()))
-                active = sorted(responses)  # rows in U and the indicator phase finished: they may send values
+    def _finish_group(self, s: ServerSession, group: list[str], rowset: RowSet | None, last: bool) -> dict[str, np.ndarray]:
+        """Unmask a group: without the consistency check where it cannot matter, else check then unmask.
+
+        The next round's share request rides on the round's last message but one (the check,
+        or the unmask when the check is skipped). Skipping needs every party that shared to
+        have delivered, the whole roster in the session and a complete graph (see
+        :meth:`fedembed.secagg.protocol.ClientSession.unmask_fast`, which every organisation
+        checks itself); if the sum cannot be finished that way (organisations refusing to
+        skip it), the organisations that did not answer run the check and unmask.
+        """
+        minimum = self._minimum()
+        delivered = sorted(s.delivered[group[0]])
+        if len(delivered) < minimum:
+            raise RoundAbandoned(f"{group_stage(group, 'mask')}: {len(delivered)} vectors delivered, {minimum} needed")
+        for phase in group:
+            s.check_request(phase, rowset_digest(rowset) if phase == "values" else b"")
+        nxt = self._next_session() if last else None
+        responses: dict[str, dict[int, dict[str, bytes]]] = {p: {} for p in group}
+        if self._fast_ok(s, delivered):
+            self._unmask(s, group, delivered, responses, nxt, fast=True)
+            try:
+                return self._finish_phases(s, group, rowset, responses)
+            except RoundAbandoned as exc:
+                rest = [p for p in delivered if p not in responses[group[0]]]
+                if not rest:
+                    raise
+                log.warning("round %d: %s without the consistency check (%s); %d organisations run it", self.round,
+                            group_stage(group, "unmask"), exc, len(rest))
+                self.entry.setdefault("secure", {})["checked_after_fast"] = True
+                delivered, nxt = rest, None
+        self._check(s, group, delivered, nxt)
+        signers = sorted(set(s.signatures[group[0]]).intersection(*(s.signatures[p] for p in group)))
+        self._unmask(s, group, signers, responses)
+        return self._finish_phases(s, group, rowset, responses)
+
+    def _fast_ok(self, s: ServerSession, delivered: list[int]) -> bool:
+        """Whether the organisations will (should) unmask this group without the consistency check."""
+        size = len(self.coord.roster)
+        return (self.cfg.consistency_check == "auto" and len(s.parties) == size
+                and all(len(v) == len(s.parties) - 1 for v in s.graph.values())
+                and delivered == sorted(s.u2) and s.threshold >= size // 2 + 1)
+
+    def _with_next(self, contents: dict[int, RecordDict], nxt: ServerSession | None) -> None:
+        """Add the next round's share request to the messages of its parties (a message of its own if need be)."""
+        if nxt is None:
+            return
+        for party in nxt.parties:
+            node = nxt.node_of[party]
+            contents.setdefault(node, self._message(None))
+            contents[node]["next"] = ConfigRecord(self._share_request(nxt, party))
+
+    def _next_reply(self, nxt: ServerSession | None, node: int, c: RecordDict, shares: dict) -> None:
+        if nxt is None or node not in nxt.party_of:
+            return
+        if "next_shares" in c:
+            shares[nxt.party_of[node]] = self._shares_of(c, "next_")
+        elif "next_error" in c:
+            log.warning("round %d: %s refused the share request of round %d's session: %s", self.round,
+                        self._name(node), self.round + 1, str(c["next_error"].get("error", ""))[:300])
+
+    def _check(self, s: ServerSession, group: list[str], parties: list[int], nxt: ServerSession | None) -> None:
+        """The consistency check of a group: every party signs the same statement (U3: every party that delivered)."""
+        u3 = sorted(s.delivered[group[0]])
+        contents = {s.node_of[p]: self._message({"u3": u3}) for p in parties}
+        self._with_next(contents, nxt)
+        next_shares: dict[int, dict[int, tuple[bytes, bytes]]] = {}
+
+        def take_check(node: int, c: RecordDict) -> None:
+            party = s.party_of.get(node)
+            if party is not None and party in parties:
+                sigs = c["check"]
+                for phase in group:
+                    s.add_check(phase, party, bytes(sigs[phase]))
+            self._next_reply(nxt, node, c, next_shares)
+
+        self._exchange(group_stage(group, "check"), contents, take_check)
+        if nxt is not None:
+            self._route(nxt, next_shares, "share (next round)")
+
+    def _unmask(self, s: ServerSession, group: list[str], parties: list[int],
+                responses: dict[str, dict[int, dict[str, bytes]]], nxt: ServerSession | None = None,
+                fast: bool = False) -> None:
+        """The unmask stage of a group to ``parties``: with the others' signatures, or (``fast``) without a check."""
+        if fast:
+            secagg: dict = {"u3": sorted(s.delivered[group[0]]), "fast": True}
+        else:
+            secagg = {f"sig.{phase}.{p}": s.signatures[phase][p] for phase in group for p in parties}
+        contents = {s.node_of[p]: self._message(secagg) for p in parties}
+        self._with_next(contents, nxt)
+        next_shares: dict[int, dict[int, tuple[bytes, bytes]]] = {}
+
+        def take_unmask(node: int, c: RecordDict) -> None:
+            party = s.party_of.get(node)
+            if party is not None and party in parties:
+                got: dict[str, dict[str, bytes]] = {p: {} for p in group}
+                for key, value in c["unmask"].items():
+                    phase, _, rest = key.partition(".")
+                    if phase not in got:
+                        raise ProtocolError(f"unmask share {key!r} of a phase outside this stage")
+                    if fast and not rest.startswith("seed."):
+                        raise ProtocolError(f"a mask-key share {key!r} in an unmask without the consistency check")
+                    got[phase][rest] = bytes(value)
+                for phase in group:
+                    responses[phase][party] = got[phase]
+            self._next_reply(nxt, node, c, next_shares)
+
+        self._exchange(group_stage(group, "unmask"), contents, take_unmask)
+        if nxt is not None:
+            self._route(nxt, next_shares, "share (next round)")
+        self._responded = set(responses[group[0]])
+
+    def _finish_phases(self, s: ServerSession, group: list[str], rowset: RowSet | None,
+                       responses: dict[str, dict[int, dict[str, bytes]]]) -> dict[str, np.ndarray]:
+        """Strip the masks of each phase of the group from the shares received (mask removal is the unmask stage's)."""
+        t_finish = time.perf_counter()
+        totals = {}
+        secrets = {}
+        for phase in group:  # all recovered before any sum is touched: the check may yet bring the shares missing
+            length, dtype = self._shape_of(phase, len(s.parties), rowset)
+            secrets[phase] = s.recover(phase, responses[phase], length, dtype, self._minimum())
+        for phase in group:
+            totals[phase] = s.strip(phase, secrets[phase])
+        self.entry["stages"][group_stage(group, "unmask")]["seconds"] += time.perf_counter() - t_finish
+        return totals
+
+    def _next_session(self) -> ServerSession | None:
+        """The next round's session from the adverts this round's train replies carried (None: nothing to set up)."""
+        if not self.ahead or len(self.next_adverts) < self._minimum():
+            return None
+        s = self._new_session(session_context(self.cfg.run_key(), self.round + 1), ahead_groups(self.cfg.row_set),
+                              self.next_adverts, "train (next round's advert)")
+        if len(s.parties) < self._minimum():
+            return None
+        self.next_session = s
+        return s
+
+    def _prepare_next(self, rowset: RowSet | None, counts: dict[str, np.ndarray] | None) -> None:
+        """The next round's session, if its shares were routed, with the U it will sum over."""
+        s = self.next_session
+        if s is None or len(s.u2) < self._minimum():
+            return
+        if self.cfg.row_set == "revealed":
+            nodes = [s.node_of[p] for p in s.u2]
+            rowset = union_of([self.next_rows[n] for n in nodes if n in self.next_rows], self.shapes)
+        names = {s.node_of[p]: self.names[s.node_of[p]] for p in s.u2}
+        self.next = Prepared(self.round + 1, s, names, rowset, counts)
+
+    def _summary(self, s: ServerSession) -> None:
+        self.entry["secure"] = {"row_set": self.cfg.row_set, "parties": len(s.parties), "neighbours": s.k,
+                                "threshold": s.threshold, "set_up_ahead": self.prepared is not None}
+
+    def _decode(self, s: ServerSession, total: np.ndarray, rowset: RowSet, counts: dict | None) -> AggregateSum:
         self.entry["secure"]["rows"] = int(sum(ids.size for ids in rowset.values()))
         delivered_values = len(s.delivered["values"])
         self.entry["clients"] = delivered_values
-        scales = ValueScales(n=n, clip_delta=cfg.delta_clip, max_weight=cfg.train.max_row_weight)
+        scales = ValueScales(n=len(s.parties), clip_delta=self.cfg.delta_clip, max_weight=self.cfg.train.max_row_weight)
         self.entry["secure"]["error_bound"] = scales.bound()
         try:
             return decode_values(total, rowset, self.shapes, scales, delivered_values, counts)
         except UpdateError as exc:
             raise RoundAbandoned(f"the secure sum is outside what honest organisations can send: {exc}") from exc
 
-    def _complaints(self, receiver: int, record: ConfigRecord) -> dict[str, str]:
+    def _indicator_rowset(self, s: ServerSession, total: np.ndarray) -> tuple[RowSet, dict[str, np.ndarray]]:
+        try:
+            rowset, counts = rowset_from_counts(total, self.shapes, len(s.delivered["indicators"]))
+        except UpdateError as exc:
+            raise RoundAbandoned(f"the secure indicator sum is impossible: {exc}") from exc
+        return rowset, counts
+
+    # ------------------------------------------------------------------ a session started with its round
+    def _run_fresh(self, nodes: list[int]) -> AggregateSum | None:
+        cfg = self.cfg
+        adverts: dict[int, dict[str, object]] = {}
+        revealed: dict[int, RowSet] = {}
+
+        def take_advert(node: int, c: RecordDict) -> None:
+            if "secagg" not in c:
+                raise UpdateError("status ok but no key advertisement in a secure training reply")
+            sec = c["secagg"]
+            adv = {k: sec[k] for k in sec.keys()}
+            rows = self._rows(c) if cfg.row_set == "revealed" else None
+            adverts[node] = adv
+            if rows is not None:
+                revealed[node] = rows
+
+        self._train(nodes, take=take_advert)
+        minimum = self._minimum()
+        if len(adverts) < minimum:
+            raise RoundAbandoned(f"{len(adverts)} organisations advertised keys, {minimum} needed")
+        s = self._new_session(self.context, fresh_groups(cfg.row_set), adverts, "train")
+        self.session = s
+        if len(s.parties) < minimum:
+            raise RoundAbandoned(f"{len(s.parties)} organisations with usable keys, {minimum} needed")
+        self._summary(s)
+
+        contents = {s.node_of[p]: self._message(self._share_request(s, p)) for p in s.parties}
+        shares: dict[int, dict[int, tuple[bytes, bytes]]] = {}
+        self._exchange("share", contents, lambda node, c: shares.__setitem__(s.party_of[node], self._shares_of(c)))
+        self._route(s, shares, "share")
+
+        rowset: RowSet | None = dense_rowset(self.shapes) if cfg.row_set == "dense" else None
+        counts = None
+        active = sorted(s.u2)
+        totals: dict[str, np.ndarray] = {}
+        for gi, group in enumerate(s.groups):
+            if "values" in group and cfg.row_set == "revealed":
+                rowset = union_of([revealed[s.node_of[p]] for p in active if s.node_of[p] in revealed], self.shapes)
+            contents = {}
+            for p in active:
+                u2, cts = s.masked_request(p)
+                records: dict = {}
+                if gi == 0:
+                    records["shares"] = ConfigRecord({str(q): ct for q, (ct, _) in cts.items()})
+                    records["share_sigs"] = ConfigRecord({str(q): sig for q, (_, sig) in cts.items()})
+                if "values" in group and cfg.row_set != "dense":
+                    records["rowset"] = encode_arrays({name: ids.astype(np.int32) for name, ids in rowset.items()})
+                contents[s.node_of[p]] = self._message({"u2": u2}, **records)
+            self._exchange(group_stage(group, "mask"), contents, self._take_masked(s, group, rowset))
+            del contents
+            last = gi == len(s.groups) - 1
+            totals.update(self._finish_group(s, group, rowset, last))
+            if "indicators" in group:
+                rowset, counts = self._indicator_rowset(s, totals["indicators"])
+                self.entry["secure"]["union_rows"] = int(sum(ids.size for ids in rowset.values()))
+                active = sorted(self._responded)  # in U and through the indicator phase: they may send values
+        agg = self._decode(s, totals["values"], rowset, counts)
+        # a union session started with its round summed the rows each party's training data looks up: the next
+        # round's U too; revealed: the rows the next session's parties told
+        self._prepare_next(rowset if cfg.row_set == "union" else None, counts if cfg.row_set == "union" else None)
+        return agg
+
+    # ------------------------------------------------------------------ a session set up ahead
+    def _run_ahead(self, nodes: list[int]) -> AggregateSum | None:
+        cfg, p = self.cfg, self.prepared
+        s = p.session
+        self.session = s
+        self.names = dict(p.names)
+        self._summary(s)
+        rowset = dense_rowset(self.shapes) if cfg.row_set == "dense" else p.rowset
+        group = s.groups[0]
+        encoded_rowset = (encode_arrays({name: ids.astype(np.int32) for name, ids in rowset.items()})
+                          if cfg.row_set != "dense" else None)
+        if cfg.row_set == "union":
+            self.entry["secure"]["union_rows"] = int(sum(ids.size for ids in rowset.values()))
+
+        def extra(node: int) -> dict:
+            party = s.party_of[node]
+            u2, cts = s.masked_request(party)
+            records: dict = {
+                "secagg": ConfigRecord({"u2": u2}),
+                "shares": ConfigRecord({str(q): ct for q, (ct, _) in cts.items()}),
+                "share_sigs": ConfigRecord({str(q): sig for q, (_, sig) in cts.items()}),
+            }
+            if encoded_rowset is not None:
+                records["rowset"] = encoded_rowset
+            return records
+
+        take = self._take_masked(s, group, rowset)
+
+        def take_train(node: int, c: RecordDict) -> None:
+            if "masked" not in c:
+                raise UpdateError("status ok but no masked update in the reply to a session set up ahead")
+            take(node, c)
+
+        self._train(nodes, extra=extra, take=take_train)
+        totals = self._finish_group(s, group, rowset, last=True)
+        agg = self._decode(s, totals["values"], rowset, p.counts)
+        next_rowset, next_counts = None, None
+        if "indicators" in group:
+            next_rowset, next_counts = self._indicator_rowset(s, totals["indicators"])
+        self._prepare_next(next_rowset, next_counts)
+        return agg
+
+    def _complaints(self, s: ServerSession, receiver: int, record: ConfigRecord) -> dict[str, str]:
         """A receiver's complaints against share senders (sender name -> reason); nobody is removed.
 
         Raises
@@ -361,7 +719,6 @@ class SecureRound:
         ProtocolError
             A complaint against a party that is not the receiver's neighbour.
         """
-        s = self.session
         who = self.coord.roster.name_of_party(receiver)
         out = {}
         for src, why in record.items():
@@ -377,5 +734,5 @@ def _printable(text: str, limit: int = 200) -> str:
 
 
 def run_secure_round(coord: SecureRoundHost, round_: int, nodes: list[int], entry: dict) -> AggregateSum | None:
-    """Run one secure round (see :class:`SecureRound`); None when abandoned."""
+    """Run one secure round that starts its own session (see :class:`SecureRound`); None when abandoned."""
     return SecureRound(coord, round_, entry).run(nodes)

@@ -96,12 +96,28 @@ def indicator_length(shapes: Shapes) -> int:
 
 def indicator_vector(update: RowUpdate, shapes: Shapes, n: int) -> np.ndarray:
     """1 at every row the update touched, 0 elsewhere, tables concatenated in name order."""
+    return rows_indicator({name: tu.ids for name, tu in update.items()}, shapes, n)
+
+
+def rows_indicator(rows: Mapping[str, np.ndarray], shapes: Shapes, n: int) -> np.ndarray:
+    """1 at every row of ``rows`` (table name -> row ids), 0 elsewhere, tables concatenated in name order.
+
+    Raises
+    ------
+    UpdateError
+        A table that is not shared, or ids out of its range.
+    """
+    unknown = sorted(set(rows) - set(shapes))
+    if unknown:
+        raise UpdateError(f"rows of tables that are not shared: {unknown}")
     out = np.zeros(indicator_length(shapes), dtype=indicator_dtype(n))
     offset = 0
     for name in sorted(shapes):
-        tu = update.get(name)
-        if tu is not None and tu.num_rows:
-            out[offset + tu.ids] = 1
+        ids = np.asarray(rows.get(name, np.zeros(0, np.int64)), dtype=np.int64)
+        if ids.size:
+            if ids.min() < 0 or ids.max() >= shapes[name][0]:
+                raise UpdateError(f"rows of table {name!r} out of its range [0, {shapes[name][0]})")
+            out[offset + ids] = 1
         offset += shapes[name][0]
     return out
 
