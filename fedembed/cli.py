@@ -54,6 +54,7 @@ class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
 CHOICES: dict[str, tuple[str, ...]] = {
     "mode": MODES, "row_set": ROW_SETS, "wire_dtype": ("float16", "float32"),
     "server_optimizer": SERVER_OPTIMIZERS, "table_optimizer": TABLE_OPTIMIZERS,
+    "consistency_check": ("auto", "always"),
 }
 
 

@@ -71,8 +71,9 @@ class RunConfig:
     secure_ahead : bool
         Set each secure round's session up during the previous round (its key
         advertisement and share exchange ride on that round's messages, and its U is
-        agreed there), so a round is 3 round trips (train, check, unmask) instead of 5
-        (dense, revealed) or 8 (union); see :mod:`fedembed.secagg.server`.
+        agreed there), so a round is 2 round trips (train, unmask) or, with the
+        consistency check, 3 (train, check, unmask) instead of 5 (dense, revealed) or 8
+        (union); see :mod:`fedembed.secagg.server`.
     consistency_check : str
         ``auto`` (skip a group's consistency check where it cannot matter: every
         organisation of the roster in the session, a complete neighbour graph, nobody
