@@ -83,7 +83,8 @@ def test_sync_carries_only_working_set_rows_that_changed_plus_new_ones():
     assert vt.rows_since(1)["t"].ids.tolist() == [2, 8]
 
 
-@pytest.mark.parametrize("task", [TASK, HELD], ids=["no-held-out-only-rows", "held-out-only-rows"])
+@pytest.mark.parametrize("task", [pytest.param(TASK, marks=pytest.mark.slow), HELD],
+                         ids=["no-held-out-only-rows", "held-out-only-rows"])
 def test_working_set_sync_gives_bit_identical_tables_and_metrics_to_full_sync(tmp_path, task):
     logs, tables, down = {}, {}, {}
     for mode in ("full", "working-set", "auto"):  # auto: padded here, the default of plain rounds

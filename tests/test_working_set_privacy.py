@@ -17,6 +17,7 @@ import pytest
 
 from conftest import DirectTransport, run_config
 from fedembed.coordinator import Coordinator
+from fedembed.recipe import TrainConfig
 from fedembed.task import TaskSpec
 from fedembed.wire import decode_update
 from fedembed.workingset import (
@@ -97,7 +98,8 @@ def _run(tmp_path, mode: str, rounds: int, change=None, **kw) -> tuple[Spy, Dire
     return spy, t
 
 
-@pytest.mark.parametrize("kw", [{}, {"secure": True, "row_set": "revealed"}], ids=["plain", "revealed"])
+@pytest.mark.parametrize("kw", [{}, pytest.param({"secure": True, "row_set": "revealed"}, marks=pytest.mark.slow)],
+                         ids=["plain", "revealed"])
 def test_the_coordinator_cannot_single_out_a_held_out_only_row_from_the_requests_of_a_run(tmp_path, kw):
     spy, t = _run(tmp_path, "auto", 4, **kw)
     for node, org in t.orgs.items():
@@ -111,6 +113,22 @@ def test_the_coordinator_cannot_single_out_a_held_out_only_row_from_the_requests
             assert share <= 1 / PAD, f"{org.identity.name}: {what}: {share:.2f} of {rows.size} rows are held-out-only"
         # beyond the rows its uploads show, the request is one cover, asked for unchanged every round
         assert all(np.array_equal(r, final) for r in spy.requests[node][1:])
+
+
+@pytest.mark.slow
+def test_under_dp_the_request_shows_only_the_rows_dp_released_and_covers_the_rest(tmp_path):
+    dp = TrainConfig(dp_noise_multiplier=1.0, dp_clip=1.0, dp_selection_noise_multiplier=0.5, dp_row_threshold=5.0,
+                     dp_count_clip=3.0, keep_table_state=False, batch_size=16, max_row_weight=3)
+    spy, t = _run(tmp_path, "auto", 3, train=dp)
+    for node, org in t.orgs.items():
+        train_rows = np.unique(org.task._split("train").ids)
+        released = spy.shown[node][-1]
+        withheld = np.setdiff1d(train_rows, released)  # rows it trained on that DP never let its uploads show
+        assert withheld.size > 0 and np.setdiff1d(released, train_rows).size > 0  # and pure-noise rows it did release
+        used = working_set(org.task, spy.c.shapes)["ids"]
+        assert np.isin(used, spy.requests[node][-1]).all()
+        for what, rows in spy.derived(node):  # nothing beyond the released rows tells which rows it really uses
+            assert np.isin(rows, used).mean() <= 1 / PAD, f"{org.identity.name}: {what}"
 
 
 def test_the_same_coordinator_recovers_every_held_out_only_row_under_sync_working_set(tmp_path):
