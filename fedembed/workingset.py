@@ -212,14 +212,25 @@ def derive_working_set(task: Task) -> dict[str, np.ndarray]:
 
 
 def decoy_key(state_dir: Path) -> bytes:
-    """This organisation's secret for choosing padding rows (made once, kept in its state dir)."""
+    """This organisation's secret for choosing decoy rows (made once, kept in its state dir, never sent).
+
+    A new secret draws new decoys: a coordinator that compares requests from before and
+    after can then tell the rows the organisation really uses (those in both). So a damaged
+    secret is replaced loudly, never silently.
+    """
     path = Path(state_dir) / "sync-decoys.key"
     try:
         key = path.read_bytes()
         if len(key) == 32:
             return key
-    except OSError:
+        log.warning("%s holds %d bytes, not a 32-byte secret; a new one is made: the decoys of its sync requests "
+                    "change, and a coordinator comparing its requests from before and after can tell the rows it "
+                    "uses", path, len(key))
+    except FileNotFoundError:
         pass
+    except OSError as exc:
+        log.warning("%s cannot be read (%s); a new decoy secret is made: the decoys of its sync requests change",
+                    path, exc)
     key = secrets.token_bytes(32)
     atomic_write(path, key)
     return key
@@ -321,8 +332,11 @@ class RequestCover:
         meta_p, data_p = Path(state_dir) / f"{RequestCover.FILE}.json", Path(state_dir) / f"{RequestCover.FILE}.npz"
         try:
             meta = json.loads(meta_p.read_text())
-            if not isinstance(meta, dict) or meta.get("key") != key:
-                raise ValueError("it belongs to another run")
+            if not isinstance(meta, dict):
+                raise ValueError("its metadata is not an object")
+            if meta.get("key") != key:  # a new run: its coordinator has seen none of this organisation's uploads
+                log.info("sync cover in %s is another run's; this run's starts empty", state_dir)
+                return RequestCover.empty(shapes)
             if meta.get("sha256") != file_sha256(data_p):
                 raise ValueError(f"{data_p.name} does not match its checksum")
             drawn = meta.get("drawn")
@@ -337,7 +351,8 @@ class RequestCover:
         except FileNotFoundError:
             pass
         except Exception as exc:  # damaged: start again, never half use it
-            log.info("sync cover in %s not used (%s); it is drawn again from the same secret permutation", state_dir, exc)
+            log.warning("sync cover in %s not used (%s); it is drawn again from the same secret permutation, so most "
+                        "of its decoys come back", state_dir, exc)
         return RequestCover.empty(shapes)
 
     def save(self, state_dir: Path, key: str) -> None:

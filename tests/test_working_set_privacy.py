@@ -187,7 +187,7 @@ def test_a_cover_layer_holds_pad_times_the_rows_it_hides_drawn_from_the_secret_p
     assert cover_layer(np.array([8]), tiny, np.arange(10), 0, 4.0)[0].tolist() == [9]  # no more rows than the table
 
 
-def test_a_lost_cover_is_drawn_again_from_the_same_secret_and_mostly_repeats(tmp_path):
+def test_a_lost_cover_is_drawn_again_from_the_same_secret_and_mostly_repeats(tmp_path, caplog):
     shapes = {"t": (5000, 4)}
     secret = decoy_key(tmp_path)
     used = {"t": np.arange(0, 400, 2)}
@@ -198,8 +198,8 @@ def test_a_lost_cover_is_drawn_again_from_the_same_secret_and_mostly_repeats(tmp
     assert RequestCover.load(tmp_path, shapes, "run").ask(used, shapes, PAD, secret)["t"].tolist() == asked.tolist()
     assert RequestCover.load(tmp_path, shapes, "other run").shown["t"].size == 0  # per run
     (tmp_path / "sync-cover.npz").write_bytes(b"damaged")
-    lost = RequestCover.load(tmp_path, shapes, "run")  # damaged: starts again, no crash
-    assert lost.cover["t"].size == 0
+    lost = RequestCover.load(tmp_path, shapes, "run")  # damaged: starts again, no crash, and says so
+    assert lost.cover["t"].size == 0 and "sync cover" in caplog.text
     again = lost.ask(used, shapes, PAD, decoy_key(tmp_path))["t"]
     # rebuilt from nothing (its uploads no longer known, so all it uses is covered): the old decoys come back,
     # so intersecting the old request with the new one does not single out the rows it uses
@@ -220,3 +220,10 @@ def test_the_cover_survives_a_rebuilt_table_cache(tmp_path):
     c.run_round(2, sorted(t.orgs))
     assert np.array_equal(c.wants[100][0]["ids"].ids, before)
     assert RowState.load(org.state.dir, c.shapes, 1, c.cfg.run_key()).version == 1
+
+
+def test_a_damaged_decoy_secret_is_replaced_loudly(tmp_path, caplog):
+    (tmp_path / "sync-decoys.key").write_bytes(b"short")
+    key = decoy_key(tmp_path)
+    assert len(key) == 32 and decoy_key(tmp_path) == key
+    assert "can tell the rows it uses" in caplog.text  # what a new secret costs, in the log
