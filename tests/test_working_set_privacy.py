@@ -227,3 +227,18 @@ def test_a_damaged_decoy_secret_is_replaced_loudly(tmp_path, caplog):
     key = decoy_key(tmp_path)
     assert len(key) == 32 and decoy_key(tmp_path) == key
     assert "can tell the rows it uses" in caplog.text  # what a new secret costs, in the log
+
+
+@pytest.mark.slow
+def test_a_union_organisation_that_opts_into_padded_hides_every_row_it_uses_under_the_cover(tmp_path):
+    spy, t = _run(tmp_path, "padded", 2, secure=True, row_set="union")
+    full_t = DirectTransport(tmp_path / "full", 3, task=HELD)
+    full = Coordinator(run_config(HELD, rounds=2, secure=True, row_set="union"), full_t)
+    for r in (1, 2):
+        full.run_round(r, sorted(full_t.orgs))
+    assert np.array_equal(full.tables.tables["ids"], spy.c.tables.tables["ids"])  # same tables as the full sync
+    for node, org in t.orgs.items():
+        assert spy.shown[node][-1].size == 0  # union uploads show no row ids of its own ...
+        used = working_set(org.task, spy.c.shapes)["ids"]
+        for what, rows in spy.derived(node):  # ... so its training rows are under the cover too
+            assert np.isin(rows, used).mean() <= 1 / PAD, f"{org.identity.name}: {what}"
