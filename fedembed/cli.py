@@ -444,7 +444,8 @@ def _add_client(sub: argparse._SubParsersAction) -> None:
                         "its row ids)")
     _add_sync_option(p)
     p.add_argument("--sync-pad", type=float, default=4.0,
-                   help="--sync padded: ask for at least this many times its working set, rounded up to a power of two")
+                   help="--sync padded (auto in plain/revealed rounds): each row it uses that its uploads never showed "
+                        "is asked for among pad-1 times as many secret-keyed decoys")
     p.add_argument("--insecure", action="store_true", help="no TLS (only against an --insecure coordinator)")
     p.add_argument("--runtime-port", type=int, default=None,
                    help="port of the SuperNode's local Runtime API on 127.0.0.1 (default: a free one)")
@@ -458,9 +459,10 @@ def _add_client(sub: argparse._SubParsersAction) -> None:
 def _add_sync_option(p: argparse.ArgumentParser) -> None:
     p.add_argument("--sync", choices=("auto", "full", "working-set", "padded"), default="auto",
                    help="which table rows the organisation asks to be synced (its own policy, never the coordinator's): "
-                        "full (every changed row; reveals nothing), working-set (only rows its data looks up; the "
-                        "coordinator learns them), padded (its working set inside a fixed larger secret-keyed set); "
-                        "auto: full in secure union/dense rounds, working-set otherwise")
+                        "full (every changed row; reveals nothing), padded (the rows its uploads showed, plus every "
+                        "other row it uses hidden among secret-keyed decoys, --sync-pad), working-set (only the rows "
+                        "its data looks up; the coordinator learns them all, held-out-only ones included); "
+                        "auto: full in secure union/dense rounds, padded otherwise")
 
 
 def _add_certs(sub: argparse._SubParsersAction) -> None:

@@ -42,7 +42,8 @@ from fedembed.serving import BestValidation, ServingContext, ServingPolicy, Shar
 from fedembed.train import build_seeded, evaluate_splits, fit_head, make_head_optimizer, round_rng, train_local
 from fedembed.wire import decode_sync, encode_request, encode_request_digest, encode_update, reply_content
 from fedembed.workingset import (
-    FULL, RowState, StaleRowError, SyncPolicy, SyncRefused, derive_working_set, lookup_guard, requested_rows,
+    FULL, PADDED, RequestCover, RowState, StaleRowError, SyncPolicy, SyncRefused, decoy_key, derive_working_set,
+    lookup_guard, used_rows,
 )
 
 log = logging.getLogger(__name__)
@@ -102,7 +103,8 @@ class Organisation:
         Its own DP floor and budget (:mod:`fedembed.dp.policy`), held against any recipe.
     sync : SyncPolicy, optional
         Which rows it asks the coordinator to sync (:mod:`fedembed.workingset`; default
-        ``auto``: its working set where the round's mode reveals its rows anyway).
+        ``auto``: in plain and secure ``revealed`` rounds the rows its uploads showed plus a
+        secret-keyed cover over the rest of its working set; in ``union``/``dense`` the full sync).
     """
 
     def __init__(
@@ -206,8 +208,7 @@ class Organisation:
         else:  # only the synced rows are written
             self.state.save_sync(tables, sync, version, plan.run_key)
         if mode != FULL:  # rows it will look up that are not current: fetched next round (first use)
-            used, _ = requested_rows(task, shapes, mode, self.sync.pad, rows, self.state.dir)
-            missing = rows.stale(used)
+            missing = rows.stale(used_rows(task, shapes, rows))
             if missing:
                 log.info("%s: %d rows of its working set not yet synced; fetching them next round", name,
                          sum(int(v.size) for v in missing.values()))
@@ -224,19 +225,31 @@ class Organisation:
             if reply.update is not None and not plan.secure:  # kept to check the next sync brings them back
                 rows.uploaded = {n: tu.ids.astype(np.int64) for n, tu in reply.update.items()}
                 rows.uploaded_round = plan.round
-            reply.request = self._ask(task, shapes, mode, rows, plan)
+            # the row ids this very reply shows the coordinator (plain update, secure revealed row set)
+            shown = reply.update if reply.update is not None and (not plan.secure or plan.row_set == "revealed") else None
+            reply.request = self._ask(task, shapes, mode, rows, plan, shown)
         else:
             rows.save(self.state.dir, plan.run_key)
         return reply
 
     def _ask(self, task: Task, shapes: dict[str, tuple[int, int]], mode: str, rows: RowState,
-             plan: RoundPlan) -> dict[str, RowRequest] | None:
-        """The rows its reply asks the next sync for (None under ``full``), kept on record with the row state."""
+             plan: RoundPlan, shown: RowUpdate | None = None) -> dict[str, RowRequest] | None:
+        """The rows its reply asks the next sync for (None under ``full``), kept on record with the row state.
+
+        ``shown``: the update whose row ids the same reply shows the coordinator (``padded``
+        asks for those in the clear from now on, :class:`fedembed.workingset.RequestCover`).
+        """
         if mode == FULL:
             rows.request = None
             request = None
         else:
-            _, asked = requested_rows(task, shapes, mode, self.sync.pad, rows, self.state.dir)
+            asked = used_rows(task, shapes, rows)
+            if mode == PADDED:  # what its uploads showed, in the clear; every other row it uses under the cover
+                cover = RequestCover.load(self.state.dir, shapes, plan.run_key)
+                if shown:
+                    cover.show({n: tu.ids for n, tu in shown.items()})
+                asked = cover.ask(asked, shapes, self.sync.pad, decoy_key(self.state.dir))
+                cover.save(self.state.dir, plan.run_key)
             request = rows.make_request(asked)
         rows.save(self.state.dir, plan.run_key)
         return request

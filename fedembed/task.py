@@ -133,7 +133,8 @@ class Task(ABC):
         """Every row of each shared table this organisation's data can look up (any split).
 
         An organisation syncing its working set (:mod:`fedembed.workingset`) asks the
-        coordinator for these rows only. Return a new answer when the data changes (it is
+        coordinator to keep these rows fresh (and, by default, hides those its uploads
+        never show among decoys). Return a new answer when the data changes (it is
         asked every round). The default, None, lets fedembed find the rows itself with one
         pass over every split with the lookups recorded; a task that reads rows other than
         through its tables' forward (or :meth:`id_bags`) must list them here.

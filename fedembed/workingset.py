@@ -1,25 +1,27 @@
-"""An organisation's working set: which table rows it keeps fresh, and proof it never uses a stale one.
+"""An organisation's working set: which table rows it keeps fresh, what asking for them reveals, and proof it never uses a stale one.
 
 The coordinator's tables change every round, mostly in rows an organisation never looks
 up. With its own :class:`SyncPolicy` an organisation asks, in its signed ``train`` reply
-(record ``want``), for the rows its data can look up (its *working set*, from
-:meth:`fedembed.task.Task.working_set` or, for a task without that hook, from one pass over
-its data with the tables' lookups recorded); the next round's sync carries only those of
-them that changed since its cache version, plus rows new to the set
-(:meth:`fedembed.tables.VersionedTables.rows_requested`). The policy is the organisation's
-own (node config ``sync``, ``fedembed client --sync``), never the coordinator's:
+(record ``want``), for a set of rows that holds every row its data can look up (its
+*working set*, from :meth:`fedembed.task.Task.working_set` or, for a task without that
+hook, from one pass over its data with the tables' lookups recorded); the next round's
+sync carries only those of them that changed since its cache version, plus rows new to
+the set (:meth:`fedembed.tables.VersionedTables.rows_requested`). The policy is the
+organisation's own (node config ``sync``, ``fedembed client --sync``), never the
+coordinator's:
 
-========== ===================================================================== =======================
-mode       what the coordinator learns from the request                          default for
-========== ===================================================================== =======================
-full       nothing (every changed row is sent, as before)                        secure ``union``/``dense``
-working-set its working set: the rows its training data looks up (its uploads     plain, secure ``revealed``
-           show them every round anyway) and those only its held-out data looks
-           up
-padded     a superset of its working set of a fixed, coarse size (a power of     opt-in
-           two >= ``pad`` x its size), the extra rows a fixed secret-keyed
-           sample of the table, so repeating the request narrows nothing
-========== ===================================================================== =======================
+=========== ====================================================================== =========================
+mode        what the coordinator learns from the request                           default for
+=========== ====================================================================== =========================
+full        nothing (every changed row is sent, as before)                         secure ``union``/``dense``
+padded      the rows its own uploads of the run showed (plain update ids, secure   plain, secure ``revealed``
+            ``revealed`` row ids; none in ``union``/``dense``), in the clear, and
+            a grow-only *cover*: every other row it uses, each layer of them
+            hidden among ``pad - 1`` times as many decoys drawn from a secret
+            permutation of the table (:class:`RequestCover`)
+working-set its whole working set in the clear, the rows only its held-out data    opt-in
+            looks up included
+=========== ====================================================================== =========================
 
 Locally the organisation keeps, per row, the version at which its cached value was last
 known current and the coordinator's stamp of that value (:class:`RowState`, next to its
@@ -44,7 +46,7 @@ import weakref
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 import torch
@@ -92,12 +94,15 @@ class SyncPolicy:
     ----------
     mode : str
         ``auto`` (``full`` in secure ``union``/``dense`` rounds, which promise the
-        coordinator learns nothing of an organisation's rows; ``working-set`` in plain and
-        secure ``revealed`` rounds, whose uploads show the rows anyway), ``full``,
+        coordinator learns nothing of an organisation's rows; ``padded`` in plain and
+        secure ``revealed`` rounds, whose uploads show the rows they train anyway, so the
+        request adds only a cover over the rows its uploads never show), ``full``,
         ``working-set`` or ``padded`` (see the module docstring).
     pad : float
-        ``padded`` only: the request holds at least ``pad`` x the working set's rows,
-        rounded up to a power of two (at most the table).
+        ``padded`` only: each layer of the cover holds ``ceil(pad x n)`` rows for the
+        ``n`` rows it hides (at most what is left of the table), so a row of the layer is
+        one of its own with probability ``n / ceil(pad x n) <= 1 / pad`` to a coordinator
+        with no other knowledge of which rows it uses.
     """
 
     mode: str = "auto"
@@ -113,7 +118,7 @@ class SyncPolicy:
         """The mode in force for a round of this kind (``auto`` resolved)."""
         if self.mode != "auto":
             return self.mode
-        return FULL if secure and row_set in ("union", "dense") else WORKING_SET
+        return FULL if secure and row_set in ("union", "dense") else PADDED
 
     @staticmethod
     def from_node_config(nc: Mapping[str, Any]) -> SyncPolicy:
@@ -140,6 +145,11 @@ def _as_rows(ids: Any, rows: int, what: str) -> np.ndarray:
     if arr.size and (arr[0] < 0 or arr[-1] >= rows):
         raise SyncPolicyError(f"{what}: row ids outside [0, {rows})")
     return arr
+
+
+def used_rows(task: Task, shapes: Mapping[str, tuple[int, int]], state: RowState) -> dict[str, np.ndarray]:
+    """The rows an organisation will look up: its working set with the rows found looked up outside it (must be fresh)."""
+    return state.with_extra(working_set(task, shapes))
 
 
 def working_set(task: Task, shapes: Mapping[str, tuple[int, int]]) -> dict[str, np.ndarray]:
@@ -217,40 +227,192 @@ def derive_working_set(task: Task, splits: tuple[str, ...] = SPLITS) -> dict[str
 
 
 def decoy_key(state_dir: Path) -> bytes:
-    """This organisation's secret for choosing padding rows (made once, kept in its state dir)."""
+    """This organisation's secret for choosing decoy rows (made once, kept in its state dir, never sent).
+
+    A new secret draws new decoys: a coordinator that compares requests from before and
+    after can then tell the rows the organisation really uses (those in both). So a damaged
+    secret is replaced loudly, never silently.
+    """
     path = Path(state_dir) / "sync-decoys.key"
     try:
         key = path.read_bytes()
         if len(key) == 32:
             return key
-    except OSError:
+        log.warning("%s holds %d bytes, not a 32-byte secret; a new one is made: the decoys of its sync requests "
+                    "change, and a coordinator comparing its requests from before and after can tell the rows it "
+                    "uses", path, len(key))
+    except FileNotFoundError:
         pass
+    except OSError as exc:
+        log.warning("%s cannot be read (%s); a new decoy secret is made: the decoys of its sync requests change",
+                    path, exc)
     key = secrets.token_bytes(32)
     atomic_write(path, key)
     return key
 
 
-def padded(rows_wanted: np.ndarray, rows: int, pad: float, key: bytes, table: str) -> np.ndarray:
-    """``rows_wanted`` padded to ``min(rows, 2**ceil(log2(pad * n)))`` rows with secret-keyed decoys.
+def decoy_order(key: bytes, table: str, rows: int) -> np.ndarray:
+    """This organisation's secret permutation of the rows of ``table``: where its decoys come from, in order.
 
-    The decoys are the first rows of one fixed permutation of the table keyed by ``key``
-    (not in ``rows_wanted``), so the same working set always gives the same request and
-    asking again reveals nothing new.
+    It depends only on the organisation's secret and the table (not on the run, its data or
+    its requests), so a cover rebuilt from nothing draws the same decoys again.
     """
-    n = int(rows_wanted.size)
-    if n == 0:
-        return rows_wanted
-    target = min(rows, 1 << int(np.ceil(np.log2(max(pad * n, 1.0)))))
-    if target <= n:
-        return rows_wanted
     seed = int.from_bytes(hmac.new(key, f"fedembed-decoys|{table}".encode(), hashlib.sha256).digest()[:16], "little")
-    order = np.random.Generator(np.random.PCG64(seed)).permutation(rows)
-    out = np.zeros(rows, dtype=bool)
-    out[rows_wanted] = True
-    room = target - n
-    candidates = order[~out[order]][:room]
-    out[candidates] = True
-    return np.flatnonzero(out).astype(np.int64)
+    return np.random.Generator(np.random.PCG64(seed)).permutation(rows).astype(np.int64)
+
+
+def cover_layer(hide: np.ndarray, taken: np.ndarray, order: np.ndarray, drawn: int, pad: float) -> tuple[np.ndarray, int]:
+    """The decoys that hide the rows ``hide``: the next rows of ``order`` not ``taken`` and not in ``hide``.
+
+    Parameters
+    ----------
+    hide : np.ndarray
+        Sorted rows to hide (n of them), none of them ``taken``.
+    taken : np.ndarray
+        Boolean per row: already in the request (shown or covered).
+    order : np.ndarray
+        The organisation's secret permutation of the table (:func:`decoy_order`).
+    drawn : int
+        How many rows of ``order`` earlier layers went through.
+    pad : float
+        The layer holds ``ceil(pad x n)`` rows, or every row not yet taken if fewer.
+
+    Returns
+    -------
+    decoys : np.ndarray
+        Sorted decoy rows: a uniformly random choice, to whoever does not know ``order``,
+        among the rows neither taken nor hidden.
+    drawn : int
+        Where the next layer starts in ``order``.
+    """
+    n = int(hide.size)
+    want = int(np.ceil(pad * n - 1e-9)) - n
+    if n == 0 or want <= 0:
+        return np.zeros(0, np.int64), drawn
+    rest = order[drawn:]
+    free = ~taken[rest]
+    free[np.isin(rest, hide, assume_unique=True)] = False
+    pick = np.flatnonzero(free)[:want]
+    if pick.size == 0:
+        return np.zeros(0, np.int64), len(order)
+    return np.sort(rest[pick]), drawn + int(pick[-1]) + 1
+
+
+@dataclass
+class RequestCover:
+    """What a ``padded`` request holds (kept in the organisation's state dir, per run; never sent as such).
+
+    The request is ``shown`` in the clear plus ``cover``. Both only grow: a row never
+    leaves the request, so the coordinator learns nothing from the rows an organisation
+    stops using, and the same rows are asked for every round (the request travels as its
+    digest). When the organisation comes to use rows that are in neither (its first
+    request, held-out data that changed, a lookup outside its working set), they enter the
+    cover as one *layer* together with ``ceil(pad x n) - n`` decoys: the next rows of its
+    secret permutation of the table (:func:`cover_layer`).
+
+    Attributes
+    ----------
+    shown : dict[str, np.ndarray]
+        Sorted rows its own uploads of this run showed the coordinator (the row ids of its
+        plain updates and of its secure ``revealed`` row sets; none in ``union``/``dense``).
+    cover : dict[str, np.ndarray]
+        Sorted rows: every other row it ever used, and the decoys of their layers.
+    drawn : dict[str, int]
+        Per table, how many rows of its secret permutation the layers went through.
+    layers : int
+        Layers added so far (all tables).
+    """
+
+    shown: dict[str, np.ndarray]
+    cover: dict[str, np.ndarray]
+    drawn: dict[str, int]
+    layers: int = 0
+
+    FILE: ClassVar[str] = "sync-cover"
+
+    @staticmethod
+    def empty(shapes: Mapping[str, tuple[int, int]]) -> RequestCover:
+        """Nothing shown, nothing covered."""
+        return RequestCover({n: np.zeros(0, np.int64) for n in shapes}, {n: np.zeros(0, np.int64) for n in shapes},
+                            {n: 0 for n in shapes})
+
+    @staticmethod
+    def load(state_dir: Path, shapes: Mapping[str, tuple[int, int]], key: str) -> RequestCover:
+        """The cover kept for run ``key``; empty if there is none or it is damaged.
+
+        An empty cover costs little privacy: the next layers draw the same decoys again
+        (the permutation depends on the organisation's secret only), so a request rebuilt
+        from nothing mostly repeats the old one.
+        """
+        meta_p, data_p = Path(state_dir) / f"{RequestCover.FILE}.json", Path(state_dir) / f"{RequestCover.FILE}.npz"
+        try:
+            meta = json.loads(meta_p.read_text())
+            if not isinstance(meta, dict):
+                raise ValueError("its metadata is not an object")
+            if meta.get("key") != key:  # a new run: its coordinator has seen none of this organisation's uploads
+                log.info("sync cover in %s is another run's; this run's starts empty", state_dir)
+                return RequestCover.empty(shapes)
+            if meta.get("sha256") != file_sha256(data_p):
+                raise ValueError(f"{data_p.name} does not match its checksum")
+            drawn = meta.get("drawn")
+            if not isinstance(drawn, dict) or set(drawn) != set(shapes):
+                raise ValueError("it describes other tables")
+            with np.load(data_p, allow_pickle=False) as z:
+                shown = {n: _as_rows(z[f"shown.{n}"], s[0], f"shown rows of {n!r}") for n, s in shapes.items()}
+                cover = {n: _as_rows(z[f"cover.{n}"], s[0], f"cover of {n!r}") for n, s in shapes.items()}
+            if not all(isinstance(drawn[n], int) and 0 <= drawn[n] <= s[0] for n, s in shapes.items()):
+                raise ValueError("a decoy position outside its table")
+            return RequestCover(shown, cover, {n: int(drawn[n]) for n in shapes}, int(meta.get("layers", 0)))
+        except FileNotFoundError:
+            pass
+        except Exception as exc:  # damaged: start again, never half use it
+            log.warning("sync cover in %s not used (%s); it is drawn again from the same secret permutation, so most "
+                        "of its decoys come back", state_dir, exc)
+        return RequestCover.empty(shapes)
+
+    def save(self, state_dir: Path, key: str) -> None:
+        """Write the cover atomically (the metadata last, naming the data's checksum)."""
+        arrays = {f"shown.{n}": a for n, a in self.shown.items()} | {f"cover.{n}": a for n, a in self.cover.items()}
+        digest = atomic_write_npz(Path(state_dir) / f"{self.FILE}.npz", arrays)
+        meta = {"key": key, "sha256": digest, "drawn": self.drawn, "layers": self.layers}
+        atomic_write(Path(state_dir) / f"{self.FILE}.json", json.dumps(meta).encode())
+
+    def show(self, rows: Mapping[str, np.ndarray]) -> None:
+        """Rows an upload of this organisation showed the coordinator: asked for in the clear from now on."""
+        for name, ids in rows.items():
+            if name in self.shown and np.size(ids):
+                self.shown[name] = np.union1d(self.shown[name], np.asarray(ids, dtype=np.int64))
+
+    def ask(self, used: Mapping[str, np.ndarray], shapes: Mapping[str, tuple[int, int]], pad: float,
+            secret: bytes) -> dict[str, np.ndarray]:
+        """The rows to ask for: ``shown`` and ``cover``, the cover first grown by a layer over used rows in neither.
+
+        Parameters
+        ----------
+        used : Mapping[str, np.ndarray]
+            Sorted rows it will look up, per table.
+        shapes : Mapping[str, tuple[int, int]]
+            ``(rows, dim)`` per table.
+        pad : float
+            See :class:`SyncPolicy`.
+        secret : bytes
+            Its decoy secret (:func:`decoy_key`).
+        """
+        grew = False
+        for name, (rows, _dim) in shapes.items():
+            ids = np.asarray(used.get(name, np.zeros(0, np.int64)), dtype=np.int64)
+            taken = np.zeros(rows, dtype=bool)
+            taken[self.shown[name]] = True
+            taken[self.cover[name]] = True
+            hide = ids[~taken[ids]]
+            if hide.size == 0:
+                continue
+            decoys, self.drawn[name] = cover_layer(hide, taken, decoy_order(secret, name, rows), self.drawn[name], pad)
+            self.cover[name] = np.union1d(self.cover[name], np.union1d(hide, decoys)).astype(np.int64)
+            log.debug("sync cover of %r: a layer of %d rows (%d decoys)", name, hide.size + decoys.size, decoys.size)
+            grew = True
+        self.layers += int(grew)
+        return {n: np.union1d(self.shown[n], self.cover[n]).astype(np.int64) for n in shapes}
 
 
 # --------------------------------------------------------------------------- per-row freshness
@@ -512,24 +674,6 @@ def lookup_guard(model: SplitModel, state: RowState) -> Iterator[None]:
     finally:
         for h in handles:
             h.remove()
-
-
-def requested_rows(task: Task, shapes: Mapping[str, tuple[int, int]], mode: str, pad: float, state: RowState,
-                   state_dir: Path) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
-    """What an organisation uses and what it asks for under ``mode`` (``working-set`` or ``padded``).
-
-    Returns
-    -------
-    used : dict[str, np.ndarray]
-        Its working set (with rows found looked up outside it): must be fresh before use.
-    asked : dict[str, np.ndarray]
-        What its reply asks for: ``used``, padded in ``padded`` mode (:func:`padded`).
-    """
-    used = state.with_extra(working_set(task, shapes))
-    if mode != PADDED:
-        return used, used
-    key = decoy_key(state_dir)
-    return used, {n: padded(ids, shapes[n][0], pad, key, n) for n, ids in used.items()}
 
 
 def sync_rows_sent(sync: Mapping[str, RowSync]) -> int:

@@ -8,10 +8,20 @@ runs) once per sync policy, and measures, per organisation and round:
   plan + sync, what Flower ships);
 - ``limit``: the physical limit, the rows of its working set that changed since it last
   saw them, at ``4 x dim`` bytes each (float32 values, nothing else);
-- ``sync_rows``: the rows its sync carried.
+- ``sync_rows``: the rows its sync carried; ``request_rows``: the rows its request names.
 
 Rounds after the first (round 1 downloads nothing: version 0 is regenerated from the
-seed) are averaged. Writes ``OUT/sync_bench.json`` and prints a table.
+seed) are averaged. The coordinator's memory is the rows and bytes of the sync records it
+holds for a round (``records_rows``: rows of the per-request records, against their bound;
+``records_bytes``: all records; ``fallbacks``: organisations that got the shared full sync
+because per-request records were at their bound).
+
+It also plays the coordinator against the ``padded`` request (``auto`` in plain rounds):
+per organisation, the rows asked for beyond what its uploads showed (its *cover*), the
+share of them that only its held-out data looks up, and how well a coordinator that ranks
+the cover by how many *other* organisations uploaded each row picks those out (precision
+of its top k, k = how many there are; chance = their share). Writes
+``OUT/sync_bench.json`` and prints tables.
 
 Usage::
 
@@ -38,11 +48,11 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from fedembed.config import RunConfig  # noqa: E402
-from fedembed.coordinator import Coordinator, Reply  # noqa: E402
+from fedembed.coordinator import REQUEST_RECORD_TABLES, Coordinator, Reply  # noqa: E402
 from fedembed.identity import Identity, make_identities  # noqa: E402
 from fedembed.org import Organisation, handle_content  # noqa: E402
 from fedembed.task import TaskSpec, parse_options, simulated_federation  # noqa: E402
-from fedembed.wire import decode_sync, record_bytes  # noqa: E402
+from fedembed.wire import decode_sync, decode_update, record_bytes  # noqa: E402
 from fedembed.workingset import SyncPolicy, working_set  # noqa: E402
 
 log = logging.getLogger("fedembed.sync_bench")
@@ -55,11 +65,13 @@ class InProcess:
         self.roster = make_identities(names, state / "keys")
         self.orgs = {
             100 + i: Organisation(i, state / f"org-{i}", Identity.load(state / "keys" / f"{i}.key", self.roster), None,
-                                  spec, "cpu", SyncPolicy(sync))
+                                  spec, "cpu", sync=SyncPolicy(sync))
             for i, spec in enumerate(specs)
         }
         self.coordinator: Coordinator | None = None
         self.rows: list[dict] = []  # one entry per (round, organisation)
+        self.uploaded: dict[int, set[int]] = {n: set() for n in self.orgs}  # what each one's uploads showed
+        self.records: list[tuple[int, int]] = []  # per exchange: sync records' rows and bytes the coordinator held
 
     def node_ids(self, minimum: int, timeout: float) -> list[int]:  # noqa: D102
         return sorted(self.orgs)
@@ -69,6 +81,10 @@ class InProcess:
 
     def exchange_iter(self, message_type, contents, timeout):  # noqa: D102
         c = self.coordinator
+        # the sync records built for this exchange (the memory they cost): rows of the per-request ones (bounded), bytes of all
+        version, rows = c._request_rows
+        self.records.append((rows if version == c.tables.version else 0,
+                             sum(record_bytes(r) for r in {id(r): r for r in c._sync_records.values()}.values())))
         for node, content in contents.items():
             org = self.orgs[node]
             since = int(content["config"]["since"])
@@ -84,10 +100,16 @@ class InProcess:
                 "limit_rows": changed, "limit": sum(changed_n * 4 * shapes[n][1] for n, changed_n in
                                                     ((n, int((c.tables.versions[n][ids] > since).sum())) for n, ids in ws.items())),
             })
+            self.rows[-1]["fallback"] = node in c.wants and not content["config"]["request"]
             try:
-                yield Reply(node, handle_content(org, content, message_type, node))
+                out = handle_content(org, content, message_type, node)
             except Exception as exc:  # what Flower turns into an error reply
                 yield Reply(node, None, f"{type(exc).__name__}: {exc}")
+                continue
+            if "update" in out:
+                for tu in decode_update(out["update"], shapes).values():
+                    self.uploaded[node].update(tu.ids.tolist())
+            yield Reply(node, out)
 
 
 def _plan_bytes(content) -> int:
@@ -108,13 +130,50 @@ def run(task: TaskSpec, orgs: int, rounds: int, sync: str, seed: int, out: Path)
     seconds = time.perf_counter() - t0
     train = [r for r in transport.rows if r["type"] == "train" and r["round"] > 1]
     rejected = sum(len(e["rejected"]) for e in c.log.rounds)
+    requests = [sum(int(req.ids.size) for req in c.wants[n][0].values()) if n in c.wants else 0 for n in transport.orgs]
     mean = {k: float(np.mean([r[k] for r in train])) for k in ("download", "sync_bytes", "sync_rows", "working_set_rows",
                                                                   "limit_rows", "limit")}
     per_round = [sum(r["download"] for r in transport.rows if r["type"] == "train" and r["round"] == k)
                  for k in range(1, rounds + 1)]
     return {"sync": sync, "mean_per_org_round": mean, "download_per_round": per_round,
             "upload_per_round": [e["upload_bytes"] for e in c.log.rounds], "refused": rejected, "seconds": seconds,
-            "final": c.log.final().get("mean", {}), "tables_sha": _digest(c.tables.tables)}
+            "request_rows": float(np.mean(requests)), "fallbacks": sum(bool(r.get("fallback")) for r in train),
+            "records_rows": max(r for r, _ in transport.records), "records_bytes": max(b for _, b in transport.records),
+            "records_bound_rows": int(REQUEST_RECORD_TABLES * sum(s[0] for s in c.shapes.values())),
+            "attack": _attack(transport, c), "final": c.log.final().get("mean", {}), "tables_sha": _digest(c.tables.tables)}
+
+
+def _attack(transport: InProcess, c: Coordinator) -> dict:
+    """The coordinator's best guess at each organisation's held-out-only rows from its request and everyone's uploads.
+
+    Per organisation: ``cover`` = rows asked for beyond what its own uploads showed;
+    ``secret`` = those of them only its held-out data looks up (the ground truth, from its
+    task); the attacker ranks the cover by how many other organisations uploaded each row
+    (held-out rows of one organisation are often others' training rows, decoys are uniform
+    over the table) and takes the top ``len(secret)``.
+    """
+    popularity = np.zeros(sum(s[0] for s in c.shapes.values()), dtype=np.int64)
+    for up in transport.uploaded.values():
+        popularity[list(up)] += 1
+    covers, shares, precisions = [], [], []
+    for node, org in transport.orgs.items():
+        if node not in c.wants or len(c.shapes) != 1:
+            continue
+        name = next(iter(c.shapes))
+        asked = c.wants[node][0][name].ids.astype(np.int64)
+        cover = np.setdiff1d(asked, np.fromiter(transport.uploaded[node], np.int64))
+        train = np.unique(org.task._split("train").ids) if hasattr(org.task, "_split") else np.zeros(0, np.int64)
+        secret = np.intersect1d(cover, np.setdiff1d(working_set(org.task, c.shapes)[name], train))
+        covers.append(cover.size)
+        if cover.size == 0 or secret.size == 0:
+            continue
+        others = popularity[cover] - np.isin(cover, np.fromiter(transport.uploaded[node], np.int64))
+        top = cover[np.argsort(-others, kind="stable")[: secret.size]]
+        shares.append(secret.size / cover.size)
+        precisions.append(float(np.isin(top, secret).mean()))
+    return {"cover_rows": float(np.mean(covers)) if covers else 0.0,
+            "held_out_share": float(np.mean(shares)) if shares else 0.0,
+            "popularity_precision": float(np.mean(precisions)) if precisions else 0.0}
 
 
 def _digest(tables: dict) -> str:
@@ -133,7 +192,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--orgs", type=int, default=5)
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--modes", default="full,working-set")
+    p.add_argument("--modes", default="full,working-set,auto", help="sync policies to run, comma-separated")
     p.add_argument("--out", type=Path, default=Path("runs/sync"))
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
@@ -154,6 +213,15 @@ def main(argv: list[str] | None = None) -> int:
         print(f"| {r['sync']} | {m['download'] / 1024:,.1f} | {m['sync_rows']:,.0f} | {m['working_set_rows']:,.0f} | "
               f"{m['limit_rows']:,.0f} | {m['limit'] / 1024:,.1f} | {m['download'] / max(m['limit'], 1):.2f} | "
               f"{r['refused']} | {r['tables_sha']} |")
+    print()
+    print("| sync | request rows / org | per-request record rows (bound) | records MiB | full-sync fallbacks | cover rows / org | "
+          "held-out-only share of cover | popularity attack precision | seconds |")
+    print("|---|--:|--:|--:|--:|--:|--:|--:|--:|")
+    for r in results:
+        a = r["attack"]
+        print(f"| {r['sync']} | {r['request_rows']:,.0f} | {r['records_rows']:,} / {r['records_bound_rows']:,} | "
+              f"{r['records_bytes'] / 2**20:,.1f} | {r['fallbacks']} | {a['cover_rows']:,.0f} | "
+              f"{a['held_out_share']:.3f} | {a['popularity_precision']:.3f} | {r['seconds']:,.0f} |")
     return 0
 
 

@@ -14,10 +14,12 @@ from fedembed.task import TaskSpec, load_task
 from fedembed.wire import decode_request, decode_sync, encode_request, encode_sync
 from fedembed.sparse import UpdateError
 from fedembed.workingset import (
-    RowState, StaleRowError, SyncPolicy, SyncRefused, lookup_guard, padded, working_set,
+    RowState, StaleRowError, SyncPolicy, SyncRefused, lookup_guard, working_set,
 )
 
 TASK = TaskSpec("synthetic", {"orgs": 3, "rows": 3000, "touch": 0.02, "examples": 300, "dim": 8, "hidden": 8})
+# each organisation's held-out data looks up rows its training data never does (about 90 of 400)
+HELD = TaskSpec("synthetic", {"orgs": 3, "rows": 3000, "touch": 0.1, "examples": 200, "dim": 8, "hidden": 8})
 CLICKS = TaskSpec("examples.my_task:ClicksTask", {"orgs": 3, "products": 4000})
 
 
@@ -34,17 +36,18 @@ def _cache(org, c):
 
 def test_policy_defaults_keep_each_modes_promise():
     auto = SyncPolicy()
-    assert auto.resolve(secure=False, row_set="union") == "working-set"  # plain: uploads show the rows anyway
-    assert auto.resolve(secure=True, row_set="revealed") == "working-set"
+    assert auto.resolve(secure=False, row_set="union") == "padded"  # plain: uploads show its training rows anyway
+    assert auto.resolve(secure=True, row_set="revealed") == "padded"
     assert auto.resolve(secure=True, row_set="union") == "full"
     assert auto.resolve(secure=True, row_set="dense") == "full"
     assert SyncPolicy("padded").resolve(True, "union") == "padded"  # an organisation's explicit choice wins
+    assert SyncPolicy("working-set").resolve(False, "union") == "working-set"
     assert SyncPolicy.from_node_config({"sync": "full", "sync-pad": "8"}) == SyncPolicy("full", 8.0)
     with pytest.raises(ValueError):
         SyncPolicy("everything")
 
 
-@pytest.mark.parametrize("task", [TASK, CLICKS], ids=["task-hook", "derived-by-lookups"])
+@pytest.mark.parametrize("task", [TASK, CLICKS, HELD], ids=["task-hook", "derived-by-lookups", "held-out-only-rows"])
 def test_working_set_cache_equals_the_coordinators_tables_after_every_round(tmp_path, task):
     t = DirectTransport(tmp_path, 3, task=task)
     c = Coordinator(run_config(task, rounds=4), t)
@@ -80,18 +83,24 @@ def test_sync_carries_only_working_set_rows_that_changed_plus_new_ones():
     assert vt.rows_since(1)["t"].ids.tolist() == [2, 8]
 
 
-def test_working_set_sync_gives_bit_identical_tables_and_metrics_to_full_sync(tmp_path):
+@pytest.mark.parametrize("task", [pytest.param(TASK, marks=pytest.mark.slow), HELD],
+                         ids=["no-held-out-only-rows", "held-out-only-rows"])
+def test_working_set_sync_gives_bit_identical_tables_and_metrics_to_full_sync(tmp_path, task):
     logs, tables, down = {}, {}, {}
-    for mode in ("full", "working-set"):
-        t = _orgs_with(DirectTransport(tmp_path / mode, 3, task=TASK), mode)
-        c = Coordinator(run_config(TASK, rounds=3), t)
+    for mode in ("full", "working-set", "auto"):  # auto: padded here, the default of plain rounds
+        t = _orgs_with(DirectTransport(tmp_path / mode, 3, task=task), mode)
+        c = Coordinator(run_config(task, rounds=3), t)
         c.run()
+        assert all(r["rejected"] == {} and r["clients"] == 3 for r in c.log.rounds)  # nobody sat a round out stale
+        assert c.log.extra["closing_evaluation"]["rejected"] == {}
         logs[mode], tables[mode] = c.log, c.tables.tables
         down[mode] = sum(r["download_bytes"] for r in c.log.rounds[1:])
-    assert np.array_equal(tables["full"]["ids"], tables["working-set"]["ids"])
-    assert logs["full"].final() == logs["working-set"].final()
-    assert [r["metrics"] for r in logs["full"].rounds] == [r["metrics"] for r in logs["working-set"].rounds]
-    assert down["working-set"] < down["full"]  # here 3 organisations: each gets its own third of the changed rows
+    for mode in ("working-set", "auto"):
+        assert np.array_equal(tables["full"]["ids"], tables[mode]["ids"])
+        assert logs["full"].final() == logs[mode].final()
+        assert [r["metrics"] for r in logs["full"].rounds] == [r["metrics"] for r in logs[mode].rounds]
+    # here 3 organisations: each gets its own part of the changed rows (with its cover's under auto)
+    assert down["working-set"] <= down["auto"] < down["full"]
 
 
 def test_a_row_outside_the_working_set_is_never_looked_up_stale():
@@ -110,24 +119,30 @@ def test_a_row_outside_the_working_set_is_never_looked_up_stale():
     assert exc.value.rows["ids"].tolist() == outside.tolist()
 
 
-def test_a_lookup_outside_the_declared_working_set_is_fetched_next_round_not_used(tmp_path, monkeypatch):
-    t = DirectTransport(tmp_path, 3, task=TASK)
-    c = Coordinator(run_config(TASK, rounds=5), t)
-    c.run_round(1, sorted(t.orgs))
-    c.run_round(2, sorted(t.orgs))
+@pytest.mark.parametrize("mode", ["auto", "working-set"])
+def test_a_lookup_outside_the_declared_working_set_is_fetched_next_round_not_used(tmp_path, monkeypatch, mode):
+    t = _orgs_with(DirectTransport(tmp_path, 3, task=HELD), mode)
+    c = Coordinator(run_config(HELD, rounds=4), t)
     org = t.orgs[100]
-    full = org.task.working_set()["ids"]
-    monkeypatch.setattr(type(org.task), "working_set", lambda self: {"ids": full[::2]} if self is org.task else
-                        {"ids": np.unique(np.concatenate([self._split(s).ids for s in ("train", "val", "test")]))})
-    assert c.run_round(3, sorted(t.orgs))["rejected"] == {}  # this round's sync still followed the whole set
-    entry = c.run_round(4, sorted(t.orgs))  # it under-declared: a lookup hits a row it no longer syncs
+    train_rows = np.unique(org.task._split("train").ids).astype(np.int64)
+    real = type(org.task).working_set
+    # organisation 0 forgets to declare the rows only its held-out data looks up
+    monkeypatch.setattr(type(org.task), "working_set", lambda self: {"ids": train_rows} if self is org.task else real(self))
+    held_out = np.setdiff1d(real(org.task)["ids"], train_rows)
+    assert held_out.size
+    assert c.run_round(1, sorted(t.orgs))["rejected"] == {}  # version 0: every row is the seeded one, fresh
+    assert not np.isin(held_out, c.wants[100][0]["ids"].ids).all()
+    entry = c.run_round(2, sorted(t.orgs))  # its evaluation looks up held-out rows it never asked for: not used stale
     assert "stale" in entry["rejected"]["org-0"] and entry["clients"] == 2
     looked_up = _cache(org, c)[2].extra["ids"]
-    assert looked_up.size and np.isin(looked_up, c.wants[100][0]["ids"].ids).all()  # asked for with its reply
-    entry = c.run_round(5, sorted(t.orgs))  # the rows it looked up were fetched: it trains again
+    assert np.array_equal(looked_up, held_out)  # one pass found every one of them, not just the first
+    assert np.isin(looked_up, c.wants[100][0]["ids"].ids).all()  # asked for with its reply
+    current = c.tables.tables["ids"].copy()  # the version round 3 syncs
+    entry = c.run_round(3, sorted(t.orgs))  # the rows it looked up were fetched: it trains again
     assert entry["rejected"] == {} and entry["clients"] == 3
     tables, version, rows = _cache(org, c)
-    assert rows.extra["ids"].size > 0 and rows.stale({"ids": rows.extra["ids"]}) == {}
+    assert rows.stale({"ids": rows.extra["ids"]}) == {}
+    assert np.array_equal(tables["ids"][held_out], current[held_out])  # and were current when it evaluated on them
 
 
 # ---------------------------------------------------------------- a hostile organisation
@@ -258,14 +273,6 @@ def test_a_secure_union_organisation_sends_no_working_set_by_default(tmp_path):
     content = c.train_message(100, 1)
     out = handle_content(org, content, "train", 100)
     assert "want" not in out and out["info"]["status"] == "ok"
-
-
-def test_padding_hides_the_working_set_in_a_fixed_secret_keyed_superset():
-    ws = np.array([3, 10, 99, 512])
-    a = padded(ws, 1000, 4.0, b"k" * 32, "t")
-    assert a.size == 16 and np.isin(ws, a).all()
-    assert np.array_equal(a, padded(ws, 1000, 4.0, b"k" * 32, "t"))  # asking again reveals nothing new
-    assert not np.array_equal(a, padded(ws, 1000, 4.0, b"j" * 32, "t"))
 
 
 def test_an_unchanged_request_travels_as_its_digest_and_a_foreign_digest_is_refused(tmp_path):
