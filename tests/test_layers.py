@@ -17,7 +17,8 @@ LAYERS: list[tuple[str, list[str]]] = [
         "fedembed.report", "fedembed.identity", "fedembed.config", "fedembed.certs", "fedembed.data",
         "fedembed.secagg", "fedembed.secagg.graph", "fedembed.secagg.primitives", "fedembed.secagg.quantize",
         "fedembed.secagg.vector", "fedembed.secagg.protocol",
-        "fedembed.dp", "fedembed.dp.accounting", "fedembed.dp.selection",
+        "fedembed.dp", "fedembed.dp.accounting", "fedembed.dp.selection", "fedembed.dp.noise",
+        "fedembed.dp.distributed",
     ]),
     ("model and task (torch)", [
         "fedembed.residual", "fedembed.model", "fedembed.cooc", "fedembed.task", "fedembed.train", "fedembed.serving",

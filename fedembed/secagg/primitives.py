@@ -15,6 +15,8 @@ raw cipher:
   as unsigned integers of the vector's dtype (uint8/16/32, i.e. modulo 2^8/16/32).
   Unlike Flower 1.42's SecAgg+ (numpy's Mersenne Twister seeded with the key folded to 32
   bits), the mask is a cryptographic PRG of a full-strength key.
+- **DP noise randomness**: the same ChaCha20 keystream read in order (:class:`KeyStream`),
+  the only source of the noise an organisation releases (:mod:`fedembed.dp.noise`).
 - **Secret sharing**: Shamir t-of-n over the prime field GF(2^521 - 1)
   (:func:`shamir_split`, :func:`shamir_combine`); a 32-byte secret is an element of it.
 - **Signatures**: an organisation's long-term identity key (:class:`SigningKey`,
@@ -226,6 +228,38 @@ def keystream_add(key: bytes, target: np.ndarray, subtract: bool = False, chunk:
             flat[start:stop] -= stream
         else:
             flat[start:stop] += stream
+
+
+class KeyStream:
+    """A ChaCha20 keystream read in order: the cryptographic random source of released DP noise.
+
+    Reads continue where the last one stopped, so ``read(a) + read(b) == read(a + b)``;
+    the stream is the one :func:`keystream` gives under the same key (a zero nonce: the key
+    must serve this stream only; derive it with :func:`derive_key` from a label naming it).
+    Without the key, its output cannot be told from uniform bytes or predicted, unlike
+    numpy's generators, whose state an observer of enough outputs reconstructs.
+
+    Parameters
+    ----------
+    key : bytes
+        32 bytes.
+    """
+
+    def __init__(self, key: bytes) -> None:
+        if len(key) != KEY_BYTES:
+            raise CryptoError(f"a keystream key has {KEY_BYTES} bytes, got {len(key)}")
+        self._enc = Cipher(algorithms.ChaCha20(bytes(key), b"\0" * 16), mode=None).encryptor()
+
+    def __repr__(self) -> str:  # never print the key
+        return "KeyStream(<key>)"
+
+    def read(self, nbytes: int) -> bytes:
+        """The next ``nbytes`` bytes of the stream."""
+        return self._enc.update(bytes(int(nbytes)))
+
+    def words(self, n: int) -> np.ndarray:
+        """The next ``n`` little-endian uint64 words of the stream (uniform over [0, 2^64))."""
+        return np.frombuffer(self.read(8 * int(n)), dtype="<u8").astype(np.uint64, copy=False)
 
 
 # --------------------------------------------------------------------------- Shamir
