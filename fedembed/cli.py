@@ -58,6 +58,25 @@ CHOICES: dict[str, tuple[str, ...]] = {
 }
 
 
+ALIASES: dict[str, tuple[str, ...]] = {"dp_target_epsilon": ("--target-epsilon",), "dp_target_delta": ("--delta",)}
+"""Shorter spellings of generated options (issue 13 names the budget ``--target-epsilon``, ``--delta``)."""
+
+
+def privacy_line(privacy: dict[str, dict[str, float]], limit: int = 8) -> str:
+    """Each organisation's (epsilon, delta) after a round, for the progress display.
+
+    Up to ``limit`` organisations by name; more as min / median / max of epsilon.
+    """
+    if not privacy:
+        return ""
+    deltas = sorted({float(v.get("delta", 0.0)) for v in privacy.values()})
+    head = f"  privacy (epsilon, delta={', '.join(f'{d:g}' for d in deltas)}): "
+    if len(privacy) <= limit:
+        return head + ", ".join(f"{org} {v['epsilon']:.3f}" for org, v in sorted(privacy.items()))
+    eps = sorted(float(v["epsilon"]) for v in privacy.values())
+    return head + f"{len(eps)} orgs, min {eps[0]:.3f}, median {float(np.median(eps)):.3f}, max {eps[-1]:.3f}"
+
+
 def field_docs(cls: type) -> dict[str, str]:
     """Each field's description from a numpy-style ``Parameters`` section (``a, b : type`` lines name several)."""
     doc = inspect.getdoc(cls) or ""
@@ -103,7 +122,7 @@ def add_dataclass_options(group: Any, cls: type, names: list[str] | None = None)
             kw["type"] = float
         if name in CHOICES:
             kw["choices"] = CHOICES[name]
-        group.add_argument(flag, **kw)
+        group.add_argument(flag, *ALIASES.get(name, ()), **kw)
 
 
 def _add_task_options(p: argparse.ArgumentParser, simulated: bool) -> None:
@@ -227,6 +246,8 @@ class _Progress:
             f"up {up / 2**20:8.3f} MiB {ratio}  down {entry['download_bytes'] / 2**20:8.3f} MiB  "
             f"{entry['wall_seconds']:6.1f} s{rej}"
         )
+        if entry.get("privacy"):  # each organisation's spend so far, as its own ledger reports it
+            self.console.print(privacy_line(entry["privacy"]), markup=False)
 
 
 def _print_final(doc: dict, console) -> None:

@@ -138,6 +138,11 @@ class RunConfig:
             raise ConfigError("--secure applies to --mode fedembed only")
         if not self.delta_clip > 0:
             raise ConfigError(f"delta_clip must be > 0, got {self.delta_clip}")
+        if self.train.dp_distributed and not (self.secure and self.row_set == "dense"):
+            raise ConfigError(  # without masking each share is seen alone; other row sets release U without noise
+                "distributed DP noise (dp_sum_noise_multiplier) needs --secure --row-set dense: without masking the "
+                "coordinator sees every organisation's share of the noise, and the union or revealed row set would "
+                "be released without noise")
         if self.neighbours is not None and self.neighbours < 1:
             raise ConfigError(f"neighbours must be >= 1, got {self.neighbours}")
         if self.threshold is not None and self.threshold < 1:

@@ -26,6 +26,8 @@ from fedembed.config import RoundPlan, StageHeader
 from fedembed.errors import FedembedError
 from fedembed.dp import BudgetExhausted
 from fedembed.dp.accounting import PrivacyLedger
+from fedembed.dp.distributed import DistributedNoise
+from fedembed.dp.noise import SecureRandom, noise_secret
 from fedembed.dp.policy import DPPolicy
 from fedembed.faults import SimulatedDropout, check_drop
 from fedembed.identity import Identity, sign_reply
@@ -105,12 +107,16 @@ class Organisation:
         Which rows it asks the coordinator to sync (:mod:`fedembed.workingset`; default
         ``auto``: in plain and secure ``revealed`` rounds the rows its uploads showed plus a
         secret-keyed cover over the rest of its working set; in ``union``/``dense`` the full sync).
+    noise_seed : str, optional
+        Seed of the noise its DP releases (tests, reproducible simulations: whoever knows
+        it can regenerate that noise); None, the default: a secret key of its own kept in
+        its state directory (:func:`fedembed.dp.noise.noise_secret`).
     """
 
     def __init__(
         self, org: int, state_dir: Path, identity: Identity, policy: SecurePolicy | None = None,
         task: TaskSpec | None = None, device: str = "cpu", dp_policy: DPPolicy | None = None,
-        sync: SyncPolicy | None = None,
+        sync: SyncPolicy | None = None, noise_seed: str | None = None,
     ) -> None:
         if task is None:
             raise TaskError("an organisation needs its own task: --task (or node config task=...)")
@@ -122,6 +128,7 @@ class Organisation:
         self.device = resolve_device(device)
         self.dp_policy = dp_policy or DPPolicy()
         self.sync = sync or SyncPolicy()
+        self.noise_seed = noise_seed
 
     @staticmethod
     def from_node_config(
@@ -133,7 +140,9 @@ class Organisation:
         Its task comes from the node config (``task``, ``data``, ``task-options``,
         ``task-config``, ``device``: :func:`fedembed.task.task_from_node_config`) or, in a
         simulation, from ``tasks[partition-id]``; ``threads`` sets torch's CPU threads
-        (default: torch's choice); ``sync`` and ``sync-pad`` its :class:`SyncPolicy`.
+        (default: torch's choice); ``sync`` and ``sync-pad`` its :class:`SyncPolicy`;
+        ``dp-min-noise-multiplier``, ``dp-max-epsilon``, ``dp-delta`` its :class:`DPPolicy`;
+        ``dp-noise-seed`` (tests and simulations only) seeds its DP noise.
         """
         member = SecureMember.from_node_config(nc, state_root, key_dir, roster)
         if "threads" in nc:  # otherwise torch's own choice
@@ -143,12 +152,17 @@ class Organisation:
         else:
             spec, device = tasks[member.org], str(nc.get("device", "cpu"))
         return Organisation(member.org, member.state_dir, member.identity, member.policy, spec, device,
-                            DPPolicy.from_mapping(nc), SyncPolicy.from_node_config(nc))
+                            DPPolicy.from_mapping(nc), SyncPolicy.from_node_config(nc), member.noise_seed)
 
     @property
     def member(self) -> SecureMember:
         """What the secure stages need of this organisation (no task, no torch)."""
-        return SecureMember(self.org, self.state.dir, self.identity, self.policy)
+        return SecureMember(self.org, self.state.dir, self.identity, self.policy, self.noise_seed)
+
+    def noise(self, purpose: str, plan: RoundPlan) -> SecureRandom:
+        """The secret random source of one DP release of ``plan``'s round (:mod:`fedembed.dp.noise`)."""
+        return SecureRandom.derive(noise_secret(self.state.dir, self.noise_seed), purpose, self.identity.name,
+                                   plan.run_key, plan.round)
 
     @property
     def task(self) -> Task:
@@ -289,15 +303,22 @@ class Organisation:
                 return OrgReply(name, "ok", version, metrics=metrics)
 
             ledger = None
-            if cfg.dp:  # its privacy spend so far, kept with its head: composed over every round it trained
+            if cfg.dp or cfg.dp_distributed:  # its privacy spend so far, kept with its head: composed over its rounds
                 ledger = PrivacyLedger(cfg.dp_target_delta, cfg.dp_target_epsilon or None)
-                if saved and "dp_ledger" in saved:
-                    ledger.rounds = PrivacyLedger.from_dict(saved["dp_ledger"]).rounds
+                ledger.resume((saved or {}).get("dp_ledger"))
+            noise = DistributedNoise.for_recipe(cfg, shapes, plan.delta_clip)
             try:
+                if noise is not None:  # organisation-level: this round's share of the secure sum's noise
+                    ledger.check_next(noise.round())
                 update, stats = train_local(
                     task, model, cfg, head_opt, rng, start_tables=tables, table_state=table_state,
-                    fit_head_first=False, dp_ledger=ledger,
+                    fit_head_first=False, dp_ledger=ledger, dp_random=self.noise("record", plan) if cfg.dp else None,
                 )
+                if noise is not None:
+                    ledger.record(noise.round())
+                    eps, delta = ledger.spent()
+                    stats.update({"dp_epsilon": eps, "dp_delta": delta, "dp_noise_multiplier": noise.noise_multiplier,
+                                  "dp_noise_shares": float(noise.shares)})
             except BudgetExhausted as exc:  # nothing trained, nothing saved: it only evaluates from now on
                 log.warning("%s: %s", name, exc)
                 return OrgReply(name, "exhausted", version, metrics=metrics, train_stats={"dp_exhausted": 1.0})
@@ -349,7 +370,12 @@ def _checked_plan(organisation: Organisation, content: RecordDict, message_type:
     organisation.check_federation(FederationSpec.from_json(plan.federation))
     if plan.evaluate_only != (message_type == "evaluate"):
         raise MessageRefused(f"a {message_type!r} message whose plan says evaluate_only={plan.evaluate_only}")
-    organisation.dp_policy.check(TrainConfig.from_dict(json.loads(plan.train)).dp_noise_multiplier)
+    recipe = TrainConfig.from_dict(json.loads(plan.train))
+    organisation.dp_policy.check(recipe.dp_active_noise_multiplier)
+    if recipe.dp_distributed and not (plan.secure and plan.row_set == "dense"):
+        raise MessageRefused(  # its share alone would carry 1/m of the noise; other row sets release U without noise
+            f"distributed DP noise needs a secure round over the dense row set, got secure={plan.secure}, "
+            f"row set {plan.row_set!r}")
     if plan.secure and plan.row_set not in organisation.policy.row_sets:
         raise MessageRefused(
             f"row-set mode {plan.row_set!r}: this organisation takes part in {list(organisation.policy.row_sets)}"
@@ -373,6 +399,7 @@ def _secure_records(organisation: Organisation, plan: RoundPlan, content: Record
     cfg = TrainConfig.from_dict(json.loads(plan.train))
     member = organisation.member
     encoding = (plan.delta_clip, cfg.max_row_weight, plan.wire_dtype)
+    noise = DistributedNoise.for_recipe(cfg, shapes, plan.delta_clip)  # distributed DP: a share before masking
     rows: dict[str, np.ndarray] = {}
     if plan.row_set != "dense":
         rows = {n: tu.ids.astype(np.int64) for n, tu in update.items()}
@@ -383,13 +410,16 @@ def _secure_records(organisation: Organisation, plan: RoundPlan, content: Record
         check_drop(plan.drop, "masked", plan.round, organisation.org)
         if plan.row_set == "union":
             check_drop(plan.drop, "indicators", plan.round, organisation.org)
-        records = mask_in_train(member, plan.run_key, plan.round, plan.row_set, content, update, rows, shapes, *encoding)
+        records = mask_in_train(member, plan.run_key, plan.round, plan.row_set, content, update, rows, shapes, *encoding,
+                                dp_noise=noise)
         if plan.row_set == "revealed":
             records["rows"] = encode_rows(rows)
     else:
-        records = begin(member, plan.run_key, plan.round, plan.row_set, update, shapes, *encoding, rows=rows)
+        records = begin(member, plan.run_key, plan.round, plan.row_set, update, shapes, *encoding, rows=rows,
+                        dp_noise=noise)
     if plan.next_session:
-        records["next"] = advertise_next(member, plan.run_key, plan.round + 1, plan.row_set, shapes, *encoding)
+        records["next"] = advertise_next(member, plan.run_key, plan.round + 1, plan.row_set, shapes, *encoding,
+                                         dp_noise=noise)
     return records
 
 

@@ -6,6 +6,7 @@ is :mod:`fedembed.train`.
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass, fields, replace
 from typing import Any
 
@@ -93,6 +94,17 @@ class TrainConfig:
         0 for no budget.
     dp_target_delta : float
         The delta epsilon is reported at.
+    dp_sum_noise_multiplier : float
+        Organisation-level distributed DP over secure aggregation (:mod:`fedembed.dp.distributed`):
+        every organisation adds a discrete Gaussian share to its clipped update before
+        masking, so that ``dp_noise_shares`` shares make noise of this standard deviation
+        over ``dp_update_clip``; 0 (the default) turns it off. Needs ``--secure --row-set
+        dense``; instead of record-level DP (``dp_noise_multiplier``), never with it.
+    dp_update_clip : float
+        L2 bound of one organisation's round delta (all tables) under distributed noise.
+    dp_noise_shares : int
+        Noise shares a secure sum is guaranteed to hold: each organisation adds ``1 /
+        dp_noise_shares`` of the noise variance and helps unmask no sum of fewer vectors.
     serve_best : bool
         Early stopping on validation: every organisation serves the state of its
         evaluation with the best validation score so far and reports its metrics as
@@ -137,6 +149,10 @@ class TrainConfig:
     dp_count_clip: float = 1.0
     dp_target_epsilon: float = 0.0
     dp_target_delta: float = 1e-5
+    # organisation-level distributed DP (fedembed.dp.distributed); off while dp_sum_noise_multiplier == 0
+    dp_sum_noise_multiplier: float = 0.0
+    dp_update_clip: float = 1.0
+    dp_noise_shares: int = 2
     serve_best: bool = True
     keep_best_state: bool = False
     prox_mu: float = 0.0
@@ -164,13 +180,27 @@ class TrainConfig:
         self._check_dp()
 
     def _check_dp(self) -> None:
-        if self.dp_noise_multiplier < 0 or self.dp_target_epsilon < 0:
-            raise RecipeError("dp_noise_multiplier and dp_target_epsilon must be >= 0")
+        for f in ("dp_noise_multiplier", "dp_target_epsilon", "dp_sum_noise_multiplier"):
+            value = getattr(self, f)
+            if not (isinstance(value, int | float) and math.isfinite(value) and value >= 0):
+                raise RecipeError(f"{f} must be a finite number >= 0, got {value!r}")
+        if self.dp and self.dp_distributed:
+            raise RecipeError("choose one privacy unit: record-level DP (dp_noise_multiplier) or organisation-level "
+                              "distributed noise (dp_sum_noise_multiplier), not both")
+        if self.dp_distributed:
+            if not (isinstance(self.dp_update_clip, int | float) and math.isfinite(self.dp_update_clip)
+                    and self.dp_update_clip > 0):
+                raise RecipeError(f"dp_update_clip must be > 0 with distributed noise, got {self.dp_update_clip}")
+            if int(self.dp_noise_shares) != self.dp_noise_shares or self.dp_noise_shares < 1:
+                raise RecipeError(f"dp_noise_shares must be an integer >= 1, got {self.dp_noise_shares}")
+            if not 0 < self.dp_target_delta < 1:
+                raise RecipeError(f"dp_target_delta must be in (0, 1), got {self.dp_target_delta}")
         if not self.dp:
             return
         for f in ("dp_clip", "dp_selection_noise_multiplier", "dp_row_threshold", "dp_count_clip"):
-            if not getattr(self, f) > 0:
-                raise RecipeError(f"{f} must be > 0 with DP on, got {getattr(self, f)}")
+            value = getattr(self, f)
+            if not (isinstance(value, int | float) and math.isfinite(value) and value > 0):
+                raise RecipeError(f"{f} must be a finite number > 0 with DP on, got {value!r}")
         if not 0 < self.dp_target_delta < 1:
             raise RecipeError(f"dp_target_delta must be in (0, 1), got {self.dp_target_delta}")
         if self.head_epochs or self.cooc_weight > 0 or self.residual:
@@ -181,6 +211,16 @@ class TrainConfig:
     def dp(self) -> bool:
         """Whether local training is record-level DP (:mod:`fedembed.dp.local`)."""
         return self.dp_noise_multiplier > 0
+
+    @property
+    def dp_distributed(self) -> bool:
+        """Whether secure sums carry organisation-level distributed noise (:mod:`fedembed.dp.distributed`)."""
+        return self.dp_sum_noise_multiplier > 0
+
+    @property
+    def dp_active_noise_multiplier(self) -> float:
+        """The noise multiplier of whichever DP mode is on (0: none): what an organisation's floor is held against."""
+        return self.dp_noise_multiplier if self.dp else self.dp_sum_noise_multiplier
 
     def to_dict(self) -> dict[str, Any]:
         """Plain dict (for messages and metrics.json)."""

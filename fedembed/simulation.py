@@ -131,7 +131,9 @@ def simulate(
         roster=str(roster_path.resolve()),
         mods=client_mods,
         tasks=tasks,
-        node_defaults={"device": device, "sync": sync, **({"threads": threads} if threads else {})},
+        # DP noise repeats from --seed (each organisation mixes in its name): a simulation, not a deployment
+        node_defaults={"device": device, "sync": sync, "dp-noise-seed": f"simulation/{cfg.seed}",
+                       **({"threads": threads} if threads else {})},
     )
     cpus = num_cpus or os.cpu_count() or 1
     backend = {

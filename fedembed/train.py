@@ -163,6 +163,7 @@ def train_local(
     table_state: dict[str, Any] | None = None,
     dp_ledger: Any | None = None,
     fit_head_first: bool = True,
+    dp_random: Any | None = None,
 ) -> tuple[RowUpdate, dict[str, float]]:
     """Train ``model`` on the organisation's training data for one round.
 
@@ -190,6 +191,10 @@ def train_local(
     fit_head_first : bool
         Start with :func:`fit_head` (``cfg.head_epochs``); False when the caller has
         already re-fitted the head on these tables (before evaluating them).
+    dp_random : fedembed.dp.noise.SecureRandom, optional
+        With ``cfg.dp``: the secret source of every DP random choice (Poisson sampling,
+        row selection, noise); None: a fresh random key (unrepeatable). ``rng`` is never
+        used for them: it derives from the run's seed, which the coordinator knows.
 
     Returns
     -------
@@ -215,8 +220,10 @@ def train_local(
     dp_stats: dict[str, float] | None = None
     if cfg.dp:  # record-level DP (fedembed.dp.local): own Poisson samples; lookups get the rows each step released
         from fedembed.dp.local import dp_train_round
+        from fedembed.dp.noise import SecureRandom
 
-        total, steps, dp_stats = dp_train_round(task, model, cfg, [head_opt, table_opt], rng, lookups, dp_ledger)
+        total, steps, dp_stats = dp_train_round(task, model, cfg, [head_opt, table_opt], dp_random or SecureRandom.fresh(),
+                                                lookups, dp_ledger)
     for _ in range(cfg.epochs if dp_stats is None else 0):
         for batch in task.batches("train", cfg.batch_size, rng):
             batch = to_device(batch, task.device)
@@ -293,16 +300,17 @@ def train_alone(
     head_opt = make_head_optimizer(model, cfg, saved["optimizer"] if saved else None)
     table_state: dict[str, Any] | None = (saved or {}).get("table_state", {}) if cfg.keep_table_state else None
     alone = TrainConfig.from_dict({**cfg.to_dict(), "residual": False})
-    ledger = None
+    ledger, dp_random = None, None
     if alone.dp:  # the local baseline with the federation's DP: its spend composed over its rounds
         from fedembed.dp.accounting import PrivacyLedger
+        from fedembed.dp.noise import SecureRandom, noise_secret
 
-        ledger = PrivacyLedger(alone.dp_target_delta, alone.dp_target_epsilon or None)
-        if saved and "dp_ledger" in saved:
-            ledger.rounds = PrivacyLedger.from_dict(saved["dp_ledger"]).rounds
+        ledger = PrivacyLedger(alone.dp_target_delta, alone.dp_target_epsilon or None).resume((saved or {}).get("dp_ledger"))
+        # it releases nothing: its noise may repeat from the run's seed (reproducible baselines)
+        dp_random = SecureRandom.derive(noise_secret(None, f"alone/{seed}"), "record", who, round_)
     try:
         train_local(task, model, alone, head_opt, round_rng(seed, who, round_), start_tables=None,
-                    table_state=table_state, dp_ledger=ledger)
+                    table_state=table_state, dp_ledger=ledger, dp_random=dp_random)
     except BudgetExhausted as exc:
         log.warning("%s: %s", who, exc)
         return dict(saved or {"head": model.head_state_dict(), "optimizer": head_opt.state_dict()})

@@ -1,5 +1,6 @@
 """DP across rounds of a federation: the organisation holds its own floor and budget; its spend composes over rounds."""
 
+import numpy as np
 import pytest
 
 from conftest import run_config
@@ -44,3 +45,50 @@ def test_each_organisations_spend_composes_over_rounds_and_its_own_budget_stops_
     assert entry["clients"] == 1
     assert len(PrivacyLedger.from_dict(t.orgs[101].state.load_head()["dp_ledger"]).rounds) == 2  # nothing more spent
     assert entry["privacy"]["org-0"]["epsilon"] > eps[1]  # the other goes on
+
+
+def _dp_run(root, direct_transport, **kw):
+    task = TaskSpec("synthetic", {"orgs": 3, "rows": 1000, "examples": 120, "dim": 8, "hidden": 16})
+    t = direct_transport(root, 3, task=task)
+    for i, org in enumerate(t.orgs.values()):
+        org.noise_seed = f"noise-{i}"  # the same noise in both runs (in a deployment: each its own secret key)
+    c = Coordinator(run_config(task, rounds=2, train=TrainConfig(**DP), **kw), t)
+    entries = [c.run_round(r, sorted(t.orgs)) for r in (1, 2)]
+    return c.tables.tables, entries
+
+
+def test_record_level_dp_with_secure_aggregation_ends_bit_identical_to_dp_in_the_clear(tmp_path, direct_transport):
+    """The noise is added the same way (each organisation's own, from the same seeds) before aggregation, and
+    plain and secure sums share one fixed point: the tables agree bit for bit, and so do the epsilons."""
+    plain, pe = _dp_run(tmp_path / "plain", direct_transport)
+    secure, se = _dp_run(tmp_path / "secure", direct_transport, secure=True, row_set="union")
+    assert all(e["clients"] == 3 and "abandoned" not in e for e in pe + se)
+    for name in plain:
+        assert np.array_equal(plain[name], secure[name])
+    assert pe[-1]["privacy"] == se[-1]["privacy"]
+
+
+def test_the_progress_display_shows_each_organisations_epsilon_and_delta_after_a_round(capsys):
+    from fedembed.cli import _Progress, build_parser
+
+    progress = _Progress(10, True)
+    entry = {"round": 3, "clients": 2, "upload_bytes": 10, "dense_upload_bytes": 100, "download_bytes": 5,
+             "wall_seconds": 1.0, "rejected": {},
+             "privacy": {"org-0": {"epsilon": 1.2345, "delta": 1e-5}, "org-1": {"epsilon": 2.5, "delta": 1e-5}}}
+    progress.console.width = 200
+    progress(entry)
+    err = capsys.readouterr().err
+    assert "privacy (epsilon, delta=1e-05): org-0 1.234, org-1 2.500" in err
+    args = build_parser().parse_args(["simulate", "--target-epsilon", "8", "--delta", "1e-6"])  # the issue's names
+    assert (args.dp_target_epsilon, args.dp_target_delta) == (8.0, 1e-6)
+
+
+def test_the_local_baseline_reports_the_same_spend_under_the_same_dp():
+    from fedembed.baselines import run_baseline
+    from fedembed.task import load_task
+
+    task = TaskSpec("synthetic", {"orgs": 2, "rows": 1000, "examples": 120, "dim": 8, "hidden": 16})
+    cfg = run_config(task, rounds=2, mode="local", train=TrainConfig(**DP))
+    log, _ = run_baseline(cfg, [load_task(task.for_org(i, 2)) for i in range(2)], ["org-0", "org-1"])
+    eps = [r["privacy"]["org-0"]["epsilon"] for r in log.rounds]
+    assert 0 < eps[0] < eps[1] and log.rounds[1]["privacy"]["org-0"]["delta"] == 1e-5

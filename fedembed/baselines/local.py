@@ -14,6 +14,7 @@ from collections.abc import Callable
 from typing import Any
 
 from fedembed.config import RunConfig
+from fedembed.dp.accounting import PrivacyLedger
 from fedembed.report import RunLog
 from fedembed.stopping import Evaluations
 from fedembed.tables import init_table
@@ -57,6 +58,9 @@ def run_local(
         for i, (task, model, name) in enumerate(zip(tasks, models, names)):
             saved[i] = train_alone(task, model, recipe, saved[i], cfg.seed, name, round_)
             runlog.set_metrics(round_, name, evals.record(round_, name, evaluate_splits(task, model)))
+            if "dp_ledger" in saved[i]:  # the same DP as in a federation: its spend, as fedembed mode reports it
+                eps, delta = PrivacyLedger.from_dict(saved[i]["dp_ledger"]).spent()
+                entry.setdefault("privacy", {})[name] = {"epsilon": eps, "delta": delta}
         if evals.end_round(runlog, entry, len(tasks), t0, on_round):
             break
     return runlog

@@ -1,15 +1,25 @@
-"""Differential privacy for the shared tables: record-level, row-sparse, accounted.
+"""Differential privacy for the shared tables: record-level and row-sparse, or distributed over secure aggregation.
 
-An organisation that trains with DP releases, every round, a table update that is a
+Two modes, one privacy unit each. **Record-level** (``dp_noise_multiplier``): an
+organisation that trains with DP releases, every round, a table update that is a
 post-processing of noisy, clipped, per-example gradients (DP-SGD, Abadi et al. 2016), with
 the row sparsity kept the DP-AdaFEST way (Ghazi et al., NeurIPS 2023): each step, noisy
 per-row contribution counts pick the rows whose gradient is released, Gaussian noise is
 added to those rows only, and every other row's gradient is dropped (it never leaves).
+**Organisation-level** (``dp_sum_noise_multiplier``, :mod:`fedembed.dp.distributed`):
+with secure aggregation over the dense row set, each organisation clips its whole round
+update and adds a discrete Gaussian share before masking; only the sum, carrying the full
+noise, is ever unmasked. Every noise either mode releases is drawn from the organisation's
+secret ChaCha20 stream (:mod:`fedembed.dp.noise`).
 
 Layout (one-way, see ``tests/test_layers.py``):
 
 - :mod:`fedembed.dp.accounting` (numpy + Google's ``dp-accounting``, no torch): the
   privacy ledger of one organisation, composed over rounds, with a budget;
+- :mod:`fedembed.dp.noise` (numpy): the secret ChaCha20 random source of every released
+  noise, with exact discrete Gaussian sampling;
+- :mod:`fedembed.dp.distributed` (numpy): organisation-level distributed noise over
+  secure aggregation (each organisation a discrete Gaussian share before masking);
 - :mod:`fedembed.dp.selection` (numpy): the noisy row selection, without a dense noise
   vector over the table;
 - :mod:`fedembed.dp.clipping` (torch): per-example gradient norms and clipped sums for

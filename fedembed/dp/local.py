@@ -22,10 +22,16 @@ weighted by how many steps selected it (capped) -- is a post-processing of those
 so the round's update is (epsilon, delta)-DP for every training example, with epsilon from
 the organisation's :class:`~fedembed.dp.accounting.PrivacyLedger`.
 
+Every random choice of a step -- the Poisson sample, the selection noise, the gradient
+noise -- comes from the organisation's secret ChaCha20 stream
+(:class:`fedembed.dp.noise.SecureRandom`), never from the run-seeded numpy generator that
+shuffles its non-private training: the coordinator, which chose the run's seed, can neither
+regenerate the noise nor know which examples a step sampled.
+
 Not covered (say so wherever numbers are reported): the example count, the training loss
 and the evaluation metrics an organisation also reports are computed from its data without
-noise; floating-point Gaussian noise from numpy's PCG64 is not a cryptographic sampler
-(a discrete Gaussian over SecAgg is the way to distributed DP, issue 13's later part).
+noise; the gradient noise is a floating-point Gaussian (Box-Muller over the secret stream),
+with the floating-point caveats of every float Gaussian mechanism (Mironov 2012).
 """
 
 from __future__ import annotations
@@ -41,6 +47,7 @@ import torch
 from fedembed.dp import DPError
 from fedembed.dp.accounting import DPRound, PrivacyLedger, effective_noise_multiplier
 from fedembed.dp.clipping import ClippedBatch, ExampleGradients
+from fedembed.dp.noise import DPRandom
 from fedembed.dp.selection import example_count_scale, select_rows
 from fedembed.model import SplitModel
 from fedembed.recipe import TrainConfig
@@ -130,11 +137,12 @@ class RowSparseDPSGD:
         The organisation's model (head of ``nn.Linear`` layers, no residual).
     cfg : DPConfig
         The DP parameters.
-    rng : np.random.Generator
-        The source of all noise.
+    rng : DPRandom
+        The source of all noise (:class:`fedembed.dp.noise.SecureRandom`; a numpy
+        ``Generator`` in tests only).
     """
 
-    def __init__(self, model: SplitModel, cfg: DPConfig, rng: np.random.Generator) -> None:
+    def __init__(self, model: SplitModel, cfg: DPConfig, rng: DPRandom) -> None:
         self.model, self.cfg, self.rng = model, cfg, rng
         self.tracer = ExampleGradients(model)
 
@@ -221,7 +229,7 @@ def dp_epochs(
     batch_size: int,
     epochs: int,
     optimizers: list[torch.optim.Optimizer],
-    rng: np.random.Generator,
+    rng: DPRandom,
     lookups: dict[str, list[np.ndarray]],
 ) -> tuple[float, int, DPRound]:
     """``epochs`` epochs' worth of Poisson-sampled DP steps; the rows each step released go to ``lookups``.
@@ -240,8 +248,8 @@ def dp_epochs(
         Steps run: ``epochs * ceil(N / batch_size)``.
     optimizers : list[torch.optim.Optimizer]
         Stepped after each DP step (table and head).
-    rng : np.random.Generator
-        Sampling and noise.
+    rng : DPRandom
+        Sampling and noise (the organisation's :class:`fedembed.dp.noise.SecureRandom`).
     lookups : dict[str, list[np.ndarray]]
         Per table, appended with the rows released at each step: after the round a row's
         count is the number of steps that released it, a DP weight (post-processing).
@@ -286,7 +294,7 @@ def dp_train_round(
     model: SplitModel,
     cfg: TrainConfig,
     optimizers: list[torch.optim.Optimizer],
-    rng: np.random.Generator,
+    rng: DPRandom,
     lookups: dict[str, list[np.ndarray]],
     ledger: PrivacyLedger | None = None,
 ) -> tuple[float, int, dict[str, float]]:

@@ -26,6 +26,7 @@ import numpy as np
 from scipy.special import ndtri
 
 from fedembed.dp import DPError
+from fedembed.dp.noise import DPRandom
 
 log = logging.getLogger(__name__)
 
@@ -63,7 +64,7 @@ def select_rows(
     num_rows: int,
     std: float,
     threshold: float,
-    rng: np.random.Generator,
+    rng: DPRandom,
     exclude: int | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Rows of one table whose noisy contribution count reaches ``threshold``.
@@ -84,8 +85,8 @@ def select_rows(
         Noise standard deviation (> 0): selection noise multiplier x count clip.
     threshold : float
         Keep rows whose noisy count is ``>= threshold`` (> 0).
-    rng : np.random.Generator
-        Source of the noise.
+    rng : SecureRandom or np.random.Generator
+        Source of the noise (the organisation's secret stream, :mod:`fedembed.dp.noise`).
     exclude : int, optional
         A row never selected (the table's padding row: it never has a gradient, and that is public).
 
@@ -121,7 +122,7 @@ def select_rows(
 
 
 def _uniform_untouched(
-    touched: np.ndarray, num_rows: int, m: int, rng: np.random.Generator, exclude: int | None
+    touched: np.ndarray, num_rows: int, m: int, rng: DPRandom, exclude: int | None
 ) -> np.ndarray:
     """``m`` distinct rows drawn uniformly from the rows not in ``touched`` (nor ``exclude``)."""
     banned = set(touched.tolist())

@@ -69,7 +69,7 @@ import fcntl
 import logging
 import shutil
 from collections.abc import Callable, Iterator, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -77,6 +77,8 @@ import numpy as np
 from flwr.app import ConfigRecord, RecordDict
 
 from fedembed.config import StageHeader
+from fedembed.dp.distributed import DistributedNoise
+from fedembed.dp.noise import SecureRandom, noise_secret
 from fedembed.errors import FedembedError
 from fedembed.faults import check_drop
 from fedembed.identity import Identity, sign_reply
@@ -130,12 +132,16 @@ class SecureMember:
         Its roster name, identity key and roster.
     policy : SecurePolicy
         The rules it holds every session to.
+    noise_seed : str, optional
+        Seed of its DP noise (tests, reproducible simulations); None: its own secret key
+        in ``state_dir`` (:func:`fedembed.dp.noise.noise_secret`).
     """
 
     org: int
     state_dir: Path
     identity: Identity
     policy: SecurePolicy
+    noise_seed: str | None = None
 
     @classmethod
     def from_node_config(
@@ -148,8 +154,8 @@ class SecureMember:
         ----------
         nc : mapping
             Node config: ``state-dir``, ``identity-key``, ``roster``, the ``secure-*``
-            policy keys, and, in simulation, ``partition-id`` (or ``org``: an index used
-            for fault injection and default file names; -1 when absent).
+            policy keys, optionally ``dp-noise-seed``, and, in simulation, ``partition-id``
+            (or ``org``: an index used for fault injection and default file names; -1 when absent).
         state_root, key_dir, roster : str or None
             Simulation defaults: state in ``<state_root>/org-<index>``, key
             ``<key_dir>/<index>.key``, this roster file.
@@ -175,7 +181,8 @@ class SecureMember:
         roster_path = str(nc["roster"]) if "roster" in nc else roster
         if roster_path is None:
             raise ValueError("node config has no roster: pass --node-config '... roster=<dir of .pub files or JSON>'")
-        return cls(org, state, Identity.load(key, roster_path), SecurePolicy.from_mapping(nc))
+        seed = str(nc["dp-noise-seed"]) if str(nc.get("dp-noise-seed", "")) else None
+        return cls(org, state, Identity.load(key, roster_path), SecurePolicy.from_mapping(nc), seed)
 
 
 # ------------------------------------------------------------------ sessions on disk
@@ -261,20 +268,31 @@ def _discard(state_dir: Path, keep: Callable[[int], bool]) -> None:
 
 
 def _params(member: SecureMember, row_set: str, shapes: Mapping[str, tuple[int, int]], clip_delta: float,
-            max_weight: float, wire_dtype: str) -> dict:
+            max_weight: float, wire_dtype: str, dp_noise: DistributedNoise | None = None) -> dict:
     """The session parameters, from the organisation's own training, checked against its policy.
+
+    ``dp_noise``: distributed DP (:mod:`fedembed.dp.distributed`), a discrete Gaussian share
+    added to the value vector before masking, fixed with the rest.
 
     Raises
     ------
     ProtocolError
-        A row-set mode its policy does not allow, or unusable encoding parameters.
+        A row-set mode its policy does not allow, unusable encoding parameters, or
+        distributed noise with a row set other than ``dense`` (the row set would be
+        released without noise).
     """
     if row_set not in member.policy.row_sets:
         raise ProtocolError(f"row-set mode {row_set!r} refused: this organisation takes part in {member.policy.row_sets}")
     if not (clip_delta > 0 and max_weight >= 1 and wire_dtype in ("float16", "float32")):
         raise ProtocolError(f"session parameters refused: clip {clip_delta}, weight cap {max_weight}, dtype {wire_dtype!r}")
-    return {"row_set": row_set, "clip_delta": float(clip_delta), "max_weight": float(max_weight),
-            "wire_dtype": wire_dtype, "shapes": {k: [int(v[0]), int(v[1])] for k, v in sorted(shapes.items())}}
+    if dp_noise is not None and row_set != "dense":
+        raise ProtocolError(f"distributed DP noise with row-set mode {row_set!r} refused: the row set would be "
+                            "released without noise; use --row-set dense")
+    params = {"row_set": row_set, "clip_delta": float(clip_delta), "max_weight": float(max_weight),
+              "wire_dtype": wire_dtype, "shapes": {k: [int(v[0]), int(v[1])] for k, v in sorted(shapes.items())}}
+    if dp_noise is not None:
+        params["dp_noise"] = dp_noise.to_dict()
+    return params
 
 
 def _shapes(session: ClientSession) -> dict[str, tuple[int, int]]:
@@ -298,6 +316,7 @@ def begin(
     max_weight: float,
     wire_dtype: str,
     rows: Mapping[str, np.ndarray] | None = None,
+    dp_noise: DistributedNoise | None = None,
 ) -> dict:
     """Start the round's session after local training; returns the records to add to the train reply.
 
@@ -319,13 +338,17 @@ def begin(
         The rows it claims for U (``union``: its indicators; ``revealed``: told in the
         clear): the rows it touched and the rows its training data looks up, so the same U
         also serves a next round set up ahead. Default: the rows it touched.
+    dp_noise : DistributedNoise, optional
+        Distributed DP: the discrete Gaussian share added to the value vector before
+        masking (:mod:`fedembed.dp.distributed`), fixed for the session; ``dense`` only.
 
     Raises
     ------
     ProtocolError
-        A row-set mode the organisation's policy does not allow.
+        A row-set mode the organisation's policy does not allow, or distributed noise
+        with a row set other than ``dense`` (the row set would be released without noise).
     """
-    params = _params(member, row_set, shapes, clip_delta, max_weight, wire_dtype)
+    params = _params(member, row_set, shapes, clip_delta, max_weight, wire_dtype, dp_noise)
     claimed = _claimed_rows(update, rows)
     session = ClientSession.new(session_context(run_key, round_), fresh_groups(row_set), params)
     advert = session.advert(member.identity)
@@ -354,13 +377,15 @@ def advertise_next(
     clip_delta: float,
     max_weight: float,
     wire_dtype: str,
+    dp_noise: DistributedNoise | None = None,
 ) -> ConfigRecord:
     """Make the session of ``round_`` (the next round) ahead of time; its signed advert, the train reply's ``next``.
 
     Its parameters are fixed now, from this round's training; the next round's plan must
-    agree with them (:func:`mask_in_train` refuses otherwise).
+    agree with them (:func:`mask_in_train` refuses otherwise). ``dp_noise``: as in
+    :func:`begin`, fixed with the session.
     """
-    params = _params(member, row_set, shapes, clip_delta, max_weight, wire_dtype)
+    params = _params(member, row_set, shapes, clip_delta, max_weight, wire_dtype, dp_noise)
     session = ClientSession.new(session_context(run_key, round_), ahead_groups(row_set), params)
     advert = session.advert(member.identity)
     with _locked(member.state_dir):
@@ -381,6 +406,7 @@ def mask_in_train(
     clip_delta: float,
     max_weight: float,
     wire_dtype: str,
+    dp_noise: DistributedNoise | None = None,
 ) -> dict:
     """Mask the round's update in the session set up ahead for it; the records of the train reply.
 
@@ -388,7 +414,8 @@ def mask_in_train(
     ``union``/``revealed`` mode, the row set U): the shares are opened, the values vector
     is encoded over U (which must hold every row it touched), ``union`` adds the indicators
     of ``rows`` (the next round's U), and the group is masked. The update never touches
-    the disk.
+    the disk. With distributed DP noise (``dp_noise``, fixed when the session was made)
+    the values vector carries the organisation's discrete Gaussian share.
 
     Raises
     ------
@@ -397,7 +424,7 @@ def mask_in_train(
         session was made with, a stage out of order, or U missing rows it touched
         (:class:`fedembed.secagg.protocol.RowsMissing`).
     """
-    params = _params(member, row_set, shapes, clip_delta, max_weight, wire_dtype)
+    params = _params(member, row_set, shapes, clip_delta, max_weight, wire_dtype, dp_noise)
     context = session_context(run_key, round_)
     with _locked(member.state_dir):
         session, _, _ = _load(member.state_dir, context, round_)
@@ -435,8 +462,13 @@ def _mask(member: SecureMember, session: ClientSession, content: RecordDict, upd
             raise UpdateError("no update to mask in this session")
         rowset = _rowset(content, session, update)
         session.params["rowset_digest"] = rowset_digest(rowset).hex()
-        scales = ValueScales(n=session.n, clip_delta=p["clip_delta"], max_weight=p["max_weight"])
-        vectors[phase], clipped = encode_values(update, rowset, p["shapes"], scales, p["wire_dtype"])
+        noise = DistributedNoise(**p["dp_noise"]) if "dp_noise" in p else None
+        scales = ValueScales(n=session.n, clip_delta=p["clip_delta"], max_weight=p["max_weight"], noise=noise)
+        rng = None
+        if noise is not None:  # its own secret noise share, bound to this session
+            rng = SecureRandom.derive(noise_secret(member.state_dir, member.noise_seed), "distributed",
+                                      member.identity.name, session.context.hex())
+        vectors[phase], clipped = encode_values(update, rowset, p["shapes"], scales, p["wire_dtype"], rng)
         if clipped:
             log.warning("secure aggregation: %d delta entries beyond +-%g were clipped", clipped, scales.clip_delta)
     out["masked"] = encode_arrays(session.mask_group(vectors))
@@ -543,12 +575,25 @@ def handle_stage(member: SecureMember, stage: str, content: RecordDict) -> dict:
     return out
 
 
+def _session_policy(policy: SecurePolicy, session: ClientSession) -> SecurePolicy:
+    """The policy a session is held to: with distributed DP noise, no sum of fewer vectors than its shares count on.
+
+    Each organisation adds ``1/m`` of the noise variance (:mod:`fedembed.dp.distributed`):
+    a sum of fewer than ``m`` honest shares would carry less noise than its ledger
+    records, so it helps unmask none with fewer than ``m + colluders`` vectors.
+    """
+    if "dp_noise" not in session.params:
+        return policy
+    shares = int(session.params["dp_noise"]["shares"])
+    return replace(policy, min_delivered=max(policy.min_delivered, shares + policy.colluders))
+
+
 def _session_stage(member: SecureMember, stage: str, kind: str, header: StageHeader, content: RecordDict) -> dict:
     """The part of a stage message that belongs to the round's own session (under the lock)."""
     context = session_context(header.run_key, header.round)
     session, update, rows = _load(member.state_dir, context, header.round)
     sec = content["secagg"]
-    ident, policy = member.identity, member.policy
+    ident, policy = member.identity, _session_policy(member.policy, session)
     out: dict = {}
     if kind == "share":
         out.update(_make_shares(member, session, sec))

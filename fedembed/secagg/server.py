@@ -54,6 +54,8 @@ import numpy as np
 from flwr.app import ConfigRecord, RecordDict
 
 from fedembed.config import StageHeader
+from fedembed.dp import DPError
+from fedembed.dp.distributed import DistributedNoise
 from fedembed.secagg.graph import default_neighbours, default_threshold
 from fedembed.secagg.primitives import CryptoError
 from fedembed.secagg.protocol import (
@@ -593,8 +595,21 @@ class SecureRound:
         self.entry["secure"]["rows"] = int(sum(ids.size for ids in rowset.values()))
         delivered_values = len(s.delivered["values"])
         self.entry["clients"] = delivered_values
-        scales = ValueScales(n=len(s.parties), clip_delta=self.cfg.delta_clip, max_weight=self.cfg.train.max_row_weight)
+        cfg = self.cfg
+        noise = DistributedNoise.for_recipe(cfg.train, self.shapes, cfg.delta_clip)
+        try:  # with distributed noise: refused if this many parties could wrap the noisy sum
+            scales = ValueScales(n=len(s.parties), clip_delta=cfg.delta_clip, max_weight=cfg.train.max_row_weight,
+                                 noise=noise)
+        except DPError as exc:
+            raise RoundAbandoned(str(exc)) from exc
         self.entry["secure"]["error_bound"] = scales.bound()
+        if noise is not None:  # the noise actually in the sum: one share per delivered vector
+            self.entry["secure"]["dp"] = {
+                "shares": delivered_values, "guaranteed_shares": noise.shares,
+                "noise_std": noise.std_in_sum(delivered_values) / cfg.train.max_row_weight,
+                "noise_multiplier": (delivered_values * noise.local_variance) ** 0.5 / noise.l2_sensitivity,
+                "update_clip": noise.clip,
+            }
         try:
             return decode_values(total, rowset, self.shapes, scales, delivered_values, counts)
         except UpdateError as exc:

@@ -39,6 +39,14 @@ vectors summed (``delivered``), ``W = max_weight``, ``c = clip_delta`` and the s
 Whoever sent the offending values cannot be identified inside a masked sum, so the whole
 sum is refused (the round is abandoned), and nobody is named.
 
+With distributed DP noise (:class:`ValueScales` ``noise``, :mod:`fedembed.dp.distributed`;
+``dense`` row set only) every organisation puts the same public weight ``W`` on every row,
+so the weights must sum to exactly ``d * W`` everywhere; every entry of the weighted deltas
+is bounded by ``d * (W min(clip_delta, C) s + 1/2)`` plus the noise tail of ``d`` shares
+(:meth:`~fedembed.dp.distributed.DistributedNoise.sum_bound`, exceeded by an honest sum with
+probability at most 2^-40). The noise itself cannot be checked: a missing or partial
+share passes.
+
 **What the checks cannot stop** (that needs zero-knowledge proofs on each vector). The
 checks bound the *sum*, not one organisation's share of it. An accepted sum is always one
 that honest organisations could have produced, but within it one hostile organisation can:
@@ -64,11 +72,14 @@ that honest organisations could have produced, but within it one hostile organis
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass
 
 import numpy as np
 
+from fedembed.dp.distributed import DistributedNoise
+from fedembed.dp.noise import SecureRandom
 from fedembed.secagg.quantize import count_clipped, dequantize, error_bound, quantize, scale_for
 from fedembed.sparse import WIRE_DTYPES, AggregateSum, RowUpdate, TableSum, UpdateError
 
@@ -213,21 +224,32 @@ class ValueScales:
         Largest ``|delta|`` encoded; larger entries are clipped.
     max_weight : float
         Largest per-row weight (weights are validated against it).
+    noise : DistributedNoise, optional
+        Distributed DP noise in the sum (dense row set only): the data scale is then the
+        noise's (:attr:`DistributedNoise.scale`), and ``n`` parties must not be able to
+        wrap the noisy sum.
     """
 
     n: int
     clip_delta: float
     max_weight: float
+    noise: DistributedNoise | None = None
+
+    def __post_init__(self) -> None:
+        if self.noise is not None:
+            if self.noise.max_weight != self.max_weight or self.noise.clip_delta != self.clip_delta:
+                raise ValueError("distributed noise was set up for another weight cap or delta clip")
+            self.noise.check_no_wrap(self.n)
 
     @property
     def data_clip(self) -> float:
         """Clip of ``weight * delta``."""
-        return self.clip_delta * self.max_weight
+        return self.noise.entry_clip if self.noise is not None else self.clip_delta * self.max_weight
 
     @property
     def data_scale(self) -> float:
         """Scale of ``weight * delta``."""
-        return scale_for(self.data_clip, self.n)
+        return self.noise.scale if self.noise is not None else scale_for(self.data_clip, self.n)
 
     @property
     def weight_scale(self) -> float:
@@ -240,9 +262,19 @@ class ValueScales:
 
 
 def encode_values(
-    update: RowUpdate, rowset: RowSet, shapes: Shapes, scales: ValueScales, wire_dtype: str = "float16"
+    update: RowUpdate, rowset: RowSet, shapes: Shapes, scales: ValueScales, wire_dtype: str = "float16",
+    noise_random: SecureRandom | None = None,
 ) -> tuple[np.ndarray, int]:
     """The uint32 value vector of one organisation's update over ``rowset``.
+
+    Parameters
+    ----------
+    update, rowset, shapes, scales, wire_dtype
+        The update, the agreed rows, the tables, the round's encoding, the wire dtype its
+        deltas are rounded to first.
+    noise_random : SecureRandom, optional
+        With ``scales.noise``: the organisation's secret source of its discrete Gaussian
+        share (required then, refused otherwise).
 
     Returns
     -------
@@ -256,6 +288,10 @@ def encode_values(
     UpdateError
         If the update touches a row outside the agreed row set, or a weight is out of range.
     """
+    if scales.noise is not None or noise_random is not None:
+        if scales.noise is None or noise_random is None:
+            raise ValueError("distributed noise needs both the round's noise (scales.noise) and a noise source")
+        return _encode_noisy(update, rowset, shapes, scales, wire_dtype, noise_random)
     out = np.zeros(values_length(rowset, shapes), dtype=np.uint32)
     offset, clipped = 0, 0
     s_d, s_w = scales.data_scale, scales.weight_scale
@@ -272,16 +308,79 @@ def encode_values(
         w = tu.weight.astype(np.float64)
         if np.any(w < 0) or np.any(w > scales.max_weight):
             raise UpdateError(f"table {name!r}: weights outside [0, {scales.max_weight}]")
-        delta = tu.delta
-        if wire_dtype == "float16":  # the very numbers the plain path would send
-            delta = np.clip(delta, -65000.0, 65000.0)
-        delta = delta.astype(WIRE_DTYPES[wire_dtype]).astype(np.float64)
+        delta = _wire_delta(tu.delta, wire_dtype)  # the very numbers the plain path would send
         clipped += count_clipped(delta, scales.clip_delta)
         delta = np.clip(delta, -scales.clip_delta, scales.clip_delta)
         data = block[: ids.size * dim].reshape(ids.size, dim)
         data[pos] = quantize(delta * w[:, None], scales.data_clip, s_d)
         block[ids.size * dim :][pos] = quantize(w, scales.max_weight, s_w)
     return out, clipped
+
+
+def _wire_delta(delta: np.ndarray, wire_dtype: str) -> np.ndarray:
+    """``delta`` rounded to the wire dtype exactly as the plain path sends it, as float64."""
+    if wire_dtype == "float16":
+        delta = np.clip(delta, -65000.0, 65000.0)
+    return delta.astype(WIRE_DTYPES[wire_dtype]).astype(np.float64)
+
+
+def _encode_noisy(
+    update: RowUpdate, rowset: RowSet, shapes: Shapes, scales: ValueScales, wire_dtype: str, rng: SecureRandom
+) -> tuple[np.ndarray, int]:
+    """The value vector with a distributed discrete Gaussian share (:mod:`fedembed.dp.distributed`).
+
+    ``delta`` is clipped per entry to ``clip_delta`` and, over every table together, to L2
+    norm ``noise.clip``; every row of the (dense) row set gets weight ``max_weight``;
+    ``round(W * delta * s)`` plus ``N_Z(0, S)`` per entry, modulo 2^32.
+    """
+    noise = scales.noise
+    assert noise is not None
+    rows = sum(rowset[name].size for name in sorted(shapes))
+    if rows != sum(shapes[name][0] for name in shapes) or values_length(rowset, shapes) - rows != noise.entries:
+        raise UpdateError("distributed DP noise covers the dense row set only (every row of every table); "
+                          f"this row set has {rows} rows")
+    deltas: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+    clipped, sq = 0, 0.0
+    for name in sorted(shapes):
+        tu = update.get(name)
+        if tu is None or not tu.num_rows:
+            continue
+        ids = rowset[name]
+        pos = np.searchsorted(ids, tu.ids)
+        if np.any(pos >= ids.size) or np.any(ids[np.minimum(pos, ids.size - 1)] != tu.ids):
+            raise UpdateError(f"table {name!r}: the update touches rows outside the agreed row set")
+        delta = _wire_delta(tu.delta, wire_dtype)
+        clipped += count_clipped(delta, scales.clip_delta)
+        delta = np.clip(delta, -scales.clip_delta, scales.clip_delta)
+        sq += float(np.square(delta).sum())
+        deltas[name] = (pos, delta)
+    norm = math.sqrt(sq)
+    factor = min(1.0, noise.clip / norm) if norm > 0 else 1.0
+    if factor < 1.0:
+        log.info("distributed DP: update of L2 norm %.4g clipped to %g", norm, noise.clip)
+    s_d, s_w = scales.data_scale, scales.weight_scale
+    share = noise.local_variance
+    out = np.zeros(values_length(rowset, shapes), dtype=np.uint32)
+    offset = 0
+    for name in sorted(shapes):
+        ids, dim = rowset[name], shapes[name][1]
+        block = out[offset : offset + ids.size * (dim + 1)]
+        offset += block.size
+        data = block[: ids.size * dim].reshape(ids.size, dim)
+        pos, delta = deltas.get(name, (np.zeros(0, np.int64), np.zeros((0, dim))))
+        step = max(1, _NOISE_CHUNK // max(dim, 1))
+        for start in range(0, ids.size, step):  # row chunks: no table-sized int64 temporaries
+            stop = min(start + step, ids.size)
+            chunk = rng.discrete_gaussian(share, (stop - start) * dim).reshape(stop - start, dim)
+            lo, hi = np.searchsorted(pos, [start, stop])
+            chunk[pos[lo:hi] - start] += np.rint(delta[lo:hi] * (factor * scales.max_weight * s_d)).astype(np.int64)
+            data[start:stop] = (chunk % 2**32).astype(np.uint32)
+        block[ids.size * dim :] = quantize(np.full(ids.size, scales.max_weight), scales.max_weight, s_w)
+    return out, clipped
+
+
+_NOISE_CHUNK = 1 << 20
+"""Entries of noise drawn at a time when encoding a noisy vector."""
 
 
 _FLOAT_SLACK = 1e-12
@@ -358,6 +457,8 @@ def decode_values(
     if total.shape != (values_length(rowset, shapes),):
         raise UpdateError(f"value sum has shape {total.shape}, expected ({values_length(rowset, shapes)},)")
     total = np.asarray(total, dtype=np.uint32)
+    if scales.noise is not None:
+        return _decode_noisy(total, rowset, shapes, scales, delivered)
     s_d, s_w = scales.data_scale, scales.weight_scale
     # an honest weight w <= max_weight quantizes to at most this (quantize rounds monotonically)
     q_w_max = int(np.rint(np.float64(scales.max_weight) * s_w))
@@ -423,6 +524,37 @@ def decode_values(
             # dequantize only the rows someone touched (in dense mode a small part of the table)
             data = dequantize(block if keep.all() else block[keep], s_d)
             out[name] = TableSum(ids=ids[keep], weighted_delta=data, weight=weight[keep])
+        offset += m * (dim + 1)
+    return out
+
+
+def _decode_noisy(total: np.ndarray, rowset: RowSet, shapes: Shapes, scales: ValueScales, delivered: int) -> AggregateSum:
+    """:func:`decode_values` of a sum carrying distributed noise: every row, weights exactly ``d * W``."""
+    noise = scales.noise
+    assert noise is not None
+    s_d, s_w = scales.data_scale, scales.weight_scale
+    q_w = delivered * int(np.rint(np.float64(scales.max_weight) * s_w))
+    limit = noise.sum_bound(delivered)
+    out: AggregateSum = {}
+    offset = 0
+    for name in sorted(shapes):
+        ids, dim = rowset[name], shapes[name][1]
+        m = ids.size
+        qw = total[offset + m * dim : offset + m * (dim + 1)].view(np.int32).astype(np.int64)
+        if m and np.any(qw != q_w):
+            raise _refused("weight bound (every row's sum_w = delivered x max_weight under distributed noise)", name,
+                           int(np.count_nonzero(qw != q_w)), f"expected {q_w / s_w:g}")
+        block = total[offset : offset + m * dim].reshape(m, dim)
+        if m and dim:
+            q = block.view(np.int32)
+            peak = max(int(q.max()), -int(q.min()))
+            if peak > limit:
+                raise _refused("noisy weighted-delta bound (|sum w*delta| <= delivered x clip + noise tail)", name,
+                               _count_outside(q, np.arange(m), np.full(m, limit)),
+                               f"largest |sum w*delta| {peak / s_d:.6g} > {limit / s_d:.6g}")
+        if m:
+            out[name] = TableSum(ids=ids.copy(), weighted_delta=dequantize(block, s_d),
+                                 weight=dequantize(total[offset + m * dim : offset + m * (dim + 1)], s_w))
         offset += m * (dim + 1)
     return out
 
