@@ -371,7 +371,8 @@ def _checked_plan(organisation: Organisation, content: RecordDict, message_type:
     if plan.evaluate_only != (message_type == "evaluate"):
         raise MessageRefused(f"a {message_type!r} message whose plan says evaluate_only={plan.evaluate_only}")
     recipe = TrainConfig.from_dict(json.loads(plan.train))
-    organisation.dp_policy.check(recipe.dp_active_noise_multiplier)
+    organisation.dp_policy.check(recipe.dp_active_noise_multiplier,
+                                 "dp_sum_noise_multiplier" if recipe.dp_distributed else "dp_noise_multiplier")
     if recipe.dp_distributed and not (plan.secure and plan.row_set == "dense"):
         raise MessageRefused(  # its share alone would carry 1/m of the noise; other row sets release U without noise
             f"distributed DP noise needs a secure round over the dense row set, got secure={plan.secure}, "

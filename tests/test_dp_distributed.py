@@ -284,7 +284,7 @@ def test_a_coordinator_asking_for_less_distributed_noise_than_the_floor_is_refus
     c = Coordinator(run_config(TASK, rounds=1, secure=True, row_set="dense", train=TrainConfig(**DDP)), t)
     reply = handle_content(t.orgs[100], c.train_message(100, 1), "train", 100)
     assert reply["info"]["status"] == "refused"
-    assert "dp_noise_multiplier 1.0 is below this organisation's minimum 1.5" in reply["info"]["error"]
+    assert "dp_sum_noise_multiplier 1.0 is below this organisation's minimum 1.5" in reply["info"]["error"]
 
 
 # ---------------------------------------------------------------------------- rounds

@@ -50,8 +50,15 @@ class DPPolicy:
         except (TypeError, ValueError) as exc:
             raise DPError(f"node config dp-*: {exc}") from None
 
-    def check(self, noise_multiplier: float) -> None:
+    def check(self, noise_multiplier: float, name: str = "dp_noise_multiplier") -> None:
         """Refuse a recipe whose noise multiplier is below this organisation's floor.
+
+        Parameters
+        ----------
+        noise_multiplier : float
+            The multiplier of the DP mode the recipe turns on (0: none).
+        name : str
+            Its recipe field, for the message.
 
         Raises
         ------
@@ -60,7 +67,7 @@ class DPPolicy:
         """
         if noise_multiplier < self.min_noise_multiplier:
             raise DPError(
-                f"the recipe's dp_noise_multiplier {noise_multiplier} is below this organisation's minimum "
+                f"the recipe's {name} {noise_multiplier} is below this organisation's minimum "
                 f"{self.min_noise_multiplier}"
             )
 
