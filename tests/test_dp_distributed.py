@@ -275,7 +275,7 @@ def test_distributed_noise_is_refused_outside_a_secure_dense_round(tmp_path, dir
     assert reply["info"]["status"] == "refused" and "dense row set" in reply["info"]["error"]
     noise = DistributedNoise.for_recipe(cfg, c.shapes, 4.0)
     with pytest.raises(ProtocolError, match="released without noise"):
-        begin(t.orgs[100].member, "run", 1, "revealed", {}, c.shapes, 4.0, 1.0, "float16", noise)
+        begin(t.orgs[100].member, "run", 1, "revealed", {}, c.shapes, 4.0, 1.0, "float16", dp_noise=noise)
 
 
 def test_a_coordinator_asking_for_less_distributed_noise_than_the_floor_is_refused(tmp_path, direct_transport):
