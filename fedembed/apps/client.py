@@ -1,8 +1,9 @@
 """Flower ClientApp: an organisation. Decodes a message, calls :mod:`fedembed.org`, replies.
 
-Under ``fedembed client`` no ClientApp process is started at all: the organisation's
-long-lived worker (:mod:`fedembed.worker`) runs the SuperNode's tasks itself, through the
-same handler (:func:`fedembed.org.handle_content`). Under a SuperNode that starts a
+Under ``fedembed client`` no ClientApp process is started at all: the SuperNode hands
+each message to the organisation's long-lived worker (:mod:`fedembed.worker`,
+:mod:`fedembed.deploy.handoff`), which runs the same handler
+(:func:`fedembed.org.handle_content`). Under a SuperNode that starts a
 ClientApp process per message (Flower 1.42's default, e.g. the stock ``flower-supernode``,
 or ``fedembed client`` while its worker is down) with node config ``worker-socket``, the
 message goes to the worker there, and this process imports neither torch nor the task;

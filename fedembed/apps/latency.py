@@ -90,5 +90,9 @@ class PollingClock(ModuleType):
             _time.sleep(min(seconds, self.local))
             self.idle = self.fast
 
+    def message_answered(self) -> None:
+        """A message came and was answered: the next idle poll is ``fast`` again (the next stage comes soon)."""
+        self.idle = self.fast
+
     def __getattr__(self, name: str) -> Any:  # everything else is the real module's
         return getattr(_time, name)
