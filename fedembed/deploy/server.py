@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import subprocess
 import sys
 import time
@@ -37,6 +36,10 @@ log = logging.getLogger(__name__)
 
 CONNECTION = "fedembed"
 """Name of the SuperLink connection written into ``flwr-home/config.toml``."""
+
+SUPEREXEC_POLL_SECONDS = "0.5"
+"""How often the coordinator's SuperExec asks for a task to launch (``FLWR_SUPEREXEC_TASK_POLL_INTERVAL``,
+unless set): the ServerApp, once per run."""
 
 
 @dataclass
@@ -143,10 +146,10 @@ class CoordinatorProcess:
         self.opts.state_dir.mkdir(parents=True, exist_ok=True)
         self.files = DeployedRunFiles(self.opts.state_dir)
         self.env = flower_env(self.opts.flwr_home)
-        # The SuperLink's SuperExec launches the ServerApp once per run; polling for it every
-        # 0.1 s (flower_env's default, for the organisations) costs the SuperLink ten TLS
-        # requests a second for the whole run.
-        self.env["FLWR_SUPEREXEC_TASK_POLL_INTERVAL"] = os.environ.get("FLWR_SUPEREXEC_TASK_POLL_INTERVAL", "0.5")
+        # The SuperLink's SuperExec launches the ServerApp once per run, and keeps asking the
+        # SuperLink for a task (a TLS request) at this interval for the whole run: twice a
+        # second, unless the user set it.
+        self.env.setdefault("FLWR_SUPEREXEC_TASK_POLL_INTERVAL", SUPEREXEC_POLL_SECONDS)
 
     @property
     def superlink_address(self) -> str:
