@@ -91,3 +91,14 @@ def test_the_coordinators_superexec_polls_twice_a_second_even_under_an_organisat
     monkeypatch.setenv("FLWR_SUPEREXEC_TASK_POLL_INTERVAL", "2")  # the user's choice wins
     assert CoordinatorProcess(ServerOptions(state_dir=tmp_path / "s", insecure=True)).env[
         "FLWR_SUPEREXEC_TASK_POLL_INTERVAL"] == "2"
+
+
+def test_after_a_poll_the_gate_held_open_the_supernode_polls_again_at_once(slept, monkeypatch):
+    now = [100.0]
+    monkeypatch.setattr(latency._time, "monotonic", lambda: now[0])
+    clock = PollingClock(cap=0.2, local=0.02, fast=0.02, held=1.0)
+    now[0] += 10.0  # the empty poll took 10 s: the coordinator's gate held it open
+    clock.sleep(3)
+    assert slept == []
+    clock.sleep(3)  # an empty poll answered at once (a gate that holds nothing): the usual backoff
+    assert slept == [pytest.approx(0.2)]

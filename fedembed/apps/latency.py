@@ -17,7 +17,9 @@ in the process that asks, never globally), the others are environment variables
   state. :class:`PollingClock` replaces those sleeps: the idle poll starts at
   ``fast`` seconds after a message and doubles up to ``cap`` while nothing comes (the
   next stage of a round comes soon after the last; an idle organisation polls slowly),
-  the local waits are cut to ``local`` seconds.
+  the local waits are cut to ``local`` seconds. A poll that the coordinator's Fleet gate
+  held open (it took ``held`` seconds or more, see :mod:`fedembed.deploy.fleetgate`) is
+  followed by the next one at once: the gate does the waiting.
 """
 
 from __future__ import annotations
@@ -72,27 +74,35 @@ class PollingClock(ModuleType):
     fast : float, optional
         First idle poll interval after a message (default ``min(cap, 0.02)``); it
         doubles with every empty poll, up to ``cap``.
+    held : float
+        An empty poll that took this long was held open by the coordinator's gate (a long
+        poll): the next one follows at once.
     """
 
-    def __init__(self, cap: float, local: float, fast: float | None = None) -> None:
+    def __init__(self, cap: float, local: float, fast: float | None = None, held: float = 1.0) -> None:
         super().__init__("time")
         self.cap = float(cap)
         self.local = float(local)
         self.fast = min(self.cap, 0.02 if fast is None else float(fast))
+        self.held = float(held)
         self.idle = self.cap  # until the first message: poll at the cap
+        self._since = _time.monotonic()  # when the loop last went on (end of a sleep, or a message answered)
 
     def sleep(self, seconds: float) -> None:
-        """Flower's 3 s idle sleep becomes the current idle interval; its waits under 1 s, ``local``."""
+        """Flower's 3 s idle sleep becomes the current idle interval (none after a held poll); its waits under 1 s, ``local``."""
         if seconds >= 1.0:  # the SuperLink had nothing for us
-            _time.sleep(self.idle)
-            self.idle = min(self.cap, self.idle * 2)
+            if _time.monotonic() - self._since < self.held:
+                _time.sleep(self.idle)
+                self.idle = min(self.cap, self.idle * 2)
         else:  # a message is being answered: the next one is likely soon
             _time.sleep(min(seconds, self.local))
             self.idle = self.fast
+        self._since = _time.monotonic()
 
     def message_answered(self) -> None:
         """A message came and was answered: the next idle poll is ``fast`` again (the next stage comes soon)."""
         self.idle = self.fast
+        self._since = _time.monotonic()
 
     def __getattr__(self, name: str) -> Any:  # everything else is the real module's
         return getattr(_time, name)

@@ -8,12 +8,14 @@ from __future__ import annotations
 import logging
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
+from typing import Any
 
 from flwr.app import Context, Message, RecordDict
 from flwr.serverapp import Grid, ServerApp
 
+from fedembed.apps.wakeup import RUN_CONFIG_KEY, Wakeups
 from fedembed.config import RunConfig
 from fedembed.coordinator import Coordinator, Reply
 
@@ -23,26 +25,43 @@ log = logging.getLogger(__name__)
 class GridTransport:
     """Message exchange with organisations through a Flower ``Grid``.
 
-    Replies are polled for every :attr:`poll_seconds`. A deployed Grid's object pulls
-    retry after 20 ms instead of Flower's 1 s (:func:`fedembed.apps.latency.shorten_object_pulls`):
-    a reply seen while its sender is still uploading its arrays no longer costs a second.
+    Without wake-ups (simulation, or a SuperLink without fedembed's Fleet gate), replies
+    are polled for every :attr:`poll_seconds`. Deployed by ``fedembed server``, the
+    ServerApp and the Fleet gate wake each other instead (:mod:`fedembed.apps.wakeup`):
+    once a stage's messages are pushed, the gate is told to hand them to the SuperNodes'
+    held polls at once; the ServerApp pulls replies when the gate says one has been
+    pushed whole, and every :attr:`fallback_seconds` regardless (a wake-up may be lost, and
+    Flower's own error replies for unreachable organisations come from the SuperLink). A
+    deployed Grid's object pulls retry after 20 ms instead of Flower's 1 s
+    (:func:`fedembed.apps.latency.shorten_object_pulls`).
 
     Parameters
     ----------
     grid : Grid
         The Grid Flower hands to the ServerApp.
     poll_seconds : float
-        Seconds between two polls for replies.
+        Seconds between two polls for replies, without wake-ups.
+    wakeups : Wakeups or None
+        The ServerApp's end of the wake-ups (:meth:`fedembed.apps.wakeup.Wakeups.serverapp`).
+    fallback_seconds : float
+        Longest wait for a wake-up before the replies are pulled anyway.
     """
 
-    def __init__(self, grid: Grid, poll_seconds: float = 0.05) -> None:
+    def __init__(self, grid: Grid, poll_seconds: float = 0.05, wakeups: Wakeups | None = None,
+                 fallback_seconds: float = 1.0) -> None:
         from fedembed.apps.latency import shorten_object_pulls
 
         self.grid = grid
-        self.poll_seconds = poll_seconds
+        self.poll_seconds, self.wakeups, self.fallback_seconds = poll_seconds, wakeups, fallback_seconds
         grid_module = sys.modules.get(type(grid).__module__)
         if grid_module is not None and hasattr(grid_module, "pull_objects"):  # the deployed (HTTP) Grid
             shorten_object_pulls(grid_module)
+
+    @classmethod
+    def from_run_config(cls, grid: Grid, run_config: Mapping[str, Any]) -> GridTransport:
+        """The transport of a deployed ServerApp: with wake-ups if ``fedembed server`` named their directory."""
+        directory = run_config.get(RUN_CONFIG_KEY)
+        return cls(grid, wakeups=Wakeups.serverapp(str(directory)) if directory else None)
 
     def node_ids(self, minimum: int, timeout: float) -> list[int]:
         """Connected node ids, waiting up to ``timeout`` seconds for ``minimum`` of them."""
@@ -68,6 +87,8 @@ class GridTransport:
         """
         messages = [Message(content=c, dst_node_id=n, message_type=message_type) for n, c in contents.items()]
         ids = list(self.grid.push_messages(messages))
+        if self.wakeups is not None:
+            self.wakeups.wake_other()  # the gate hands them to the organisations' held polls now
         # Flower's own error replies (node unavailable) come from the SuperLink (src node 1):
         # name the node by the message a reply answers.
         sent = dict(zip(ids, contents))
@@ -76,6 +97,8 @@ class GridTransport:
         answered: set[int] = set()
         deadline = time.monotonic() + timeout
         while pending and time.monotonic() < deadline:
+            if self.wakeups is not None:  # until the gate says a reply is in (or the fallback's time)
+                self.wakeups.wait(min(self.fallback_seconds, deadline - time.monotonic()))
             got = list(self.grid.pull_messages(pending))
             for msg in got:
                 pending.discard(msg.metadata.reply_to_message_id)
@@ -86,7 +109,7 @@ class GridTransport:
                 else:
                     yield Reply(node, msg.content)
             del got
-            if pending:
+            if pending and self.wakeups is None:
                 time.sleep(self.poll_seconds)
         for n in contents:
             if n not in answered:
@@ -136,7 +159,8 @@ def make_server_app(
 
             files = DeployedRunFiles(Path(str(context.run_config["state-dir"])))
             ckpt_dir, round_hook, done_hook = files.coordinator_dir, files.on_round, files.on_done
-        coordinator = Coordinator(run_cfg, GridTransport(grid), state_dir=ckpt_dir, on_round=round_hook, wait_for=wait_for)
+        transport = GridTransport.from_run_config(grid, context.run_config) if cfg is None else GridTransport(grid)
+        coordinator = Coordinator(run_cfg, transport, state_dir=ckpt_dir, on_round=round_hook, wait_for=wait_for)
         if cfg is None and "state-dir" in context.run_config:
             files.on_start(coordinator)
         coordinator.run()

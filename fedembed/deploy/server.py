@@ -31,6 +31,7 @@ from fedembed.deploy.processes import (
     wait_for_port,
 )
 from fedembed.apps.runfiles import DeployedRunFiles
+from fedembed.apps.wakeup import wakeup_dir
 
 log = logging.getLogger(__name__)
 
@@ -145,6 +146,7 @@ class CoordinatorProcess:
             self.superlink_port = free_port(self.LOOPBACK)
         self.opts.state_dir.mkdir(parents=True, exist_ok=True)
         self.files = DeployedRunFiles(self.opts.state_dir)
+        self.wakeup_dir = wakeup_dir(self.opts.state_dir)  # the gate's and the ServerApp's wake-ups
         self.env = flower_env(self.opts.flwr_home)
         # The SuperLink's SuperExec launches the ServerApp once per run, and keeps asking the
         # SuperLink for a task (a TLS request) at this interval for the whole run: twice a
@@ -179,6 +181,8 @@ class CoordinatorProcess:
                "--upstream", f"{scheme}://{self.superlink_address}"]
         if not o.insecure:
             cmd += ["--certfile", str(o.certfile), "--keyfile", str(o.keyfile), "--ca-certfile", str(o.ca_certfile)]
+        if self.wakeup_dir is not None:
+            cmd += ["--wakeup-dir", str(self.wakeup_dir)]
         return cmd
 
     def _spawn(self, cmd: list[str], logname: str) -> subprocess.Popen:
@@ -269,7 +273,7 @@ class CoordinatorProcess:
     # -------------------------------------------------------------- run
     def submit(self, cfg: RunConfig) -> int:
         """Submit the fedembed ServerApp for ``cfg``; returns Flower's run id."""
-        app = write_app(self.opts.state_dir / "app", cfg, self.opts.state_dir)
+        app = write_app(self.opts.state_dir / "app", cfg, self.opts.state_dir, self.wakeup_dir)
         out = self.flwr("run", str(app))
         if not out.get("success"):
             raise RuntimeError(f"`flwr run` failed: {out.get('error-message')}")
