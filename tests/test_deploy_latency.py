@@ -102,3 +102,19 @@ def test_after_a_poll_the_gate_held_open_the_supernode_polls_again_at_once(slept
     assert slept == []
     clock.sleep(3)  # an empty poll answered at once (a gate that holds nothing): the usual backoff
     assert slept == [pytest.approx(0.2)]
+
+
+def test_the_supernodes_http_client_keeps_idle_connections_while_its_poll_is_held():
+    import httpx
+
+    from fedembed.apps.latency import KEEP_ALIVE_SECONDS, keep_connections
+
+    module = types.ModuleType("flower_protobuf_client")
+    module.httpx = httpx
+    keep_connections(module)
+    wrapped = module.httpx
+    keep_connections(module)
+    assert module.httpx is wrapped and module.httpx.Limits is httpx.Limits  # the rest is httpx's own
+    client = module.httpx.Client(timeout=30.0)
+    assert client._transport._pool._keepalive_expiry == KEEP_ALIVE_SECONDS  # httpx's own default: 5 s
+    client.close()

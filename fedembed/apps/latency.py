@@ -62,6 +62,45 @@ def shorten_object_pulls(module: ModuleType) -> None:
     module.pull_objects = pull_objects
 
 
+KEEP_ALIVE_SECONDS = 60.0
+"""Idle seconds an HTTP connection to the SuperLink (or the coordinator's gate) is kept for reuse (httpx: 5)."""
+
+
+def keep_connections(module: ModuleType, seconds: float = KEEP_ALIVE_SECONDS) -> None:
+    """Make the ``httpx.Client`` that ``module`` creates keep idle connections ``seconds`` (not httpx's 5 s).
+
+    A SuperNode pulls a message's objects over a few connections at once, then works and
+    waits; with its poll held open by the coordinator's gate for several seconds, its
+    other connections were idle past httpx's 5 s, and every next message began with new
+    TLS handshakes. ``module`` is e.g. ``flwr.supercore.protobuf.client`` (Flower's HTTP
+    client for the Fleet API); calling this twice changes nothing more.
+    """
+    import httpx
+
+    if isinstance(module.httpx, _KeepAliveHttpx):
+        return
+    module.httpx = _KeepAliveHttpx(httpx, seconds)
+
+
+class _KeepAliveHttpx(ModuleType):
+    """``httpx``, whose ``Client`` keeps idle connections longer unless told otherwise."""
+
+    def __init__(self, httpx: ModuleType, seconds: float) -> None:
+        super().__init__("httpx")
+        base = httpx.Client
+
+        class Client(base):  # type: ignore[misc, valid-type]
+            def __init__(self, *args: Any, **kwargs: Any) -> None:
+                kwargs.setdefault("limits", httpx.Limits(max_connections=100, max_keepalive_connections=20,
+                                                         keepalive_expiry=seconds))
+                super().__init__(*args, **kwargs)
+
+        self._httpx, self.Client = httpx, Client
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._httpx, name)
+
+
 class PollingClock(ModuleType):
     """The ``time`` module for the SuperNode's message loop, with its sleeps replaced.
 

@@ -84,7 +84,9 @@ def main() -> None:
 
     cli = import_module("flwr.supernode.cli.flower_supernode")  # the module (its package exports the function)
 
-    from fedembed.apps.latency import PollingClock, shorten_object_pulls
+    from flwr.supercore.protobuf import client as protobuf_client
+
+    from fedembed.apps.latency import PollingClock, keep_connections, shorten_object_pulls
 
     worker_socket, argv = _take_worker_socket(sys.argv[1:])
     _log_to_stderr()
@@ -93,6 +95,7 @@ def main() -> None:
                          fast=float(os.environ.get("FEDEMBED_POLL_MIN_SECONDS", "0.02")))
     start_client_internal.time = clock  # type: ignore[attr-defined]
     shorten_object_pulls(start_client_internal)
+    keep_connections(protobuf_client)
     if worker_socket is not None:
         from fedembed.deploy.handoff import hand_messages_to_worker, runtime_api_off, socket_forward
 
