@@ -203,6 +203,24 @@ def test_a_supernode_that_hangs_up_while_held_is_asked_for_no_more(tmp_path):
     run(scenario())
 
 
+def test_held_polls_are_answered_when_the_gate_shuts_down(tmp_path):
+    async def scenario():
+        link = SuperLink()
+        gate = _gate(tmp_path, link, hold=60.0, recheck=60.0)
+        await _started(gate)
+        call = _pull()
+        task = asyncio.create_task(gate(call.scope(), call.receive, call.send))
+        await asyncio.sleep(0.2)
+        gate.release_held()  # what the gate's server does before it waits for open requests
+        await asyncio.wait_for(task, 30)
+        assert call.status == 200 and not PullMessagesResponse.FromString(call.content).messages_list
+        again = _pull()
+        await asyncio.wait_for(gate(again.scope(), again.receive, again.send), 30)  # and holds no more
+        assert again.status == 200
+
+    run(scenario())
+
+
 def test_a_reply_pushed_whole_wakes_the_serverapp(tmp_path):
     async def scenario():
         link = SuperLink()

@@ -143,6 +143,7 @@ class FleetGate:
         self.wakeups: Any = None  # the gate's end (fedembed.apps.wakeup.Wakeups), bound at startup
         self._pushed = asyncio.Event()  # set (and replaced) whenever the ServerApp has pushed messages
         self._replying: set[int] = set()  # nodes that pushed a reply header and are pushing its objects
+        self.closing = False  # shutting down: held polls are answered at once
         # one upstream connection per concurrent call, as if the SuperNodes dialled the SuperLink
         self.client = httpx.AsyncClient(
             base_url=self.upstream, verify=verify, timeout=httpx.Timeout(timeout),
@@ -228,7 +229,7 @@ class FleetGate:
                     self._note_push(node, status, content)
                     break
                 left = deadline - asyncio.get_running_loop().time()
-                if status != 200 or left <= 0 or not _no_messages(content):
+                if status != 200 or left <= 0 or self.closing or not _no_messages(content):
                     break
                 woken = asyncio.ensure_future(pushed.wait())
                 done, _ = await asyncio.wait({woken, gone}, timeout=min(self.recheck, left),
@@ -266,6 +267,11 @@ class FleetGate:
             self._replying.add(node)
         else:
             self.wakeups.wake_other()
+
+    def release_held(self) -> None:
+        """Answer every held poll now, and hold no more (the gate is shutting down)."""
+        self.closing = True
+        self._pushed.set()
 
     def _on_wakeup(self) -> None:
         """The ServerApp pushed messages: every held poll asks the SuperLink again."""
@@ -405,7 +411,12 @@ def serve(host: str, port: int, upstream: str, certfile: Path | None = None, key
         access_log=False, log_config=None, timeout_graceful_shutdown=2, timeout_keep_alive=KEEP_ALIVE_SECONDS,
         ssl_certfile=None if certfile is None else str(certfile), ssl_keyfile=None if keyfile is None else str(keyfile),
     )
-    asyncio.run(uvicorn.Server(config).serve())
+    class Server(uvicorn.Server):
+        async def shutdown(self, sockets: Any = None) -> None:
+            app.release_held()  # before uvicorn waits for open requests to end
+            await super().shutdown(sockets)
+
+    asyncio.run(Server(config).serve())
 
 
 def main(argv: list[str] | None = None) -> int:
