@@ -15,6 +15,7 @@ from typing import Any
 from flwr.app import Context, Message, RecordDict
 from flwr.serverapp import Grid, ServerApp
 
+from fedembed.apps.packing import PackingError, pack, shared_records, unpack
 from fedembed.apps.wakeup import RUN_CONFIG_KEY, Wakeups
 from fedembed.config import RunConfig
 from fedembed.coordinator import Coordinator, Reply
@@ -25,7 +26,10 @@ log = logging.getLogger(__name__)
 class GridTransport:
     """Message exchange with organisations through a Flower ``Grid``.
 
-    Without wake-ups (simulation, or a SuperLink without fedembed's Fleet gate), replies
+    A deployed ServerApp packs every message into few Flower objects (each is an HTTP
+    request to ship) and unpacks every reply before the coordinator reads it
+    (:mod:`fedembed.apps.packing`); a reply that is packed but malformed is an error
+    reply of that node, with the reason. Without wake-ups (simulation, or a SuperLink without fedembed's Fleet gate), replies
     are polled for every :attr:`poll_seconds`. Deployed by ``fedembed server``, the
     ServerApp and the Fleet gate wake each other instead (:mod:`fedembed.apps.wakeup`):
     once a stage's messages are pushed, the gate is told to hand them to the SuperNodes'
@@ -45,14 +49,18 @@ class GridTransport:
         The ServerApp's end of the wake-ups (:meth:`fedembed.apps.wakeup.Wakeups.serverapp`).
     fallback_seconds : float
         Longest wait for a wake-up before the replies are pulled anyway.
+    pack : bool
+        Pack the messages sent (:func:`fedembed.apps.packing.pack`); replies are unpacked
+        whenever they come packed.
     """
 
     def __init__(self, grid: Grid, poll_seconds: float = 0.05, wakeups: Wakeups | None = None,
-                 fallback_seconds: float = 1.0) -> None:
+                 fallback_seconds: float = 1.0, pack: bool = False) -> None:
         from fedembed.apps.latency import shorten_object_pulls
 
         self.grid = grid
         self.poll_seconds, self.wakeups, self.fallback_seconds = poll_seconds, wakeups, fallback_seconds
+        self.pack = pack
         grid_module = sys.modules.get(type(grid).__module__)
         if grid_module is not None and hasattr(grid_module, "pull_objects"):  # the deployed (HTTP) Grid
             shorten_object_pulls(grid_module)
@@ -61,7 +69,7 @@ class GridTransport:
     def from_run_config(cls, grid: Grid, run_config: Mapping[str, Any]) -> GridTransport:
         """The transport of a deployed ServerApp: with wake-ups if ``fedembed server`` named their directory."""
         directory = run_config.get(RUN_CONFIG_KEY)
-        return cls(grid, wakeups=Wakeups.serverapp(str(directory)) if directory else None)
+        return cls(grid, wakeups=Wakeups.serverapp(str(directory)) if directory else None, pack=True)
 
     def node_ids(self, minimum: int, timeout: float) -> list[int]:
         """Connected node ids, waiting up to ``timeout`` seconds for ``minimum`` of them."""
@@ -85,6 +93,9 @@ class GridTransport:
         one is pulled, so the coordinator never holds every organisation's vector at once.
         Nodes that do not answer within ``timeout`` get a ``Reply`` with an error at the end.
         """
+        if self.pack:
+            shared = shared_records(contents)  # packed once each, so Flower still pushes them once
+            contents = {n: pack(c, shared[n]) for n, c in contents.items()}
         messages = [Message(content=c, dst_node_id=n, message_type=message_type) for n, c in contents.items()]
         ids = list(self.grid.push_messages(messages))
         if self.wakeups is not None:
@@ -106,8 +117,14 @@ class GridTransport:
                 answered.add(node)
                 if msg.has_error():
                     yield Reply(node, None, f"error {msg.error.code}: {_short(msg.error.reason)}")
-                else:
-                    yield Reply(node, msg.content)
+                    continue
+                try:
+                    content = unpack(msg.content)
+                except PackingError as exc:
+                    log.warning("node %s sent a malformed reply: %s", node, exc)
+                    yield Reply(node, None, f"malformed reply: {exc}")
+                    continue
+                yield Reply(node, content)
             del got
             if pending and self.wakeups is None:
                 time.sleep(self.poll_seconds)

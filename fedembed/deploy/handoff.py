@@ -17,6 +17,8 @@ objects, finish, heartbeats). ``fedembed client``'s SuperNode
 2. the message is read from the SuperNode's own store and handed to the organisation
    worker over its owner-only Unix socket (:func:`fedembed.worker.forward`: one local
    socket exchange);
+   (a packed message, :mod:`fedembed.apps.packing`, is unpacked first and the reply
+   packed the same way);
 3. the worker's signed reply is stored as Flower stores the replies it generates itself
    (``_insert_message``) and the task finished (``completed``), so Flower's
    ``_push_messages`` finds the reply at once and pushes it to the SuperLink.
@@ -45,6 +47,7 @@ from typing import Any
 
 from flwr.app import Error, Message, RecordDict
 
+from fedembed.apps.packing import PackingError, is_packed, pack, unpack
 from fedembed.worker import WorkerError, WorkerUnavailable, forward
 
 log = logging.getLogger(__name__)
@@ -130,7 +133,16 @@ def _answer(stored: Message, state: Any, store: Any, send: Forward, wait: float,
         except Exception as exc:  # noqa: BLE001 - a message the store cannot give back whole
             return _error_reply(stored, ErrorCode.MESSAGE_UNAVAILABLE,
                                 f"the SuperNode could not read message {message_id}: {type(exc).__name__}: {exc}")
-        return _ask_worker(stored, content, send, state.get_node_id(), wait, retry)
+        packed = is_packed(content)
+        try:
+            content = unpack(content)
+        except PackingError as exc:
+            return _error_reply(stored, ErrorCode.CLIENT_APP_RAISED_EXCEPTION,
+                                f"malformed message from the coordinator: {exc}")
+        reply, details = _ask_worker(stored, content, send, state.get_node_id(), wait, retry)
+        if packed and not reply.has_error():  # packed as the message came, after the worker signed it
+            reply.content = pack(reply.content)
+        return reply, details
     except Exception as exc:  # noqa: BLE001 - nothing a message holds stops the SuperNode's loop
         log.error("%s: %s: %s", stored.metadata.message_type, type(exc).__name__, exc)
         return _error_reply(stored, ErrorCode.UNKNOWN, f"the SuperNode failed on the message: {type(exc).__name__}: {exc}")
