@@ -163,6 +163,35 @@ def test_a_held_poll_asks_again_at_its_own_pace_and_ends_empty_after_the_hold(tm
     run(scenario())
 
 
+def test_a_node_told_nothing_is_not_asked_for_again_until_the_serverapp_pushes(tmp_path):
+    async def scenario():
+        link = SuperLink()
+        gate = _gate(tmp_path, link, hold=0.2, recheck=60.0)
+        await _started(gate)
+        first = _pull()
+        await asyncio.wait_for(gate(first.scope(), first.receive, first.send), 30)
+        assert link.pulls == 2  # asked when it came and at the end of the hold: nothing
+        gate.hold = 60.0
+        again = _pull()  # back at once, nothing pushed meanwhile: held without asking the SuperLink
+        task = asyncio.create_task(gate(again.scope(), again.receive, again.send))
+        await asyncio.sleep(0.3)
+        assert link.pulls == 2 and not again.sent
+        link.queued.append(_message())
+        serverapp = Wakeups.serverapp(tmp_path)
+        assert serverapp.wake_other()
+        await asyncio.wait_for(task, 30)
+        assert link.pulls == 3 and PullMessagesResponse.FromString(again.content).messages_list
+        third = _pull()  # back with its reply answered: the next message comes with the next push
+        task = asyncio.create_task(gate(third.scope(), third.receive, third.send))
+        await asyncio.sleep(0.3)
+        assert link.pulls == 3 and not third.sent
+        third.hang_up()
+        await asyncio.wait_for(task, 30)
+        serverapp.close()
+
+    run(scenario())
+
+
 def test_a_forged_wakeup_costs_each_held_poll_one_more_question_and_nothing_else(tmp_path):
     async def scenario():
         link = SuperLink()

@@ -144,6 +144,8 @@ class FleetGate:
         self._pushed = asyncio.Event()  # set (and replaced) whenever the ServerApp has pushed messages
         self._replying: set[int] = set()  # nodes that pushed a reply header and are pushing its objects
         self.closing = False  # shutting down: held polls are answered at once
+        self._generation = 0  # how many times the ServerApp said it pushed messages
+        self._asked_at: dict[int, int] = {}  # node -> generation when the SuperLink was last asked for it
         # one upstream connection per concurrent call, as if the SuperNodes dialled the SuperLink
         self.client = httpx.AsyncClient(
             base_url=self.upstream, verify=verify, timeout=httpx.Timeout(timeout),
@@ -215,22 +217,32 @@ class FleetGate:
             self.wakeups.wake_other()
         headers = self._headers(scope)
         deadline = asyncio.get_running_loop().time() + self.hold
+        # nothing pushed since this node last asked: nothing new for it, wait before asking (the
+        # ServerApp sends a node one message per push; should one more be waiting, the recheck finds it)
+        ask = path != PULL_MESSAGES or node is None or self._asked_at.get(node) != self._generation
+        status, response_headers, content = 0, [], b""
         gone = asyncio.ensure_future(receive())  # the request is read: this ends only when the SuperNode hangs up
         try:
             while True:
                 pushed = self._pushed  # taken before asking: a push while we ask ends the wait below at once
-                try:
-                    status, response_headers, content = await self._ask(path, headers, body)
-                except httpx.TransportError as exc:
-                    log.error("SuperLink at %s unreachable for %s: %s", self.upstream, path, exc)
-                    await _answer(send, 503, "SuperLink unavailable")
-                    return
-                if path == PUSH_MESSAGES:
-                    self._note_push(node, status, content)
-                    break
-                left = deadline - asyncio.get_running_loop().time()
-                if status != 200 or left <= 0 or self.closing or not _no_messages(content):
-                    break
+                if ask:
+                    generation = self._generation
+                    try:
+                        status, response_headers, content = await self._ask(path, headers, body)
+                    except httpx.TransportError as exc:
+                        log.error("SuperLink at %s unreachable for %s: %s", self.upstream, path, exc)
+                        await _answer(send, 503, "SuperLink unavailable")
+                        return
+                    if path == PUSH_MESSAGES:
+                        self._note_push(node, status, content)
+                        break
+                    empty = status == 200 and _no_messages(content)
+                    if node is not None and status == 200:
+                        self._asked_at[node] = generation
+                    if not empty or self.closing or asyncio.get_running_loop().time() >= deadline:
+                        break
+                ask = True
+                left = max(0.0, deadline - asyncio.get_running_loop().time())
                 woken = asyncio.ensure_future(pushed.wait())
                 done, _ = await asyncio.wait({woken, gone}, timeout=min(self.recheck, left),
                                              return_when=asyncio.FIRST_COMPLETED)
@@ -276,6 +288,7 @@ class FleetGate:
     def _on_wakeup(self) -> None:
         """The ServerApp pushed messages: every held poll asks the SuperLink again."""
         if self.wakeups.drain():
+            self._generation += 1
             self._pushed.set()
             self._pushed = asyncio.Event()
 
@@ -416,7 +429,7 @@ def serve(host: str, port: int, upstream: str, certfile: Path | None = None, key
             app.release_held()  # before uvicorn waits for open requests to end
             await super().shutdown(sockets)
 
-    asyncio.run(Server(config).serve())
+    Server(config).run()  # uvicorn's own loop choice: uvloop when installed (its TLS is far cheaper than asyncio's)
 
 
 def main(argv: list[str] | None = None) -> int:
