@@ -276,7 +276,7 @@ def runtime_api_off(flower_supernode_module: ModuleType) -> None:
     import types
 
     def no_runtime_api(config: Any, state_factory: Any) -> tuple[Any, threading.Thread]:
-        log.info("no Runtime API: every message is handed to the organisation worker in this process")
+        log.info("no Runtime API: the SuperNode hands every message to the organisation worker itself")
         server = types.SimpleNamespace(should_exit=False, force_exit=False, started=True)
         thread = threading.Thread(target=lambda: None, name="no-runtime-api")
         thread.start()
