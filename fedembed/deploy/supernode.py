@@ -7,9 +7,10 @@ uploading. A round of secure aggregation is several message round trips in a row
 one waiting for those sleeps. This entry point runs the stock SuperNode with them
 shortened (:mod:`fedembed.apps.latency`): the idle poll of the SuperLink follows
 :class:`fedembed.apps.latency.PollingClock` (``FEDEMBED_POLL_MIN_SECONDS``, default
-0.02 s, doubling up to ``FEDEMBED_POLL_SECONDS``, default 0.2 s); the waits on its own state (no network)
-are capped at ``FEDEMBED_LOCAL_POLL_SECONDS`` (default 0.02 s); object pulls retry after
-0.02 s.
+0.02 s, doubling up to ``FEDEMBED_POLL_SECONDS``, default 0.2 s, and none after a poll
+the coordinator's Fleet gate held open); the waits on its own state (no network) are
+capped at ``FEDEMBED_LOCAL_POLL_SECONDS`` (default 0.02 s); object pulls retry after
+0.02 s; idle connections to the gate are kept 60 s instead of httpx's 5 s.
 
 With ``--worker-socket PATH`` (``fedembed client`` gives it while the organisation worker
 runs), every message the SuperNode pulls is handed to the worker listening at ``PATH``
