@@ -43,14 +43,16 @@ def test_unpacking_gives_back_exactly_what_was_signed():
     assert unpack(content) is content  # a message that is not packed passes through
 
 
-def test_a_reply_is_a_few_objects_and_its_arrays_stay_an_array():
+def test_a_small_message_is_three_objects_and_large_arrays_stay_an_array():
     content = _reply()
-    packed = pack(content)
-    assert _objects(content) == 13 and _objects(packed) == 5  # message, content, record, array, chunk
+    assert _objects(content) == 13 and _objects(pack(content)) == 3  # message, content, one record
+    assert isinstance(pack(content)[PACKED], ConfigRecord)
+    big = _reply()
+    big["update"]["t.values"] = Array(np.ones((20000, 16), np.float32))  # 1.25 MiB
+    packed = pack(big)
+    assert _objects(packed) == 5  # message, content, record, array, one 5 MiB chunk
     assert isinstance(packed[PACKED], ArrayRecord)  # large vectors never travel as bytes in a config record
-    small = RecordDict({"config": ConfigRecord({"round": 3}), "secagg": ConfigRecord({"stage": "share"})})
-    assert _objects(small) == 4 and _objects(pack(small)) == 3
-    assert isinstance(pack(small)[PACKED], ConfigRecord)
+    assert content_digest(unpack(packed)) == content_digest(big)
 
 
 def test_a_record_several_organisations_receive_is_packed_once_and_stays_one_object():
@@ -75,7 +77,8 @@ def test_a_record_several_organisations_receive_is_packed_once_and_stays_one_obj
     (lambda p: p.__setitem__(PACKED, ConfigRecord({"records": b"", "more": 1})), "expected only"),
     (lambda p: p.__setitem__(PACKED, ArrayRecord({"records": Array(np.arange(4, dtype=np.uint8))})), "byte array"),
     (lambda p: p.__setitem__(PACKED, ConfigRecord({"records": _serialize_nested()})), "appears twice"),
-    (lambda p: p.__setitem__(PACKED, ConfigRecord({"records": _serialize_arrays()})), "holds array records"),
+    (lambda p: p.__setitem__(PACKED, ConfigRecord({"records": _serialize_big()})), "travel as an array"),
+    (lambda p: p.__setitem__("sync", ConfigRecord({"fedembed.record": _serialize_nested()})), "one packed array"),
 ])
 def test_a_malformed_packed_message_is_refused_saying_what_was_wrong(mangle, says):
     packed = pack(_reply())
@@ -90,10 +93,10 @@ def _serialize_nested() -> bytes:
     return packing._serialize({PACKED: ConfigRecord({"records": b""})})
 
 
-def _serialize_arrays() -> bytes:
+def _serialize_big() -> bytes:
     from fedembed.apps import packing
 
-    return packing._serialize({"update": ArrayRecord({"x": Array(np.arange(3, dtype=np.int32))})})
+    return packing._serialize({"update": ArrayRecord({"x": Array(np.ones(100_000, np.float32))})})
 
 
 def test_packing_a_message_that_already_holds_the_packed_name_is_refused():

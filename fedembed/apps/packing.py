@@ -10,15 +10,16 @@ an organisation packs its reply the same way when the message came packed
 
 - the records of one message that are its own (its config, metrics, signature, its
   update...) become one record ``fedembed.packed``: a ``ConfigRecord`` holding their
-  serialized form when they are all small (config and metric records), else an
+  serialized form when it is small (at most :data:`SMALL_BYTES`), else an
   ``ArrayRecord`` holding it as one ``uint8`` array, which Flower chunks like any array
   (large vectors never travel as bytes in a config record);
 - an ``ArrayRecord`` the ServerApp sends to several organisations at once (the sync of
-  the rows they share) is packed on its own, under its own name, into one array: the
-  same bytes for every organisation, so Flower still pushes it once.
+  the rows they share) is packed on its own, under its own name, the same way: the same
+  bytes for every organisation, so Flower still pushes it once.
 
-A training reply is then 5 objects and a training message 6 (from 16 and 10), a secure
-stage's message or reply 3. The serialized form is Flower's own ``RecordDict`` protobuf
+A message or reply is then 3 objects (the message, its ``RecordDict``, one record) when
+it is small, 5 with its arrays as an array (a training reply was 16, a training message
+10). The serialized form is Flower's own ``RecordDict`` protobuf
 (:func:`flwr.common.serde.recorddict_to_proto`): every value keeps its exact type, so
 unpacking gives back the records exactly as they were signed (packing happens after the
 organisation signs, unpacking before the coordinator verifies or reads anything).
@@ -49,6 +50,10 @@ RECORD = "fedembed.record"
 STYPE = "fedembed.recorddict"
 """``stype`` of an array holding serialized records."""
 
+SMALL_BYTES = 64 << 10
+"""Packed records up to this size travel as bytes in a ``ConfigRecord`` (one Flower object); larger
+ones as a ``uint8`` array in an ``ArrayRecord`` (three objects or more: the record, the array, its chunks)."""
+
 
 class PackingError(FedembedError, ValueError):
     """A packed message is not laid out as :func:`pack` lays it out (what was wrong is in the text)."""
@@ -69,12 +74,17 @@ def _blob(data: bytes) -> Array:
     return Array(dtype="uint8", shape=(len(data),), stype=STYPE, data=data)
 
 
-def pack_shared(record: ArrayRecord) -> ArrayRecord:
-    """``record`` packed on its own: one array, the same bytes wherever it is sent (so Flower pushes it once)."""
-    return ArrayRecord({RECORD: _blob(_serialize({RECORD: record}))})
+def _packed(data: bytes, key: str) -> ConfigRecord | ArrayRecord:
+    """Serialized records as one record: bytes in a config record when small, else a byte array."""
+    return ConfigRecord({key: data}) if len(data) <= SMALL_BYTES else ArrayRecord({key: _blob(data)})
 
 
-def pack(content: RecordDict, shared: Mapping[str, ArrayRecord] | None = None) -> RecordDict:
+def pack_shared(record: ArrayRecord) -> ConfigRecord | ArrayRecord:
+    """``record`` packed on its own: the same bytes wherever it is sent (so Flower pushes it once)."""
+    return _packed(_serialize({RECORD: record}), RECORD)
+
+
+def pack(content: RecordDict, shared: Mapping[str, ConfigRecord | ArrayRecord] | None = None) -> RecordDict:
     """``content`` packed into :data:`PACKED` (its own records) and the records in ``shared``, each packed on its own.
 
     Parameters
@@ -93,12 +103,8 @@ def pack(content: RecordDict, shared: Mapping[str, ArrayRecord] | None = None) -
     if PACKED in content:
         raise PackingError(f"the content already holds a record named {PACKED!r}")
     shared = dict(shared or {})
-    own = {name: rec for name, rec in content.items() if name not in shared}
     out: dict[str, Any] = dict(shared)
-    if any(isinstance(rec, ArrayRecord) for rec in own.values()):
-        out[PACKED] = ArrayRecord({RECORDS: _blob(_serialize(own))})
-    else:
-        out[PACKED] = ConfigRecord({RECORDS: _serialize(own)})
+    out[PACKED] = _packed(_serialize({name: rec for name, rec in content.items() if name not in shared}), RECORDS)
     return RecordDict(out)
 
 
@@ -114,9 +120,20 @@ def _records(data: object, what: str) -> dict[str, Any]:
         raise PackingError(f"{what} cannot be read: {type(exc).__name__}: {exc}") from exc
 
 
-def _array_bytes(record: object, key: str, what: str) -> bytes:
+def _packed_bytes(record: object, key: str, what: str) -> bytes:
+    """The serialized records a packed record holds (bytes in a small config record, or a byte array)."""
+    if isinstance(record, ConfigRecord):
+        if list(record.keys()) != [key]:
+            raise PackingError(f"{what} holds {sorted(record.keys())}, expected only {key!r}")
+        data = record[key]
+        if not isinstance(data, bytes):
+            raise PackingError(f"{what} holds a {type(data).__name__}, not bytes")
+        if len(data) > SMALL_BYTES:
+            raise PackingError(f"{what} holds {len(data)} bytes in a config record (at most {SMALL_BYTES}: "
+                               "larger ones travel as an array)")
+        return data
     if not isinstance(record, ArrayRecord) or list(record.keys()) != [key]:
-        raise PackingError(f"{what} is not an array record holding only {key!r}")
+        raise PackingError(f"{what} is not a packed record holding only {key!r}")
     arr = record[key]
     if arr.stype != STYPE or arr.dtype != "uint8" or list(arr.shape) != [len(arr.data)]:
         raise PackingError(f"{what} is not a {STYPE} byte array (stype {arr.stype!r}, dtype {arr.dtype!r}, "
@@ -132,27 +149,20 @@ def unpack(content: RecordDict) -> RecordDict:
     PackingError
         ``content`` is packed but not as :func:`pack` packs: a record that is neither
         :data:`PACKED` nor a record packed on its own, bytes that are not serialized
-        records, a packed record inside the packed records, or one name twice.
+        records, a large packed record as config bytes, a packed record inside the packed
+        records, or one name twice.
     """
     if not is_packed(content):
         return content
     records: dict[str, Any] = {}
     for name, rec in content.items():
         if name == PACKED:
-            if isinstance(rec, ConfigRecord):
-                if list(rec.keys()) != [RECORDS]:
-                    raise PackingError(f"record {PACKED!r} holds {sorted(rec.keys())}, expected only {RECORDS!r}")
-                own = _records(rec[RECORDS], f"record {PACKED!r}")
-                if any(isinstance(r, ArrayRecord) for r in own.values()):
-                    raise PackingError(f"record {PACKED!r} is a config record but holds array records")
-            else:
-                own = _records(_array_bytes(rec, RECORDS, f"record {PACKED!r}"), f"record {PACKED!r}")
-            for inner, r in own.items():
+            for inner, r in _records(_packed_bytes(rec, RECORDS, f"record {PACKED!r}"), f"record {PACKED!r}").items():
                 if inner == PACKED or inner in records:
                     raise PackingError(f"record {inner!r} appears twice in the packed message")
                 records[inner] = r
         else:
-            inner = _records(_array_bytes(rec, RECORD, f"record {name!r}"), f"record {name!r}")
+            inner = _records(_packed_bytes(rec, RECORD, f"record {name!r}"), f"record {name!r}")
             if list(inner) != [RECORD] or not isinstance(inner[RECORD], ArrayRecord):
                 raise PackingError(f"record {name!r} does not hold one packed array record")
             if name in records:
@@ -161,7 +171,7 @@ def unpack(content: RecordDict) -> RecordDict:
     return RecordDict(records)
 
 
-def shared_records(contents: Mapping[int, RecordDict]) -> dict[int, dict[str, ArrayRecord]]:
+def shared_records(contents: Mapping[int, RecordDict]) -> dict[int, dict[str, ConfigRecord | ArrayRecord]]:
     """Per node, the array records it shares with another node (the same object, under the same name), packed once each.
 
     The coordinator builds a record several organisations receive once (e.g. the rows of
@@ -172,7 +182,7 @@ def shared_records(contents: Mapping[int, RecordDict]) -> dict[int, dict[str, Ar
         for name, rec in content.items():
             if isinstance(rec, ArrayRecord):
                 seen.setdefault((name, id(rec)), []).append(node)
-    out: dict[int, dict[str, ArrayRecord]] = {node: {} for node in contents}
+    out: dict[int, dict[str, ConfigRecord | ArrayRecord]] = {node: {} for node in contents}
     for (name, _), nodes in seen.items():
         if len(nodes) > 1:
             packed = pack_shared(contents[nodes[0]][name])
