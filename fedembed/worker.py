@@ -4,14 +4,14 @@ Flower 1.42 starts a fresh ``flwr-clientapp`` process for every message, and imp
 torch and building the task in it cost seconds per message. ``fedembed client`` therefore
 also runs this worker (``python -m fedembed.worker``), which holds the organisation's
 heavy state (torch, the loaded task and its data) for as long as the organisation runs.
-Messages reach it two ways, both answered by the same handler, one at a time:
+Messages reach it on its socket (:func:`forward`), one at a time, from:
 
-- with ``--runtime-api`` (``fedembed client``'s own SuperNode, ``--isolation process``),
-  the worker runs the SuperNode's ClientApp tasks itself
-  (:class:`fedembed.apps.taskloop.TaskLoop`): no process is started per message;
-- on its socket, from a per-message ClientApp (:mod:`fedembed.apps.client`, under a
-  SuperNode that starts one per message, e.g. the stock ``flower-supernode``) that only
-  forwards the message (:func:`forward`) and returns the reply.
+- ``fedembed client``'s own SuperNode, which hands each message it pulls to the worker
+  in its own message loop and stores the reply itself
+  (:mod:`fedembed.deploy.handoff`): no process is started per message, no local HTTP;
+- a per-message ClientApp (:mod:`fedembed.apps.client`, under a SuperNode that starts
+  one per message, e.g. the stock ``flower-supernode``, or ``fedembed client``'s while
+  it runs in Flower's default mode) that only forwards the message and returns the reply.
 
 What stays as it is: the organisation, its identity and its policy come from the node
 config ``fedembed client`` was started with (never from a message), and are read again
@@ -56,9 +56,6 @@ log = logging.getLogger(__name__)
 SOCKET_NAME = "sock"
 """The socket's file name, in ``<state-dir>/worker/``."""
 
-WAKEUP_NAME = "wakeup"
-"""The file name of the socket the SuperNode wakes the worker's task loop on, next to :data:`SOCKET_NAME`."""
-
 MAX_FRAME = 1 << 31
 """Largest frame accepted (bytes); a longer one is a bad request."""
 
@@ -74,7 +71,20 @@ class WorkerUnavailable(FedembedError, ConnectionError):
 
 
 class WorkerError(FedembedError, RuntimeError):
-    """The worker received the message and failed on it, or the connection broke after sending."""
+    """The worker received the message and failed on it, or the connection broke after sending.
+
+    Parameters
+    ----------
+    message : str
+        What happened, naming the worker and the message type.
+    reason : str, optional
+        The worker's own words (its refusal or failure: ``"<Error>: <text>"``), as the
+        organisation's error reply carries them; default ``message``.
+    """
+
+    def __init__(self, message: str, reason: str | None = None) -> None:
+        super().__init__(message)
+        self.reason = message if reason is None else reason
 
 
 def socket_path(state_dir: Path) -> Path:
@@ -179,7 +189,8 @@ def forward(path: str | Path, message_type: str, node_id: int, content: RecordDi
     finally:
         sock.close()
     if not reply.get("ok"):
-        raise WorkerError(f"the organisation worker failed on {message_type!r}: {reply.get('error')}")
+        error = str(reply.get("error"))
+        raise WorkerError(f"the organisation worker failed on {message_type!r}: {error}", reason=error)
     return decode_content(body)
 
 
@@ -349,68 +360,24 @@ def _interrupt(signum: int, _frame: Any) -> None:
     raise KeyboardInterrupt
 
 
-def serialised(handler: Handler) -> Handler:
-    """``handler`` called by one thread at a time (the socket and the task loop share it)."""
-    import threading
-
-    lock = threading.Lock()
-
-    def handle(message_type: str, node_id: int, content: RecordDict) -> RecordDict:
-        with lock:
-            return handler(message_type, node_id, content)
-
-    return handle
-
-
 def main(argv: list[str] | None = None) -> int:
-    """``python -m fedembed.worker --socket PATH --node-config CONFIG [--runtime-api HOST:PORT --superexec-secret FILE]``.
-
-    Started by ``fedembed client``. With ``--runtime-api``, it also runs the SuperNode's
-    ClientApp tasks (:class:`fedembed.apps.taskloop.TaskLoop`, in a thread of its own),
-    signing its claims with the secret in ``--superexec-secret``.
-    """
-    import threading
-
+    """``python -m fedembed.worker --socket PATH --node-config CONFIG``: serve until stopped (started by ``fedembed client``)."""
     from flwr.common.config import parse_config_args
 
     p = argparse.ArgumentParser(prog="python -m fedembed.worker", description=__doc__.splitlines()[0])
     p.add_argument("--socket", required=True, type=Path, help="Unix socket to listen on (0600, directory 0700)")
     p.add_argument("--node-config", required=True, help="the node config of the organisation's SuperNode")
-    p.add_argument("--runtime-api", metavar="HOST:PORT",
-                   help="the SuperNode's Runtime API: run its ClientApp tasks here (SuperNode --isolation process)")
-    p.add_argument("--superexec-secret", type=Path, metavar="FILE",
-                   help="the secret the SuperNode checks task claims against (its --superexec-auth-secret-file)")
     p.add_argument("-v", "--verbose", action="store_true")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="%(levelname)s %(name)s[worker]: %(message)s")
     signal.signal(signal.SIGTERM, _interrupt)  # `fedembed client` stops us with SIGTERM: remove the socket
-    handler = serialised(organisation_handler(parse_config_args([args.node_config])))
-    worker = Worker(args.socket, handler)
-    loop = None
-    if args.runtime_api:
-        from fedembed.apps.taskloop import TaskLoop, load_secret
-
-        loop = TaskLoop(args.runtime_api, handler, load_secret(args.superexec_secret),
-                        wakeup=args.socket.with_name(WAKEUP_NAME))
-
-        def run_tasks() -> None:
-            try:
-                loop.serve_forever()
-            finally:
-                if not loop.stopped.is_set():  # never leave the SuperNode without its executor
-                    log.error("the task loop ended unexpectedly; exiting so that fedembed client starts the worker again")
-                    os.kill(os.getpid(), signal.SIGTERM)
-
-        threading.Thread(target=run_tasks, name="taskloop", daemon=True).start()
+    worker = Worker(args.socket, organisation_handler(parse_config_args([args.node_config])))
     try:
         worker.serve_forever()
     except KeyboardInterrupt:
         pass
     finally:
-        if loop is not None:
-            loop.stop()
-            loop.close()
         worker.close()
     return 0
 

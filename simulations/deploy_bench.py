@@ -4,8 +4,8 @@ For each aggregation (``plain``, secure ``union``, secure ``dense``) the same ru
 twice: with ``fedembed simulate`` (Flower's simulation engine, one process) and as a real
 loopback deployment (``fedembed certs``, ``fedembed server`` with TLS and SuperNode
 authentication, ``--orgs`` x ``fedembed client``, every one a process of its own, each
-organisation with its long-lived worker, which runs its SuperNode's ClientApp tasks itself,
-unless ``--no-worker``: then a ``flwr-clientapp`` process per message). Per run it reports the
+organisation with its long-lived worker, to which its SuperNode hands every message, unless
+``--no-worker``: then a ``flwr-clientapp`` process per message). Per run it reports the
 seconds per round (``wall_seconds`` of each round in ``metrics.json``, the first
 ``--warmup`` rounds left out), the round trips per round (the message stages a round is
 made of), and each stage's seconds (``rounds[i].stages``); it prints a table and writes

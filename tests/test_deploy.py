@@ -256,12 +256,14 @@ def test_stock_flower_supernode_with_the_same_node_config_joins(tls_run):
 
 
 def test_fedembed_client_orgs_answer_in_their_worker_without_a_process_per_message(tls_run):
-    for org in (0, 1):  # `fedembed client`: the worker runs the SuperNode's ClientApp tasks itself
+    for org in (0, 1):  # `fedembed client`: the SuperNode hands every message to the worker itself
         assert (tls_run["root"] / f"org{org}" / "worker").is_dir()
         log = tls_run["procs"].log(f"org{org}")
-        assert "--isolation process" in log and messages_received(tls_run["procs"], f"org{org}") >= 9
+        assert "--worker-socket" in log and "--isolation process" in log
+        assert messages_received(tls_run["procs"], f"org{org}") >= 9
         assert CLIENTAPP_STARTED not in log  # not one flwr-clientapp process was started
         assert "in this process" not in log and "worker is down" not in log  # never fell back
+        assert "no Runtime API" in log and "Uvicorn running" not in log  # nothing else could claim a message
     # stock flower-supernode: no worker, a flwr-clientapp per message doing the work itself, still works
     assert not (tls_run["root"] / "org2" / "worker").exists()
     assert tls_run["procs"].log("org2").count(CLIENTAPP_STARTED) >= 9

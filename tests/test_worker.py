@@ -260,18 +260,17 @@ def test_the_processes_fedembed_starts_let_idle_torch_threads_sleep_unless_the_u
     assert flower_env()["OMP_WAIT_POLICY"] == "ACTIVE"
 
 
-def test_with_a_worker_the_supernode_starts_no_clientapp_and_only_the_secrets_holder_claims_its_tasks(tmp_path):
-    from fedembed.deploy.client import write_task_secret
-
+def test_with_a_worker_the_supernode_hands_it_every_message_and_starts_no_clientapp(tmp_path):
     roster = make_identities(["org-0"], tmp_path / "keys")
     opts = _opts(tmp_path, roster, 0)
-    secret = write_task_secret(opts.state_dir / "worker" / "superexec.secret")
-    assert stat.S_IMODE(os.stat(secret).st_mode) == 0o600 and stat.S_IMODE(os.stat(secret.parent).st_mode) == 0o700
-    first = secret.read_bytes()
-    assert len(first) == 32 and write_task_secret(secret).read_bytes() != first  # a new one at every start
-    cmd = supernode_command(opts, 9999, worker_socket=socket_path(opts.state_dir), task_secret=secret)
-    assert cmd[cmd.index("--isolation") + 1] == "process"
-    assert cmd[cmd.index("--superexec-auth-secret-file") + 1] == str(secret)
-    assert "--isolation" not in supernode_command(opts, 9999)  # no worker: Flower's default, a ClientApp per message
-    w = WorkerProcess(opts, {}, runtime_api="127.0.0.1:9999", task_secret=secret)
-    assert w.command()[-4:] == ["--runtime-api", "127.0.0.1:9999", "--superexec-secret", str(secret)]
+    sock = socket_path(opts.state_dir)
+    cmd = supernode_command(opts, 9999, worker_socket=sock, handoff=True)
+    assert cmd[1:3] == ["-m", "fedembed.deploy.supernode"]
+    assert cmd[cmd.index("--worker-socket") + 1] == str(sock) and cmd[cmd.index("--isolation") + 1] == "process"
+    assert "--superexec-auth-secret-file" not in cmd  # no Runtime API, so no claims to sign
+    # no worker: Flower's default, a ClientApp per message (forwarding to the socket if one answers)
+    default = supernode_command(opts, 9999, worker_socket=sock)
+    assert "--isolation" not in default and "--worker-socket" not in default
+    with pytest.raises(ValueError):
+        supernode_command(opts, 9999, stock=True, worker_socket=sock, handoff=True)  # the stock one cannot
+    assert WorkerProcess(opts, {}).command()[-4:] == ["--socket", str(sock), "--node-config", node_config(opts)]

@@ -1,8 +1,9 @@
 """Flower ClientApp: an organisation. Decodes a message, calls :mod:`fedembed.org`, replies.
 
-Under ``fedembed client`` no ClientApp process is started at all: the organisation's
-long-lived worker (:mod:`fedembed.worker`) runs the SuperNode's tasks itself, through the
-same handler (:func:`fedembed.org.handle_content`). Under a SuperNode that starts a
+Under ``fedembed client`` no ClientApp process is started at all: the SuperNode hands
+each message to the organisation's long-lived worker (:mod:`fedembed.worker`,
+:mod:`fedembed.deploy.handoff`), which runs the same handler
+(:func:`fedembed.org.handle_content`). Under a SuperNode that starts a
 ClientApp process per message (Flower 1.42's default, e.g. the stock ``flower-supernode``,
 or ``fedembed client`` while its worker is down) with node config ``worker-socket``, the
 message goes to the worker there, and this process imports neither torch nor the task;
@@ -26,6 +27,7 @@ from typing import TYPE_CHECKING, Any
 from flwr.app import Context, Message
 from flwr.clientapp import ClientApp
 
+from fedembed.apps.packing import PackingMod
 from fedembed.audit import AuditMod
 from fedembed.secagg.client import add_secure_stages
 from fedembed.worker import WorkerUnavailable, forward
@@ -66,13 +68,17 @@ def make_client_app(
 ) -> ClientApp:
     """A ClientApp; in simulation, organisations keep state under ``state_root`` and keys in ``key_dir``.
 
-    With ``audit_dir``, every reply is also written there (:class:`fedembed.audit.AuditMod`);
+    A packed message (a deployed coordinator's) is unpacked before anything sees it and its
+    reply packed (:class:`fedembed.apps.packing.PackingMod`). With ``audit_dir``, every
+    reply is also written there (:class:`fedembed.audit.AuditMod`);
     ``mods`` are further Flower mods (after the audit one); ``tasks`` are the simulated
     organisations' own tasks, by partition id (a node config naming a task wins);
     ``node_defaults`` are node-config entries a node's own config may override
     (``device``, ``threads`` in simulation).
     """
-    app = ClientApp(mods=([AuditMod(audit_dir)] if audit_dir else []) + list(mods or []) or None)
+    # packing outermost: the audit, the other mods and the handlers see the records as the coordinator
+    # built them, and a reply is packed after it was signed
+    app = ClientApp(mods=[PackingMod(), *([AuditMod(audit_dir)] if audit_dir else []), *(mods or [])])
 
     def organisation(context: Context) -> Organisation:
         from fedembed.org import Organisation

@@ -17,7 +17,9 @@ in the process that asks, never globally), the others are environment variables
   state. :class:`PollingClock` replaces those sleeps: the idle poll starts at
   ``fast`` seconds after a message and doubles up to ``cap`` while nothing comes (the
   next stage of a round comes soon after the last; an idle organisation polls slowly),
-  the local waits are cut to ``local`` seconds.
+  the local waits are cut to ``local`` seconds. A poll that the coordinator's Fleet gate
+  held open (it took ``held`` seconds or more, see :mod:`fedembed.deploy.fleetgate`) is
+  followed by the next one at once: the gate does the waiting.
 """
 
 from __future__ import annotations
@@ -60,6 +62,45 @@ def shorten_object_pulls(module: ModuleType) -> None:
     module.pull_objects = pull_objects
 
 
+KEEP_ALIVE_SECONDS = 60.0
+"""Idle seconds an HTTP connection to the SuperLink (or the coordinator's gate) is kept for reuse (httpx: 5)."""
+
+
+def keep_connections(module: ModuleType, seconds: float = KEEP_ALIVE_SECONDS) -> None:
+    """Make the ``httpx.Client`` that ``module`` creates keep idle connections ``seconds`` (not httpx's 5 s).
+
+    A SuperNode pulls a message's objects over a few connections at once, then works and
+    waits; with its poll held open by the coordinator's gate for several seconds, its
+    other connections were idle past httpx's 5 s, and every next message began with new
+    TLS handshakes. ``module`` is e.g. ``flwr.supercore.protobuf.client`` (Flower's HTTP
+    client for the Fleet API); calling this twice changes nothing more.
+    """
+    import httpx
+
+    if isinstance(module.httpx, _KeepAliveHttpx):
+        return
+    module.httpx = _KeepAliveHttpx(httpx, seconds)
+
+
+class _KeepAliveHttpx(ModuleType):
+    """``httpx``, whose ``Client`` keeps idle connections longer unless told otherwise."""
+
+    def __init__(self, httpx: ModuleType, seconds: float) -> None:
+        super().__init__("httpx")
+        base = httpx.Client
+
+        class Client(base):  # type: ignore[misc, valid-type]
+            def __init__(self, *args: Any, **kwargs: Any) -> None:
+                kwargs.setdefault("limits", httpx.Limits(max_connections=100, max_keepalive_connections=20,
+                                                         keepalive_expiry=seconds))
+                super().__init__(*args, **kwargs)
+
+        self._httpx, self.Client = httpx, Client
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._httpx, name)
+
+
 class PollingClock(ModuleType):
     """The ``time`` module for the SuperNode's message loop, with its sleeps replaced.
 
@@ -72,23 +113,35 @@ class PollingClock(ModuleType):
     fast : float, optional
         First idle poll interval after a message (default ``min(cap, 0.02)``); it
         doubles with every empty poll, up to ``cap``.
+    held : float
+        An empty poll that took this long was held open by the coordinator's gate (a long
+        poll): the next one follows at once.
     """
 
-    def __init__(self, cap: float, local: float, fast: float | None = None) -> None:
+    def __init__(self, cap: float, local: float, fast: float | None = None, held: float = 1.0) -> None:
         super().__init__("time")
         self.cap = float(cap)
         self.local = float(local)
         self.fast = min(self.cap, 0.02 if fast is None else float(fast))
+        self.held = float(held)
         self.idle = self.cap  # until the first message: poll at the cap
+        self._since = _time.monotonic()  # when the loop last went on (end of a sleep, or a message answered)
 
     def sleep(self, seconds: float) -> None:
-        """Flower's 3 s idle sleep becomes the current idle interval; its waits under 1 s, ``local``."""
+        """Flower's 3 s idle sleep becomes the current idle interval (none after a held poll); its waits under 1 s, ``local``."""
         if seconds >= 1.0:  # the SuperLink had nothing for us
-            _time.sleep(self.idle)
-            self.idle = min(self.cap, self.idle * 2)
+            if _time.monotonic() - self._since < self.held:
+                _time.sleep(self.idle)
+                self.idle = min(self.cap, self.idle * 2)
         else:  # a message is being answered: the next one is likely soon
             _time.sleep(min(seconds, self.local))
             self.idle = self.fast
+        self._since = _time.monotonic()
+
+    def message_answered(self) -> None:
+        """A message came and was answered: the next idle poll is ``fast`` again (the next stage comes soon)."""
+        self.idle = self.fast
+        self._since = _time.monotonic()
 
     def __getattr__(self, name: str) -> Any:  # everything else is the real module's
         return getattr(_time, name)

@@ -14,9 +14,9 @@ dependency installation (``uv sync``) is switched off on both sides.
 ``fedembed client`` = :func:`run_client`: runs a Flower SuperNode with the node config
 :func:`node_config` writes (state directory, identity key, roster; the organisation's
 index ``org`` or its own task), restarting it if it exits while the coordinator is away,
-and the organisation's long-lived worker (:mod:`fedembed.worker`), which runs the
-SuperNode's ClientApp tasks itself (:mod:`fedembed.apps.taskloop`): no process is
-started per message.
+and the organisation's long-lived worker (:mod:`fedembed.worker`), to which the
+SuperNode hands every message in its own message loop (:mod:`fedembed.deploy.handoff`):
+no process is started per message.
 
 Files in the coordinator's state directory::
 
@@ -31,12 +31,12 @@ Files in the coordinator's state directory::
 Modules (each imports only modules listed above it)::
 
     processes   process plumbing: Flower's environment, process trees, ports, signals
-    (fedembed.apps.latency: Flower's fixed waits shortened; fedembed.apps.taskloop: the
-    worker's executor of its SuperNode's tasks; both are runtime pieces the apps and the
-    worker use, so they live one layer below)
+    (fedembed.apps.latency: Flower's fixed waits shortened, a runtime piece the apps use
+    too, so it lives one layer below)
     flowerapp   the minimal Flower App submitted (write_app)
     server      fedembed server: ServerOptions, CoordinatorProcess, run_outcome, run_server
     client      fedembed client: ClientOptions, node_config, WorkerProcess, supernode_command, run_client
+    handoff     the SuperNode hands each message to the organisation worker, stores its reply
 
 (the files a deployed run writes into the coordinator's state directory are the
 ServerApp's: :mod:`fedembed.apps.runfiles`), and the two programs that server and client start, ``python -m fedembed.deploy.<name>``::

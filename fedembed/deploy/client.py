@@ -5,13 +5,13 @@
 (the long-lived organisation worker), :func:`supernode_command` and :func:`run_client`
 (both kept running until interrupted).
 
-With its worker running, the SuperNode starts no process per message (``--isolation
-process``): the worker runs the SuperNode's ClientApp tasks itself
-(:mod:`fedembed.apps.taskloop`), claiming them with a secret only the two share
-(``<state-dir>/worker/superexec.secret``, 0600, new at every start). Without a worker (it
-did not come up, or ``--no-worker``) the SuperNode runs as Flower's default, one
-``flwr-clientapp`` per message, each handling it itself or forwarding it to the worker's
-socket when one answers there.
+With its worker running, the SuperNode starts no process per message and serves no
+Runtime API: it hands each message it pulls to the worker over the worker's socket, in its
+own message loop, and stores the reply itself (``--worker-socket``,
+:mod:`fedembed.deploy.handoff`). Without a worker (it did not come up, or
+``--no-worker``) the SuperNode runs as Flower's default, one ``flwr-clientapp`` per
+message, each handling it itself or forwarding it to the worker's socket when one
+answers there.
 """
 
 from __future__ import annotations
@@ -19,7 +19,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import secrets
 import socket
 import subprocess
 import sys
@@ -150,20 +149,12 @@ class WorkerProcess:
         The environment to start it in.
     startup_timeout : float
         Seconds to wait for it to listen (it imports torch first).
-    runtime_api : str or None
-        The SuperNode's Runtime API (``127.0.0.1:<port>``) whose ClientApp tasks the worker
-        runs itself (SuperNode ``--isolation process``); None: it only answers on its socket.
-    task_secret : Path or None
-        The file holding the secret the SuperNode checks the worker's task claims against
-        (its ``--superexec-auth-secret-file``).
     """
 
-    def __init__(self, opts: ClientOptions, env: dict[str, str], startup_timeout: float = 120.0,
-                 runtime_api: str | None = None, task_secret: Path | None = None) -> None:
+    def __init__(self, opts: ClientOptions, env: dict[str, str], startup_timeout: float = 120.0) -> None:
         from fedembed.worker import socket_path
 
         self.opts, self.env, self.startup_timeout = opts, env, startup_timeout
-        self.runtime_api, self.task_secret = runtime_api, task_secret
         self.path = socket_path(opts.state_dir)
         self.proc: subprocess.Popen | None = None
         self.starts = 0
@@ -171,12 +162,7 @@ class WorkerProcess:
 
     def command(self) -> list[str]:
         """Its command line."""
-        cmd = [sys.executable, "-m", "fedembed.worker", "--socket", str(self.path), "--node-config", node_config(self.opts)]
-        if self.runtime_api is not None:
-            cmd += ["--runtime-api", self.runtime_api]
-            if self.task_secret is not None:
-                cmd += ["--superexec-secret", str(self.task_secret)]
-        return cmd
+        return [sys.executable, "-m", "fedembed.worker", "--socket", str(self.path), "--node-config", node_config(self.opts)]
 
     def start(self) -> bool:
         """Start it and wait until it listens; False (logged) if it did not come up."""
@@ -238,21 +224,24 @@ class WorkerProcess:
 
 def supernode_command(
     opts: ClientOptions, runtime_port: int, stock: bool = False, worker_socket: Path | None = None,
-    task_secret: Path | None = None,
+    handoff: bool = False,
 ) -> list[str]:
     """The SuperNode command line for ``opts``.
 
     By default ``python -m fedembed.deploy.supernode`` (the stock SuperNode with its waits
     shortened, see :mod:`fedembed.deploy.supernode`); ``stock=True`` gives the same arguments
-    to Flower's own ``flower-supernode``, which works as well. With ``task_secret`` the
-    SuperNode starts no ClientApp processes (``--isolation process``) and lets only the
-    holder of that secret (the organisation worker) claim its tasks.
+    to Flower's own ``flower-supernode``, which works as well. With ``worker_socket``, the
+    node config names the worker's socket (a per-message ClientApp forwards there); with
+    ``handoff`` as well, the SuperNode hands every message to that worker itself
+    (``--worker-socket``: no ClientApp process, no Runtime API).
     """
+    if handoff and (stock or worker_socket is None):
+        raise ValueError("handing messages to the worker needs fedembed's SuperNode and the worker's socket")
     head = [_command("flower-supernode")] if stock else [sys.executable, "-m", "fedembed.deploy.supernode"]
     cmd = [*head, "--superlink", opts.superlink, "--node-config", node_config(opts, worker_socket),
            "--port", str(runtime_port)]
-    if task_secret is not None:
-        cmd += ["--isolation", "process", "--superexec-auth-secret-file", str(task_secret)]
+    if handoff:
+        cmd += ["--worker-socket", str(worker_socket), "--isolation", "process"]
     if opts.insecure:
         cmd.append("--insecure")
     else:
@@ -262,27 +251,13 @@ def supernode_command(
     return cmd
 
 
-def write_task_secret(path: Path) -> Path:
-    """Write a new random secret to ``path`` (mode 0600, its directory 0700): the SuperNode's task-claim secret."""
-    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-    os.chmod(path.parent, 0o700)
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600)
-    try:
-        os.fchmod(fd, 0o600)
-        os.write(fd, secrets.token_bytes(32))
-    finally:
-        os.close(fd)
-    return path
-
-
 def run_client(opts: ClientOptions, max_restarts: int | None = None, restart_delay: float = 3.0) -> int:
     """``fedembed client``: run the organisation's worker and SuperNode until interrupted.
 
     The worker (:class:`WorkerProcess`, unless ``opts.worker`` is off) is started first
-    and started again whenever it exits. While it runs, the SuperNode starts no process
-    per message and the worker runs its ClientApp tasks (see the module docstring); the
-    SuperNode keeps one Runtime API port for its whole life here, so a restarted worker
-    finds it. If the worker cannot be (re)started, the SuperNode is started again in
+    and started again whenever it exits. While it runs, the SuperNode hands every message
+    to it (see the module docstring; a message that comes while the worker restarts waits
+    for it). If the worker cannot be (re)started, the SuperNode is started again in
     Flower's default mode (a ClientApp process per message, handling it itself). A
     SuperNode that exits (coordinator restarted, network gone) is started again after
     ``restart_delay`` seconds, unless ``opts.restart`` is off. Both stop with this process.
@@ -292,42 +267,38 @@ def run_client(opts: ClientOptions, max_restarts: int | None = None, restart_del
     int
         The SuperNode's last exit code (0 on Ctrl-C).
     """
-    from fedembed.apps.taskloop import WAKEUP_ENV
-    from fedembed.worker import MAX_SOCKET_PATH, WAKEUP_NAME
+    from fedembed.worker import MAX_SOCKET_PATH
 
     opts.state_dir.mkdir(mode=0o700, parents=True, exist_ok=True)  # the org's private state: owner only
     env = flower_env(opts.state_dir / "flwr-home")
+    # a SuperNode in Flower's default mode (no worker) launches a ClientApp per message as soon as its
+    # SuperExec sees the task: look every 0.1 s instead of every second
+    env.setdefault("FLWR_SUPEREXEC_TASK_POLL_INTERVAL", "0.1")
     proc: list[subprocess.Popen | None] = [None]
     port = opts.runtime_port or free_port()
     worker: WorkerProcess | None = None
     if opts.worker:
-        secret = opts.state_dir / "worker" / "superexec.secret"
-        worker = WorkerProcess(opts, env, runtime_api=f"127.0.0.1:{port}", task_secret=secret)
+        worker = WorkerProcess(opts, env)
         if len(os.fsencode(str(worker.path))) > MAX_SOCKET_PATH:
             log.warning("organisation %s: no worker, its socket path %s is too long for a Unix socket (use a "
                         "shorter --state-dir); every message starts torch in its own ClientApp", opts.name, worker.path)
             worker = None
-        else:
-            write_task_secret(secret)
     restarts, code = 0, 0
     with _forward_signals():
         try:
-            worker_runs_tasks = worker is not None and worker.start()
+            handoff = worker is not None and worker.start()
             while True:
                 cmd = supernode_command(opts, port, worker_socket=None if worker is None else worker.path,
-                                        task_secret=worker.task_secret if worker_runs_tasks else None)
+                                        handoff=handoff)
                 log.info("organisation %s: %s", opts.name, " ".join(cmd))
-                supernode_env = env
-                if worker_runs_tasks:  # it wakes the worker for every message it stores
-                    supernode_env = {**env, WAKEUP_ENV: str(worker.path.with_name(WAKEUP_NAME))}
-                proc[0] = subprocess.Popen(cmd, env=supernode_env, preexec_fn=_die_with_parent)
+                proc[0] = subprocess.Popen(cmd, env=env, preexec_fn=_die_with_parent)
                 fallback = False
                 while (code := proc[0].poll()) is None:
-                    if worker is not None and not worker.ensure() and worker_runs_tasks:
+                    if worker is not None and not worker.ensure() and handoff:
                         log.warning("organisation %s: its worker is down; restarting the SuperNode to start a "
                                     "ClientApp process per message meanwhile", opts.name)
                         kill_tree(proc[0])
-                        code, fallback, worker_runs_tasks = proc[0].returncode, True, False
+                        code, fallback, handoff = proc[0].returncode, True, False
                         break
                     time.sleep(0.5)
                 proc[0] = None
@@ -342,7 +313,7 @@ def run_client(opts: ClientOptions, max_restarts: int | None = None, restart_del
                 log.warning("organisation %s: SuperNode exited with %d; starting it again in %.0f s",
                             opts.name, code, restart_delay)
                 time.sleep(restart_delay)
-                worker_runs_tasks = worker is not None and worker.running()
+                handoff = worker is not None and worker.running()
         except KeyboardInterrupt:
             return 0
         finally:

@@ -20,6 +20,18 @@ so no path trick reaches another router. Every other request is answered ``403``
 gate itself and never reaches the SuperLink. SuperNode authentication is untouched:
 Flower's signed headers travel through, and the SuperLink checks them as before.
 
+With a wake-up directory (``--wakeup-dir``, :mod:`fedembed.apps.wakeup`), the gate also
+takes the polling out of a round trip. A SuperNode's ``pull-messages`` that finds nothing
+is held open for up to :data:`HOLD_SECONDS` (well under the SuperNode's 30 s request
+timeout) and asked again the moment the ServerApp says it has pushed messages (and every
+:data:`RECHECK_SECONDS` regardless): the SuperNode gets its message as soon as it is there
+instead of at its next poll, and an idle SuperNode costs one request every
+:data:`HOLD_SECONDS` instead of several a second. When a SuperNode has pushed a reply whole
+(its ``push-messages`` needed no objects, or it comes back for its next message after
+pushing them), the gate wakes the ServerApp, which then pulls the reply instead of polling
+for it. The requests themselves are forwarded as before; a request the gate cannot read
+is forwarded unwatched. A stock SuperNode works unchanged against a holding gate.
+
 Run it as ``python -m fedembed.deploy.fleetgate`` (see :func:`main`); :class:`FleetGate` is the
 ASGI application.
 """
@@ -47,6 +59,24 @@ Send = Callable[[MutableMapping[str, Any]], Awaitable[None]]
 REFUSAL = ("refused by the fedembed fleet gate: this port serves only the Flower Fleet API "
            "(SuperNodes); the Control and Runtime APIs are not reachable from the network")
 """``detail`` of every refusal (the ``flwr`` CLI prints it)."""
+
+PULL_MESSAGES = "/v1/fleet/pull-messages"
+PUSH_MESSAGES = "/v1/fleet/push-messages"
+
+HOLD_SECONDS = 10.0
+"""Longest a SuperNode's empty ``pull-messages`` is held open (Flower's SuperNode gives a request 30 s)."""
+
+RECHECK_SECONDS = 1.0
+"""A held ``pull-messages`` asks the SuperLink again at least this often (a wake-up may be lost or never sent)."""
+
+KEEP_ALIVE_SECONDS = 60
+"""Idle seconds a connection is kept open, to the SuperNodes and to the SuperLink (uvicorn's and httpx's default: 5).
+
+A SuperNode whose poll is held keeps its other connections idle meanwhile; closed after 5 s,
+each was a new TLS handshake the moment its next message came (tenths of a second under load)."""
+
+WATCHED_BODY_LIMIT = 16 << 20
+"""A watched request (pull-messages, push-messages: headers and object trees only) longer than this is forwarded unwatched."""
 
 REFUSAL_HEADER = b"x-fedembed-gate"
 """Response header marking an answer the gate gave itself: ``refused`` (403), or
@@ -96,16 +126,31 @@ class FleetGate:
     timeout : float
         Seconds to wait for the SuperLink to connect or send data; a SuperNode's own
         request timeout is shorter.
+    wakeup_dir : Path or None
+        The wake-up directory shared with the ServerApp (:mod:`fedembed.apps.wakeup`):
+        hold empty polls and wake the ServerApp on replies; None forwards every request
+        as it comes.
+    hold, recheck : float
+        See :data:`HOLD_SECONDS`, :data:`RECHECK_SECONDS`.
     """
 
     def __init__(self, upstream: str, verify: ssl.SSLContext | bool, paths: frozenset[str] | None = None,
-                 timeout: float = 300.0) -> None:
+                 timeout: float = 300.0, wakeup_dir: Path | None = None, hold: float = HOLD_SECONDS,
+                 recheck: float = RECHECK_SECONDS) -> None:
         self.upstream = upstream.rstrip("/")
         self.paths = fleet_paths() if paths is None else frozenset(paths)
+        self.wakeup_dir, self.hold, self.recheck = wakeup_dir, hold, recheck
+        self.wakeups: Any = None  # the gate's end (fedembed.apps.wakeup.Wakeups), bound at startup
+        self._pushed = asyncio.Event()  # set (and replaced) whenever the ServerApp has pushed messages
+        self._replying: set[int] = set()  # nodes that pushed a reply header and are pushing its objects
+        self.closing = False  # shutting down: held polls are answered at once
+        self._generation = 0  # how many times the ServerApp said it pushed messages
+        self._asked_at: dict[int, int] = {}  # node -> generation when the SuperLink was last asked for it
         # one upstream connection per concurrent call, as if the SuperNodes dialled the SuperLink
         self.client = httpx.AsyncClient(
             base_url=self.upstream, verify=verify, timeout=httpx.Timeout(timeout),
-            limits=httpx.Limits(max_connections=None, max_keepalive_connections=64), follow_redirects=False,
+            limits=httpx.Limits(max_connections=None, max_keepalive_connections=64, keepalive_expiry=KEEP_ALIVE_SECONDS),
+            follow_redirects=False,
         )
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -120,15 +165,25 @@ class FleetGate:
             log.warning("refused %s %.200r from %s:%s", scope["method"], scope.get("raw_path", b""), peer[0], peer[1])
             await _answer(send, 403, REFUSAL)
             return
-        await self._forward(scope["path"], scope, receive, send)
+        if self.wakeups is not None and scope["path"] in (PULL_MESSAGES, PUSH_MESSAGES):
+            await self._forward_watched(scope["path"], scope, receive, send)
+        else:
+            await self._forward(scope["path"], scope, receive, send)
 
-    async def _forward(self, path: str, scope: Scope, receive: Receive, send: Send) -> None:
+    @staticmethod
+    def _headers(scope: Scope) -> list[tuple[bytes, bytes]]:
         peer = scope.get("client") or ("", 0)
         headers = [(k, v) for k, v in scope["headers"] if k.lower() not in _DROPPED_HEADERS]
         if peer[0]:
             headers.append((b"x-forwarded-for", str(peer[0]).encode("latin-1")))
+        return headers
+
+    async def _forward(self, path: str, scope: Scope, receive: Receive, send: Send,
+                       body: AsyncIterator[bytes] | None = None) -> None:
+        headers = self._headers(scope)
         # ``path`` is the matched route, one of ``self.paths``; the query string is dropped
-        request = self.client.build_request("POST", path, headers=headers, content=_body(receive))
+        request = self.client.build_request("POST", path, headers=headers,
+                                            content=_body(receive) if body is None else body)
         try:
             response = await self.client.send(request, stream=True)
         except _ClientGone:
@@ -146,14 +201,116 @@ class FleetGate:
         finally:
             await response.aclose()
 
+    async def _forward_watched(self, path: str, scope: Scope, receive: Receive, send: Send) -> None:
+        """Forward a ``pull-messages`` (held while empty) or ``push-messages`` (noted), as :meth:`_forward` does."""
+        try:
+            chunks, whole = await _read_body(receive, WATCHED_BODY_LIMIT)
+        except _ClientGone:
+            return
+        if not whole:  # too long to look at: forwarded as it comes
+            await self._forward(path, scope, receive, send, body=_chain(chunks, _body(receive)))
+            return
+        body = b"".join(chunks)
+        node = _node_id(path, body)
+        if path == PULL_MESSAGES and node is not None and node in self._replying:
+            self._replying.discard(node)  # back for its next message: the reply it pushed is all in
+            self.wakeups.wake_other()
+        headers = self._headers(scope)
+        deadline = asyncio.get_running_loop().time() + self.hold
+        # nothing pushed since this node last asked: nothing new for it, wait before asking (the
+        # ServerApp sends a node one message per push; should one more be waiting, the recheck finds it)
+        ask = path != PULL_MESSAGES or node is None or self._asked_at.get(node) != self._generation
+        status, response_headers, content = 0, [], b""
+        gone = asyncio.ensure_future(receive())  # the request is read: this ends only when the SuperNode hangs up
+        try:
+            while True:
+                pushed = self._pushed  # taken before asking: a push while we ask ends the wait below at once
+                if ask:
+                    generation = self._generation
+                    try:
+                        status, response_headers, content = await self._ask(path, headers, body)
+                    except httpx.TransportError as exc:
+                        log.error("SuperLink at %s unreachable for %s: %s", self.upstream, path, exc)
+                        await _answer(send, 503, "SuperLink unavailable")
+                        return
+                    if path == PUSH_MESSAGES:
+                        self._note_push(node, status, content)
+                        break
+                    empty = status == 200 and _no_messages(content)
+                    if node is not None and status == 200:
+                        self._asked_at[node] = generation
+                    if not empty or self.closing or asyncio.get_running_loop().time() >= deadline:
+                        break
+                ask = True
+                left = max(0.0, deadline - asyncio.get_running_loop().time())
+                woken = asyncio.ensure_future(pushed.wait())
+                done, _ = await asyncio.wait({woken, gone}, timeout=min(self.recheck, left),
+                                             return_when=asyncio.FIRST_COMPLETED)
+                woken.cancel()
+                if gone in done:
+                    if gone.exception() is not None or gone.result().get("type") == "http.disconnect":
+                        return  # nobody to answer: ask no more (a message handed out now would be lost)
+                    break
+        finally:
+            gone.cancel()
+        await send({"type": "http.response.start", "status": status, "headers": response_headers})
+        await send({"type": "http.response.body", "body": content, "more_body": False})
+
+    async def _ask(self, path: str, headers: list[tuple[bytes, bytes]],
+                   body: bytes) -> tuple[int, list[tuple[bytes, bytes]], bytes]:
+        """One request to the SuperLink: its status, headers (hop-by-hop ones dropped) and body (decoded)."""
+        response = await self.client.send(self.client.build_request("POST", path, headers=headers, content=body))
+        content = response.content
+        kept = [(k, v) for k, v in response.headers.raw
+                if k.lower() not in _DROPPED_HEADERS and k.lower() not in (b"content-length", b"content-encoding")]
+        return response.status_code, [*kept, (b"content-length", str(len(content)).encode())], content
+
+    def _note_push(self, node: int | None, status: int, content: bytes) -> None:
+        """After a ``push-messages``: wake the ServerApp now (nothing else to push) or once the objects are in."""
+        if node is None or status != 200:
+            return
+        from flwr.proto.fleet_pb2 import PushMessagesResponse  # pylint: disable=E0611
+
+        try:
+            objects = PushMessagesResponse.FromString(content).objects_to_push
+        except Exception:  # noqa: BLE001 - not Flower's answer: nothing to note
+            return
+        if objects:
+            self._replying.add(node)
+        else:
+            self.wakeups.wake_other()
+
+    def release_held(self) -> None:
+        """Answer every held poll now, and hold no more (the gate is shutting down)."""
+        self.closing = True
+        self._pushed.set()
+
+    def _on_wakeup(self) -> None:
+        """The ServerApp pushed messages: every held poll asks the SuperLink again."""
+        if self.wakeups.drain():
+            self._generation += 1
+            self._pushed.set()
+            self._pushed = asyncio.Event()
+
     async def _lifespan(self, receive: Receive, send: Send) -> None:
         while True:
             message = await receive()
             if message["type"] == "lifespan.startup":
                 log.info("fleet gate: forwarding %d Fleet API routes to %s, refusing everything else",
                          len(self.paths), self.upstream)
+                if self.wakeup_dir is not None:
+                    from fedembed.apps.wakeup import Wakeups
+
+                    self.wakeups = Wakeups.gate(self.wakeup_dir)
+                    asyncio.get_running_loop().add_reader(self.wakeups.sock.fileno(), self._on_wakeup)
+                    log.info("fleet gate: empty polls held up to %.0f s, woken through %s", self.hold,
+                             self.wakeups.path)
                 await send({"type": "lifespan.startup.complete"})
             elif message["type"] == "lifespan.shutdown":
+                if self.wakeups is not None:
+                    asyncio.get_running_loop().remove_reader(self.wakeups.sock.fileno())
+                    self.wakeups.close()
+                    self.wakeups = None
                 await self.client.aclose()
                 await send({"type": "lifespan.shutdown.complete"})
                 return
@@ -174,6 +331,51 @@ async def _body(receive: Receive) -> AsyncIterator[bytes]:
             return
 
 
+async def _read_body(receive: Receive, limit: int) -> tuple[list[bytes], bool]:
+    """The request body's chunks, and whether that is all of it (False: it went past ``limit`` bytes, more to come)."""
+    chunks, size = [], 0
+    while True:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            raise _ClientGone
+        chunk = message.get("body", b"")
+        chunks.append(chunk)
+        size += len(chunk)
+        if not message.get("more_body", False):
+            return chunks, True
+        if size > limit:
+            return chunks, False
+
+
+async def _chain(first: list[bytes], rest: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
+    for chunk in first:
+        yield chunk
+    async for chunk in rest:
+        yield chunk
+
+
+def _node_id(path: str, body: bytes) -> int | None:
+    """The node id a ``pull-messages`` / ``push-messages`` request names, or None if it is not one."""
+    from flwr.proto.fleet_pb2 import PullMessagesRequest, PushMessagesRequest  # pylint: disable=E0611
+
+    kind = PullMessagesRequest if path == PULL_MESSAGES else PushMessagesRequest
+    try:
+        return int(kind.FromString(body).node.node_id)
+    except Exception:  # noqa: BLE001 - the SuperLink answers a malformed request; the gate only does not watch it
+        return None
+
+
+def _no_messages(content: bytes) -> bool:
+    """Whether a ``pull-messages`` answer is Flower's "nothing for you" (anything else is passed on at once)."""
+    from flwr.proto.fleet_pb2 import PullMessagesResponse  # pylint: disable=E0611
+
+    try:
+        res = PullMessagesResponse.FromString(content)
+    except Exception:  # noqa: BLE001 - not a Flower answer: pass it on
+        return False
+    return not res.messages_list and not res.HasField("reconnect")
+
+
 async def _answer(send: Send, status: int, detail: str) -> None:
     """A JSON ``{"detail": ...}`` answer of the gate's own, marked with :data:`REFUSAL_HEADER`."""
     body = json.dumps({"detail": detail}).encode()
@@ -191,7 +393,7 @@ def upstream_verify(ca_certfile: Path | None) -> ssl.SSLContext | bool:
 
 
 def serve(host: str, port: int, upstream: str, certfile: Path | None = None, keyfile: Path | None = None,
-          ca_certfile: Path | None = None) -> None:
+          ca_certfile: Path | None = None, wakeup_dir: Path | None = None) -> None:
     """Run the gate on ``host:port`` until interrupted.
 
     Parameters
@@ -206,6 +408,8 @@ def serve(host: str, port: int, upstream: str, certfile: Path | None = None, key
         None: plain HTTP.
     ca_certfile : Path or None
         CA that signed the SuperLink's certificate (verifies the upstream connection).
+    wakeup_dir : Path or None
+        The wake-up directory shared with the ServerApp (see :class:`FleetGate`).
     """
     import uvicorn
 
@@ -213,13 +417,19 @@ def serve(host: str, port: int, upstream: str, certfile: Path | None = None, key
         raise ValueError("give both certfile and keyfile, or neither (plain HTTP)")
     if upstream.startswith("https://") and ca_certfile is None:
         raise ValueError("an https upstream needs ca_certfile to verify the SuperLink's certificate")
-    app = FleetGate(upstream, upstream_verify(ca_certfile if upstream.startswith("https://") else None))
+    app = FleetGate(upstream, upstream_verify(ca_certfile if upstream.startswith("https://") else None),
+                    wakeup_dir=wakeup_dir)
     config = uvicorn.Config(
         app, host=host, port=port, lifespan="on", ws="none", proxy_headers=False, server_header=False,
-        access_log=False, log_config=None, timeout_graceful_shutdown=2,
+        access_log=False, log_config=None, timeout_graceful_shutdown=2, timeout_keep_alive=KEEP_ALIVE_SECONDS,
         ssl_certfile=None if certfile is None else str(certfile), ssl_keyfile=None if keyfile is None else str(keyfile),
     )
-    asyncio.run(uvicorn.Server(config).serve())
+    class Server(uvicorn.Server):
+        async def shutdown(self, sockets: Any = None) -> None:
+            app.release_held()  # before uvicorn waits for open requests to end
+            await super().shutdown(sockets)
+
+    Server(config).run()  # uvicorn's own loop choice: uvloop when installed (its TLS is far cheaper than asyncio's)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -231,13 +441,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--certfile", type=Path, help="TLS certificate served to the organisations")
     p.add_argument("--keyfile", type=Path, help="its private key")
     p.add_argument("--ca-certfile", type=Path, help="CA that signed the SuperLink's certificate")
+    p.add_argument("--wakeup-dir", type=Path,
+                   help="wake-up directory shared with the ServerApp: hold empty polls, wake the ServerApp on replies")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
                         stream=sys.stderr)
     for name in ("fedembed", "uvicorn.error"):
         logging.getLogger(name).setLevel(logging.INFO)
     try:
-        serve(args.host, args.port, args.upstream, args.certfile, args.keyfile, args.ca_certfile)
+        serve(args.host, args.port, args.upstream, args.certfile, args.keyfile, args.ca_certfile, args.wakeup_dir)
     except KeyboardInterrupt:
         pass
     return 0

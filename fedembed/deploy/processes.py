@@ -31,9 +31,6 @@ def flower_env(flwr_home: Path | None = None) -> dict[str, str]:
     env["PATH"] = os.pathsep.join([_venv_bin(), env.get("PATH", "")])
     env["FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION"] = "1"
     env["FLWR_DISABLE_UPDATE_CHECK"] = "1"
-    # A SuperNode's SuperExec looks for a ClientApp task to launch every second by default;
-    # secure aggregation is several messages in a row, each waiting on that poll.
-    env.setdefault("FLWR_SUPEREXEC_TASK_POLL_INTERVAL", "0.1")
     # torch's OpenMP threads spin between parallel regions by default. An organisation's
     # worker shares its cores with its SuperNode (and, on a test machine, with the other
     # organisations): spinning threads then starve each other, and a local fit measured

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import subprocess
 import sys
 import time
@@ -32,11 +31,16 @@ from fedembed.deploy.processes import (
     wait_for_port,
 )
 from fedembed.apps.runfiles import DeployedRunFiles
+from fedembed.apps.wakeup import wakeup_dir
 
 log = logging.getLogger(__name__)
 
 CONNECTION = "fedembed"
 """Name of the SuperLink connection written into ``flwr-home/config.toml``."""
+
+SUPEREXEC_POLL_SECONDS = "0.5"
+"""How often the coordinator's SuperExec asks for a task to launch (``FLWR_SUPEREXEC_TASK_POLL_INTERVAL``,
+unless set): the ServerApp, once per run."""
 
 
 @dataclass
@@ -142,11 +146,12 @@ class CoordinatorProcess:
             self.superlink_port = free_port(self.LOOPBACK)
         self.opts.state_dir.mkdir(parents=True, exist_ok=True)
         self.files = DeployedRunFiles(self.opts.state_dir)
+        self.wakeup_dir = wakeup_dir(self.opts.state_dir)  # the gate's and the ServerApp's wake-ups
         self.env = flower_env(self.opts.flwr_home)
-        # The SuperLink's SuperExec launches the ServerApp once per run; polling for it every
-        # 0.1 s (flower_env's default, for the organisations) costs the SuperLink ten TLS
-        # requests a second for the whole run.
-        self.env["FLWR_SUPEREXEC_TASK_POLL_INTERVAL"] = os.environ.get("FLWR_SUPEREXEC_TASK_POLL_INTERVAL", "0.5")
+        # The SuperLink's SuperExec launches the ServerApp once per run, and keeps asking the
+        # SuperLink for a task (a TLS request) at this interval for the whole run: twice a
+        # second, unless the user set it.
+        self.env.setdefault("FLWR_SUPEREXEC_TASK_POLL_INTERVAL", SUPEREXEC_POLL_SECONDS)
 
     @property
     def superlink_address(self) -> str:
@@ -176,6 +181,8 @@ class CoordinatorProcess:
                "--upstream", f"{scheme}://{self.superlink_address}"]
         if not o.insecure:
             cmd += ["--certfile", str(o.certfile), "--keyfile", str(o.keyfile), "--ca-certfile", str(o.ca_certfile)]
+        if self.wakeup_dir is not None:
+            cmd += ["--wakeup-dir", str(self.wakeup_dir)]
         return cmd
 
     def _spawn(self, cmd: list[str], logname: str) -> subprocess.Popen:
@@ -266,7 +273,7 @@ class CoordinatorProcess:
     # -------------------------------------------------------------- run
     def submit(self, cfg: RunConfig) -> int:
         """Submit the fedembed ServerApp for ``cfg``; returns Flower's run id."""
-        app = write_app(self.opts.state_dir / "app", cfg, self.opts.state_dir)
+        app = write_app(self.opts.state_dir / "app", cfg, self.opts.state_dir, self.wakeup_dir)
         out = self.flwr("run", str(app))
         if not out.get("success"):
             raise RuntimeError(f"`flwr run` failed: {out.get('error-message')}")
