@@ -194,6 +194,8 @@ def summarise(out: Path, seeds: list[int]) -> dict[str, Any]:
             picks = [{o: served(d, o) for o in orgs} for d in docs]
             row: dict[str, Any] = {o: _mean_std([p[o]["score"] for p in picks]) for o in orgs}
             row["mean"] = _mean_std([float(np.mean([p[o]["score"] for o in orgs])) for p in picks])
+            # the validation score of the served state: what a candidate recipe is judged on
+            row["val"] = _mean_std([float(np.mean([p[o]["val_score"] for o in orgs])) for p in picks])
             row["last"] = _mean_std([d["final"]["mean"]["score"] for d in docs])
             row["best_round"] = float(np.mean([p[o]["round"] for p in picks for o in orgs]))
             weights = [p[o].get("guard_weight") for p in picks for o in orgs]
@@ -205,7 +207,7 @@ def summarise(out: Path, seeds: list[int]) -> dict[str, Any]:
 
 def _orgs(modes: dict[str, Any]) -> list[str]:
     first = next(iter(modes.values()))
-    return [k for k in first if k not in ("mean", "last", "best_round", "guard_served")]
+    return [k for k in first if k not in ("mean", "val", "last", "best_round", "guard_served")]
 
 
 def gains(summary: dict[str, Any]) -> dict[str, Any]:
@@ -271,11 +273,12 @@ def markdown(summary: dict[str, Any], checks: list[dict[str, Any]], seeds: list[
             lines.append(f"| {label} | " + " | ".join(cells) + " |")
         lines.append("| after the last round (mean) | " + " | ".join(f"{modes[m]['last']['mean']:.4f}" for m in names) + " |")
         lines.append("| round served (mean) | " + " | ".join(f"{modes[m]['best_round']:.1f}" for m in names) + " |")
+        lines.append("| validation score served (mean) | " + " | ".join(f"{modes[m]['val']['mean']:.4f}" for m in names) + " |")
         if "guard_served" in modes.get(GUARDED, {}):
             shares = ", ".join(f"{k} {100 * v:.0f}%" for k, v in modes[GUARDED]["guard_served"].items())
             lines += ["", f"fedembed-guard served, over (organisation, seed) pairs: {shares}."]
         rows = split.get(scenario)
-        if rows:
+        if rows and rows["mean"]:  # no pair of modes to compare: no table
             cols = [c for c in ("sharing", "pooled_gap", "guard_vs_shared", "guard_vs_local") if c in rows["mean"]]
             heads = {"sharing": "sharing: fedembed − local", "pooled_gap": "fedembed − pooled",
                      "guard_vs_shared": "guard − fedembed", "guard_vs_local": "guard − local"}
