@@ -100,16 +100,6 @@ class ServerOptimizer:
                 step = self.lr * mean
             elif self.name == "sum":  # every organisation's (capped) share of its delta, added up
                 step = self.lr * (ts.weighted_delta / self.weight_cap).astype(np.float32)
-                import os
-                alpha = float(os.environ.get("PROTO_ALPHA", "0"))
-                if alpha:
-                    n = np.maximum(ts.weight / self.weight_cap, 1.0)
-                    step = (step / n[:, None] ** alpha).astype(np.float32)
-                beta = float(os.environ.get("PROTO_MOM", "0"))
-                if beta:
-                    vel = self.state.setdefault(f"{name}.vel", np.zeros(table.shape, dtype=np.float32))
-                    vel[ts.ids] = beta * vel[ts.ids] + step
-                    step = vel[ts.ids].copy()
             elif self.name == "adagrad":
                 acc = self.state.setdefault(name, np.zeros(table.shape[0], dtype=np.float32))
                 acc[ts.ids] += np.mean(mean.astype(np.float32) ** 2, axis=1)

@@ -264,41 +264,9 @@ class Organisation:
             extra["dp_ledger"] = saved["dp_ledger"]
         rng = round_rng(plan.seed, name, plan.round)
         with lookup_guard(model, rows) if rows is not None else contextlib.nullcontext():
-            import os
-            if os.environ.get("PROTO_MISMATCH_LOG") and table_state and "_drift" in table_state:
-                import copy as _c
-                teacher = _c.deepcopy(model)
-                tt = {n: t.copy() for n, t in tables.items()}
-                for n, dr in table_state["_drift"].items():
-                    tt[n][dr["ids"].numpy()] = (dr["start"] + dr["own"]).numpy()
-                teacher.set_tables(tt)
-                def _tl(m):
-                    with torch.no_grad():
-                        tot, k = 0.0, 0
-                        for b in task.batches("train", 1024, None):
-                            tot += float(task.loss(m, b)) * len(b.targets); k += len(b.targets)
-                    return tot / k
-                et, eg = evaluate_splits(task, teacher), evaluate_splits(task, model)
-                with open(os.environ["PROTO_MISMATCH_LOG"], "a") as fh:
-                    fh.write(json.dumps({"org": name, "round": plan.round, "train_local": _tl(teacher), "train_global": _tl(model),
-                                         "val_local": et["val_score"], "val_global": eg["val_score"]}) + "\n")
-            if os.environ.get("PROTO_DISTILL") and table_state is not None:
-                from fedembed.train import distill_head
-                distill_head(task, model, cfg, head_opt, rng, tables, table_state)
-            if cfg.head_epochs > 0 and os.environ.get("PROTO_REFIT_SERVE"):  # re-fit a copy, evaluate it, train on from the original
-                import copy
-                h0, o0 = copy.deepcopy(model.head_state_dict()), copy.deepcopy(head_opt.state_dict())
+            if cfg.head_epochs > 0:  # FedRep: the head meets the synced tables before it is evaluated (and served) on them
                 fit_head(task, model, cfg, head_opt, rng)
-                metrics = evaluate_splits(task, model)
-                model.load_head_state_dict(h0)
-                head_opt.load_state_dict(o0)
-            elif cfg.head_epochs > 0 and os.environ.get("PROTO_REFIT_CHOOSE"):
-                from fedembed.train import refit_head_if_better
-                metrics = refit_head_if_better(task, model, cfg, head_opt, rng)
-            else:
-                if cfg.head_epochs > 0 and not (os.environ.get("PROTO_REFIT_SKIP1") and plan.round == 1) and not (os.environ.get("PROTO_REFIT_ONLY1") and plan.round != 1):  # FedRep: the head meets the synced tables before it is evaluated (and served) on them
-                    fit_head(task, model, cfg, head_opt, rng)
-                metrics = evaluate_splits(task, model)
+            metrics = evaluate_splits(task, model)
             context = ServingContext(task, cfg, plan.round, plan.seed, plan.table_scale, plan.run_key, shapes,
                                      train=not plan.evaluate_only, who=name)
             metrics = serving_policy(cfg, self.state.dir).serve(context, model, metrics)

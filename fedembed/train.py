@@ -25,9 +25,6 @@ from fedembed.task import Task, to_device
 
 log = logging.getLogger(__name__)
 
-#: PROTOTYPE (oracle SCAFFOLD, in-process only): round -> org -> table -> (sum of raw row gradients, occurrences)
-_PROTO_G: dict = {}
-
 
 def _derived_seed(*parts: object) -> int:
     """A 63-bit seed derived from ``parts`` (stable across processes and machines, unlike ``hash``)."""
@@ -83,9 +80,7 @@ def _load_table_state(opt: torch.optim.Optimizer, model: SplitModel, saved: dict
         ids = saved[name]["ids"]
         exp_avg, exp_avg_sq = torch.zeros_like(w), torch.zeros_like(w)
         ids = ids.to(w.device)
-        import os
-        if not os.environ.get("PROTO_RESET_M"):
-            exp_avg[ids] = saved[name]["exp_avg"].to(w.device)
+        exp_avg[ids] = saved[name]["exp_avg"].to(w.device)
         exp_avg_sq[ids] = saved[name]["exp_avg_sq"].to(w.device)
         opt.state[w] = {"step": int(saved["step"]), "exp_avg": exp_avg, "exp_avg_sq": exp_avg_sq}
 
@@ -146,15 +141,8 @@ def fit_head(task: Task, model: SplitModel, cfg: TrainConfig, head_opt: torch.op
     was_training = model.training
     model.train()
     try:
-        import os
-        frac = float(os.environ.get("PROTO_REFIT_FRAC", "1"))
-        limit = int(np.ceil(frac * -(-task.num_examples("train") // cfg.batch_size)))
-        done = 0
         for _ in range(cfg.head_epochs):
             for batch in task.batches("train", cfg.batch_size, rng):
-                if done >= limit * cfg.head_epochs:
-                    break
-                done += 1
                 batch = to_device(batch, task.device)
                 head_opt.zero_grad(set_to_none=True)
                 task.loss(model, batch).backward()
@@ -163,66 +151,6 @@ def fit_head(task: Task, model: SplitModel, cfg: TrainConfig, head_opt: torch.op
         for p, flag in zip(frozen, flags):
             p.requires_grad_(flag)
         model.train(was_training)
-
-
-def refit_head_if_better(
-    task: Task, model: SplitModel, cfg: TrainConfig, head_opt: torch.optim.Optimizer, rng: np.random.Generator
-) -> dict[str, float]:
-    """PROTOTYPE: re-fit the head (FedRep) only where the organisation's own validation prefers it."""
-    import copy
-    import os
-
-    before = evaluate_splits(task, model)
-    head = copy.deepcopy(model.head_state_dict())
-    opt_state = copy.deepcopy(head_opt.state_dict())
-    fit_head(task, model, cfg, head_opt, rng)
-    after = evaluate_splits(task, model)
-    key = os.environ.get("PROTO_REFIT_KEY", "val_score")
-    better = after[key] > before[key] if key == "val_score" else after[key] < before[key]
-    if better:
-        return after
-    model.load_head_state_dict(head)
-    head_opt.load_state_dict(opt_state)
-    return before
-
-
-def distill_head(task: Task, model: SplitModel, cfg: TrainConfig, head_opt: torch.optim.Optimizer,
-                 rng: np.random.Generator, tables: dict[str, np.ndarray], table_state: dict | None) -> None:
-    """PROTOTYPE: re-align the head to the synced tables by distillation from its own last model (BagTask only)."""
-    import copy
-    import os
-    import torch.nn.functional as F
-
-    if not table_state or "_drift" not in table_state:
-        return
-    frac = float(os.environ.get("PROTO_DISTILL", "1"))
-    teacher = copy.deepcopy(model)
-    tt = {n: t.copy() for n, t in tables.items()}
-    for n, dr in table_state["_drift"].items():
-        ids = dr["ids"].numpy()
-        tt[n][ids] = (dr["start"] + dr["own"]).numpy()
-    teacher.set_tables(tt)
-    teacher.eval()
-    frozen = model.table_parameters()
-    for p in frozen:
-        p.requires_grad_(False)
-    n_b = -(-task.num_examples("train") // cfg.batch_size)
-    limit = int(np.ceil(frac * n_b))
-    for k, b in enumerate(task.batches("train", cfg.batch_size, rng)):
-        if k >= limit:
-            break
-        with torch.no_grad():
-            target = teacher.module(b.ids, b.offsets)
-        out = model.module(b.ids, b.offsets)
-        if b.targets.dtype == torch.float32:
-            loss = F.binary_cross_entropy_with_logits(out, torch.sigmoid(target))
-        else:
-            loss = F.kl_div(F.log_softmax(out, 1), F.log_softmax(target, 1), log_target=True, reduction="batchmean")
-        head_opt.zero_grad(set_to_none=True)
-        loss.backward()
-        head_opt.step()
-    for p in frozen:
-        p.requires_grad_(True)
 
 
 def train_local(
@@ -283,60 +211,14 @@ def train_local(
     if cfg.prox_mu > 0 and start_tables is not None:
         prox = {n: torch.from_numpy(start_tables[n]).to(model.table(n).weight.device) for n in model.table_names}
     rate = min(cfg.prox_mu * cfg.table_lr, 1.0)
-    import os
-    gamma = float(os.environ.get("PROTO_EXTRAP", "0"))
-    xmode = os.environ.get("PROTO_EXTRAP_MODE", "step")
-    others: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}  # table -> (ids, predicted movement by the others)
-    if gamma and start_tables is not None and table_state is not None and "_drift" in table_state:
-        for name in model.table_names:
-            dr = table_state["_drift"].get(name)
-            if dr is None or dr["ids"].numel() == 0:
-                continue
-            ids = dr["ids"]
-            moved = torch.from_numpy(start_tables[name][ids.numpy()]) - dr["start"]
-            others[name] = (ids, gamma * (moved - dr["own"]))
-    n_steps = sum(1 for _ in range(0, task.num_examples("train"), cfg.batch_size)) * cfg.epochs
-    applied = {n: torch.zeros_like(o) for n, (_, o) in others.items()}
-    if others and xmode == "start":
-        with torch.no_grad():
-            for n, (ids, o) in others.items():
-                model.table(n).weight[ids] += o
-                applied[n] += o
     total, steps = 0.0, 0
     dp_stats: dict[str, float] | None = None
     if cfg.dp:  # record-level DP (fedembed.dp.local): own Poisson samples; lookups get the rows each step released
         from fedembed.dp.local import dp_train_round
 
         total, steps, dp_stats = dp_train_round(task, model, cfg, [head_opt, table_opt], rng, lookups, dp_ledger)
-    frac = float(os.environ.get("PROTO_FRAC", "1"))
-    limit = int(np.ceil(frac * n_steps)) if (start_tables is not None or os.environ.get("PROTO_FRAC_ALL")) and frac < 1 else 10**12
-    scaf = float(os.environ.get("PROTO_SCAF", "0")) if start_tables is not None else 0.0
-    who_round = os.environ.get("PROTO_WHO", "")
-    corr: dict[str, torch.Tensor] = {}
-    acc: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
-    if scaf:
-        rnd = table_state.get("_round", 0) + 1
-        me = table_state.setdefault("_me", int(np.random.default_rng().integers(2**62)))
-        for name in model.table_names:
-            w = model.table(name).weight
-            acc[name] = (torch.zeros_like(w), torch.zeros(w.shape[0]))
-        prev = _PROTO_G.get(rnd - 1, {})
-        if prev and me in prev:
-            for name in model.table_names:
-                G = sum(v[name][0] for v in prev.values()); C = sum(v[name][1] for v in prev.values())
-                gi, ci = prev[me][name]
-                c = torch.where(C[:, None] > 0, G / C.clamp(min=1)[:, None], torch.zeros_like(G))
-                c_i = torch.where(ci[:, None] > 0, gi / ci.clamp(min=1)[:, None], c)
-                corr[name] = scaf * (c - c_i)
-    lead = float(os.environ.get("PROTO_LEAD", "0")) if start_tables is not None else 0.0
-    def _schedule():
-        bl = list(task.batches("train", cfg.batch_size, rng))
-        q = int(round(lead * len(bl)))
-        return [(b, True, q == 0 or i >= q) for i, b in enumerate(bl)] + [(b, False, True) for b in bl[:q]]
     for _ in range(cfg.epochs if dp_stats is None else 0):
-        for batch, do_head, do_table in _schedule():
-            if steps >= limit:
-                break
+        for batch in task.batches("train", cfg.batch_size, rng):
             batch = to_device(batch, task.device)
             head_opt.zero_grad(set_to_none=True)
             table_opt.zero_grad(set_to_none=True)
@@ -348,41 +230,16 @@ def train_local(
             if not torch.isfinite(loss):
                 raise FloatingPointError(f"training loss became {float(loss)}; lower the learning rates")
             loss.backward()
-            if do_table:
-                _record_lookups(model, lookups)
-            if scaf:
-                for name in model.table_names:
-                    w = model.table(name).weight
-                    g = w.grad.coalesce()
-                    idx, val = g._indices()[0], g._values()
-                    occ = torch.bincount(torch.as_tensor(np.concatenate([b.numpy() for b in [task.id_bags(batch)[name][0]]])), minlength=w.shape[0]).float()
-                    acc[name][0].index_add_(0, idx, val)
-                    acc[name][1].add_(occ)
-                    if name in corr:
-                        val = val + corr[name][idx] * occ[idx][:, None]
-                        w.grad = torch.sparse_coo_tensor(idx[None], val, w.shape)
-            if not cfg.freeze_head and do_head:
+            _record_lookups(model, lookups)
+            if not cfg.freeze_head:
                 head_opt.step()
-            if do_table:
-                table_opt.step()
-            if start_tables is not None and os.environ.get("PROTO_STEPX"):
-                for st in table_opt.state.values():
-                    if "step" in st:
-                        st["step"] += int(os.environ["PROTO_STEPX"]) - 1
+            table_opt.step()
             if prox:
                 _proximal_pull(model, prox, rate)
-            if others and xmode == "step":
-                with torch.no_grad():
-                    for n, (ids, o) in others.items():
-                        model.table(n).weight[ids] += o / n_steps
-                        applied[n] += o / n_steps
             total += loss.item()
             steps += 1
     if table_state is not None:
         _save_table_state(table_opt, model, table_state)
-    if scaf and table_state is not None:
-        _PROTO_G.setdefault(rnd, {})[me] = acc
-        table_state["_round"] = rnd
     update: RowUpdate = {}
     if start_tables is not None:
         for name in model.table_names:
@@ -394,17 +251,9 @@ def train_local(
                 ids, counts = ids[keep], counts[keep]
             w = model.table(name).weight.detach()
             new = w[torch.from_numpy(ids).to(w.device)].cpu().numpy()
-            if name in others:  # the others' predicted movement is theirs to upload, not this organisation's
-                full = torch.zeros_like(w)
-                full[others[name][0]] = applied[name]
-                new = new - full[torch.from_numpy(ids)].numpy()
             delta = (new - start_tables[name][ids]).astype(np.float32)
             weight = np.minimum(counts, cfg.max_row_weight).astype(np.float32)
             update[name] = TableUpdate(ids=ids, delta=delta, weight=weight)
-        if (gamma or os.environ.get("PROTO_DISTILL")) and table_state is not None:
-            table_state["_drift"] = {n: {"ids": torch.from_numpy(u.ids.copy()),
-                                         "start": torch.from_numpy(start_tables[n][u.ids].copy()),
-                                         "own": torch.from_numpy(u.delta.copy())} for n, u in update.items()}
     stats = {
         "examples": float(task.num_examples("train")),
         "loss": total / max(steps, 1),

@@ -137,8 +137,6 @@ def run_one(args: list[str], out: Path, engine: str) -> None:
         subprocess.run([str(exe), *args, "--quiet", "--cpus", "1"], check=True, cwd=ROOT)
         return
     parsed = build_parser().parse_args(args)
-    import fedembed.train as _T  # PROTOTYPE
-    _T._PROTO_G.clear()
     # as `fedembed simulate` does: every organisation's own task, their names, the federation they share
     tasks, names, federation = simulated_federation(TaskSpec(parsed.task, parse_options(parsed.option)), parsed.orgs)
     cfg: RunConfig = config_from_args(parsed, federation)

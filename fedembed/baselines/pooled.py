@@ -68,24 +68,6 @@ def run_pooled(
         for opt, lr in ((head_opt, recipe.head_lr), (table_opt, recipe.table_lr)):
             for g in opt.param_groups:
                 g["lr"] = lr
-        if recipe.head_epochs > 0:  # PROTOTYPE: the FedRep head re-fit, tables frozen
-            import os
-            frac = float(os.environ.get("PROTO_REFIT_FRAC", "1"))
-            if not (os.environ.get("PROTO_REFIT_SKIP1") and round_ == 1) and not (os.environ.get("PROTO_REFIT_ONLY1") and round_ != 1):
-                for p in models[0].table_parameters():
-                    p.requires_grad_(False)
-                for _ in range(recipe.head_epochs):
-                    hs = []
-                    for i, t in enumerate(tasks):
-                        bs = list(t.batches("train", cfg.train.batch_size, rng))
-                        hs += [(i, b) for b in bs[: int(np.ceil(frac * len(bs)))]]
-                    for j in rng.permutation(len(hs)):
-                        org, batch = hs[j]
-                        head_opt.zero_grad(set_to_none=True)
-                        tasks[org].loss(models[org], to_device(batch, tasks[org].device)).backward()
-                        head_opt.step()
-                for p in models[0].table_parameters():
-                    p.requires_grad_(True)
         steps = [(i, b) for i, t in enumerate(tasks) for b in t.batches("train", cfg.train.batch_size, rng)]
         for j in rng.permutation(len(steps)):
             org, batch = steps[j]
