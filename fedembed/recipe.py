@@ -36,9 +36,11 @@ class TrainConfig:
     ----------
     epochs : int
         Local epochs over the organisation's training data per round (table and head).
-    head_epochs : int
+    head_epochs : float
         Epochs re-fitting only the head on the freshly synced table before the table is
-        touched (FedRep-style); 0 disables it.
+        touched (FedRep-style); 0 disables it. A fraction re-fits over that share of an
+        epoch's batches (0.25: the first quarter of a shuffled epoch; 1.5: one epoch and
+        half of another).
     batch_size : int
         Examples per local step.
     table_lr : float
@@ -119,14 +121,14 @@ class TrainConfig:
         baseline has no synced value and ignores it.
     freeze_head : bool
         FedRep's alternation: the local epochs train the tables only, the head is trained
-        by the ``head_epochs`` re-fit alone (which must then be at least 1).
+        by the ``head_epochs`` re-fit alone (which must then be on).
     patience : int
         Stop the run once no organisation's validation score has improved for this many
         rounds; 0 runs every round.
     """
 
     epochs: int = 1
-    head_epochs: int = 0
+    head_epochs: float = 0.0
     batch_size: int = 16
     table_lr: float = 0.05
     head_lr: float = 0.01
@@ -162,15 +164,17 @@ class TrainConfig:
     def __post_init__(self) -> None:
         if self.table_optimizer not in TABLE_OPTIMIZERS:
             raise RecipeError(f"table_optimizer must be one of {TABLE_OPTIMIZERS}, got {self.table_optimizer!r}")
-        for f in ("epochs", "head_epochs", "batch_size", "guard_window"):
-            if int(getattr(self, f)) < (1 if f != "head_epochs" else 0):
+        for f in ("epochs", "batch_size", "guard_window"):
+            if int(getattr(self, f)) < 1:
                 raise RecipeError(f"{f} must be positive, got {getattr(self, f)}")
+        if not self.head_epochs >= 0:
+            raise RecipeError(f"head_epochs must be >= 0 (0: no re-fit), got {self.head_epochs}")
         if not (self.table_lr > 0 and self.head_lr > 0 and self.max_row_weight >= 1):
             raise RecipeError("learning rates must be > 0 and max_row_weight >= 1")
         if not 0 < self.lr_decay <= 1:
             raise RecipeError(f"lr_decay must be in (0, 1], got {self.lr_decay}")
-        if self.freeze_head and int(self.head_epochs) < 1:
-            raise RecipeError("freeze_head trains the head in the head_epochs re-fit only: head_epochs must be >= 1")
+        if self.freeze_head and not self.head_epochs > 0:
+            raise RecipeError("freeze_head trains the head in the head_epochs re-fit only: head_epochs must be > 0")
         if self.prox_mu < 0:
             raise RecipeError(f"prox_mu must be >= 0, got {self.prox_mu}")
         if int(self.patience) < 0:

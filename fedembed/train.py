@@ -125,14 +125,24 @@ def _proximal_pull(model: SplitModel, start: dict[str, torch.Tensor], rate: floa
         w[ids] -= rate * (w[ids] - t0[ids])
 
 
+def head_steps(task: Task, cfg: TrainConfig) -> int:
+    """Steps of the FedRep head re-fit: ``cfg.head_epochs`` times the batches of an epoch, rounded up (0: none)."""
+    if not cfg.head_epochs > 0:
+        return 0
+    batches = -(-task.num_examples("train") // cfg.batch_size)
+    return max(1, int(np.ceil(cfg.head_epochs * batches - 1e-9)))
+
+
 def fit_head(task: Task, model: SplitModel, cfg: TrainConfig, head_opt: torch.optim.Optimizer, rng: np.random.Generator) -> None:
     """FedRep: re-fit only the head, ``cfg.head_epochs`` epochs, on the tables as they are (frozen).
 
     An organisation calls it on the freshly synced tables before it evaluates them, so the
     head it evaluates and serves is fitted to the very tables it is served with (not to
-    its own pre-averaging tables of the previous round).
+    its own pre-averaging tables of the previous round). A fractional ``head_epochs``
+    stops after that share of a shuffled epoch's batches (:func:`head_steps`).
     """
-    if cfg.head_epochs <= 0:
+    steps = head_steps(task, cfg)
+    if steps == 0:
         return
     frozen = model.table_parameters() + model.residual_parameters()
     flags = [p.requires_grad for p in frozen]
@@ -141,12 +151,16 @@ def fit_head(task: Task, model: SplitModel, cfg: TrainConfig, head_opt: torch.op
     was_training = model.training
     model.train()
     try:
-        for _ in range(cfg.head_epochs):
+        done = 0
+        while done < steps:
             for batch in task.batches("train", cfg.batch_size, rng):
                 batch = to_device(batch, task.device)
                 head_opt.zero_grad(set_to_none=True)
                 task.loss(model, batch).backward()
                 head_opt.step()
+                done += 1
+                if done == steps:
+                    break
     finally:
         for p, flag in zip(frozen, flags):
             p.requires_grad_(flag)

@@ -3,6 +3,7 @@
 import json
 
 import numpy as np
+import torch
 import pytest
 from conftest import run_config
 
@@ -127,3 +128,99 @@ def test_sum_step_adds_up_the_organisations_deltas_each_counted_up_to_the_cap():
     assert (tables.tables["t"] - before)[1] == pytest.approx([2.0, 2.0])
     with pytest.raises(ValueError):
         ServerOptimizer("sum", weight_cap=0.5)
+
+
+def _count_steps(opt) -> list[int]:
+    """Count ``opt.step()`` calls (the list's one element)."""
+    calls = [0]
+    step = opt.step
+
+    def counted(*a, **k):
+        calls[0] += 1
+        return step(*a, **k)
+
+    opt.step = counted
+    return calls
+
+
+@pytest.mark.parametrize("head_epochs", [0.25, 1.5])
+def test_a_fractional_head_refit_takes_that_share_of_an_epochs_batches_and_leaves_the_tables(head_epochs):
+    from fedembed.train import fit_head, head_steps
+
+    task = load_task(TASK.for_org(0, 3))
+    model = build_seeded(task, 0, "org-0")
+    cfg = TrainConfig(head_epochs=head_epochs)
+    batches = -(-task.num_examples("train") // cfg.batch_size)
+    assert head_steps(task, cfg) == int(np.ceil(head_epochs * batches)) and head_steps(task, TrainConfig()) == 0
+    tables = {n: t.copy() for n, t in model.get_tables().items()}
+    head = {k: v.clone() for k, v in model.head_state_dict().items()}
+    opt = make_head_optimizer(model, cfg, None)
+    calls = _count_steps(opt)
+    fit_head(task, model, cfg, opt, round_rng(0, "org-0", 1))
+    assert calls[0] == head_steps(task, cfg)
+    assert all(np.array_equal(tables[n], t) for n, t in model.get_tables().items())
+    assert any(not torch.equal(head[k], v) for k, v in model.head_state_dict().items())
+    assert all(p.requires_grad for p in model.table_parameters())  # unfrozen again
+
+
+def test_head_epochs_take_a_fraction_on_the_command_line_and_refuse_a_negative_one():
+    from fedembed.cli import build_parser
+
+    args = build_parser().parse_args(["simulate", "--head-epochs", "0.25"])
+    assert args.head_epochs == 0.25
+    assert TrainConfig.from_dict({"head_epochs": 0.25}).head_epochs == 0.25
+    with pytest.raises(RecipeError):
+        TrainConfig(head_epochs=-0.5)
+    with pytest.raises(RecipeError):
+        TrainConfig(freeze_head=True)  # the head would never train
+    TrainConfig(freeze_head=True, head_epochs=0.25)
+
+
+def test_pooled_refits_every_head_on_its_own_batches_with_the_shared_tables_frozen():
+    from fedembed.baselines.pooled import refit_heads
+    from fedembed.train import head_steps
+
+    tasks = [load_task(TASK.for_org(i, 3)) for i in range(3)]
+    models = [build_seeded(t, 0, f"org-{i}") for i, t in enumerate(tasks)]
+    for m in models[1:]:  # tied as run_pooled ties them
+        m.table("ids").weight = models[0].table("ids").weight
+    shared = {id(p) for p in models[0].table_parameters()}  # tied into every model, as run_pooled filters it
+    heads = [p for m in models for p in m.head_parameters() if id(p) not in shared]
+    opt = torch.optim.Adam(heads, lr=0.01)
+    before_heads = [p.detach().clone() for p in heads]
+    before_table = models[0].get_tables()["ids"].copy()
+    cfg = TrainConfig(head_epochs=0.5)
+    assert refit_heads(tasks, models, opt, cfg, np.random.default_rng(0)) == sum(head_steps(t, cfg) for t in tasks)
+    assert np.array_equal(models[0].get_tables()["ids"], before_table)
+    moved = [not torch.equal(b, p) for b, p in zip(before_heads, heads)]
+    assert all(moved)  # every organisation's head took steps
+    assert refit_heads(tasks, models, opt, TrainConfig(), np.random.default_rng(0)) == 0
+
+
+def test_pooled_follows_the_head_refit_and_freeze_head_of_the_recipe_and_repeats():
+    tasks = [load_task(TASK.for_org(i, 3)) for i in range(3)]
+    names = [f"org-{i}" for i in range(3)]
+
+    def scores(**train):
+        cfg = run_config(TASK, rounds=2, mode="pooled", train=TrainConfig(**train))
+        runlog, tables = run_baseline(cfg, tasks, names)
+        doc = runlog.to_dict()
+        return [{o: m["score"] for o, m in r["metrics"].items()} for r in doc["rounds"]], tables["ids"]
+
+    plain, t_plain = scores()
+    refit, t_refit = scores(head_epochs=0.5)
+    again, t_again = scores(head_epochs=0.5)
+    frozen, _ = scores(head_epochs=0.5, freeze_head=True)
+    assert refit == again and np.array_equal(t_refit, t_again)
+    assert refit != plain and not np.array_equal(t_refit, t_plain)
+    assert frozen != refit
+
+
+def test_a_federated_run_with_a_fractional_head_refit_repeats_exactly(tmp_path, direct_transport):
+    cfg = run_config(TASK, rounds=2, train=TrainConfig(head_epochs=0.25))
+    docs, tables = [], []
+    for i in range(2):
+        c = Coordinator(cfg, direct_transport(tmp_path / str(i), 3, task=TASK))
+        docs.append(c.run().to_dict())
+        tables.append(c.tables.tables["ids"].copy())
+    assert docs[0]["final"] == docs[1]["final"] and np.array_equal(tables[0], tables[1])

@@ -4,7 +4,12 @@ The upper bound a federation is compared with: one process sees every organisati
 training data and trains the very architecture the federation trains, one set of shared
 tables and each organisation's own head, jointly on the union of their batches. A
 "round" is one epoch over the pooled data, so the curves line up with the federated
-modes' rounds.
+modes' rounds. The recipe is the federation's, FedRep's knobs included: with
+``head_epochs`` every evaluation is preceded by the head re-fit (each organisation's head
+on its own batches, the shared tables frozen, :func:`refit_heads`) at the next round's
+learning rate, as an organisation re-fits on the synced tables before it evaluates them
+and trains on; with ``freeze_head`` the epoch then trains the tables only; ``prox_mu`` has no synced
+value to pull towards here and is ignored, as in ``local``.
 """
 
 from __future__ import annotations
@@ -22,9 +27,50 @@ from fedembed.report import RunLog
 from fedembed.stopping import Evaluations
 from fedembed.tables import init_table
 from fedembed.task import Task, to_device
-from fedembed.train import _table_optimizer, build_seeded, evaluate_splits
+from fedembed.recipe import TrainConfig
+from fedembed.train import _table_optimizer, build_seeded, evaluate_splits, head_steps
 
 log = logging.getLogger(__name__)
+
+
+def refit_heads(
+    tasks: list[Task], models: list[SplitModel], head_opt: torch.optim.Optimizer, recipe: TrainConfig,
+    rng: np.random.Generator,
+) -> int:
+    """The FedRep head re-fit of a pooled round: every head on its organisation's batches, tables frozen.
+
+    Each organisation contributes :func:`fedembed.train.head_steps` of its shuffled batches
+    (``recipe.head_epochs`` of an epoch, as in its own re-fit); the steps of all of them
+    are taken in one random order, as the pooled epoch's are.
+
+    Returns
+    -------
+    int
+        Head steps taken (0 with ``head_epochs`` 0).
+    """
+    steps = []
+    for i, task in enumerate(tasks):
+        want = head_steps(task, recipe)
+        mine: list = []
+        while len(mine) < want:
+            mine += list(task.batches("train", recipe.batch_size, rng))
+        steps += [(i, b) for b in mine[:want]]
+    if not steps:
+        return 0
+    frozen = models[0].table_parameters()  # tied into every model
+    flags = [p.requires_grad for p in frozen]
+    for p in frozen:
+        p.requires_grad_(False)
+    try:
+        for j in rng.permutation(len(steps)):
+            org, batch = steps[j]
+            head_opt.zero_grad(set_to_none=True)
+            tasks[org].loss(models[org], to_device(batch, tasks[org].device)).backward()
+            head_opt.step()
+    finally:
+        for p, flag in zip(frozen, flags):
+            p.requires_grad_(flag)
+    return len(steps)
 
 
 def run_pooled(
@@ -58,9 +104,21 @@ def run_pooled(
         model.to(task.device)
     runlog = RunLog(config=cfg.to_dict())
     evals = Evaluations(cfg.train.serve_best, cfg.train.patience)  # early stopping on validation
-    for i in range(n):
-        runlog.set_metrics(0, names[i], evals.record(0, names[i], evaluate_splits(tasks[i], models[i])))
     rng = np.random.default_rng(cfg.seed)
+
+    def refit_then_evaluate(after: int) -> None:
+        # as an organisation does at the start of round after + 1: the re-fit (at that round's
+        # head learning rate) on the tables it then evaluates, so the head evaluated (and
+        # served) is fitted to the tables it is served with
+        if cfg.train.head_epochs > 0:
+            nxt = cfg.train.at_round(after + 1)
+            for g in head_opt.param_groups:
+                g["lr"] = nxt.head_lr
+            refit_heads(tasks, models, head_opt, nxt, rng)
+        for i in range(n):
+            runlog.set_metrics(after, names[i], evals.record(after, names[i], evaluate_splits(tasks[i], models[i])))
+
+    refit_then_evaluate(0)
     for round_ in range(1, cfg.rounds + 1):
         t0 = time.perf_counter()
         entry = runlog.new_round(round_)
@@ -74,10 +132,10 @@ def run_pooled(
             head_opt.zero_grad(set_to_none=True)
             table_opt.zero_grad(set_to_none=True)
             tasks[org].loss(models[org], to_device(batch, tasks[org].device)).backward()
-            head_opt.step()
+            if not recipe.freeze_head:
+                head_opt.step()
             table_opt.step()
-        for i in range(n):
-            runlog.set_metrics(round_, names[i], evals.record(round_, names[i], evaluate_splits(tasks[i], models[i])))
+        refit_then_evaluate(round_)
         if evals.end_round(runlog, entry, n, t0, on_round):
             break
     return runlog, models[0].get_tables()
