@@ -47,11 +47,11 @@ import logging
 import math
 from collections.abc import Iterable, Mapping
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import dp_accounting
-from dp_accounting import pld, rdp
-from dp_accounting.rdp import rdp_privacy_accountant
+if TYPE_CHECKING:  # imported where used: dp-accounting pulls in scipy (0.6 s), and this module is
+    # imported by the secure stages of every ClientApp, which must stay a thin forwarder
+    import dp_accounting
 
 from fedembed.dp import BudgetExhausted, DPError
 
@@ -226,6 +226,8 @@ class PrivacyLedger:
     # ------------------------------------------------------------------ events
 
     def _step_event(self, r: DPRound) -> dp_accounting.DpEvent:
+        import dp_accounting
+
         gaussian = dp_accounting.GaussianDpEvent(r.noise_multiplier)
         if self.sampling == "poisson":
             return dp_accounting.PoissonSampledDpEvent(r.sampling_rate, gaussian)
@@ -239,15 +241,21 @@ class PrivacyLedger:
         return self._event_of(_steps([*self.rounds, *extra]))
 
     def _event_of(self, steps: tuple[tuple[tuple[float, float, int | None], int], ...]) -> dp_accounting.DpEvent:
+        import dp_accounting
+
         parts = [dp_accounting.SelfComposedDpEvent(self._step_event(DPRound(sigma, q, n, population)), n)
                  for (sigma, q, population), n in steps if n]
         return dp_accounting.ComposedDpEvent(parts)
 
     def _relation(self) -> dp_accounting.NeighboringRelation:
+        import dp_accounting
+
         return (dp_accounting.NeighboringRelation.ADD_OR_REMOVE_ONE if self.sampling == "poisson"
                 else dp_accounting.NeighboringRelation.REPLACE_ONE)
 
     def _accountant(self) -> dp_accounting.PrivacyAccountant:
+        from dp_accounting import pld, rdp
+
         if self.method == "pld":
             return pld.PLDAccountant(self._relation())
         return rdp.RdpAccountant(neighboring_relation=self._relation())
@@ -331,6 +339,9 @@ def _steps(rounds: Iterable[DPRound]) -> tuple[tuple[tuple[float, float, int | N
 @functools.lru_cache(maxsize=512)
 def _composed_epsilon(sampling: str, method: str, steps: tuple, ddg: tuple, delta: float) -> float:
     """Epsilon of DP-SGD ``steps`` and distributed rounds ``ddg`` (each with its count) at ``delta``."""
+    from dp_accounting import rdp
+    from dp_accounting.rdp import rdp_privacy_accountant
+
     ledger = PrivacyLedger(delta, sampling=sampling, method=method)
     event = ledger._event_of(steps)
     if ddg:  # no dp-accounting event for them: everything in RDP

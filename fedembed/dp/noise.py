@@ -44,7 +44,6 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
-from scipy.stats import binom
 
 from fedembed.dp import DPError
 from fedembed.secagg.primitives import KEY_BYTES, KeyStream, derive_key
@@ -248,6 +247,8 @@ class SecureRandom:
         """One ``Binomial(n, p)`` draw, by inversion of its CDF at a uniform in (0, 1)."""
         if n <= 0 or p <= 0:
             return 0
+        from scipy.stats import binom  # here: scipy.stats costs 0.3 s to import, and the secure stages import this module
+
         u = (float(self.words(1)[0] >> np.uint64(11)) + 0.5) * 2.0**-53
         return int(binom.ppf(u, int(n), float(p)))
 
