@@ -390,11 +390,13 @@ def _secure_records(organisation: Organisation, plan: RoundPlan, content: Record
 
     A session started with this round: its advert, the update kept on disk. A session set
     up ahead (the message brings its shares): the update masked now. Either way, when the
-    plan asks, the advert of the next round's session; in ``union``/``revealed`` mode the
+    plan asks, the advert of the next round's session, and when the message brings the next
+    round's share request (sessions that unmask early), its shares and the advert of the
+    session after it (:func:`fedembed.secagg.client.next_shares`); in ``union``/``revealed`` mode the
     rows claimed for U are the rows it touched and the rows its training data looks up
     (the next round's, agreed ahead).
     """
-    from fedembed.secagg.client import advertise_next, begin, encode_rows, mask_in_train
+    from fedembed.secagg.client import advertise_next, begin, encode_rows, mask_in_train, next_shares
     from fedembed.workingset import training_rows
 
     cfg = TrainConfig.from_dict(json.loads(plan.train))
@@ -412,15 +414,18 @@ def _secure_records(organisation: Organisation, plan: RoundPlan, content: Record
         if plan.row_set == "union":
             check_drop(plan.drop, "indicators", plan.round, organisation.org)
         records = mask_in_train(member, plan.run_key, plan.round, plan.row_set, content, update, rows, shapes, *encoding,
-                                dp_noise=noise)
+                                dp_noise=noise, early_unmask=plan.early_unmask)
         if plan.row_set == "revealed":
             records["rows"] = encode_rows(rows)
     else:
         records = begin(member, plan.run_key, plan.round, plan.row_set, update, shapes, *encoding, rows=rows,
                         dp_noise=noise)
+    if "next" in content:  # the next round's share request (its session unmasks early: no later message this round)
+        check_drop(plan.drop, "share", plan.round + 1, organisation.org)
+        records.update(next_shares(member, plan.run_key, plan.round + 1, content["next"]))
     if plan.next_session:
         records["next"] = advertise_next(member, plan.run_key, plan.round + 1, plan.row_set, shapes, *encoding,
-                                         dp_noise=noise)
+                                         dp_noise=noise, early_unmask=plan.early_unmask)
     return records
 
 
