@@ -377,6 +377,14 @@ def _checked_plan(organisation: Organisation, content: RecordDict, message_type:
         raise MessageRefused(  # its share alone would carry 1/m of the noise; other row sets release U without noise
             f"distributed DP noise needs a secure round over the dense row set, got secure={plan.secure}, "
             f"row set {plan.row_set!r}")
+    if plan.secure and message_type == "train":  # before its sync touches anything: a round answered is never re-run
+        from fedembed.secagg.client import check_round_open
+        from fedembed.secagg.protocol import ProtocolError
+
+        try:
+            check_round_open(organisation.state.dir, plan.run_key, plan.round)
+        except ProtocolError as exc:
+            raise MessageRefused(str(exc)) from exc
     if plan.secure and plan.row_set not in organisation.policy.row_sets:
         raise MessageRefused(
             f"row-set mode {plan.row_set!r}: this organisation takes part in {list(organisation.policy.row_sets)}"

@@ -412,3 +412,31 @@ def test_the_share_request_that_rides_on_train_is_answered_once_and_only_for_the
     never = next_shares(member, c.cfg.run_key(), 9, kept[2]["next"])
     assert "next_shares" not in never and "no secure-aggregation session of round 9" in never["next_error"]["error"]
     assert "abandoned" not in c.run_round(3, nodes)  # and round 3 still runs on the session set up for it
+
+
+@pytest.mark.parametrize("early", [True, False])
+def test_a_coordinator_that_asks_for_a_rounds_update_again_in_another_session_is_refused(tmp_path, direct_transport,
+                                                                                       early):
+    """After round 2's sum over everyone, the coordinator sends round 2's train message again without the session
+    set up for it, to start a second session for the same round and 'lose' the target in it: the difference of
+    the two sums would be the target's update. Every organisation contributes to a round once, in increasing
+    rounds: refused, signed, and no key advertisement (nothing to start a session with) leaves it."""
+    kept = {}
+
+    def keep(message_type, node, content, deliver):
+        if message_type == "train":
+            kept[(node, int(content["config"]["round"]))] = content
+        return deliver(content)
+
+    t, c = _coordinator(tmp_path, direct_transport, keep, rounds=3, check="auto")
+    c.cfg = c.cfg.__class__(**{**c.cfg.__dict__, "early_unmask": early})
+    nodes = sorted(t.orgs)
+    c.run_round(1, nodes)
+    assert "abandoned" not in c.run_round(2, nodes)
+    for r in (2, 1):
+        msg = kept[(101, r)]
+        again = handle_content(t.orgs[101], RecordDict({"config": msg["config"], "sync": msg["sync"]}), "train", 101)
+        assert again["info"]["status"] == "refused", dict(again["info"])
+        assert f"round {r} refused: round 2 of this run was already answered" in again["info"]["error"]
+        assert "secagg" not in again and "masked" not in again
+    assert "abandoned" not in c.run_round(3, nodes)  # the run itself goes on
