@@ -156,7 +156,8 @@ def _add_run_options(p: argparse.ArgumentParser, server: bool) -> None:
     add_dataclass_options(p.add_argument_group("local training recipe (sent to every organisation)"), TrainConfig)
     add_dataclass_options(p.add_argument_group("wire"), RunConfig, ["wire_dtype", "delta_clip", "max_message_bytes"])
     s = p.add_argument_group("secure aggregation (SecAgg+)")
-    add_dataclass_options(s, RunConfig, ["secure", "row_set", "neighbours", "threshold", "secure_ahead", "consistency_check"])
+    add_dataclass_options(s, RunConfig, ["secure", "row_set", "neighbours", "threshold", "secure_ahead", "consistency_check",
+                                          "early_unmask"])
 
 
 def _add_simulate(sub: argparse._SubParsersAction) -> None:

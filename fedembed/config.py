@@ -79,6 +79,16 @@ class RunConfig:
         organisation of the roster in the session, a complete neighbour graph, nobody
         dropped; each organisation checks this itself, see
         :meth:`fedembed.secagg.protocol.ClientSession.unmask_fast`) or ``always``.
+    early_unmask : bool
+        With ``secure_ahead`` and ``consistency_check`` ``auto``: each organisation sends
+        its seed shares with its masked update where the check cannot matter, and the next
+        round's share request rides on the ``train`` message (sessions are set up two
+        rounds ahead), so a steady secure round is **one round trip**. The price: no
+        mask-key share of such a session is ever revealed, so an organisation that drops
+        out of it after sharing makes the round be abandoned (tables unchanged) instead of
+        recovered; the next round then starts its own session, which recovers dropouts, and
+        the sessions after it unmask early again. Off: 2 round trips (train, unmask) with
+        dropouts recovered.
     max_message_bytes : int
         Replies larger than this are refused.
     round_timeout : float
@@ -115,6 +125,7 @@ class RunConfig:
     threshold: int | None = None
     secure_ahead: bool = True
     consistency_check: str = "auto"
+    early_unmask: bool = True
     max_message_bytes: int = 512 * 2**20
     round_timeout: float = 600.0
     delta_clip: float = 4.0
@@ -271,6 +282,9 @@ class RoundPlan(StageHeader):
     next_session : bool
         Secure rounds: advertise keys for the next round's session in the reply (it is set
         up ahead, during this round; :mod:`fedembed.secagg.server`).
+    early_unmask : bool
+        Secure rounds: sessions set up ahead send their seed shares with the masked update
+        (:attr:`RunConfig.early_unmask`); fixed in each session when it is made.
     """
 
     since: int
@@ -285,14 +299,17 @@ class RoundPlan(StageHeader):
     delta_clip: float = 4.0
     request: str = ""
     next_session: bool = False
+    early_unmask: bool = False
 
     @staticmethod
     def for_round(cfg: RunConfig, round_: int, since: int, evaluate_only: bool = False, request: str = "",
-                  next_session: bool = False) -> RoundPlan:
+                  next_session: bool = False, early_unmask: bool = True) -> RoundPlan:
         """The plan of ``round_`` for an organisation whose cache is at ``since`` (``request``: what its sync covers;
-        ``next_session``: it advertises the next round's secure session)."""
+        ``next_session``: it advertises the next round's secure session; ``early_unmask``: False once the run
+        has stopped unmasking early, :attr:`fedembed.secagg.server.SecurePipeline.early_unmask`)."""
         return RoundPlan(
             next_session=next_session,
+            early_unmask=early_unmask and cfg.early_unmask and cfg.consistency_check == "auto",
             request=request,
             round=round_,
             since=since,

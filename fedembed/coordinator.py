@@ -185,7 +185,7 @@ class Coordinator:
         since = self.known.get(node, 0)
         want = self.wants.get(node)
         plan = RoundPlan.for_round(self.cfg, round_, since, evaluate_only, request=want[1].hex() if want else "",
-                                   next_session=ahead)
+                                   next_session=ahead, early_unmask=self._early_unmask())
         content = RecordDict({"config": ConfigRecord(plan.to_config())})
         # Organisations at the same version with the same request (or none) get the very
         # same record: built once per round, not once per organisation (100 orgs x a 6 MiB
@@ -211,9 +211,14 @@ class Coordinator:
         content["sync"] = self._sync_records[key]
         return content
 
+    def _early_unmask(self) -> bool:
+        """Whether this round's secure sessions unmask early (False for good once a dropout cost a round)."""
+        return self.secure is None or self.secure.early_unmask
+
     def _full_message(self, node: int, round_: int, evaluate_only: bool, since: int, ahead: bool = False) -> RecordDict:
         """The message with every row changed since ``since`` (the shared record), whatever the node asked for."""
-        plan = RoundPlan.for_round(self.cfg, round_, since, evaluate_only, next_session=ahead)
+        plan = RoundPlan.for_round(self.cfg, round_, since, evaluate_only, next_session=ahead,
+                                   early_unmask=self._early_unmask())
         content = RecordDict({"config": ConfigRecord(plan.to_config())})
         key = (self.tables.version, since, b"")
         if key not in self._sync_records:
@@ -318,7 +323,8 @@ class Coordinator:
         if training:
             # secure: an advert (a session started with its round) or the masked update (one set up ahead), and
             # the next round's advert; the secure round checks which it needs
-            secure_records = {"secagg", "masked", "complaints", "next"} | ({"rows"} if self.cfg.row_set == "revealed" else set())
+            secure_records = ({"secagg", "masked", "complaints", "next", "unmask", "next_shares", "next_share_sigs",
+                               "next_error", "next_advert"} | ({"rows"} if self.cfg.row_set == "revealed" else set()))
             allowed |= secure_records if secure else {"update"}
             allowed |= {"want"}  # the organisation's own choice of rows to sync (fedembed.workingset)
         try:

@@ -377,6 +377,14 @@ def _checked_plan(organisation: Organisation, content: RecordDict, message_type:
         raise MessageRefused(  # its share alone would carry 1/m of the noise; other row sets release U without noise
             f"distributed DP noise needs a secure round over the dense row set, got secure={plan.secure}, "
             f"row set {plan.row_set!r}")
+    if plan.secure and message_type == "train":  # before its sync touches anything: a round answered is never re-run
+        from fedembed.secagg.client import check_round_open
+        from fedembed.secagg.protocol import ProtocolError
+
+        try:
+            check_round_open(organisation.state.dir, plan.run_key, plan.round)
+        except ProtocolError as exc:
+            raise MessageRefused(str(exc)) from exc
     if plan.secure and plan.row_set not in organisation.policy.row_sets:
         raise MessageRefused(
             f"row-set mode {plan.row_set!r}: this organisation takes part in {list(organisation.policy.row_sets)}"
@@ -390,11 +398,13 @@ def _secure_records(organisation: Organisation, plan: RoundPlan, content: Record
 
     A session started with this round: its advert, the update kept on disk. A session set
     up ahead (the message brings its shares): the update masked now. Either way, when the
-    plan asks, the advert of the next round's session; in ``union``/``revealed`` mode the
+    plan asks, the advert of the next round's session, and when the message brings the next
+    round's share request (sessions that unmask early), its shares and the advert of the
+    session after it (:func:`fedembed.secagg.client.next_shares`); in ``union``/``revealed`` mode the
     rows claimed for U are the rows it touched and the rows its training data looks up
     (the next round's, agreed ahead).
     """
-    from fedembed.secagg.client import advertise_next, begin, encode_rows, mask_in_train
+    from fedembed.secagg.client import advertise_next, begin, encode_rows, mask_in_train, next_shares
     from fedembed.workingset import training_rows
 
     cfg = TrainConfig.from_dict(json.loads(plan.train))
@@ -412,15 +422,18 @@ def _secure_records(organisation: Organisation, plan: RoundPlan, content: Record
         if plan.row_set == "union":
             check_drop(plan.drop, "indicators", plan.round, organisation.org)
         records = mask_in_train(member, plan.run_key, plan.round, plan.row_set, content, update, rows, shapes, *encoding,
-                                dp_noise=noise)
+                                dp_noise=noise, early_unmask=plan.early_unmask)
         if plan.row_set == "revealed":
             records["rows"] = encode_rows(rows)
     else:
         records = begin(member, plan.run_key, plan.round, plan.row_set, update, shapes, *encoding, rows=rows,
                         dp_noise=noise)
+    if "next" in content:  # the next round's share request (its session unmasks early: no later message this round)
+        check_drop(plan.drop, "share", plan.round + 1, organisation.org)
+        records.update(next_shares(member, plan.run_key, plan.round + 1, content["next"]))
     if plan.next_session:
         records["next"] = advertise_next(member, plan.run_key, plan.round + 1, plan.row_set, shapes, *encoding,
-                                         dp_noise=noise)
+                                         dp_noise=noise, early_unmask=plan.early_unmask)
     return records
 
 

@@ -215,18 +215,25 @@ def test_a_session_set_up_ahead_that_the_coordinator_lost_is_replaced_by_fresh_k
     assert c.run_round(3, sorted(t.orgs))["secure"]["set_up_ahead"]  # and the next round is set up ahead again
 
 
-@pytest.mark.parametrize("check, trips", [("always", 3), ("auto", 2)])
-def test_rounds_set_up_ahead_take_two_or_three_round_trips_and_sum_exactly(tmp_path, direct_transport, check, trips):
+@pytest.mark.parametrize("check, early, trips", [("always", True, 3), ("auto", False, 2), ("auto", True, 1)])
+def test_rounds_set_up_ahead_take_one_two_or_three_round_trips_and_sum_exactly(tmp_path, direct_transport, check, early,
+                                                                                 trips):
+    """Steady rounds: train, check, unmask (check always); train, unmask (no early unmask); train alone (the default)."""
     from test_secagg_protocol import _run
 
+    plain = _run(tmp_path / "plain", direct_transport, False, rounds=3)
     for row_set in ("dense", "union", "revealed"):
-        secure = _run(tmp_path / row_set, direct_transport, True, row_set, rounds=3, consistency_check=check)
+        secure = _run(tmp_path / row_set, direct_transport, True, row_set, rounds=3, consistency_check=check,
+                      early_unmask=early)
         stages = [[s for s in r["stages"] if s != "aggregate"] for r in secure.log.rounds]
-        ahead = ["train", "check", "unmask"] if check == "always" else ["train", "unmask"]
+        ahead = {3: ["train", "check", "unmask"], 2: ["train", "unmask"], 1: ["train"]}[trips]
         assert stages[1] == stages[2] == ahead, (row_set, stages)
-        assert len(stages[0]) == (8 if row_set == "union" else 5) - (3 - trips) * (2 if row_set == "union" else 1)
+        first = max(trips, 2)  # a session started with its round: the early unmask needs a session set up ahead
+        assert len(stages[0]) == (8 if row_set == "union" else 5) - (3 - first) * (2 if row_set == "union" else 1)
         assert [r["secure"]["set_up_ahead"] for r in secure.log.rounds] == [False, True, True]
+        assert [bool(r["secure"].get("early_unmask")) for r in secure.log.rounds] == [False, trips == 1, trips == 1]
         assert all("abandoned" not in r for r in secure.log.rounds)
+        assert np.array_equal(plain.tables.tables["ids"], secure.tables.tables["ids"]), row_set  # bit-identical
 
 
 def test_a_policy_that_needs_more_neighbours_than_the_graph_gives_refuses_the_set_up_ahead_too(tmp_path, direct_transport):
@@ -313,3 +320,123 @@ def test_seeds_revealed_without_the_check_leave_no_majority_for_a_statement_that
     with pytest.raises(ProtocolError, match="only 1 valid signatures on our view of phase values, 3 needed"):
         h.clients[4].unmask(h.ids[4], h.policy, "values", sigs | {5: b"forged"})
     assert not any(v == "key" for c in h.clients.values() for v in c.revealed.values())
+
+
+# ------------------------------------------------------------------ sessions that unmask early (one round trip)
+def test_an_organisation_that_unmasked_early_never_reveals_a_mask_key_of_that_session(tmp_path, direct_transport):
+    """Round 2 unmasks early: each train reply carries seed shares only, with the masked update. A coordinator
+    that then claims a party dropped and asks for the check or the unmask of that session (the 'dropped'
+    party's mask key would strip its pairwise masks and, with its seed, leave its vector bare) gets refusals:
+    the session is spent, and nothing is revealed."""
+    from fedembed.config import StageHeader
+
+    kept = {}
+
+    def keep(message_type, node, content, deliver):
+        reply = deliver(content)
+        if message_type == "train" and int(content["config"]["round"]) == 2:
+            kept[node] = reply
+        return reply
+
+    t, c = _coordinator(tmp_path, direct_transport, keep, rounds=3, check="auto")
+    nodes = sorted(t.orgs)
+    c.run_round(1, nodes)
+    entry = c.run_round(2, nodes)
+    assert entry["secure"]["early_unmask"] and "abandoned" not in entry
+    assert [s for s in entry["stages"] if s != "aggregate"] == ["train"]
+    assert kept[101]["unmask"].keys() and all(k.split(".")[1] == "seed" for k in kept[101]["unmask"].keys())
+    header = ConfigRecord(StageHeader(round=2, run_key=c.cfg.run_key(), drop="{}").to_config())
+    sigs = {f"sig.values.{p}": b"\0" * 64 for p in (1, 2, 3)}
+    for stage, sec in (("check", {"u3": [1, 2, 3]}), ("unmask", {"u3": [1, 2, 3], "fast": True}), ("unmask", sigs)):
+        reply = handle_content(t.orgs[101], RecordDict({"config": header, "secagg": ConfigRecord(sec)}), f"train.{stage}", 101)
+        assert reply["info"]["status"] == "error" and "no secure-aggregation session of round 2" in reply["info"]["error"]
+        assert "unmask" not in reply and "check" not in reply
+
+
+def test_a_dropout_in_a_round_that_unmasks_early_abandons_it_and_the_next_round_recovers(tmp_path, direct_transport):
+    """An organisation that shared for round 2 and then vanished leaves masks nobody will remove (no mask key
+    of an early-unmasked session is revealed): round 2 is abandoned, tables unchanged, naming it; round 3
+    starts its own session, which recovers dropouts, and sums exactly."""
+    t = direct_transport(tmp_path, 4, task=synthetic(4))
+    c = Coordinator(run_config(synthetic(4), rounds=3, secure=True, row_set="union", drop={"masked@2": [1]}), t)
+    nodes = sorted(t.orgs)
+    c.run_round(1, nodes)
+    before = c.tables.tables["ids"].copy()
+    second = c.run_round(2, nodes)
+    assert second["secure"]["set_up_ahead"] and "shared but did not deliver" in second["abandoned"]
+    assert "org-1" in second["abandoned"] and np.array_equal(c.tables.tables["ids"], before)
+    third = c.run_round(3, nodes)
+    assert not third["secure"]["set_up_ahead"] and "abandoned" not in third and third["clients"] == 4
+
+
+def test_a_coordinator_that_switches_early_unmask_off_mid_session_is_refused(tmp_path, direct_transport):
+    """Whether a session unmasks early is fixed when it is made, like every other parameter: a round-2 plan
+    that says otherwise gets a refusal, not a vector."""
+    seen = {}
+
+    def switch(message_type, node, content, deliver):
+        if message_type == "train" and node == 101 and int(content["config"]["round"]) == 2:
+            cfg = dict(content["config"])
+            cfg["early_unmask"] = False
+            seen["reply"] = deliver(_with(content, config=ConfigRecord(cfg)))
+            return seen["reply"]
+        return deliver(content)
+
+    _, c = _coordinator(tmp_path, direct_transport, switch, rounds=2, check="auto")
+    c.run()
+    info = seen["reply"]["info"]
+    assert info["status"] == "refused" and "(['early_unmask'])" in info["error"] and "masked" not in seen["reply"]
+    assert "shared but did not deliver" in c.log.rounds[1]["abandoned"]
+
+
+def test_the_share_request_that_rides_on_train_is_answered_once_and_only_for_the_next_round(tmp_path, direct_transport):
+    """Round 2's train message carries round 3's share request. Replayed, the share part is refused (round 3's
+    session has shared); a request for a round whose session was never made is refused too."""
+    kept = {}
+
+    def keep(message_type, node, content, deliver):
+        if message_type == "train" and node == 101:
+            kept[int(content["config"]["round"])] = content
+        return deliver(content)
+
+    t, c = _coordinator(tmp_path, direct_transport, keep, rounds=4, check="auto")
+    nodes = sorted(t.orgs)
+    c.run_round(1, nodes)
+    c.run_round(2, nodes)
+    assert "next" in kept[2]
+    from fedembed.secagg.client import next_shares
+
+    member = t.orgs[101].member
+    again = next_shares(member, c.cfg.run_key(), 3, kept[2]["next"])
+    assert "next_shares" not in again and "already answered" in again["next_error"]["error"]
+    never = next_shares(member, c.cfg.run_key(), 9, kept[2]["next"])
+    assert "next_shares" not in never and "no secure-aggregation session of round 9" in never["next_error"]["error"]
+    assert "abandoned" not in c.run_round(3, nodes)  # and round 3 still runs on the session set up for it
+
+
+@pytest.mark.parametrize("early", [True, False])
+def test_a_coordinator_that_asks_for_a_rounds_update_again_in_another_session_is_refused(tmp_path, direct_transport,
+                                                                                       early):
+    """After round 2's sum over everyone, the coordinator sends round 2's train message again without the session
+    set up for it, to start a second session for the same round and 'lose' the target in it: the difference of
+    the two sums would be the target's update. Every organisation contributes to a round once, in increasing
+    rounds: refused, signed, and no key advertisement (nothing to start a session with) leaves it."""
+    kept = {}
+
+    def keep(message_type, node, content, deliver):
+        if message_type == "train":
+            kept[(node, int(content["config"]["round"]))] = content
+        return deliver(content)
+
+    t, c = _coordinator(tmp_path, direct_transport, keep, rounds=3, check="auto")
+    c.cfg = c.cfg.__class__(**{**c.cfg.__dict__, "early_unmask": early})
+    nodes = sorted(t.orgs)
+    c.run_round(1, nodes)
+    assert "abandoned" not in c.run_round(2, nodes)
+    for r in (2, 1):
+        msg = kept[(101, r)]
+        again = handle_content(t.orgs[101], RecordDict({"config": msg["config"], "sync": msg["sync"]}), "train", 101)
+        assert again["info"]["status"] == "refused", dict(again["info"])
+        assert f"round {r} refused: round 2 of this run was already answered" in again["info"]["error"]
+        assert "secagg" not in again and "masked" not in again
+    assert "abandoned" not in c.run_round(3, nodes)  # the run itself goes on

@@ -38,9 +38,20 @@ def test_secure_union_run_ends_with_the_plain_runs_table_within_the_documented_b
 
 
 def test_secure_dense_run_completes_through_an_injected_dropout(tmp_path):
-    doc = _run(tmp_path / "drop", "--rounds", "2", "--secure", "--row-set", "dense", "--drop", "masked@2:1")
+    """Without early unmask the dropout is recovered in its round; with it (the default) that round is lost, and
+    the run goes on with sessions that recover dropouts: a second dropout is recovered."""
+    doc = _run(tmp_path / "drop", "--rounds", "2", "--secure", "--row-set", "dense", "--drop", "masked@2:1",
+               "--no-early-unmask")
     r1, r2 = doc["rounds"]
     assert r1["clients"] == 3 and r2["clients"] == 2
     assert "dropped at stage masked" in r2["rejected"]["org-1"]
     assert "abandoned" not in r2 and r2["rows_changed"] > 0
+    assert set(doc["final"]) >= {"org-0", "org-1", "org-2", "mean"}
+    doc = _run(tmp_path / "early", "--rounds", "6", "--secure", "--row-set", "dense", "--drop", "masked@2:1",
+               "--drop", "masked@5:2")
+    r = doc["rounds"]
+    assert "org-1 shared but did not deliver" in r[1]["abandoned"] and r[1]["secure"]["early_unmask"]
+    assert not r[2]["secure"]["set_up_ahead"] and "abandoned" not in r[2] and r[2]["clients"] == 3
+    assert set(r[3]["stages"]) - {"aggregate"} == {"train", "unmask"} and "early_unmask" not in r[3]["secure"]
+    assert "abandoned" not in r[4] and r[4]["clients"] == 2 and "dropped at stage masked" in r[4]["rejected"]["org-2"]
     assert set(doc["final"]) >= {"org-0", "org-1", "org-2", "mean"}

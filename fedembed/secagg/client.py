@@ -66,6 +66,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import json
 import logging
 import shutil
 from collections.abc import Callable, Iterator, Mapping
@@ -114,7 +115,7 @@ STAGE_KIND = {
 }
 """What each secure stage does to a session."""
 
-TRAIN_RECORDS = ("secagg", "shares", "share_sigs", "rowset")
+TRAIN_RECORDS = ("secagg", "shares", "share_sigs", "rowset", "next")
 """Records a ``train`` message may carry for a session set up ahead (besides its plan and sync)."""
 
 
@@ -257,6 +258,49 @@ def _load(state_dir: Path, context: bytes, round_: int) -> tuple[ClientSession, 
     return session, update, rows
 
 
+def _claim_round(state_dir: Path, run_key: str, round_: int) -> None:
+    """Record that this organisation contributes to ``round_``'s secure sum of the run; refuse a round not after the last.
+
+    One contribution per round, rounds strictly increasing, whatever kind of session asks
+    (started with its round or set up ahead): a coordinator that could ask for the same
+    round's update twice, in two sessions, would get two sums over different parties (the
+    whole roster in one, everyone but the target in the other, its 'dropout' recovered)
+    and their difference would be the target's update. Kept in ``secagg/answered.json``,
+    written before the reply leaves; under the lock.
+
+    Raises
+    ------
+    ProtocolError
+        ``round_`` is not after the last round this organisation contributed to in this run.
+    """
+    check_round_open(state_dir, run_key, round_)
+    atomic_write(_root(state_dir) / "answered.json", json.dumps({"run_key": run_key, "round": int(round_)}).encode())
+
+
+def check_round_open(state_dir: Path, run_key: str, round_: int) -> None:
+    """Refuse ``round_`` if this organisation already contributed to it, or to a later round, of the run.
+
+    Checked before anything of a ``train`` message is applied (its sync included), and again
+    when the contribution is recorded (:func:`_claim_round`).
+
+    Raises
+    ------
+    ProtocolError
+        ``round_`` is not after the last round answered in this run.
+    """
+    try:
+        last = json.loads((_root(state_dir) / "answered.json").read_text())
+    except (OSError, ValueError):
+        last = {}
+    if isinstance(last, dict) and last.get("run_key") == run_key and isinstance(last.get("round"), int) \
+            and round_ <= last["round"]:
+        raise ProtocolError(
+            f"round {round_} refused: round {last['round']} of this run was already answered, and an organisation "
+            "contributes to each round's secure sum once, in increasing rounds (two sums of one round's update over "
+            "different parties would reveal the difference)"
+        )
+
+
 def _discard(state_dir: Path, keep: Callable[[int], bool]) -> None:
     """Delete the sessions whose round ``keep`` rejects (their secrets are never needed again)."""
     root = _root(state_dir)
@@ -268,11 +312,13 @@ def _discard(state_dir: Path, keep: Callable[[int], bool]) -> None:
 
 
 def _params(member: SecureMember, row_set: str, shapes: Mapping[str, tuple[int, int]], clip_delta: float,
-            max_weight: float, wire_dtype: str, dp_noise: DistributedNoise | None = None) -> dict:
+            max_weight: float, wire_dtype: str, dp_noise: DistributedNoise | None = None,
+            early_unmask: bool = False) -> dict:
     """The session parameters, from the organisation's own training, checked against its policy.
 
     ``dp_noise``: distributed DP (:mod:`fedembed.dp.distributed`), a discrete Gaussian share
-    added to the value vector before masking, fixed with the rest.
+    added to the value vector before masking, fixed with the rest. ``early_unmask``: a
+    session set up ahead whose seed shares go with the masked update (:func:`mask_in_train`).
 
     Raises
     ------
@@ -289,7 +335,8 @@ def _params(member: SecureMember, row_set: str, shapes: Mapping[str, tuple[int, 
         raise ProtocolError(f"distributed DP noise with row-set mode {row_set!r} refused: the row set would be "
                             "released without noise; use --row-set dense")
     params = {"row_set": row_set, "clip_delta": float(clip_delta), "max_weight": float(max_weight),
-              "wire_dtype": wire_dtype, "shapes": {k: [int(v[0]), int(v[1])] for k, v in sorted(shapes.items())}}
+              "wire_dtype": wire_dtype, "shapes": {k: [int(v[0]), int(v[1])] for k, v in sorted(shapes.items())},
+              "early_unmask": bool(early_unmask)}
     if dp_noise is not None:
         params["dp_noise"] = dp_noise.to_dict()
     return params
@@ -353,6 +400,7 @@ def begin(
     session = ClientSession.new(session_context(run_key, round_), fresh_groups(row_set), params)
     advert = session.advert(member.identity)
     with _locked(member.state_dir):
+        _claim_round(member.state_dir, run_key, round_)
         _discard(member.state_dir, lambda r: False)  # a session started with its round replaces any earlier one
         _save(member.state_dir, round_, session, update, claimed)
     out = {"secagg": ConfigRecord(advert)}
@@ -378,20 +426,26 @@ def advertise_next(
     max_weight: float,
     wire_dtype: str,
     dp_noise: DistributedNoise | None = None,
+    early_unmask: bool = False,
 ) -> ConfigRecord:
     """Make the session of ``round_`` (the next round) ahead of time; its signed advert, the train reply's ``next``.
 
     Its parameters are fixed now, from this round's training; the next round's plan must
     agree with them (:func:`mask_in_train` refuses otherwise). ``dp_noise``: as in
-    :func:`begin`, fixed with the session.
+    :func:`begin`, fixed with the session; ``early_unmask``: see :func:`mask_in_train`.
     """
-    params = _params(member, row_set, shapes, clip_delta, max_weight, wire_dtype, dp_noise)
-    session = ClientSession.new(session_context(run_key, round_), ahead_groups(row_set), params)
-    advert = session.advert(member.identity)
+    params = _params(member, row_set, shapes, clip_delta, max_weight, wire_dtype, dp_noise, early_unmask)
     with _locked(member.state_dir):
-        _discard(member.state_dir, lambda r: r < round_)  # never two sessions for one round
-        _save(member.state_dir, round_, session)
-    return ConfigRecord(advert)
+        return ConfigRecord(_new_ahead(member, run_key, round_, params))
+
+
+def _new_ahead(member: SecureMember, run_key: str, round_: int, params: dict) -> dict[str, bytes | str]:
+    """Make (and save) the session of ``round_`` with ``params``; its signed advert. Under the lock."""
+    session = ClientSession.new(session_context(run_key, round_), ahead_groups(str(params["row_set"])), params)
+    advert = session.advert(member.identity)
+    _discard(member.state_dir, lambda r: r < round_)  # never two sessions for one round
+    _save(member.state_dir, round_, session)
+    return advert
 
 
 def mask_in_train(
@@ -407,6 +461,7 @@ def mask_in_train(
     max_weight: float,
     wire_dtype: str,
     dp_noise: DistributedNoise | None = None,
+    early_unmask: bool = False,
 ) -> dict:
     """Mask the round's update in the session set up ahead for it; the records of the train reply.
 
@@ -417,6 +472,16 @@ def mask_in_train(
     the disk. With distributed DP noise (``dp_noise``, fixed when the session was made)
     the values vector carries the organisation's discrete Gaussian share.
 
+    With ``early_unmask`` (fixed when the session was made), the reply also carries the
+    organisation's seed shares of every party that shared (``unmask``), so the coordinator
+    can finish the sum without another round trip, if the conditions under which the
+    consistency check cannot matter hold (:meth:`ClientSession.unmask_fast`, with U3 = U2:
+    the whole roster, a complete graph, a threshold over half the roster plus colluders).
+    The session is then spent: no mask-key share of it is ever revealed, so a party that
+    does not deliver leaves masks nobody can remove and the round is abandoned, never
+    recovered. If a condition does not hold, the reply carries the masked update only and
+    the round goes on with the check and the unmask stages.
+
     Raises
     ------
     ProtocolError, UpdateError
@@ -424,7 +489,7 @@ def mask_in_train(
         session was made with, a stage out of order, or U missing rows it touched
         (:class:`fedembed.secagg.protocol.RowsMissing`).
     """
-    params = _params(member, row_set, shapes, clip_delta, max_weight, wire_dtype, dp_noise)
+    params = _params(member, row_set, shapes, clip_delta, max_weight, wire_dtype, dp_noise, early_unmask)
     context = session_context(run_key, round_)
     with _locked(member.state_dir):
         session, _, _ = _load(member.state_dir, context, round_)
@@ -435,9 +500,36 @@ def mask_in_train(
                 f"the round's plan differs from the session set up for it ({changed or 'groups'}): parameters are "
                 "fixed when a session is made"
             )
+        _claim_round(member.state_dir, run_key, round_)
         out = _mask(member, session, content, update, rows, session.groups[0])
-        _save(member.state_dir, round_, session)
+        early = _unmask_early(member, session) if session.params.get("early_unmask") else None
+        if early is not None:
+            out["unmask"] = early
+            shutil.rmtree(_dir(member.state_dir, round_), ignore_errors=True)  # spent: nothing more is revealed
+        else:
+            _save(member.state_dir, round_, session)
     return out
+
+
+def _unmask_early(member: SecureMember, session: ClientSession) -> ConfigRecord | None:
+    """The seed shares of a session set up ahead, sent with the masked update; None where that is not safe.
+
+    Exactly :meth:`ClientSession.unmask_fast` with U3 taken to be this organisation's own U2:
+    it checks the session's parties (the whole roster), the graph (complete), the
+    threshold and the policy's floor (:func:`_session_policy`: with distributed noise, no
+    sum of fewer vectors than its shares count on) from what the session fixed, never from
+    the message, and moves the session past its check and unmask stages, so no later
+    message can get a mask-key share of it.
+    """
+    group = session.group
+    extras = {p: bytes.fromhex(session.params.get("rowset_digest", "")) if p == "values" else b"" for p in group}
+    try:
+        shares = session.unmask_fast(member.identity, _session_policy(member.policy, session), list(session.u2), extras)
+    except ProtocolError as exc:
+        log.info("%s: no early unmask in this session (%s); the check and unmask stages will follow",
+                 member.identity.name, exc)
+        return None
+    return ConfigRecord({f"{phase}.{k}": v for phase, d in shares.items() for k, v in d.items()})
 
 
 def _mask(member: SecureMember, session: ClientSession, content: RecordDict, update: RowUpdate | None,
@@ -563,15 +655,35 @@ def handle_stage(member: SecureMember, stage: str, content: RecordDict) -> dict:
         if "secagg" in content:
             out.update(_session_stage(member, stage, kind, header, content))
         if has_next:
-            try:
-                nxt = header.round + 1
-                session, _, _ = _load(member.state_dir, session_context(header.run_key, nxt), nxt)
-                out.update({f"next_{k}": v for k, v in _make_shares(member, session, content["next"]).items()})
-                _save(member.state_dir, nxt, session)
-            except (FedembedError, KeyError, TypeError, ValueError) as exc:
-                log.warning("%s: the share request of round %d's session refused: %s", member.identity.name,
-                            header.round + 1, exc)
-                out["next_error"] = ConfigRecord({"error": f"{type(exc).__name__}: {exc}"[:1000]})
+            out.update(_next_shares(member, header.run_key, header.round + 1, content["next"]))
+    return out
+
+
+def next_shares(member: SecureMember, run_key: str, round_: int, request: ConfigRecord) -> dict:
+    """Answer the share request of ``round_``'s session (set up ahead), carried by a message of the round before.
+
+    The reply records: ``next_shares``, ``next_share_sigs`` and, when the session unmasks
+    early (:func:`mask_in_train`), ``next_advert``: the signed advert of the session after
+    it (round ``round_ + 1``), made now with the same parameters, so that its share request
+    can ride on ``round_``'s own ``train`` message and a round is one round trip. A request
+    that fails does not fail the message: its reason goes back in ``next_error``.
+    """
+    with _locked(member.state_dir):
+        return _next_shares(member, run_key, round_, request)
+
+
+def _next_shares(member: SecureMember, run_key: str, round_: int, request: ConfigRecord) -> dict:
+    out: dict = {}
+    try:
+        session, _, _ = _load(member.state_dir, session_context(run_key, round_), round_)
+        out.update({f"next_{k}": v for k, v in _make_shares(member, session, request).items()})
+        _save(member.state_dir, round_, session)
+        if session.params.get("early_unmask"):
+            params = {k: v for k, v in session.params.items() if k != "rowset_digest"}
+            out["next_advert"] = ConfigRecord(_new_ahead(member, run_key, round_ + 1, params))
+    except (FedembedError, KeyError, TypeError, ValueError) as exc:
+        log.warning("%s: the share request of round %d's session refused: %s", member.identity.name, round_, exc)
+        return {"next_error": ConfigRecord({"error": f"{type(exc).__name__}: {exc}"[:1000]})}
     return out
 
 

@@ -168,6 +168,18 @@ class Prepared:
         return sorted(self.session.node_of[p] for p in self.session.u2)
 
 
+@dataclass
+class Pending:
+    """A session advertised two rounds ahead (sessions that unmask early), for ``round``: adverts only.
+
+    Its share request rides on the ``train`` message of the round before it.
+    """
+
+    round: int
+    adverts: dict[int, dict[str, object]]
+    names: dict[int, str]
+
+
 class SecurePipeline:
     """The secure rounds of one run: each round's sum, and the next round's session set up on its messages.
 
@@ -180,6 +192,10 @@ class SecurePipeline:
     def __init__(self, coord: SecureRoundHost) -> None:
         self.coord = coord
         self.prepared: Prepared | None = None
+        self.pending: Pending | None = None
+        self.early_unmask = True
+        """Sessions unmask early (:attr:`fedembed.config.RunConfig.early_unmask`) until a dropout costs a round:
+        from then on the run's sessions recover dropouts (2 round trips a round)."""
 
     def run_round(self, round_: int, nodes: list[int], entry: dict, ahead: bool = False) -> AggregateSum | None:
         """One round's secure sum over ``nodes``; None when abandoned.
@@ -191,6 +207,7 @@ class SecurePipeline:
             next round follows, with the same organisations).
         """
         prepared, self.prepared = self.prepared, None
+        pending, self.pending = self.pending, None
         if prepared is not None and (prepared.round != round_ or prepared.nodes() != sorted(nodes)):
             log.info("round %d starts its own secure session: the session set up ahead was for round %d with nodes %s",
                      round_, prepared.round, prepared.nodes())
@@ -199,9 +216,17 @@ class SecurePipeline:
             prepared = None
         if self.coord.cfg.train.dp and self.coord.cfg.row_set != "dense":
             ahead = False  # DP draws its released rows each round: U cannot be agreed before the round
-        secure_round = SecureRound(self.coord, round_, entry, prepared, ahead)
+        if prepared is None or not ahead or (pending is not None and (
+                pending.round != round_ + 1 or sorted(pending.adverts) != sorted(nodes))):
+            pending = None
+        secure_round = SecureRound(self.coord, round_, entry, prepared, ahead, pending)
         agg = secure_round.run(nodes)
+        if secure_round.lost_early and self.early_unmask:
+            self.early_unmask = False
+            log.warning("round %d: a dropout cost the round (its session unmasked early); the rest of the run's "
+                        "sessions recover dropouts instead: 2 round trips a round", round_)
         self.prepared = secure_round.next if agg is not None else None
+        self.pending = secure_round.next_pending if self.prepared is not None else None
         return agg
 
 
@@ -220,10 +245,13 @@ class SecureRound:
         The round's session, set up ahead during the previous round; None: it starts its own.
     ahead : bool
         Set up the next round's session on this round's messages.
+    pending : Pending, optional
+        The next round's session, advertised during the previous round (it unmasks
+        early): its share request rides on this round's ``train`` message.
     """
 
     def __init__(self, coord: SecureRoundHost, round_: int, entry: dict, prepared: Prepared | None = None,
-                 ahead: bool = False) -> None:
+                 ahead: bool = False, pending: Pending | None = None) -> None:
         self.coord = coord
         self.cfg = coord.cfg
         self.round = round_
@@ -232,12 +260,16 @@ class SecureRound:
         self.context = session_context(self.cfg.run_key(), round_)
         self.prepared = prepared
         self.ahead = ahead
+        self.pending = pending if ahead else None
         self.session: ServerSession | None = None
         self.names: dict[int, str] = {}  # node -> verified roster name
         self.next_adverts: dict[int, dict[str, object]] = {}  # node -> its advert of the next round's session
         self.next_rows: dict[int, RowSet] = {}  # node -> the rows it says it will use next round (revealed)
         self.next_session: ServerSession | None = None
         self.next: Prepared | None = None
+        self.after_adverts: dict[int, dict[str, object]] = {}  # node -> its advert of the session after the next
+        self.lost_early = False  # abandoned because a party of a session that unmasked early did not deliver
+        self.next_pending: Pending | None = None
         self._responded: set[int] = set()  # parties that answered the last unmask stage
 
     # ------------------------------------------------------------------ plumbing
@@ -324,7 +356,7 @@ class SecureRound:
         t0 = time.perf_counter()
         contents = {}
         for n in nodes:
-            c = coord.train_message(n, self.round, ahead=self.ahead)
+            c = coord.train_message(n, self.round, ahead=self.ahead and self.pending is None)
             if extra is not None:
                 for key, rec in extra(n).items():
                     c[key] = rec
@@ -363,11 +395,12 @@ class SecureRound:
 
     def _keep_next(self, node: int, content: RecordDict) -> None:
         """Keep a train reply's advert of the next round's session (and its rows, ``revealed``); a bad one is a fault."""
-        if not self.ahead or "next" not in content:
+        if not self.ahead or ("next" not in content and self.pending is None):
             return
         try:
-            nxt = content["next"]
-            self.next_adverts[node] = {k: nxt[k] for k in nxt.keys()}
+            if "next" in content:
+                nxt = content["next"]
+                self.next_adverts[node] = {k: nxt[k] for k in nxt.keys()}
             if self.cfg.row_set == "revealed":
                 self.next_rows[node] = self._rows(content)
         except _FAULTS as exc:
@@ -456,7 +489,7 @@ class SecureRound:
             raise RoundAbandoned(f"{group_stage(group, 'mask')}: {len(delivered)} vectors delivered, {minimum} needed")
         for phase in group:
             s.check_request(phase, rowset_digest(rowset) if phase == "values" else b"")
-        nxt = self._next_session() if last else None
+        nxt = self._next_session() if last and self.next_session is None else None
         responses: dict[str, dict[int, dict[str, bytes]]] = {p: {} for p in group}
         if self._fast_ok(s, delivered):
             self._unmask(s, group, delivered, responses, nxt, fast=True)
@@ -496,6 +529,9 @@ class SecureRound:
             return
         if "next_shares" in c:
             shares[nxt.party_of[node]] = self._shares_of(c, "next_")
+            if "next_advert" in c:  # the session after the next one (it unmasks early): its share request rides on
+                adv = c["next_advert"]  # the next round's train message
+                self.after_adverts[node] = {k: adv[k] for k in adv.keys()}
         elif "next_error" in c:
             log.warning("round %d: %s refused the share request of round %d's session: %s", self.round,
                         self._name(node), self.round + 1, str(c["next_error"].get("error", ""))[:300])
@@ -552,7 +588,7 @@ class SecureRound:
         self._responded = set(responses[group[0]])
 
     def _finish_phases(self, s: ServerSession, group: list[str], rowset: RowSet | None,
-                       responses: dict[str, dict[int, dict[str, bytes]]]) -> dict[str, np.ndarray]:
+                       responses: dict[str, dict[int, dict[str, bytes]]], stage: str | None = None) -> dict[str, np.ndarray]:
         """Strip the masks of each phase of the group from the shares received (mask removal is the unmask stage's)."""
         t_finish = time.perf_counter()
         totals = {}
@@ -562,7 +598,7 @@ class SecureRound:
             secrets[phase] = s.recover(phase, responses[phase], length, dtype, self._minimum())
         for phase in group:
             totals[phase] = s.strip(phase, secrets[phase])
-        self.entry["stages"][group_stage(group, "unmask")]["seconds"] += time.perf_counter() - t_finish
+        self.entry["stages"][stage or group_stage(group, "unmask")]["seconds"] += time.perf_counter() - t_finish
         return totals
 
     def _next_session(self) -> ServerSession | None:
@@ -586,6 +622,9 @@ class SecureRound:
             rowset = union_of([self.next_rows[n] for n in nodes if n in self.next_rows], self.shapes)
         names = {s.node_of[p]: self.names[s.node_of[p]] for p in s.u2}
         self.next = Prepared(self.round + 1, s, names, rowset, counts)
+        after = {n: a for n, a in self.after_adverts.items() if n in names}
+        if len(after) >= self._minimum():
+            self.next_pending = Pending(self.round + 2, after, {n: names[n] for n in after})
 
     def _summary(self, s: ServerSession) -> None:
         self.entry["secure"] = {"row_set": self.cfg.row_set, "parties": len(s.parties), "neighbours": s.k,
@@ -710,21 +749,96 @@ class SecureRound:
                 records["rowset"] = encoded_rowset
             return records
 
+        nxt: ServerSession | None = None
+        if self.pending is not None:  # the next round's session (it unmasks early): its share request rides on train
+            self.names.update(self.pending.names)
+            nxt = self._new_session(session_context(cfg.run_key(), self.round + 1), ahead_groups(cfg.row_set),
+                                    self.pending.adverts, "share request (next round)")
+            if len(nxt.parties) >= self._minimum():
+                self.next_session = nxt
+            else:
+                nxt = None
+        base_extra = extra
+
+        def extra_next(node: int) -> dict:
+            records = base_extra(node)
+            if nxt is not None and node in nxt.party_of:
+                records["next"] = ConfigRecord(self._share_request(nxt, nxt.party_of[node]))
+            return records
+
         take = self._take_masked(s, group, rowset)
+        early: dict[str, dict[int, dict[str, bytes]]] = {ph: {} for ph in group}
+        next_shares: dict[int, dict[int, tuple[bytes, bytes]]] = {}
 
         def take_train(node: int, c: RecordDict) -> None:
             if "masked" not in c:
                 raise UpdateError("status ok but no masked update in the reply to a session set up ahead")
+            got = self._seed_shares(group, c["unmask"]) if "unmask" in c else None
             take(node, c)
+            if got is not None:
+                for phase in group:
+                    early[phase][s.party_of[node]] = got[phase]
+            self._next_reply(nxt, node, c, next_shares)
 
-        self._train(nodes, extra=extra, take=take_train)
-        totals = self._finish_group(s, group, rowset, last=True)
+        self._train(nodes, extra=extra_next, take=take_train)
+        if nxt is not None:
+            self._route(nxt, next_shares, "share (next round)")
+        if early[group[0]]:
+            totals = self._finish_early(s, group, rowset, early)
+        else:
+            totals = self._finish_group(s, group, rowset, last=True)
         agg = self._decode(s, totals["values"], rowset, p.counts)
         next_rowset, next_counts = None, None
         if "indicators" in group:
             next_rowset, next_counts = self._indicator_rowset(s, totals["indicators"])
         self._prepare_next(next_rowset, next_counts)
         return agg
+
+    @staticmethod
+    def _seed_shares(group: list[str], record: ConfigRecord) -> dict[str, dict[str, bytes]]:
+        """An ``unmask`` record's shares by phase; only seed shares may come without the consistency check.
+
+        Raises
+        ------
+        ProtocolError
+            A share of a phase outside the group, or a mask-key share.
+        """
+        got: dict[str, dict[str, bytes]] = {p: {} for p in group}
+        for key, value in record.items():
+            phase, _, rest = key.partition(".")
+            if phase not in got:
+                raise ProtocolError(f"unmask share {key!r} of a phase outside this stage")
+            if not rest.startswith("seed."):
+                raise ProtocolError(f"a mask-key share {key!r} in an unmask without the consistency check")
+            got[phase][rest] = bytes(value)
+        return got
+
+    def _finish_early(self, s: ServerSession, group: list[str], rowset: RowSet | None,
+                      early: dict[str, dict[int, dict[str, bytes]]]) -> dict[str, np.ndarray]:
+        """Finish a group from the seed shares that came with the masked updates: no further round trip.
+
+        Every party that shared must have delivered: the organisations revealed their seed
+        shares already, so none of them will reveal a mask-key share of this session, and
+        the masks of a party that did not deliver cannot be removed. Then, and if the seed
+        shares do not suffice, the round is abandoned (the next starts its own session).
+
+        Raises
+        ------
+        RoundAbandoned
+            A party that shared did not deliver, or the sum cannot be finished.
+        """
+        self.entry["secure"]["early_unmask"] = True
+        delivered = sorted(s.delivered[group[0]])
+        if delivered != sorted(s.u2):
+            missing = sorted(set(s.u2) - set(delivered))
+            self.lost_early = True
+            raise RoundAbandoned(
+                f"{', '.join(self.coord.roster.name_of_party(q) for q in missing)} shared but did not deliver a masked "
+                "update; the others sent their seed shares with theirs (early unmask), so no mask key of this session "
+                "is ever revealed and its masks cannot be removed"
+            )
+        self._responded = set(early[group[0]])
+        return self._finish_phases(s, group, rowset, early, stage="train")
 
     def _complaints(self, s: ServerSession, receiver: int, record: ConfigRecord) -> dict[str, str]:
         """A receiver's complaints against share senders (sender name -> reason); nobody is removed.
