@@ -17,7 +17,10 @@ organisation holds either to the same rules):
   :func:`handle_stage`): then the round's own ``train`` message brings the routed shares
   (and the row set U the values are summed over), and the organisation masks its update in
   the ``train`` reply itself (:func:`mask_in_train`); ``train.check`` and
-  ``train.unmask`` finish it. Three round trips a round. In ``union`` mode that session
+  ``train.unmask`` finish it (two or three round trips a round), or, where the check
+  cannot matter and the session says so, the ``train`` reply carries the seed shares too
+  (early unmask: one round trip), and the ``train`` message the next round's share request
+  (:func:`next_shares`). In ``union`` mode that session
   also sums the indicators of the rows the organisation's training data looks up
   (:func:`fedembed.workingset.training_rows`): the next round's U.
 
@@ -42,9 +45,12 @@ stage                coordinator sends                            organisation r
 ==================== ============================================ ======================================
 train                config, sync; set up ahead: ``secagg``        info, metrics, train, ``secagg``
                      (u2), ``shares``, ``share_sigs``, ``rowset``  (advert: started with its round) or
-                     (union/revealed)                             ``masked`` + ``complaints`` (set up
-                                                                  ahead); ``next`` (advert of the next
-                                                                  round's session); ``rows`` (revealed)
+                     (union/revealed); ``next`` (the next round's  ``masked`` + ``complaints`` (set up
+                     share request, early unmask)                 ahead) + ``unmask`` (early); ``next``
+                                                                  (advert of the next round's session)
+                                                                  or ``next_shares``, ``next_share_sigs``,
+                                                                  ``next_advert`` (early); ``rows``
+                                                                  (revealed)
 share                ``secagg`` (u1, t, k, neighbours' signed      ``shares``, ``share_sigs`` (dst ->
                      adverts ``adv.<q>.<field>``)                 ciphertext, signature)
 indicators / masked  ``secagg`` (u2), ``shares``, ``share_sigs``  ``masked`` (``<phase>``: uint8

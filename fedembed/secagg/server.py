@@ -10,11 +10,18 @@ A round's secure sum is one session (:mod:`fedembed.secagg.protocol`). A session
   the first sum (per-row counters) giving the row set U, the second summing the values
   over U only.
 - set up ahead: the previous round's ``train`` replies carry the next session's signed
-  advertisements, and its share request rides on the previous round's last ``check``
-  message (the shares come back in its replies). The round's ``train`` message then
-  brings each party the shares routed to it and the row set U, and the reply carries the
-  update already masked: **train -> check -> unmask, 3 round trips** in every row-set
-  mode. U is agreed before the round: ``dense`` every row; ``revealed`` the rows each
+  advertisements, and its share request rides on the previous round's last message but
+  one (the shares come back in its replies). The round's ``train`` message then brings
+  each party the shares routed to it and the row set U, and the reply carries the update
+  already masked: **train -> check -> unmask, 3 round trips**, or train -> unmask where the
+  check cannot matter, in every row-set mode.
+- set up ahead and **unmasked early** (the default where the check cannot matter): the
+  ``train`` reply also carries the organisation's seed shares (its session is then spent:
+  no mask-key share of it is ever revealed), so the round is **one round trip**; sessions
+  are then set up two rounds ahead: round r's ``train`` message carries round r+1's share
+  request, and its replies round r+1's shares and round r+2's advertisements
+  (:class:`Pending`). A party that shared and does not deliver makes the round be
+  abandoned, and the run's later sessions recover dropouts instead. U is agreed before the round: ``dense`` every row; ``revealed`` the rows each
   party said in its previous ``train`` reply it will use; ``union`` the secure sum of
   indicators each party masked in the previous round's session (the rows its training
   data looks up), so a ``union`` session set up ahead sums, in one group, the round's
