@@ -377,7 +377,7 @@ def _checked_plan(organisation: Organisation, content: RecordDict, message_type:
         raise MessageRefused(  # its share alone would carry 1/m of the noise; other row sets release U without noise
             f"distributed DP noise needs a secure round over the dense row set, got secure={plan.secure}, "
             f"row set {plan.row_set!r}")
-    if plan.secure and message_type == "train":  # before its sync touches anything: a round answered is never re-run
+    if message_type == "train":  # before its sync touches anything: a round answered is never re-run
         from fedembed.secagg.client import check_round_open
         from fedembed.secagg.protocol import ProtocolError
 
@@ -498,6 +498,13 @@ def handle_content(organisation: Organisation, content: RecordDict, message_type
     secure = plan.secure and reply.update is not None and reply.status == "ok"
     record = None
     if reply.update is not None and not secure:
+        from fedembed.secagg.client import claim_round
+        from fedembed.secagg.protocol import ProtocolError
+
+        try:  # one update per round, in increasing rounds, as for a secure round's contribution
+            claim_round(organisation.state.dir, plan.run_key, plan.round)
+        except ProtocolError as exc:
+            return refuse(MessageRefused(str(exc)))
         record = encode_update(reply.update, shapes, plan.wire_dtype)
     metrics = {k: v for k, v in reply.metrics.items() if np.isfinite(v)}
     if len(metrics) != len(reply.metrics):

@@ -242,3 +242,21 @@ def _remember_config(t):
             yield from orig(message_type, {node: content}, timeout)
 
     t.exchange_iter = exchange_iter
+
+
+def test_an_old_rounds_train_message_sent_again_is_refused_and_rewinds_nothing(tmp_path, direct_transport):
+    """A coordinator that sends round 1's train message again after round 2: the organisation trained for
+    round 1 already (a second answer would train its head twice on one round and, with its stale sync, rewind
+    its table cache to version 0). Refused, signed, before the sync is applied; the run goes on unharmed."""
+    t = direct_transport(tmp_path, 3, task=TASK)
+    c = Coordinator(run_config(TASK, rounds=3), t)
+    nodes = sorted(t.orgs)
+    old = c.train_message(100, 1)
+    c.run_round(1, nodes)
+    c.run_round(2, nodes)
+    for msg in (old, c.train_message(100, 2)):
+        reply = handle_content(t.orgs[100], msg, "train", 100)
+        assert reply["info"]["status"] == "refused" and "was already answered" in reply["info"]["error"]
+        assert "update" not in reply
+    third = c.run_round(3, nodes)
+    assert third["clients"] == 3 and "org-0" not in third["rejected"]  # its cache was not rewound: not stale

@@ -283,6 +283,12 @@ def _claim_round(state_dir: Path, run_key: str, round_: int) -> None:
     atomic_write(_root(state_dir) / "answered.json", json.dumps({"run_key": run_key, "round": int(round_)}).encode())
 
 
+def claim_round(state_dir: Path, run_key: str, round_: int) -> None:
+    """:func:`_claim_round` under the organisation's lock, for a plain round's update (its upload is its contribution)."""
+    with _locked(state_dir):
+        _claim_round(state_dir, run_key, round_)
+
+
 def check_round_open(state_dir: Path, run_key: str, round_: int) -> None:
     """Refuse ``round_`` if this organisation already contributed to it, or to a later round, of the run.
 
