@@ -21,11 +21,13 @@ A round's secure sum is one session (:mod:`fedembed.secagg.protocol`). A session
   are then set up two rounds ahead: round r's ``train`` message carries round r+1's share
   request, and its replies round r+1's shares and round r+2's advertisements
   (:class:`Pending`). A party that shared and does not deliver makes the round be
-  abandoned, and the run's later sessions recover dropouts instead. U is agreed before the round: ``dense`` every row; ``revealed`` the rows each
-  party said in its previous ``train`` reply it will use; ``union`` the secure sum of
-  indicators each party masked in the previous round's session (the rows its training
-  data looks up), so a ``union`` session set up ahead sums, in one group, the round's
-  values over U and the next round's indicators.
+  abandoned, and the run's later sessions recover dropouts instead.
+
+A session set up ahead agrees U before its round: ``dense`` every row; ``revealed`` the
+rows each party said in its previous ``train`` reply it will use; ``union`` the secure sum
+of indicators each party masked in the previous round's session (the rows its training
+data looks up), so a ``union`` session set up ahead sums, in one group, the round's values
+over U and the next round's indicators.
 
 The first round starts its own session; so does a round after one that was abandoned, or
 whose organisations are not exactly the parties that set its session up (one joined, one
