@@ -86,9 +86,9 @@ class RunConfig:
         rounds ahead), so a steady secure round is **one round trip**. The price: no
         mask-key share of such a session is ever revealed, so an organisation that drops
         out of it after sharing makes the round be abandoned (tables unchanged) instead of
-        recovered; the next round then starts its own session, which recovers dropouts, and
-        the sessions after it unmask early again. Off: 2 round trips (train, unmask) with
-        dropouts recovered.
+        recovered; the next round then starts its own session, and the rest of the run's
+        sessions recover dropouts (2 round trips). Off: 2 round trips (train, unmask) with
+        dropouts recovered from the start.
     max_message_bytes : int
         Replies larger than this are refused.
     round_timeout : float
