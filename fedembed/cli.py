@@ -22,7 +22,7 @@ import numpy as np
 from fedembed.aggregate import SERVER_OPTIMIZERS
 from fedembed.config import MODES, ROW_SETS, ConfigError, RunConfig
 from fedembed.errors import FedembedError
-from fedembed.recipe import TABLE_OPTIMIZERS, TrainConfig
+from fedembed.recipe import DP_UNITS, TABLE_OPTIMIZERS, TrainConfig
 from fedembed.spec import FederationSpec
 from fedembed.task import BUILTIN_TASKS, TaskSpec, parse_options, read_task_config, task_node_config
 
@@ -54,7 +54,7 @@ class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
 CHOICES: dict[str, tuple[str, ...]] = {
     "mode": MODES, "row_set": ROW_SETS, "wire_dtype": ("float16", "float32"),
     "server_optimizer": SERVER_OPTIMIZERS, "table_optimizer": TABLE_OPTIMIZERS,
-    "consistency_check": ("auto", "always"),
+    "consistency_check": ("auto", "always"), "dp_unit": DP_UNITS,
 }
 
 

@@ -24,7 +24,7 @@ from flwr.app import ConfigRecord, RecordDict
 
 from fedembed.config import RoundPlan, StageHeader
 from fedembed.errors import FedembedError
-from fedembed.dp import BudgetExhausted
+from fedembed.dp import BudgetExhausted, DPError
 from fedembed.dp.accounting import PrivacyLedger
 from fedembed.dp.distributed import DistributedNoise
 from fedembed.dp.noise import SecureRandom, noise_secret
@@ -493,8 +493,8 @@ def handle_content(organisation: Organisation, content: RecordDict, message_type
     try:
         sync = decode_sync(content["sync"], shapes) if "sync" in content else {}
         reply = organisation.handle(plan, sync)
-    except (UpdateError, SyncRefused) as exc:  # a sync that contradicts itself or what this organisation holds
-        return refuse(exc)
+    except (UpdateError, SyncRefused, DPError) as exc:  # a sync that contradicts itself or what this organisation
+        return refuse(exc)  # holds; a DP recipe its task cannot follow (no privacy units for dp_unit user)
     secure = plan.secure and reply.update is not None and reply.status == "ok"
     record = None
     if reply.update is not None and not secure:

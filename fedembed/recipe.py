@@ -18,6 +18,8 @@ class RecipeError(FedembedError, ValueError):
 
 
 TABLE_OPTIMIZERS = ("sparse_adam", "sgd")
+DP_UNITS = ("record", "user")
+"""Privacy units of record-level DP: one training example, or one user with all their records."""
 
 
 @dataclass
@@ -91,6 +93,11 @@ class TrainConfig:
         A row's gradient is released in a step when its noisy contribution count reaches this.
     dp_count_clip : float
         L2 bound of one example's contribution counts over the rows it looks up.
+    dp_unit : str
+        The privacy unit of record-level DP: ``record`` (one training example) or ``user``
+        (a user with all their records, as the task's ``privacy_units`` groups them:
+        users are sampled, and each user's summed gradient and counts are clipped as one;
+        ``dp_clip`` and ``dp_count_clip`` then bound a user).
     dp_target_epsilon : float
         The organisation's budget: no DP round starts that would take its epsilon past it;
         0 for no budget.
@@ -149,6 +156,7 @@ class TrainConfig:
     dp_selection_noise_multiplier: float = 1.0
     dp_row_threshold: float = 4.0
     dp_count_clip: float = 1.0
+    dp_unit: str = "record"
     dp_target_epsilon: float = 0.0
     dp_target_delta: float = 1e-5
     # organisation-level distributed DP (fedembed.dp.distributed); off while dp_sum_noise_multiplier == 0
@@ -184,6 +192,8 @@ class TrainConfig:
         self._check_dp()
 
     def _check_dp(self) -> None:
+        if self.dp_unit not in DP_UNITS:
+            raise RecipeError(f"dp_unit must be one of {DP_UNITS}, got {self.dp_unit!r}")
         for f in ("dp_noise_multiplier", "dp_target_epsilon", "dp_sum_noise_multiplier"):
             value = getattr(self, f)
             if not (isinstance(value, int | float) and math.isfinite(value) and value >= 0):

@@ -109,6 +109,16 @@ class Task(ABC):
     def batches(self, split: str, batch_size: int, rng: np.random.Generator | None) -> Iterator[Any]:
         """Batches of ``split``; shuffled with ``rng`` when it is given."""
 
+    def privacy_units(self, split: str) -> np.ndarray | None:
+        """Which records belong together: one user id per example of ``split``, or None (the default).
+
+        Record-level DP with ``dp_unit user`` (:mod:`fedembed.dp.local`) samples users and
+        clips each user's records as one, so its guarantee covers a user with all their
+        records. Return the same id for every record of one person (or account, patient,
+        ...); ids need not be contiguous.
+        """
+        return None
+
     @abstractmethod
     def loss(self, model: SplitModel, batch: Any) -> torch.Tensor:
         """Scalar training loss of ``model`` on ``batch``."""
@@ -395,15 +405,23 @@ class SyntheticTask(BagTask):
     """One organisation of the synthetic data: Zipf-popular ids, its own hidden labelling and hot rows.
 
     Options: ``org``, ``orgs``, ``rows`` (table rows), ``dim``, ``touch`` (fraction of rows
-    one organisation touches per round), ``examples`` (per organisation), ``hidden``.
+    one organisation touches per round), ``examples`` (per organisation), ``hidden``,
+    ``users`` (0: none; else the examples of each split belong to that many users, example
+    ``i`` to user ``i mod users``: :meth:`privacy_units`, for user-level DP).
     """
 
     def __init__(self, data: str | None = None, seed: int = 0, org: int = 0, orgs: int = 5, rows: int = 100_000,
-                 touch: float = 0.01, examples: int = 2000, dim: int = 32, hidden: int = 64) -> None:
-        self.n_rows, self.touch, self.examples = int(rows), float(touch), int(examples)
+                 touch: float = 0.01, examples: int = 2000, dim: int = 32, hidden: int = 64, users: int = 0) -> None:
+        self.n_rows, self.touch, self.examples, self.users = int(rows), float(touch), int(examples), int(users)
         if not 0 < self.touch <= 1:
             raise TaskError(f"touch must be in (0, 1], got {touch}")
+        if self.users < 0:
+            raise TaskError(f"users must be >= 0, got {users}")
         super().__init__(data, seed, org, orgs, dim, hidden)
+
+    def privacy_units(self, split: str) -> np.ndarray | None:
+        """Example ``i`` of ``split`` belongs to user ``i mod users`` (None without ``users``)."""
+        return np.arange(self.num_examples(split), dtype=np.int64) % self.users if self.users else None
 
     def load(self):
         return _synthetic(self.orgs, self.n_rows, self.touch, self.seed, self.examples)

@@ -92,3 +92,19 @@ def test_the_local_baseline_reports_the_same_spend_under_the_same_dp():
     log, _ = run_baseline(cfg, [load_task(task.for_org(i, 2)) for i in range(2)], ["org-0", "org-1"])
     eps = [r["privacy"]["org-0"]["epsilon"] for r in log.rounds]
     assert 0 < eps[0] < eps[1] and log.rounds[1]["privacy"]["org-0"]["delta"] == 1e-5
+
+
+def test_user_level_dp_spends_per_user_and_a_task_without_users_refuses_it_signed(tmp_path, direct_transport):
+    """dp_unit user: the ledger's population is the organisation's users (a user with all their records is the
+    unit); an organisation whose task does not say which records belong together refuses the recipe, by name."""
+    users = TaskSpec("synthetic", {**TASK.options, "users": 25})
+    t = direct_transport(tmp_path / "users", 2, task=users)
+    c = Coordinator(run_config(users, rounds=1, train=TrainConfig(**DP, dp_unit="user")), t)
+    entry = c.run_round(1, sorted(t.orgs))
+    assert entry["clients"] == 2 and entry["privacy"]["org-0"]["epsilon"] > 0
+    ledger = PrivacyLedger.from_dict(t.orgs[100].state.load_head()["dp_ledger"])
+    assert [r.population for r in ledger.rounds] == [25]
+    t2 = direct_transport(tmp_path / "records", 2, task=TASK)
+    c2 = Coordinator(run_config(TASK, rounds=1, train=TrainConfig(**DP, dp_unit="user")), t2)
+    entry = c2.run_round(1, sorted(t2.orgs))
+    assert entry["clients"] == 0 and "which records belong together" in entry["rejected"]["org-0"]

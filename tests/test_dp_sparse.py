@@ -256,3 +256,64 @@ def test_models_the_dp_path_cannot_make_private_are_refused():
     maxbag = SplitModel(nn.Sequential(nn.EmbeddingBag(10, 4, mode="max"), nn.Linear(4, 1)), tables={"t": "0"})
     with pytest.raises(DPError, match="mode 'max'"):
         ExampleGradients(maxbag)
+
+
+# ------------------------------------------------------------------ user-level: a user with all their records
+def test_per_user_norms_and_clipped_sums_equal_brute_force_gradients_of_each_users_summed_loss(task):
+    """With privacy units, a unit's gradient is the gradient of its records' summed loss, clipped as one."""
+    model = task.build_model()
+    idx = np.arange(9)
+    units = np.array([0, 1, 0, 2, 1, 0, 3, 2, 0])  # 4 users, 1 to 4 records each
+    with ExampleGradients(model) as eg:
+        clipped = eg.clip(task.example_losses(model, task.batch_of("train", idx)), 0.05, torch.from_numpy(units))
+
+    def user_loss(u):
+        if u > units.max():
+            return None
+        return task.example_losses(model, task.batch_of("train", idx[units == u])).sum()
+
+    norms, grads = _brute_force(model, user_loss)
+    np.testing.assert_allclose(clipped.norms.numpy(), norms.numpy(), rtol=1e-5)
+    scale = torch.clamp(0.05 / norms, max=1.0)
+    expected = [sum(float(scale[u]) * grads[u][k] for u in range(len(grads))) for k in range(len(grads[0]))]
+    for got, want in zip(_clipped_dense(model, clipped), expected):
+        torch.testing.assert_close(got, want.to(got.dtype), rtol=1e-4, atol=1e-6)
+
+
+def test_a_user_with_many_huge_gradient_records_contributes_at_most_the_clip_norm_in_all(task):
+    """Record-level clipping bounds each record: a user with 8 records moves the sum by up to 8 clips (here by
+    well over one). User-level bounds the user: all 8 records together move it by one clip at most."""
+    model = task.build_model()
+    idx = np.arange(8)
+    totals = {}
+    for unit, units in (("record", None), ("user", torch.zeros(8, dtype=torch.long))):
+        with ExampleGradients(model) as eg:
+            clipped = eg.clip(1e4 * task.example_losses(model, task.batch_of("train", idx)), 1.0, units)
+        totals[unit] = math.sqrt(sum(float(g.double().pow(2).sum()) for g in _clipped_dense(model, clipped)))
+    assert 1.5 < totals["record"] <= 8.0 + 1e-6
+    assert totals["user"] == pytest.approx(1.0, rel=1e-5)  # clipped to the bound, not beyond, not dropped
+
+
+def test_user_level_steps_sample_whole_users_and_account_users_as_the_population():
+    t = SyntheticTask(orgs=2, rows=2000, examples=300, dim=8, hidden=16, users=20)
+    units = t.privacy_units("train")
+    seen: list[np.ndarray] = []
+    batch_of = t.batch_of
+
+    def recording(split, idx):
+        seen.append(np.asarray(idx))
+        return batch_of(split, idx)
+
+    t.batch_of = recording  # type: ignore[method-assign]
+    model = t.build_model()
+    opts = [torch.optim.SGD(model.head_parameters(), lr=0.01)]
+    cfg = DPConfig(1.0, 1.0, 1.0, 4.0, unit="user")
+    _, _, ran = dp_epochs(t, model, cfg, 32, 1, opts, np.random.default_rng(0), {})
+    assert ran.population == 20 and ran.sampling_rate == pytest.approx(32 / t.num_examples("train"))
+    assert seen and all(np.array_equal(np.sort(idx), np.flatnonzero(np.isin(units, units[idx]))) for idx in seen)
+
+
+def test_user_level_dp_needs_the_task_to_say_which_records_belong_together(task):
+    model = task.build_model()
+    with pytest.raises(DPError, match="privacy_units"):
+        dp_epochs(task, model, DPConfig(1.0, 1.0, 1.0, 4.0, unit="user"), 32, 1, [], np.random.default_rng(0), {})

@@ -213,15 +213,20 @@ class ExampleGradients:
             ex, rows, g = ex[keep], rows[keep], g[keep]
         return ex, rows.long(), g
 
-    def clip(self, losses: torch.Tensor, clip: float) -> ClippedBatch:
-        """Per-example norms, clip factors and clipped sums, from one backward pass to the module outputs.
+    def clip(self, losses: torch.Tensor, clip: float, units: torch.Tensor | None = None) -> ClippedBatch:
+        """Per-example (or per-unit) norms, clip factors and clipped sums, from one backward pass to the module outputs.
 
         Parameters
         ----------
         losses : torch.Tensor
             Per-example losses ``(B,)`` of the forward pass run inside this context.
         clip : float
-            L2 bound of each example's gradient (tables and head together).
+            L2 bound of each example's gradient (tables and head together), or of each
+            unit's with ``units``.
+        units : torch.Tensor, optional
+            ``(B,)`` int64, each example's privacy unit numbered ``0..G-1`` (a user and all
+            their records): a unit's gradient is the sum of its examples' and is clipped as
+            one. The returned norms, scales and ``pair_example`` are then per unit.
 
         Returns
         -------
@@ -231,7 +236,12 @@ class ExampleGradients:
             raise DPError(f"per-example losses must have shape (B,), got {tuple(losses.shape)}")
         if not clip > 0:
             raise DPError(f"clip must be > 0, got {clip}")
-        batch = losses.shape[0]
+        examples = losses.shape[0]
+        if units is not None:
+            if units.shape != (examples,) or (examples and int(units.min()) < 0):
+                raise DPError(f"privacy units must be one non-negative id per example, got shape {tuple(units.shape)}")
+            units = units.to(losses.device)
+        batch = int(units.max()) + 1 if units is not None and examples else examples
         table_calls = [(n, c) for n, calls in self._tables.items() for c in calls]
         linear_calls = [(k, c) for k, calls in self._linear_calls.items() for c in calls]
         outputs = [c.output for _, c in table_calls] + [c.output for _, c in linear_calls]
@@ -245,7 +255,8 @@ class ExampleGradients:
         for (name, call), g in zip(table_calls, grads[: len(table_calls)]):
             if g is None:
                 continue
-            pieces.setdefault(name, []).append(self._table_triples(name, call, g.detach(), batch))
+            ex, rows, gv = self._table_triples(name, call, g.detach(), examples)
+            pieces.setdefault(name, []).append((units[ex] if units is not None else ex, rows, gv))
         for name, parts in pieces.items():
             rows_total = self.model.table(name).weight.shape[0]
             ex = torch.cat([p[0] for p in parts])
@@ -264,13 +275,17 @@ class ExampleGradients:
                 continue
             mod = self._linears[key]
             a, g = call.input.detach(), g.detach()
-            if a.shape[0] != batch:
-                raise DPError(f"a head layer saw {a.shape[0]} rows for {batch} examples; DP needs one leading row per example")
-            a3, g3 = a.reshape(batch, -1, a.shape[-1]), g.reshape(batch, -1, g.shape[-1])
+            if a.shape[0] != examples:
+                raise DPError(f"a head layer saw {a.shape[0]} rows for {examples} examples; DP needs one leading row per example")
+            a3, g3 = a.reshape(examples, -1, a.shape[-1]), g.reshape(examples, -1, g.shape[-1])
             gw = torch.einsum("bto,bti->boi", g3, a3)
+            gb = g3.sum(1)
+            if units is not None:  # a unit's gradient: the sum of its examples'
+                gw = torch.zeros((batch, *gw.shape[1:]), dtype=gw.dtype, device=device).index_add_(0, units, gw)
+                gb = torch.zeros((batch, *gb.shape[1:]), dtype=gb.dtype, device=device).index_add_(0, units, gb)
             per_param[id(mod.weight)] = per_param.get(id(mod.weight), 0) + gw
             if mod.bias is not None:
-                per_param[id(mod.bias)] = per_param.get(id(mod.bias), 0) + g3.sum(1)
+                per_param[id(mod.bias)] = per_param.get(id(mod.bias), 0) + gb
         for pg in per_param.values():
             norm2 += pg.double().pow(2).reshape(batch, -1).sum(1)
 

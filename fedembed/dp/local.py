@@ -68,6 +68,27 @@ class DPTask(Protocol):
     def example_losses(self, model: SplitModel, batch: Any) -> torch.Tensor: ...  # noqa: D102
 
 
+def privacy_units(task: Any, split: str = "train") -> np.ndarray:
+    """Each example's privacy unit (a user with all their records), from the task's ``privacy_units(split)``.
+
+    Raises
+    ------
+    DPError
+        The task does not say which records belong together, or says it inconsistently.
+    """
+    method = getattr(task, "privacy_units", None)
+    units = method(split) if callable(method) else None
+    if units is None:
+        raise DPError("dp_unit 'user' needs the task to say which records belong together: implement "
+                      "privacy_units(split), one user id per example (fedembed.task.Task.privacy_units)")
+    units = np.asarray(units)
+    n = int(task.num_examples(split))
+    if units.shape != (n,) or not np.issubdtype(units.dtype, np.integer):
+        raise DPError(f"privacy_units({split!r}) must give one integer user id per example ({n}), got "
+                      f"{units.dtype}{units.shape}")
+    return units
+
+
 @dataclass(frozen=True)
 class DPConfig:
     """The DP parameters of local training.
@@ -87,6 +108,9 @@ class DPConfig:
         per step (pure-noise rows in the upload).
     count_clip : float
         L2 bound of one example's contribution-count vector (its looked-up rows).
+    unit : str
+        ``record`` or ``user``: with ``user``, ``clip`` and ``count_clip`` bound a user's
+        summed contribution, and users are sampled (:func:`dp_epochs`).
     """
 
     noise_multiplier: float
@@ -94,11 +118,14 @@ class DPConfig:
     selection_noise_multiplier: float
     row_threshold: float
     count_clip: float = 1.0
+    unit: str = "record"
 
     def __post_init__(self) -> None:
         for f in ("noise_multiplier", "clip", "selection_noise_multiplier", "row_threshold", "count_clip"):
             if not getattr(self, f) > 0:
                 raise DPError(f"{f} must be > 0, got {getattr(self, f)}")
+        if self.unit not in ("record", "user"):
+            raise DPError(f"unit must be 'record' or 'user', got {self.unit!r}")
 
     @property
     def effective_noise_multiplier(self) -> float:
@@ -146,7 +173,7 @@ class RowSparseDPSGD:
         self.model, self.cfg, self.rng = model, cfg, rng
         self.tracer = ExampleGradients(model)
 
-    def step(self, task: DPTask, batch: Any | None, denominator: float) -> StepReport:
+    def step(self, task: DPTask, batch: Any | None, denominator: float, units: np.ndarray | None = None) -> StepReport:
         """Compute the private gradients of one sampled batch and put them in ``.grad``.
 
         Parameters
@@ -157,7 +184,10 @@ class RowSparseDPSGD:
             The sampled examples (None or an empty batch: a step of pure noise, which a
             Poisson step with no example still is).
         denominator : float
-            The data-independent normaliser (the expected batch size ``q N``).
+            The data-independent normaliser (the expected batch size ``q N``, in units).
+        units : np.ndarray, optional
+            Each example's privacy unit in this batch, numbered ``0..G-1`` (``dp_unit
+            user``): a unit is clipped and counted as one.
 
         Returns
         -------
@@ -173,9 +203,10 @@ class RowSparseDPSGD:
                 if n:
                     if not torch.all(torch.isfinite(losses)):
                         raise FloatingPointError("a training loss became non-finite; lower the learning rates")
-                    clipped = self.tracer.clip(losses, cfg.clip)
+                    clipped = self.tracer.clip(losses, cfg.clip,
+                                               torch.from_numpy(units).long() if units is not None else None)
                     loss_sum = float(losses.detach().sum())
-        selected = self._select(clipped, n)
+        selected = self._select(clipped, int(clipped.norms.shape[0]) if clipped is not None else 0)
         std = cfg.noise_multiplier * cfg.clip
         for name in model.table_names:
             w = model.table(name).weight
@@ -271,14 +302,23 @@ def dp_epochs(
         raise DPError("DP training needs at least one training example")
     q = min(1.0, batch_size / n)
     steps = int(epochs) * math.ceil(n / batch_size)
+    # the sampled population: examples, or users (each with all their records; q stays batch_size / n, so a
+    # step still holds batch_size examples on average)
+    user_of = np.unique(privacy_units(task), return_inverse=True)[1] if cfg.unit == "user" else None
+    population = int(user_of.max()) + 1 if user_of is not None else n
     dp = RowSparseDPSGD(model, cfg, rng)
     loss_sum, seen = 0.0, 0
     for _ in range(steps):
-        idx = np.flatnonzero(rng.random(n) < q)
+        units = None
+        if user_of is None:
+            idx = np.flatnonzero(rng.random(n) < q)
+        else:
+            idx = np.flatnonzero((rng.random(population) < q)[user_of])
+            units = np.unique(user_of[idx], return_inverse=True)[1]
         batch = to_device(task.batch_of("train", idx), task.device) if idx.size else None
         for opt in optimizers:
             opt.zero_grad(set_to_none=True)
-        report = dp.step(task, batch, denominator=q * n)
+        report = dp.step(task, batch, denominator=q * population, units=units)
         for opt in optimizers:
             opt.step()
         for name, ids in report.selected.items():
@@ -286,7 +326,7 @@ def dp_epochs(
         loss_sum += report.loss
         seen += report.examples
     log.debug("DP: %d steps, q=%.4g, %d examples sampled", steps, q, seen)
-    return loss_sum, seen, DPRound(cfg.effective_noise_multiplier, q, steps, population=n)
+    return loss_sum, seen, DPRound(cfg.effective_noise_multiplier, q, steps, population=population)
 
 
 def dp_train_round(
@@ -326,14 +366,15 @@ def dp_train_round(
         Before any step, when this round would take epsilon past ``cfg.dp_target_epsilon``.
     """
     dpc = DPConfig(cfg.dp_noise_multiplier, cfg.dp_clip, cfg.dp_selection_noise_multiplier, cfg.dp_row_threshold,
-                   cfg.dp_count_clip)
+                   cfg.dp_count_clip, cfg.dp_unit)
     if ledger is None:
         ledger = PrivacyLedger(cfg.dp_target_delta, cfg.dp_target_epsilon or None)
     n = int(task.num_examples("train"))
     if n < 1:
         raise DPError("DP training needs at least one training example")
+    population = len(np.unique(privacy_units(task))) if dpc.unit == "user" else n
     planned = DPRound(dpc.effective_noise_multiplier, min(1.0, cfg.batch_size / n),
-                      int(cfg.epochs) * math.ceil(n / cfg.batch_size), population=n)
+                      int(cfg.epochs) * math.ceil(n / cfg.batch_size), population=population)
     ledger.check_next(planned)
     loss_sum, seen, ran = dp_epochs(task, model, dpc, cfg.batch_size, cfg.epochs, optimizers, rng, lookups)
     ledger.record(ran)
