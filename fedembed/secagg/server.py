@@ -354,12 +354,14 @@ class SecureRound:
         return max(2, self.cfg.min_orgs)
 
     def _train(self, nodes: list[int], extra: Callable[[int], dict] | None = None,
-               take: Callable[[int, RecordDict], None] | None = None) -> dict[int, RecordDict]:
-        """The ``train`` exchange: the plan and sync (and ``extra(node)`` records); valid replies by node.
+               take: Callable[[int, RecordDict], None] | None = None) -> list[int]:
+        """The ``train`` exchange: the plan and sync (and ``extra(node)`` records); the nodes whose replies were taken.
 
         Each accepted reply's next-round advert (and, ``revealed``, its rows) is kept for
         the next session; ``take(node, content)`` handles the rest, and a fault it raises
-        removes that organisation from the round.
+        removes that organisation from the round. Replies are handled one at a time as they
+        are pulled and not kept: a round set up ahead brings the masked vectors here, and
+        the coordinator holds one of them and the running sum, not n.
         """
         coord, entry = self.coord, self.entry
         t0 = time.perf_counter()
@@ -373,8 +375,9 @@ class SecureRound:
         down = sum(record_bytes(c) for c in contents.values())
         up_before = entry["upload_bytes"]
         coord.refusals.clear()
-        accepted: dict[int, RecordDict] = {}
-        for rep in coord.transport.exchange("train", contents, self.cfg.round_timeout):
+        accepted: list[int] = []
+        exchange = getattr(coord.transport, "exchange_iter", None) or coord.transport.exchange
+        for rep in exchange("train", contents, self.cfg.round_timeout):
             name, update = coord.read_train_reply(rep, entry, self.round, secure=True)
             if name is None or update is None:
                 continue
@@ -386,11 +389,12 @@ class SecureRound:
             try:
                 if take is not None:
                     take(rep.node, rep.content)
-                accepted[rep.node] = rep.content
+                accepted.append(rep.node)
             except _FAULTS as exc:
                 self._fault(rep.node, f"train: {type(exc).__name__}: {exc}")
                 continue
             self._keep_next(rep.node, rep.content)
+            del rep
         missing = [msg for msg in coord.refusals.values() if msg.startswith(ROWS_MISSING)]
         self.entry["download_bytes"] += down
         self.entry["stages"]["train"] = {
