@@ -302,9 +302,10 @@ def fault_run(tmp_path_factory, certs):
         # takes the dead node for online until it misses 2 heartbeats (60 s) and refuses a second
         # activation with the same key until then: `fedembed client` keeps trying.
         # Its worker answers a few tenths of a second after its SuperNode logs the message, so
-        # org 2 is killed as soon as a new one is logged: in round 2, or in round 3 when round
-        # 2's had already come; the round it was killed in is the one in progress then (the
-        # round waits for org 2 until the round timeout).
+        # org 2 is killed as soon as a new one is logged: in round 2, or a later one when the
+        # rounds (a few tenths of a second each) went on before the poll saw it; the round it
+        # was killed in is the one in progress then (the round waits for org 2 until the round
+        # timeout).
         before = messages_received(procs, "org2")
         deadline = time.monotonic() + 120
         while messages_received(procs, "org2") == before and time.monotonic() < deadline:
@@ -337,7 +338,7 @@ def test_org_killed_mid_round_is_left_out_and_rejoins(fault_run):
     run = fault_run
     assert run["server_code"] == 0, run["procs"].log("server-again")[-3000:]
     k = run["killed_in_round"]
-    assert k in (2, 3)
+    assert k >= 2  # the round in progress when its message came (rounds of a few tenths of a second: not always 2 or 3)
     doc = json.loads((run["state"] / "metrics.json").read_text())
     by_round = {r["round"]: r for r in doc["rounds"]}
     assert by_round[k]["clients"] == 2  # the round finished without it
