@@ -583,14 +583,7 @@ class SecureRound:
         def take_unmask(node: int, c: RecordDict) -> None:
             party = s.party_of.get(node)
             if party is not None and party in parties:
-                got: dict[str, dict[str, bytes]] = {p: {} for p in group}
-                for key, value in c["unmask"].items():
-                    phase, _, rest = key.partition(".")
-                    if phase not in got:
-                        raise ProtocolError(f"unmask share {key!r} of a phase outside this stage")
-                    if fast and not rest.startswith("seed."):
-                        raise ProtocolError(f"a mask-key share {key!r} in an unmask without the consistency check")
-                    got[phase][rest] = bytes(value)
+                got = self._unmask_shares(group, c["unmask"], seeds_only=fast)
                 for phase in group:
                     responses[phase][party] = got[phase]
             self._next_reply(nxt, node, c, next_shares)
@@ -771,10 +764,8 @@ class SecureRound:
                 self.next_session = nxt
             else:
                 nxt = None
-        base_extra = extra
-
         def extra_next(node: int) -> dict:
-            records = base_extra(node)
+            records = extra(node)
             if nxt is not None and node in nxt.party_of:
                 records["next"] = ConfigRecord(self._share_request(nxt, nxt.party_of[node]))
             return records
@@ -786,7 +777,7 @@ class SecureRound:
         def take_train(node: int, c: RecordDict) -> None:
             if "masked" not in c:
                 raise UpdateError("status ok but no masked update in the reply to a session set up ahead")
-            got = self._seed_shares(group, c["unmask"]) if "unmask" in c else None
+            got = self._unmask_shares(group, c["unmask"], seeds_only=True) if "unmask" in c else None
             take(node, c)
             if got is not None:
                 for phase in group:
@@ -808,20 +799,20 @@ class SecureRound:
         return agg
 
     @staticmethod
-    def _seed_shares(group: list[str], record: ConfigRecord) -> dict[str, dict[str, bytes]]:
-        """An ``unmask`` record's shares by phase; only seed shares may come without the consistency check.
+    def _unmask_shares(group: list[str], record: ConfigRecord, seeds_only: bool) -> dict[str, dict[str, bytes]]:
+        """An ``unmask`` record's shares by phase (``seeds_only``: sent without the consistency check).
 
         Raises
         ------
         ProtocolError
-            A share of a phase outside the group, or a mask-key share.
+            A share of a phase outside the group, or, with ``seeds_only``, a mask-key share.
         """
         got: dict[str, dict[str, bytes]] = {p: {} for p in group}
         for key, value in record.items():
             phase, _, rest = key.partition(".")
             if phase not in got:
                 raise ProtocolError(f"unmask share {key!r} of a phase outside this stage")
-            if not rest.startswith("seed."):
+            if seeds_only and not rest.startswith("seed."):
                 raise ProtocolError(f"a mask-key share {key!r} in an unmask without the consistency check")
             got[phase][rest] = bytes(value)
         return got

@@ -73,7 +73,7 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 
 import numpy as np
@@ -466,11 +466,9 @@ def decode_values(
     ratio = scales.clip_delta * s_d / s_w
     half = delivered / 2.0
     out: AggregateSum = {}
-    offset = 0
-    for name in sorted(shapes):
-        ids, dim = rowset[name], shapes[name][1]
-        m = ids.size
-        qw = total[offset + m * dim : offset + m * (dim + 1)].view(np.int32).astype(np.int64)
+    for name, ids, block, weights in _table_blocks(total, rowset, shapes):
+        m, dim = block.shape
+        qw = weights.view(np.int32).astype(np.int64)
         if m and qw.min() < 0:
             raise _refused(
                 "weight bound (sum_w >= 0)",
@@ -500,7 +498,6 @@ def decode_values(
                     f"e.g. row {int(ids[worst])}: sum_w {qw[worst] / s_w:.6g} with count {int(c[worst])},"
                     f" cap {scales.max_weight:g}",
                 )
-        block = total[offset : offset + m * dim].reshape(m, dim)
         if m and dim:
             q = block.view(np.int32)
             # per-row extremes by reduction: no block-sized temporary
@@ -518,14 +515,27 @@ def decode_values(
                     f"{limit[worst] / s_d:.6g} = {scales.clip_delta:g} x sum_w {qw[worst] / s_w:.6g}"
                     " + tolerance",
                 )
-        weight = dequantize(total[offset + m * dim : offset + m * (dim + 1)], s_w)
+        weight = dequantize(weights, s_w)
         keep = weight > 0
         if keep.any():
             # dequantize only the rows someone touched (in dense mode a small part of the table)
             data = dequantize(block if keep.all() else block[keep], s_d)
             out[name] = TableSum(ids=ids[keep], weighted_delta=data, weight=weight[keep])
-        offset += m * (dim + 1)
     return out
+
+
+def _table_blocks(total: np.ndarray, rowset: RowSet,
+                  shapes: Shapes) -> Iterator[tuple[str, np.ndarray, np.ndarray, np.ndarray]]:
+    """Per table (sorted by name): its rows of U, its ``(m, dim)`` block of the value sum and its ``m`` weight sums.
+
+    Views into ``total`` (the layout :func:`encode_values` writes), nothing copied.
+    """
+    offset = 0
+    for name in sorted(shapes):
+        ids, dim = rowset[name], shapes[name][1]
+        m = ids.size
+        yield name, ids, total[offset : offset + m * dim].reshape(m, dim), total[offset + m * dim : offset + m * (dim + 1)]
+        offset += m * (dim + 1)
 
 
 def _decode_noisy(total: np.ndarray, rowset: RowSet, shapes: Shapes, scales: ValueScales, delivered: int) -> AggregateSum:
@@ -536,15 +546,12 @@ def _decode_noisy(total: np.ndarray, rowset: RowSet, shapes: Shapes, scales: Val
     q_w = delivered * int(np.rint(np.float64(scales.max_weight) * s_w))
     limit = noise.sum_bound(delivered)
     out: AggregateSum = {}
-    offset = 0
-    for name in sorted(shapes):
-        ids, dim = rowset[name], shapes[name][1]
-        m = ids.size
-        qw = total[offset + m * dim : offset + m * (dim + 1)].view(np.int32).astype(np.int64)
+    for name, ids, block, weights in _table_blocks(total, rowset, shapes):
+        m, dim = block.shape
+        qw = weights.view(np.int32).astype(np.int64)
         if m and np.any(qw != q_w):
             raise _refused("weight bound (every row's sum_w = delivered x max_weight under distributed noise)", name,
                            int(np.count_nonzero(qw != q_w)), f"expected {q_w / s_w:g}")
-        block = total[offset : offset + m * dim].reshape(m, dim)
         if m and dim:
             q = block.view(np.int32)
             peak = max(int(q.max()), -int(q.min()))
@@ -553,9 +560,7 @@ def _decode_noisy(total: np.ndarray, rowset: RowSet, shapes: Shapes, scales: Val
                                _count_outside(q, np.arange(m), np.full(m, limit)),
                                f"largest |sum w*delta| {peak / s_d:.6g} > {limit / s_d:.6g}")
         if m:
-            out[name] = TableSum(ids=ids.copy(), weighted_delta=dequantize(block, s_d),
-                                 weight=dequantize(total[offset + m * dim : offset + m * (dim + 1)], s_w))
-        offset += m * (dim + 1)
+            out[name] = TableSum(ids=ids.copy(), weighted_delta=dequantize(block, s_d), weight=dequantize(weights, s_w))
     return out
 
 
