@@ -82,3 +82,18 @@ class DirectTransport:
 @pytest.fixture
 def direct_transport():
     return DirectTransport
+
+
+def serving_worker(directory: Path, handler):
+    """A :class:`fedembed.worker.Worker` for ``handler`` serving on a thread under ``directory``; yields it, closes it.
+
+    For fixtures: ``yield from serving_worker(tmp_path / "org", handler)``.
+    """
+    import threading
+
+    from fedembed.worker import Worker, socket_path
+
+    w = Worker(socket_path(directory), handler)
+    threading.Thread(target=w.serve_forever, daemon=True).start()
+    yield w
+    w.close()

@@ -12,7 +12,6 @@ import os
 import stat
 
 import httpx
-import pytest
 from flwr.proto.fleet_pb2 import (  # pylint: disable=E0611
     PullMessagesRequest,
     PullMessagesResponse,

@@ -30,6 +30,7 @@ from flwr.supercore.run import Run
 from flwr.supernode import start_client_internal as flower_loop
 from flwr.supernode.nodestate import NodeStateFactory
 
+from conftest import serving_worker
 from fedembed.deploy import handoff
 from fedembed.deploy.handoff import answer_stored_messages, hand_messages_to_worker, socket_forward
 from fedembed.worker import Worker, socket_path
@@ -123,11 +124,7 @@ class SuperNode:
 
 @pytest.fixture
 def worker(tmp_path):
-    w = Worker(socket_path(tmp_path / "org"), echo)
-    t = threading.Thread(target=w.serve_forever, daemon=True)
-    t.start()
-    yield w
-    w.close()
+    yield from serving_worker(tmp_path / "org", echo)
 
 
 def test_the_supernode_hands_a_message_to_the_worker_and_pushes_its_reply_in_the_same_turn(worker):

@@ -10,14 +10,13 @@ import stat
 import struct
 import subprocess
 import sys
-import threading
 from pathlib import Path
 
 import numpy as np
 import pytest
 from flwr.app import Array, ArrayRecord, ConfigRecord, MetricRecord, RecordDict
 
-from conftest import run_config
+from conftest import run_config, serving_worker
 from fedembed.task import task_node_config
 from fedembed.coordinator import Coordinator, Reply
 from fedembed.deploy import (
@@ -53,11 +52,7 @@ def _echo(message_type: str, node_id: int, content: RecordDict) -> RecordDict:
 
 @pytest.fixture
 def echo_worker(tmp_path):
-    w = Worker(socket_path(tmp_path / "org"), _echo)
-    t = threading.Thread(target=w.serve_forever, daemon=True)
-    t.start()
-    yield w
-    w.close()
+    yield from serving_worker(tmp_path / "org", _echo)
 
 
 def test_forward_round_trips_a_recorddict_through_the_worker(echo_worker):
