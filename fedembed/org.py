@@ -34,7 +34,7 @@ from fedembed.identity import Identity, sign_reply
 from fedembed.secagg.client import SecureMember
 from fedembed.secagg.protocol import SecurePolicy
 from fedembed.sparse import RowUpdate, UpdateError
-from fedembed.store import OrgState
+from fedembed.store import OrgState, RoundAnswered, check_round_open
 from fedembed.tables import RowRequest, RowSync, apply_sync, init_table, request_digest
 from fedembed.spec import FederationSpec, SpecError, TableSpec
 from fedembed.task import Task, TaskError, TaskSpec, load_task, resolve_device, task_from_node_config
@@ -378,13 +378,7 @@ def _checked_plan(organisation: Organisation, content: RecordDict, message_type:
             f"distributed DP noise needs a secure round over the dense row set, got secure={plan.secure}, "
             f"row set {plan.row_set!r}")
     if message_type == "train":  # before its sync touches anything: a round answered is never re-run
-        from fedembed.secagg.client import check_round_open
-        from fedembed.secagg.protocol import ProtocolError
-
-        try:
-            check_round_open(organisation.state.dir, plan.run_key, plan.round)
-        except ProtocolError as exc:
-            raise MessageRefused(str(exc)) from exc
+        check_round_open(organisation.state.dir, plan.run_key, plan.round)
     if plan.secure and plan.row_set not in organisation.policy.row_sets:
         raise MessageRefused(
             f"row-set mode {plan.row_set!r}: this organisation takes part in {list(organisation.policy.row_sets)}"
@@ -498,13 +492,12 @@ def handle_content(organisation: Organisation, content: RecordDict, message_type
     secure = plan.secure and reply.update is not None and reply.status == "ok"
     record = None
     if reply.update is not None and not secure:
-        from fedembed.secagg.client import claim_round
-        from fedembed.secagg.protocol import ProtocolError
+        from fedembed.secagg.client import claim_round  # under the organisation's lock
 
         try:  # one update per round, in increasing rounds, as for a secure round's contribution
             claim_round(organisation.state.dir, plan.run_key, plan.round)
-        except ProtocolError as exc:
-            return refuse(MessageRefused(str(exc)))
+        except RoundAnswered as exc:
+            return refuse(exc)
         record = encode_update(reply.update, shapes, plan.wire_dtype)
     metrics = {k: v for k, v in reply.metrics.items() if np.isfinite(v)}
     if len(metrics) != len(reply.metrics):

@@ -31,6 +31,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
+from fedembed.errors import FedembedError
 from fedembed.tables import VersionedTables, init_table
 
 
@@ -361,6 +362,59 @@ def load_latest_checkpoint(directory: Path) -> Checkpoint | None:
 
 
 # ------------------------------------------------------------------ organisation state
+
+
+class RoundAnswered(FedembedError, ValueError):
+    """A ``train`` message of a round this organisation already answered, or of an earlier one."""
+
+
+ANSWERED = "answered.json"
+"""The last round an organisation contributed an update to, per run (``{"run_key", "round"}``)."""
+
+
+def check_round_open(state_dir: Path, run_key: str, round_: int) -> None:
+    """Refuse ``round_`` if this organisation already contributed to it, or to a later round, of the run.
+
+    An organisation contributes to each round's sum once, in increasing rounds, plain or
+    secure, whatever kind of secure session asks: a coordinator that could ask for the same
+    round's update twice, in two secure sessions, would get two sums over different parties
+    (everyone in one, everyone but the target in the other, its 'dropout' recovered), and
+    their difference would be the target's update; a plain round asked again would train
+    the head twice on one round after its old sync rewound the table cache. Checked before
+    anything of a ``train`` message is applied, and again when the contribution is recorded
+    (:func:`claim_round`).
+
+    Raises
+    ------
+    RoundAnswered
+        ``round_`` is not after the last round answered in this run.
+    """
+    try:
+        last = json.loads((Path(state_dir) / ANSWERED).read_text())
+    except (OSError, ValueError):
+        last = {}
+    if isinstance(last, dict) and last.get("run_key") == run_key and isinstance(last.get("round"), int) \
+            and round_ <= last["round"]:
+        raise RoundAnswered(
+            f"round {round_} refused: round {last['round']} of this run was already answered, and an organisation "
+            "contributes to each round's secure sum once, in increasing rounds (two sums of one round's update over "
+            "different parties would reveal the difference)"
+        )
+
+
+def claim_round(state_dir: Path, run_key: str, round_: int) -> None:
+    """Record that this organisation contributes to ``round_`` of the run, written before the reply leaves.
+
+    The caller holds the organisation's lock (one message at a time: the secure stages' lock,
+    :func:`fedembed.secagg.client.claim_round` for a plain round's update).
+
+    Raises
+    ------
+    RoundAnswered
+        ``round_`` is not after the last round answered in this run (:func:`check_round_open`).
+    """
+    check_round_open(state_dir, run_key, round_)
+    atomic_write(Path(state_dir) / ANSWERED, json.dumps({"run_key": run_key, "round": int(round_)}).encode())
 
 
 class OrgState:

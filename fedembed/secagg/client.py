@@ -72,7 +72,6 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
-import json
 import logging
 import shutil
 from collections.abc import Callable, Iterator, Mapping
@@ -109,6 +108,7 @@ from fedembed.secagg.vector import (
     rows_indicator,
 )
 from fedembed.sparse import RowUpdate, TableUpdate, UpdateError
+from fedembed import store
 from fedembed.store import atomic_write, atomic_write_npz
 from fedembed.wire import decode_arrays, encode_arrays
 
@@ -264,53 +264,10 @@ def _load(state_dir: Path, context: bytes, round_: int) -> tuple[ClientSession, 
     return session, update, rows
 
 
-def _claim_round(state_dir: Path, run_key: str, round_: int) -> None:
-    """Record that this organisation contributes to ``round_``'s secure sum of the run; refuse a round not after the last.
-
-    One contribution per round, rounds strictly increasing, whatever kind of session asks
-    (started with its round or set up ahead): a coordinator that could ask for the same
-    round's update twice, in two sessions, would get two sums over different parties (the
-    whole roster in one, everyone but the target in the other, its 'dropout' recovered)
-    and their difference would be the target's update. Kept in ``secagg/answered.json``,
-    written before the reply leaves; under the lock.
-
-    Raises
-    ------
-    ProtocolError
-        ``round_`` is not after the last round this organisation contributed to in this run.
-    """
-    check_round_open(state_dir, run_key, round_)
-    atomic_write(_root(state_dir) / "answered.json", json.dumps({"run_key": run_key, "round": int(round_)}).encode())
-
-
 def claim_round(state_dir: Path, run_key: str, round_: int) -> None:
-    """:func:`_claim_round` under the organisation's lock, for a plain round's update (its upload is its contribution)."""
+    """:func:`fedembed.store.claim_round` under the organisation's lock, for a plain round's update."""
     with _locked(state_dir):
-        _claim_round(state_dir, run_key, round_)
-
-
-def check_round_open(state_dir: Path, run_key: str, round_: int) -> None:
-    """Refuse ``round_`` if this organisation already contributed to it, or to a later round, of the run.
-
-    Checked before anything of a ``train`` message is applied (its sync included), and again
-    when the contribution is recorded (:func:`_claim_round`).
-
-    Raises
-    ------
-    ProtocolError
-        ``round_`` is not after the last round answered in this run.
-    """
-    try:
-        last = json.loads((_root(state_dir) / "answered.json").read_text())
-    except (OSError, ValueError):
-        last = {}
-    if isinstance(last, dict) and last.get("run_key") == run_key and isinstance(last.get("round"), int) \
-            and round_ <= last["round"]:
-        raise ProtocolError(
-            f"round {round_} refused: round {last['round']} of this run was already answered, and an organisation "
-            "contributes to each round's secure sum once, in increasing rounds (two sums of one round's update over "
-            "different parties would reveal the difference)"
-        )
+        store.claim_round(state_dir, run_key, round_)
 
 
 def _discard(state_dir: Path, keep: Callable[[int], bool]) -> None:
@@ -412,7 +369,7 @@ def begin(
     session = ClientSession.new(session_context(run_key, round_), fresh_groups(row_set), params)
     advert = session.advert(member.identity)
     with _locked(member.state_dir):
-        _claim_round(member.state_dir, run_key, round_)
+        store.claim_round(member.state_dir, run_key, round_)
         _discard(member.state_dir, lambda r: False)  # a session started with its round replaces any earlier one
         _save(member.state_dir, round_, session, update, claimed)
     out = {"secagg": ConfigRecord(advert)}
@@ -512,7 +469,7 @@ def mask_in_train(
                 f"the round's plan differs from the session set up for it ({changed or 'groups'}): parameters are "
                 "fixed when a session is made"
             )
-        _claim_round(member.state_dir, run_key, round_)
+        store.claim_round(member.state_dir, run_key, round_)
         out = _mask(member, session, content, update, rows, session.groups[0])
         early = _unmask_early(member, session) if session.params.get("early_unmask") else None
         if early is not None:
