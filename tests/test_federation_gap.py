@@ -224,3 +224,110 @@ def test_a_federated_run_with_a_fractional_head_refit_repeats_exactly(tmp_path, 
         docs.append(c.run().to_dict())
         tables.append(c.tables.tables["ids"].copy())
     assert docs[0]["final"] == docs[1]["final"] and np.array_equal(tables[0], tables[1])
+
+
+def _head_and_state(model, opt):
+    import copy
+
+    return copy.deepcopy(model.head_state_dict()), copy.deepcopy(opt.state_dict())
+
+
+def _same(a, b) -> bool:
+    """Nested equality of state dicts (tensors bit for bit)."""
+    if isinstance(a, torch.Tensor):
+        return isinstance(b, torch.Tensor) and torch.equal(a, b)
+    if isinstance(a, dict):
+        return isinstance(b, dict) and a.keys() == b.keys() and all(_same(a[k], b[k]) for k in a)
+    if isinstance(a, list | tuple):
+        return len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b))
+    return a == b
+
+
+def test_a_validated_refit_is_kept_only_where_it_ranks_higher_on_validation_and_else_undone_bit_for_bit():
+    from fedembed.train import fit_head, refit_head, validation_rank
+
+    cfg = TrainConfig(head_epochs=0.25, refit_validated=True)
+    outcomes = []
+    for org in range(3):
+        task = load_task(TASK.for_org(org, 3))
+        model = build_seeded(task, 0, f"org-{org}")
+        opt = make_head_optimizer(model, cfg, None)
+        for r in range(1, 6):
+            rank, (head, state) = validation_rank(task, model), _head_and_state(model, opt)
+            # what the re-fit alone would make of this head (from the same batches)
+            twin = build_seeded(task, 0, f"org-{org}")
+            twin.set_tables(model.get_tables())
+            twin.load_head_state_dict(head)
+            twin_opt = make_head_optimizer(twin, cfg, _head_and_state(model, opt)[1])  # its own copy: Adam steps in place
+            fit_head(task, twin, cfg, twin_opt, round_rng(0, f"org-{org}", r))
+            refitted = validation_rank(task, twin)
+
+            kept = refit_head(task, model, cfg, opt, round_rng(0, f"org-{org}", r))
+            outcomes.append(kept)
+            if refitted > rank:
+                assert kept == 1.0 and _same(model.head_state_dict(), twin.head_state_dict())
+            else:  # the re-fit ranked no higher: the head and its optimizer state are as they were
+                assert kept == 0.0
+                assert _same(model.head_state_dict(), head) and _same(opt.state_dict(), state)
+            assert validation_rank(task, model) >= rank
+            train_local(task, model, cfg, opt, round_rng(0, f"org-{org}", r), start_tables=None, fit_head_first=False)
+    assert 0.0 in outcomes and 1.0 in outcomes  # both branches were taken on this data
+
+
+def test_a_validated_refit_needs_a_refit_and_does_not_mix_with_freeze_head():
+    from fedembed.cli import build_parser
+
+    with pytest.raises(RecipeError, match="head_epochs must be > 0"):
+        TrainConfig(refit_validated=True)
+    with pytest.raises(RecipeError, match="choose one"):
+        TrainConfig(head_epochs=0.25, refit_validated=True, freeze_head=True)
+    args = build_parser().parse_args(["simulate", "--head-epochs", "0.25", "--refit-validated"])
+    assert args.refit_validated is True
+
+
+def test_pooled_keeps_each_organisations_refit_only_where_its_own_validation_favours_it():
+    from fedembed.baselines.pooled import refit_heads
+    from fedembed.train import validation_rank
+
+    tasks = [load_task(TASK.for_org(i, 3)) for i in range(3)]
+    models = [build_seeded(t, 0, f"org-{i}") for i, t in enumerate(tasks)]
+    for m in models[1:]:
+        m.table("ids").weight = models[0].table("ids").weight
+    shared = {id(p) for p in models[0].table_parameters()}
+    heads = [p for m in models for p in m.head_parameters() if id(p) not in shared]
+    opt = torch.optim.Adam(heads, lr=0.01)
+    cfg = TrainConfig(head_epochs=0.5, refit_validated=True)
+    rng = np.random.default_rng(3)
+    kept, undone = 0, 0
+    for _ in range(4):
+        ranks = [validation_rank(t, m) for t, m in zip(tasks, models)]
+        before = [({k: v.clone() for k, v in m.head_state_dict().items()},
+                   {id(p): {k: v.clone() if isinstance(v, torch.Tensor) else v for k, v in opt.state[p].items()}
+                    for p in m.head_parameters() if id(p) not in shared and p in opt.state})
+                  for m in models]
+        refit_heads(tasks, models, opt, cfg, rng)
+        for (head, state), t, m, rank in zip(before, tasks, models, ranks):
+            now = validation_rank(t, m)
+            assert now >= rank
+            if now == rank and _same(m.head_state_dict(), head):  # undone: its optimizer state as it was too
+                undone += 1
+                mine = [p for p in m.head_parameters() if id(p) not in shared]
+                assert {id(p) for p in mine if p in opt.state} == set(state)
+                assert all(_same(dict(opt.state[p]), state[id(p)]) for p in mine if p in opt.state)
+            else:
+                kept += 1
+        # the tables move between re-fits, as in a run
+        with torch.no_grad():
+            models[0].table("ids").weight.add_(0.05 * torch.randn_like(models[0].table("ids").weight))
+    assert kept and undone
+
+
+def test_a_federated_run_with_a_validated_refit_reports_each_choice_and_repeats_exactly(tmp_path, direct_transport):
+    cfg = run_config(TASK, rounds=3, train=TrainConfig(head_epochs=0.25, refit_validated=True))
+    docs = []
+    for i in range(2):
+        c = Coordinator(cfg, direct_transport(tmp_path / str(i), 3, task=TASK))
+        docs.append(c.run().to_dict())
+    assert docs[0]["final"] == docs[1]["final"]
+    choices = [m["refit_kept"] for r in docs[0]["rounds"] for m in r["metrics"].values()]
+    assert choices and set(choices) <= {0.0, 1.0}
