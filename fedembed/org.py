@@ -41,7 +41,7 @@ from fedembed.task import Task, TaskError, TaskSpec, load_task, resolve_device, 
 from fedembed.recipe import TrainConfig
 from fedembed.guard import Guard
 from fedembed.serving import BestValidation, ServingContext, ServingPolicy, SharedOnly
-from fedembed.train import build_seeded, evaluate_splits, make_head_optimizer, refit_head, round_rng, train_local
+from fedembed.train import build_seeded, evaluate_splits, fit_head, make_head_optimizer, round_rng, train_local
 from fedembed.wire import decode_sync, encode_request, encode_request_digest, encode_update, reply_content
 from fedembed.workingset import (
     FULL, PADDED, RequestCover, RowState, StaleRowError, SyncPolicy, SyncRefused, decoy_key, derive_working_set,
@@ -291,11 +291,9 @@ class Organisation:
             extra["dp_ledger"] = saved["dp_ledger"]
         rng = round_rng(plan.seed, name, plan.round)
         with lookup_guard(model, rows) if rows is not None else contextlib.nullcontext():
-            # FedRep: the head meets the synced tables before it is evaluated (and served) on them
-            kept = refit_head(task, model, cfg, head_opt, rng)
+            if cfg.head_epochs > 0:  # FedRep: the head meets the synced tables before it is evaluated (and served) on them
+                fit_head(task, model, cfg, head_opt, rng)
             metrics = evaluate_splits(task, model)
-            if kept is not None:
-                metrics["refit_kept"] = kept
             context = ServingContext(task, cfg, plan.round, plan.seed, plan.table_scale, plan.run_key, shapes,
                                      train=not plan.evaluate_only, who=name)
             metrics = serving_policy(cfg, self.state.dir).serve(context, model, metrics)

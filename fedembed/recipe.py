@@ -43,12 +43,6 @@ class TrainConfig:
         touched (FedRep-style); 0 disables it. A fraction re-fits over that share of an
         epoch's batches (0.25: the first quarter of a shuffled epoch; 1.5: one epoch and
         half of another).
-    refit_validated : bool
-        Keep the ``head_epochs`` re-fit only where it helps: each organisation scores its
-        head on its own validation split before and after the re-fit (``score``, then
-        ``loss`` on ties) and keeps the better, putting the head and its optimizer state
-        back otherwise. Each organisation decides for itself, every round; ``pooled``
-        decides per organisation the same way. Needs ``head_epochs`` > 0.
     batch_size : int
         Examples per local step.
     table_lr : float
@@ -142,7 +136,6 @@ class TrainConfig:
 
     epochs: int = 1
     head_epochs: float = 0.0
-    refit_validated: bool = False
     batch_size: int = 16
     table_lr: float = 0.05
     head_lr: float = 0.01
@@ -188,12 +181,8 @@ class TrainConfig:
             raise RecipeError("learning rates must be > 0 and max_row_weight >= 1")
         if not 0 < self.lr_decay <= 1:
             raise RecipeError(f"lr_decay must be in (0, 1], got {self.lr_decay}")
-        if self.refit_validated and not self.head_epochs > 0:
-            raise RecipeError("refit_validated chooses whether to keep the head_epochs re-fit: head_epochs must be > 0")
         if self.freeze_head and not self.head_epochs > 0:
             raise RecipeError("freeze_head trains the head in the head_epochs re-fit only: head_epochs must be > 0")
-        if self.freeze_head and self.refit_validated:
-            raise RecipeError("freeze_head trains the head in the re-fit only, which refit_validated may undo: choose one")
         if self.prox_mu < 0:
             raise RecipeError(f"prox_mu must be >= 0, got {self.prox_mu}")
         if int(self.patience) < 0:

@@ -9,10 +9,8 @@ head and its optimizer state stay with the caller, who keeps them private.
 
 from __future__ import annotations
 
-import copy
 import hashlib
 import logging
-import math
 from typing import Any
 
 import numpy as np
@@ -169,48 +167,6 @@ def fit_head(task: Task, model: SplitModel, cfg: TrainConfig, head_opt: torch.op
         model.train(was_training)
 
 
-def validation_rank(task: Task, model: SplitModel) -> tuple[float, float]:
-    """How ``model`` ranks on the task's validation split: ``(score, -loss)``, higher is better.
-
-    The score decides; the loss (0 where the task reports none) breaks its ties, which
-    are common with accuracy on a small split.
-    """
-    m = task.evaluate(model, "val")
-    score, loss = float(m["score"]), float(m.get("loss", 0.0))
-    return (score if math.isfinite(score) else -math.inf, -loss if math.isfinite(loss) else -math.inf)
-
-
-def refit_head(
-    task: Task, model: SplitModel, cfg: TrainConfig, head_opt: torch.optim.Optimizer, rng: np.random.Generator
-) -> float | None:
-    """The FedRep re-fit (:func:`fit_head`), kept only where validation favours it with ``cfg.refit_validated``.
-
-    With ``cfg.refit_validated`` the head is ranked on the organisation's own validation
-    split before and after the re-fit (:func:`validation_rank`); unless the re-fit ranks
-    strictly higher, the head and its optimizer state are put back as they were. The
-    batches are drawn from ``rng`` either way, so what follows does not depend on the choice.
-
-    Returns
-    -------
-    float or None
-        1.0 if a re-fit was kept, 0.0 if it was undone, None without a re-fit (``head_epochs`` 0).
-    """
-    if head_steps(task, cfg) == 0:
-        return None
-    if not cfg.refit_validated:
-        fit_head(task, model, cfg, head_opt, rng)
-        return 1.0
-    before = validation_rank(task, model)
-    head = copy.deepcopy(model.head_state_dict())
-    opt_state = copy.deepcopy(head_opt.state_dict())
-    fit_head(task, model, cfg, head_opt, rng)
-    if validation_rank(task, model) > before:
-        return 1.0
-    model.load_head_state_dict(head)
-    head_opt.load_state_dict(opt_state)
-    return 0.0
-
-
 def train_local(
     task: Task,
     model: SplitModel,
@@ -247,7 +203,7 @@ def train_local(
         With ``cfg.dp``: the organisation's privacy ledger, checked against its budget
         before training and updated after (None: this round's epsilon only).
     fit_head_first : bool
-        Start with :func:`refit_head` (``cfg.head_epochs``); False when the caller has
+        Start with :func:`fit_head` (``cfg.head_epochs``); False when the caller has
         already re-fitted the head on these tables (before evaluating them).
     dp_random : fedembed.dp.noise.SecureRandom, optional
         With ``cfg.dp``: the secret source of every DP random choice (Poisson sampling,
@@ -263,7 +219,7 @@ def train_local(
     """
     model.train()
     if fit_head_first:
-        refit_head(task, model, cfg, head_opt, rng)
+        fit_head(task, model, cfg, head_opt, rng)
 
     table_opt = _table_optimizer(model, cfg)
     if table_state is not None:

@@ -6,8 +6,7 @@ tables and each organisation's own head, jointly on the union of their batches. 
 "round" is one epoch over the pooled data, so the curves line up with the federated
 modes' rounds. The recipe is the federation's, FedRep's knobs included: with
 ``head_epochs`` every evaluation is preceded by the head re-fit (each organisation's head
-on its own batches, the shared tables frozen, :func:`refit_heads`; with ``refit_validated``
-each organisation keeps its head's re-fit only where its validation split favours it) at the next round's
+on its own batches, the shared tables frozen, :func:`refit_heads`) at the next round's
 learning rate, as an organisation re-fits on the synced tables before it evaluates them
 and trains on; with ``freeze_head`` the epoch then trains the tables only; ``prox_mu`` has no synced
 value to pull towards here and is ignored, as in ``local``.
@@ -15,7 +14,6 @@ value to pull towards here and is ignored, as in ``local``.
 
 from __future__ import annotations
 
-import copy
 import logging
 import time
 from collections.abc import Callable
@@ -30,7 +28,7 @@ from fedembed.stopping import Evaluations
 from fedembed.tables import init_table
 from fedembed.task import Task, to_device
 from fedembed.recipe import TrainConfig
-from fedembed.train import _table_optimizer, build_seeded, evaluate_splits, head_steps, validation_rank
+from fedembed.train import _table_optimizer, build_seeded, evaluate_splits, head_steps
 
 log = logging.getLogger(__name__)
 
@@ -59,10 +57,6 @@ def refit_heads(
         steps += [(i, b) for b in mine[:want]]
     if not steps:
         return 0
-    before: list = []
-    if recipe.refit_validated:  # each organisation keeps its re-fit only if its own validation split favours it
-        before = [(validation_rank(t, m), copy.deepcopy(m.head_state_dict()), _opt_state(head_opt, m))
-                  for t, m in zip(tasks, models)]
     frozen = models[0].table_parameters()  # tied into every model
     flags = [p.requires_grad for p in frozen]
     for p in frozen:
@@ -76,22 +70,7 @@ def refit_heads(
     finally:
         for p, flag in zip(frozen, flags):
             p.requires_grad_(flag)
-    for (rank, head, state), task, model in zip(before, tasks, models):
-        if not validation_rank(task, model) > rank:
-            model.load_head_state_dict(head)
-            for p, st in state.items():
-                if st is None:  # no state before the re-fit: none after it is undone
-                    head_opt.state.pop(p, None)
-                else:
-                    head_opt.state[p] = st
     return len(steps)
-
-
-def _opt_state(opt: torch.optim.Optimizer, model: SplitModel) -> dict[torch.nn.Parameter, dict | None]:
-    """A copy of ``opt``'s state for ``model``'s own head parameters (None: no state yet; tied tables left out)."""
-    tables = {id(p) for p in model.table_parameters()}
-    return {p: copy.deepcopy(opt.state[p]) if p in opt.state else None
-            for p in model.head_parameters() if id(p) not in tables}
 
 
 def run_pooled(
