@@ -365,7 +365,8 @@ def load_latest_checkpoint(directory: Path) -> Checkpoint | None:
 
 
 class RoundAnswered(FedembedError, ValueError):
-    """A ``train`` message of a round this organisation already answered, or of an earlier one."""
+    """A ``train`` message of a round this organisation already answered, or of an earlier one (or its record of
+    the rounds it answered cannot be read, so it cannot tell)."""
 
 
 ANSWERED = "answered.json"
@@ -384,20 +385,33 @@ def check_round_open(state_dir: Path, run_key: str, round_: int) -> None:
     anything of a ``train`` message is applied, and again when the contribution is recorded
     (:func:`claim_round`).
 
+    No record (a new organisation) leaves every round open. A record that is there but
+    cannot be read or is not one is never taken for none: the organisation refuses to
+    train until an operator restores it, or removes it and so accepts that a round it
+    answered may be asked again.
+
     Raises
     ------
     RoundAnswered
-        ``round_`` is not after the last round answered in this run.
+        ``round_`` is not after the last round answered in this run, or the record is damaged.
     """
+    path = Path(state_dir) / ANSWERED
     try:
-        last = json.loads((Path(state_dir) / ANSWERED).read_text())
-    except (OSError, ValueError):
-        last = {}
-    if isinstance(last, dict) and last.get("run_key") == run_key and isinstance(last.get("round"), int) \
-            and round_ <= last["round"]:
+        last = json.loads(path.read_text())
+    except FileNotFoundError:
+        return
+    except (OSError, ValueError) as exc:
+        last = exc
+    if not (isinstance(last, dict) and isinstance(last.get("run_key"), str) and type(last.get("round")) is int):
+        raise RoundAnswered(
+            f"round {round_} refused: {path}, the record of the rounds this organisation answered, is damaged "
+            f"({last!r:.200}); without it a round it answered could be asked again: restore it, or remove it to "
+            "accept that"
+        )
+    if last["run_key"] == run_key and round_ <= last["round"]:
         raise RoundAnswered(
             f"round {round_} refused: round {last['round']} of this run was already answered, and an organisation "
-            "contributes to each round's secure sum once, in increasing rounds (two sums of one round's update over "
+            "contributes to each round's sum once, in increasing rounds (two secure sums of one round's update over "
             "different parties would reveal the difference)"
         )
 

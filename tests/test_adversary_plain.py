@@ -260,3 +260,28 @@ def test_an_old_rounds_train_message_sent_again_is_refused_and_rewinds_nothing(t
         assert "update" not in reply
     third = c.run_round(3, nodes)
     assert third["clients"] == 3 and "org-0" not in third["rejected"]  # its cache was not rewound: not stale
+
+
+@pytest.mark.parametrize("damage", [b"{", b'{"run_key": "k", "round": "2"}', b"[]"])
+def test_a_damaged_record_of_the_rounds_answered_refuses_training_instead_of_forgetting_them(tmp_path, direct_transport,
+                                                                                           damage):
+    """The record that stops a round being answered twice is damaged (a disk fault, a careless edit): taking it
+    for 'nothing answered yet' would let a coordinator replay round 1. The organisation refuses every train
+    message, naming the file, and leaves it as it is; once it is restored the run goes on."""
+    t = direct_transport(tmp_path, 3, task=TASK)
+    c = Coordinator(run_config(TASK, rounds=3), t)
+    nodes = sorted(t.orgs)
+    old = c.train_message(100, 1)
+    c.run_round(1, nodes)
+    c.run_round(2, nodes)
+    record = t.orgs[100].state.dir / "answered.json"
+    good = record.read_bytes()
+    record.write_bytes(damage)
+    for msg in (old, c.train_message(100, 3)):
+        reply = handle_content(t.orgs[100], msg, "train", 100)
+        assert reply["info"]["status"] == "refused" and "answered.json" in reply["info"]["error"]
+        assert "is damaged" in reply["info"]["error"] and "update" not in reply
+    assert record.read_bytes() == damage
+    record.write_bytes(good)
+    third = c.run_round(3, nodes)
+    assert third["clients"] == 3 and "org-0" not in third["rejected"]
