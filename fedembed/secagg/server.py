@@ -764,6 +764,7 @@ class SecureRound:
                 self.next_session = nxt
             else:
                 nxt = None
+
         def extra_next(node: int) -> dict:
             records = extra(node)
             if nxt is not None and node in nxt.party_of:
