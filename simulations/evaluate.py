@@ -1,4 +1,4 @@
-"""Does federating pay off? fedembed vs local, fedavg-all and pooled, 3 seeds, 3 scenarios.
+"""Does federating pay off? fedembed vs local, fedavg-all and pooled, 3 seeds, 4 scenarios.
 
 Runs every ``--mode`` of ``fedembed simulate`` with the framework's defaults (the CLI's,
 10 rounds; nothing tuned here and nothing chosen on the test split): ``fedembed`` is the
@@ -12,7 +12,10 @@ seed=K``: data split, head initialisation). The scenarios:
 - ``movies-mixed``: the same organisations with different targets (genres, decade,
   critics' meter); ``fedavg-all`` is skipped (heads differ);
 - ``synthetic``: 5 organisations over a small Zipf table (20k rows, 1000 examples each,
-  each touching ~5% of the rows).
+  each touching ~5% of the rows);
+- ``link``: 5 organisations predicting links between pairs of nodes of a 300-row table,
+  each seeing half the nodes and labelling 2000 pairs with a relation partly its own
+  (``examples/links.py``, a task written as an organisation would, from the README).
 
 Every mode serves, per organisation, its best-validation state (early stopping on
 validation, :mod:`fedembed.stopping`): the score reported is the **test** score of the
@@ -73,6 +76,7 @@ SCENARIOS: dict[str, list[str]] = {
     "movies-same": ["--task", "movies", "--option", "scenario=same"],
     "movies-mixed": ["--task", "movies", "--option", "scenario=mixed"],
     "synthetic": ["--task", "synthetic", "--option", "rows=20000", "--option", "touch=0.05", "--option", "examples=1000"],
+    "link": ["--task", f"{ROOT / 'examples' / 'links.py'}:LinkTask"],
 }
 HEADS_DIFFER = {"movies-mixed"}
 #: Per-scenario recipe settings, for every mode of that scenario alike, with ``--scenario-recipes`` only:
