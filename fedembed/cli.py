@@ -115,7 +115,7 @@ def add_dataclass_options(group: Any, cls: type, names: list[str] | None = None)
         if isinstance(default, bool):
             kw["action"] = argparse.BooleanOptionalAction
         elif default is None:
-            kw["type"] = float if "float" in str(next(f.type for f in fields(cls) if f.name == name)) else _positive_int
+            kw["type"] = _positive_int
         elif isinstance(default, int):
             kw["type"] = int
         elif isinstance(default, float):

@@ -13,11 +13,6 @@ from fedembed.spec import FederationSpec
 
 MODES = ("fedembed", "local", "fedavg-all", "pooled")
 ROW_SETS = ("dense", "union", "revealed")
-#: The server learning rate a run gets when it names none, per server optimizer (others: 1).
-#: ``sum`` takes half of each row's summed deltas: organisations that each move a shared row
-#: through a private head of their own overshoot it when their whole moves are added up
-#: (issue 12; measured in the README's "Does federating pay off?").
-DEFAULT_SERVER_LR: dict[str, float] = {"sum": 0.5}
 DROP_STAGES = ("train", "share", "indicators", "check_indicators", "unmask_indicators", "masked", "check", "unmask")
 
 
@@ -59,10 +54,8 @@ class RunConfig:
         up to ``TrainConfig.max_row_weight``: as far as centralised training would move
         it), ``sgd`` (by their weighted mean), ``adagrad``, ``adam`` or ``yogi`` (per-row
         adaptive steps); see :class:`fedembed.aggregate.ServerOptimizer`.
-    server_lr : float or None
-        The server optimizer's learning rate. Default: 0.5 for ``sum`` (half of each row's
-        summed deltas, measured better than the whole, README "Does federating pay off?"),
-        1 for the others (``sgd`` with 1: the plain weighted mean); see :data:`DEFAULT_SERVER_LR`.
+    server_lr : float
+        The server optimizer's learning rate (``sgd`` with 1: the plain weighted mean).
     table_scale : float
         Standard deviation of the seeded version-0 tables (every party regenerates them).
     wire_dtype : str
@@ -123,7 +116,7 @@ class RunConfig:
     min_orgs: int = 1
     train: TrainConfig = field(default_factory=TrainConfig)
     server_optimizer: str = "sum"
-    server_lr: float | None = None
+    server_lr: float = 1.0
     table_scale: float = 0.1
     wire_dtype: str = "float16"
     secure: bool = False
@@ -140,8 +133,6 @@ class RunConfig:
     roster: dict[str, str] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        if self.server_lr is None:
-            self.server_lr = DEFAULT_SERVER_LR.get(self.server_optimizer, 1.0)
         if self.mode not in MODES:
             raise ConfigError(f"mode must be one of {MODES}, got {self.mode!r}")
         if self.row_set not in ROW_SETS:

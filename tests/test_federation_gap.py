@@ -130,24 +130,6 @@ def test_sum_step_adds_up_the_organisations_deltas_each_counted_up_to_the_cap():
         ServerOptimizer("sum", weight_cap=0.5)
 
 
-def test_a_run_that_names_no_server_lr_takes_half_the_sum_and_the_whole_mean(tmp_path, direct_transport):
-    from fedembed.config import RunConfig
-
-    assert run_config(TASK).server_lr == 0.5  # sum, the default optimizer
-    assert run_config(TASK, server_optimizer="sgd").server_lr == 1.0  # the weighted mean stays the mean
-    assert run_config(TASK, server_lr=2.0).server_lr == 2.0  # a named rate wins
-    assert RunConfig.from_dict(run_config(TASK).to_dict()).server_lr == 0.5  # and survives the round trip
-    # the coordinator applies it: the same first round moves every row half as far as at server_lr 1
-    moved = {}
-    for lr in (None, 1.0):
-        coordinator = Coordinator(run_config(TASK, rounds=1, server_lr=lr), direct_transport(tmp_path / str(lr), 3, task=TASK))
-        start = coordinator.tables.tables["ids"].copy()
-        coordinator.run()
-        moved[lr] = coordinator.tables.tables["ids"] - start
-    assert np.abs(moved[1.0]).sum(1).nonzero()[0].size > 20  # the round moved the rows the organisations touched
-    np.testing.assert_allclose(moved[None], 0.5 * moved[1.0], atol=1e-6)
-
-
 def _count_steps(opt) -> list[int]:
     """Count ``opt.step()`` calls (the list's one element)."""
     calls = [0]
