@@ -244,16 +244,22 @@ def _remember_config(t):
     t.exchange_iter = exchange_iter
 
 
-def test_an_old_rounds_train_message_sent_again_is_refused_and_rewinds_nothing(tmp_path, direct_transport):
-    """A coordinator that sends round 1's train message again after round 2: the organisation trained for
-    round 1 already (a second answer would train its head twice on one round and, with its stale sync, rewind
-    its table cache to version 0). Refused, signed, before the sync is applied; the run goes on unharmed."""
+def _past_round_two(tmp_path, direct_transport):
+    """A 3-round run after its round 2, with org-0's (node 100's) round-1 train message kept to be sent again."""
     t = direct_transport(tmp_path, 3, task=TASK)
     c = Coordinator(run_config(TASK, rounds=3), t)
     nodes = sorted(t.orgs)
     old = c.train_message(100, 1)
     c.run_round(1, nodes)
     c.run_round(2, nodes)
+    return t, c, nodes, old
+
+
+def test_an_old_rounds_train_message_sent_again_is_refused_and_rewinds_nothing(tmp_path, direct_transport):
+    """A coordinator that sends round 1's train message again after round 2: the organisation trained for
+    round 1 already (a second answer would train its head twice on one round and, with its stale sync, rewind
+    its table cache to version 0). Refused, signed, before the sync is applied; the run goes on unharmed."""
+    t, c, nodes, old = _past_round_two(tmp_path, direct_transport)
     for msg in (old, c.train_message(100, 2)):
         reply = handle_content(t.orgs[100], msg, "train", 100)
         assert reply["info"]["status"] == "refused" and "was already answered" in reply["info"]["error"]
@@ -268,12 +274,7 @@ def test_a_damaged_record_of_the_rounds_answered_refuses_training_instead_of_for
     """The record that stops a round being answered twice is damaged (a disk fault, a careless edit): taking it
     for 'nothing answered yet' would let a coordinator replay round 1. The organisation refuses every train
     message, naming the file, and leaves it as it is; once it is restored the run goes on."""
-    t = direct_transport(tmp_path, 3, task=TASK)
-    c = Coordinator(run_config(TASK, rounds=3), t)
-    nodes = sorted(t.orgs)
-    old = c.train_message(100, 1)
-    c.run_round(1, nodes)
-    c.run_round(2, nodes)
+    t, c, nodes, old = _past_round_two(tmp_path, direct_transport)
     record = t.orgs[100].state.dir / "answered.json"
     good = record.read_bytes()
     record.write_bytes(damage)
