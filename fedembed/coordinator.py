@@ -24,6 +24,7 @@ from flwr.app import ArrayRecord, ConfigRecord, RecordDict
 from fedembed.aggregate import ServerOptimizer
 from fedembed.config import ConfigError, RoundPlan, RunConfig
 from fedembed.identity import SIG_RECORD, IdentityError, Roster, verify_reply
+from fedembed.normaliser import check_upload, narrow, upload_shapes
 from fedembed.report import RunLog
 from fedembed.secagg.vector import ValueScales, fixed_point_sum
 from fedembed.sparse import RowUpdate, UpdateError
@@ -113,6 +114,7 @@ class Coordinator:
         self.state_dir = Path(state_dir) if state_dir else None
         self.on_round = on_round
         self.shapes = cfg.federation.shapes()
+        self.upload_shapes = upload_shapes(self.shapes, cfg.train.pooled_normaliser)  # what uploads are checked against
         if roster is None:
             roster = Roster.from_dict(cfg.roster) if cfg.roster else getattr(transport, "roster", None)
         if roster is None:
@@ -138,7 +140,7 @@ class Coordinator:
             from fedembed.secagg.server import SecurePipeline
 
             self.secure = SecurePipeline(self)
-        self.dense_bytes = dense_upload_bytes(self.shapes)
+        self.dense_bytes = dense_upload_bytes(self.upload_shapes)
         if self.state_dir is not None:
             self._resume()
 
@@ -361,7 +363,9 @@ class Coordinator:
                 raise UpdateError(f"unknown status {status!r}")
             update = None
             if "update" in c:
-                update = decode_update(c["update"], self.shapes, max_weight=self.cfg.train.max_row_weight)
+                update = decode_update(c["update"], self.upload_shapes, max_weight=self.cfg.train.max_row_weight)
+                if self.cfg.train.pooled_normaliser:
+                    check_upload(update, self.cfg.delta_clip)
             elif training and not secure:
                 raise UpdateError("status ok but no update in a training reply")
             self.known[rep.node] = self.tables.version
@@ -420,6 +424,8 @@ class Coordinator:
             agg = self._plain_exchange(round_, nodes, entry, t0)
         t1 = time.perf_counter()
         if agg is not None and entry["clients"] >= self.cfg.min_orgs:
+            if self.cfg.train.pooled_normaliser:  # the sums of steps and normalisers back into steps
+                agg = narrow(agg, self.cfg.delta_clip)
             changed = self.optimizer.step(self.tables, agg, round_)
             entry["rows_changed"] = changed
         else:
@@ -453,7 +459,7 @@ class Coordinator:
         agg = None
         if updates:  # summed in the secure path's exact fixed point: the two paths agree bit for bit
             scales = ValueScales(n=len(updates), clip_delta=self.cfg.delta_clip, max_weight=self.cfg.train.max_row_weight)
-            agg = fixed_point_sum(updates, self.shapes, scales, self.cfg.wire_dtype)
+            agg = fixed_point_sum(updates, self.upload_shapes, scales, self.cfg.wire_dtype)
         return agg
 
     def closing_evaluation(self, nodes: list[int], final_round: int | None = None) -> None:

@@ -31,6 +31,7 @@ from fedembed.dp.noise import SecureRandom, noise_secret
 from fedembed.dp.policy import DPPolicy
 from fedembed.faults import SimulatedDropout, check_drop
 from fedembed.identity import Identity, sign_reply
+from fedembed.normaliser import upload_shapes
 from fedembed.secagg.client import SecureMember
 from fedembed.secagg.protocol import SecurePolicy
 from fedembed.sparse import RowUpdate, UpdateError
@@ -313,6 +314,7 @@ class Organisation:
                 update, stats = train_local(
                     task, model, cfg, head_opt, rng, start_tables=tables, table_state=table_state,
                     fit_head_first=False, dp_ledger=ledger, dp_random=self.noise("record", plan) if cfg.dp else None,
+                    delta_clip=plan.delta_clip,
                 )
                 if noise is not None:
                     ledger.record(noise.round())
@@ -484,6 +486,8 @@ def handle_content(organisation: Organisation, content: RecordDict, message_type
     # the closing evaluation is its own stage: a dropout injected at "train" never hits it
     check_drop(plan.drop, "evaluate" if plan.evaluate_only else "train", plan.round, organisation.org)
     shapes = {n: t.shape for n, t in organisation.table_specs().items()}
+    # what its upload is laid out over: twice as wide when it carries its normaliser (fedembed.normaliser)
+    upload = upload_shapes(shapes, TrainConfig.from_dict(json.loads(plan.train)).pooled_normaliser)
     try:
         sync = decode_sync(content["sync"], shapes) if "sync" in content else {}
         reply = organisation.handle(plan, sync)
@@ -498,7 +502,7 @@ def handle_content(organisation: Organisation, content: RecordDict, message_type
             claim_round(organisation.state.dir, plan.run_key, plan.round)
         except RoundAnswered as exc:
             return refuse(exc)
-        record = encode_update(reply.update, shapes, plan.wire_dtype)
+        record = encode_update(reply.update, upload, plan.wire_dtype)
     metrics = {k: v for k, v in reply.metrics.items() if np.isfinite(v)}
     if len(metrics) != len(reply.metrics):
         log.warning("%s: non-finite metrics not reported: %s", organisation.identity.name, sorted(set(reply.metrics) - set(metrics)))
@@ -510,7 +514,7 @@ def handle_content(organisation: Organisation, content: RecordDict, message_type
         out["want"] = encode_request_digest(digest) if same else encode_request(reply.request, shapes)
     if secure:
         try:
-            for key, rec in _secure_records(organisation, plan, content, reply.update, shapes).items():
+            for key, rec in _secure_records(organisation, plan, content, reply.update, upload).items():
                 out[key] = rec
         except SimulatedDropout:
             raise

@@ -132,6 +132,13 @@ class TrainConfig:
     patience : int
         Stop the run once no organisation's validation score has improved for this many
         rounds; 0 runs every round.
+    pooled_normaliser : bool
+        Re-scale every organisation's table step of a row from its own Adam normaliser to
+        the federation's (:mod:`fedembed.normaliser`): each organisation also uploads its
+        normaliser of the rows it touched (twice the upload), and the coordinator moves a
+        row by ``sum_k delta_k sqrt(v_k / v)``. For tables that every organisation reads
+        many times an epoch through heads of its own (``examples/links.py``); needs the
+        ``sparse_adam`` table optimizer, and neither DP mode.
     """
 
     epochs: int = 1
@@ -168,6 +175,7 @@ class TrainConfig:
     prox_mu: float = 0.0
     freeze_head: bool = False
     patience: int = 0
+    pooled_normaliser: bool = False
 
     def __post_init__(self) -> None:
         if self.table_optimizer not in TABLE_OPTIMIZERS:
@@ -190,6 +198,9 @@ class TrainConfig:
         if self.head_weight_decay < 0:
             raise RecipeError(f"head_weight_decay must be >= 0, got {self.head_weight_decay}")
         self._check_dp()
+        if self.pooled_normaliser and (self.table_optimizer != "sparse_adam" or self.dp or self.dp_distributed):
+            raise RecipeError("pooled_normaliser re-scales Adam's steps: it needs table_optimizer sparse_adam, and no DP "
+                              "(its normalisers are not privatised)")
 
     def _check_dp(self) -> None:
         if self.dp_unit not in DP_UNITS:

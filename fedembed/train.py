@@ -19,6 +19,8 @@ import torch
 from fedembed.cooc import cooccurrence_loss
 from fedembed.dp import BudgetExhausted
 from fedembed.model import SplitModel
+from fedembed.normaliser import CLIP as NORMALISER_CLIP
+from fedembed.normaliser import own_normaliser, widen
 from fedembed.recipe import TrainConfig
 from fedembed.sparse import RowUpdate, TableUpdate
 from fedembed.task import Task, to_device
@@ -167,6 +169,69 @@ def fit_head(task: Task, model: SplitModel, cfg: TrainConfig, head_opt: torch.op
         model.train(was_training)
 
 
+class _GradSquares:
+    """Per table, the rows' steps and sums of squared gradients over one local epoch (the pooled normaliser's input).
+
+    Kept sparse: each step's rows and squared gradients are appended, and merged into one
+    coalesced sparse sum every :attr:`MERGE` steps, so memory follows the rows touched,
+    never the table's size.
+    """
+
+    MERGE = 64
+
+    def __init__(self, model: SplitModel) -> None:
+        self.model = model
+        self.parts: dict[str, list[torch.Tensor]] = {n: [] for n in model.table_names}
+        self.pending = 0
+
+    def add(self) -> None:
+        """Take the squared gradients of the last backward pass (one step per row that has a gradient)."""
+        for name in self.model.table_names:
+            weight = self.model.table(name).weight
+            grad = weight.grad
+            if grad is None:
+                continue
+            if grad.is_sparse:
+                grad = grad.coalesce()
+                ids, values = grad._indices()[0], grad._values()
+            else:
+                ids = torch.nonzero(grad.abs().sum(1)).squeeze(1)
+                values = grad[ids]
+            ones = torch.ones(ids.shape[0], 1, dtype=values.dtype, device=values.device)
+            rows = torch.cat([values.detach() ** 2, ones], dim=1)  # squared gradients, then the step count
+            self.parts[name].append(torch.sparse_coo_tensor(ids[None], rows, (weight.shape[0], rows.shape[1]),
+                                                            check_invariants=False))
+        self.pending += 1
+        if self.pending >= self.MERGE:
+            for name, parts in self.parts.items():
+                if len(parts) > 1:
+                    self.parts[name] = [_sparse_sum(parts)]
+            self.pending = 0
+
+    def of(self, name: str, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """``(sq, steps)`` of rows ``ids`` of table ``name``: float64 ``(len(ids), dim)`` and ``(len(ids),)``."""
+        dim = self.model.table(name).weight.shape[1]
+        parts = self.parts[name]
+        if not parts:
+            return np.zeros((ids.size, dim)), np.zeros(ids.size)
+        total = _sparse_sum(parts)
+        rows = total._indices()[0].cpu().numpy()
+        values = total._values().detach().cpu().numpy().astype(np.float64)
+        pos = np.minimum(np.searchsorted(rows, ids), max(rows.size - 1, 0))
+        found = rows[pos] == ids if rows.size else np.zeros(ids.size, dtype=bool)
+        out = np.zeros((ids.size, dim + 1))
+        out[found] = values[pos[found]]
+        return out[:, :dim], out[:, dim]
+
+
+def _sparse_sum(parts: list[torch.Tensor]) -> torch.Tensor:
+    """The coalesced sum of sparse tensors of one shape."""
+    total = parts[0]
+    for p in parts[1:]:
+        total = total + p
+    return total.coalesce()
+
+
 def train_local(
     task: Task,
     model: SplitModel,
@@ -178,6 +243,7 @@ def train_local(
     dp_ledger: Any | None = None,
     fit_head_first: bool = True,
     dp_random: Any | None = None,
+    delta_clip: float | None = None,
 ) -> tuple[RowUpdate, dict[str, float]]:
     """Train ``model`` on the organisation's training data for one round.
 
@@ -209,6 +275,10 @@ def train_local(
         With ``cfg.dp``: the secret source of every DP random choice (Poisson sampling,
         row selection, noise); None: a fresh random key (unrepeatable). ``rng`` is never
         used for them: it derives from the run's seed, which the coordinator knows.
+    delta_clip : float, optional
+        The round's delta clip; with ``cfg.pooled_normaliser`` (required then) every
+        table's upload is widened to ``[delta sqrt(v / V), clip v / V]``
+        (:func:`fedembed.normaliser.widen`) with the organisation's own normaliser ``v``.
 
     Returns
     -------
@@ -217,9 +287,13 @@ def train_local(
     stats : dict[str, float]
         ``examples`` (examples seen per epoch), ``loss`` (mean training loss), ``steps``.
     """
+    pooled = cfg.pooled_normaliser and start_tables is not None
+    if pooled and not (delta_clip is not None and delta_clip > 0):
+        raise ValueError("the pooled normaliser widens the upload to the round's delta clip: pass delta_clip > 0")
     model.train()
     if fit_head_first:
         fit_head(task, model, cfg, head_opt, rng)
+    squares = _GradSquares(model) if pooled else None
 
     table_opt = _table_optimizer(model, cfg)
     if table_state is not None:
@@ -252,6 +326,8 @@ def train_local(
                 raise FloatingPointError(f"training loss became {float(loss)}; lower the learning rates")
             loss.backward()
             _record_lookups(model, lookups)
+            if squares is not None:
+                squares.add()
             if not cfg.freeze_head:
                 head_opt.step()
             table_opt.step()
@@ -274,6 +350,12 @@ def train_local(
             new = w[torch.from_numpy(ids).to(w.device)].cpu().numpy()
             delta = (new - start_tables[name][ids]).astype(np.float32)
             weight = np.minimum(counts, cfg.max_row_weight).astype(np.float32)
+            if squares is not None:
+                v, clipped = own_normaliser(*squares.of(name, ids))
+                if clipped:
+                    log.info("table %r: %d normaliser entries above %g x the organisation's mean were clipped",
+                             name, clipped, NORMALISER_CLIP)
+                delta = widen(delta, v, float(delta_clip))
             update[name] = TableUpdate(ids=ids, delta=delta, weight=weight)
     stats = {
         "examples": float(task.num_examples("train")),

@@ -13,7 +13,7 @@ PKG = Path(__file__).resolve().parents[1] / "fedembed"
 LAYERS: list[tuple[str, list[str]]] = [
     ("core (numpy: tables, rows, fixed point, wire, identities, protocol state machines, config)", [
         "fedembed.errors", "fedembed.spec", "fedembed.vocab", "fedembed.recipe", "fedembed.sparse", "fedembed.tables",
-        "fedembed.aggregate", "fedembed.stopping", "fedembed.metrics", "fedembed.faults", "fedembed.store", "fedembed.wire",
+        "fedembed.aggregate", "fedembed.normaliser", "fedembed.stopping", "fedembed.metrics", "fedembed.faults", "fedembed.store", "fedembed.wire",
         "fedembed.report", "fedembed.identity", "fedembed.config", "fedembed.certs", "fedembed.data",
         "fedembed.secagg", "fedembed.secagg.graph", "fedembed.secagg.primitives", "fedembed.secagg.quantize",
         "fedembed.secagg.vector", "fedembed.secagg.protocol",

@@ -20,6 +20,7 @@ import torch
 
 from fedembed.aggregate import ServerOptimizer
 from fedembed.config import ConfigError, RunConfig
+from fedembed.normaliser import narrow, upload_shapes
 from fedembed.report import RunLog
 from fedembed.secagg.vector import ValueScales, fixed_point_sum
 from fedembed.stopping import Evaluations
@@ -94,13 +95,16 @@ def run_fedavg_all(
             head_opt = make_head_optimizer(model, recipe, head_states[i])
             update, stats = train_local(
                 task, model, recipe, head_opt, round_rng(cfg.seed, name, round_), start_tables=tables.tables,
-                table_state=table_states[i] if recipe.keep_table_state else None,
+                table_state=table_states[i] if recipe.keep_table_state else None, delta_clip=cfg.delta_clip,
             )
             head_states[i] = head_opt.state_dict()
             updates.append(update)
             heads.append((_numpy_head(model), stats["examples"]))
         scales = ValueScales(n=len(updates), clip_delta=cfg.delta_clip, max_weight=cfg.train.max_row_weight)
-        entry["rows_changed"] = optimizer.step(tables, fixed_point_sum(updates, shapes, scales, cfg.wire_dtype), round_)
+        agg = fixed_point_sum(updates, upload_shapes(shapes, recipe.pooled_normaliser), scales, cfg.wire_dtype)
+        if recipe.pooled_normaliser:
+            agg = narrow(agg, cfg.delta_clip)
+        entry["rows_changed"] = optimizer.step(tables, agg, round_)
         tables.version = round_
         head = average_heads(heads)
         for task, model, name in zip(tasks, models, names):

@@ -65,6 +65,7 @@ from flwr.app import ConfigRecord, RecordDict
 from fedembed.config import StageHeader
 from fedembed.dp import DPError
 from fedembed.dp.distributed import DistributedNoise
+from fedembed.normaliser import upload_shapes
 from fedembed.secagg.graph import default_neighbours, default_threshold
 from fedembed.secagg.primitives import CryptoError
 from fedembed.secagg.protocol import (
@@ -265,7 +266,8 @@ class SecureRound:
         self.cfg = coord.cfg
         self.round = round_
         self.entry = entry
-        self.shapes = dict(coord.shapes)
+        # the value vectors are laid out over the uploads' width (twice the table's under the pooled normaliser)
+        self.shapes = upload_shapes(coord.shapes, coord.cfg.train.pooled_normaliser)
         self.context = session_context(self.cfg.run_key(), round_)
         self.prepared = prepared
         self.ahead = ahead

@@ -1,0 +1,220 @@
+"""The pooled normaliser (fedembed.normaliser): each organisation's step re-scaled to the federation's normaliser.
+
+The arithmetic first (what the coordinator ends with is ``sum_k w_k delta_k sqrt(v_k / v)``),
+then the rounds: plain and secure sums of the wider uploads are the same numbers, and the
+two attacks the normaliser opens, played by a hostile organisation: a plain upload with a
+negative normaliser is refused with its sender's name; inside a secure sum, where it cannot
+be seen, a sunk normaliser moves no row beyond ``clip * sum w``.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from conftest import run_config
+from fedembed.coordinator import Coordinator
+from fedembed.normaliser import CLIP, PRIOR, check_upload, narrow, own_normaliser, upload_shapes, widen
+from fedembed.recipe import RecipeError, TrainConfig
+from fedembed.secagg.protocol import ClientSession
+from fedembed.secagg.quantize import scale_for
+from fedembed.secagg.vector import ValueScales, fixed_point_sum
+from fedembed.sparse import TableUpdate, UpdateError, sum_updates
+from fedembed.task import TaskSpec
+from fedembed.wire import decode_update, encode_update
+
+
+def synthetic(orgs=4, rows=3000):
+    return TaskSpec("synthetic", {"orgs": orgs, "seed": 0, "rows": rows, "dim": 4})
+
+
+def _update(ids, delta, v, clip=4.0):
+    ids = np.asarray(ids, dtype=np.int64)
+    return {"t": TableUpdate(ids, widen(np.asarray(delta, np.float32), np.asarray(v, np.float64), clip),
+                             np.ones(ids.size, np.float32))}
+
+
+# ---------------------------------------------------------------- arithmetic
+
+
+def test_the_normaliser_is_the_organisations_own_shrunk_to_its_mean_and_has_no_unit():
+    rng = np.random.default_rng(0)
+    sq = rng.uniform(0.1, 2.0, size=(50, 3))
+    steps = rng.integers(1, 40, size=50).astype(float)
+    v, clipped = own_normaliser(sq, steps)
+    m = sq.sum(0) / steps.sum()
+    assert clipped == 0
+    np.testing.assert_allclose(v, (sq + PRIOR * m) / (steps + PRIOR)[:, None] / m.mean())
+    # gradients 1000x larger (another loss scale) give the very same normaliser: there is no unit to agree on
+    np.testing.assert_allclose(own_normaliser(sq * 1e6, steps)[0], v)
+    # a row seen once is pulled toward the organisation's mean more than a row seen 100 times
+    one, many = own_normaliser(np.array([[9.0], [900.0], [1.0]]), np.array([1.0, 100.0, 1.0]))[0][:2, 0]
+    assert abs(one - 1.0) < abs(many - 1.0)
+    # no gradient at all: every step keeps its size; a normaliser beyond CLIP is clipped and counted
+    assert np.array_equal(own_normaliser(np.zeros((3, 2)), np.ones(3))[0], np.ones((3, 2)))
+    v, clipped = own_normaliser(np.array([[1e9], [1.0], [1.0]] + [[1.0]] * 2000), np.ones(2003))
+    assert clipped == 1 and v.max() == CLIP
+
+
+def test_a_row_only_one_organisation_touched_moves_by_its_own_delta_through_the_fixed_point_sum():
+    rng = np.random.default_rng(1)
+    delta = rng.uniform(-0.05, 0.05, size=(30, 4)).astype(np.float32)
+    v = rng.uniform(0.01, 50.0, size=(30, 4))
+    up = _update(np.arange(30), delta, v)
+    scales = ValueScales(n=1, clip_delta=4.0, max_weight=1.0)
+    agg = narrow(fixed_point_sum([up], {"t": (100, 8)}, scales, "float32"), 4.0)
+    # the quantization error of the left half, times sqrt(CLIP / v): at most ~100x the sum's bound
+    np.testing.assert_allclose(agg["t"].weighted_delta, delta, rtol=0, atol=200 * scales.bound())
+    np.testing.assert_array_equal(agg["t"].weight, np.ones(30))
+
+
+def test_shared_rows_move_by_every_delta_rescaled_from_its_own_normaliser_to_the_federations():
+    d1, d2, d3 = np.array([[0.3, -0.1]]), np.array([[0.2, 0.4]]), np.array([[-0.1, 0.05]])
+    v1, v2, v3 = np.array([[4.0, 0.5]]), np.array([[0.25, 2.0]]), np.array([[1.0, 1.0]])
+    ups = [_update([7], d1, v1), _update([7], d2, v2), _update([7], d3, v3)]
+    step = narrow(sum_updates(ups, ["t"]), 4.0)["t"].weighted_delta
+    v = (v1 + v2 + v3) / 3
+    expected = d1 * np.sqrt(v1 / v) + d2 * np.sqrt(v2 / v) + d3 * np.sqrt(v3 / v)
+    np.testing.assert_allclose(step, expected, rtol=1e-5)
+    # the control: without the normaliser the row would move by the plain sum, which differs
+    assert not np.allclose(step, d1 + d2 + d3, rtol=1e-2)
+
+
+def test_uploads_are_twice_as_wide_only_under_the_normaliser_and_it_needs_adam_without_dp():
+    assert upload_shapes({"a": (10, 4)}, True) == {"a": (10, 8)}
+    assert upload_shapes({"a": (10, 4)}, False) == {"a": (10, 4)}
+    for bad in ({"table_optimizer": "sgd"}, {"dp_noise_multiplier": 1.0}, {"dp_sum_noise_multiplier": 1.0}):
+        with pytest.raises(RecipeError, match="pooled_normaliser"):
+            TrainConfig(pooled_normaliser=True, **bad)
+
+
+def test_a_negative_or_oversized_normaliser_in_a_plain_upload_is_refused_with_the_table_named():
+    up = _update([1, 2], [[0.1, 0.1], [0.2, 0.2]], [[1.0, 1.0], [2.0, 2.0]])
+    check_upload(up, 4.0)  # what widen makes passes
+    for value in (-0.5, 4.5):
+        bad = {"t": TableUpdate(up["t"].ids, up["t"].delta.copy(), up["t"].weight)}
+        bad["t"].delta[0, 2] = value
+        with pytest.raises(UpdateError, match="table 't': 1 normaliser entries outside"):
+            check_upload(bad, 4.0)
+
+
+def test_a_sum_whose_normaliser_was_sunk_moves_no_coordinate_beyond_clip_times_its_weight():
+    ups = [_update([3], [[0.5, -0.5]], [[1.0, 1.0]]), _update([3], [[0.5, 0.2]], [[1.0, 1.0]])]
+    agg = sum_updates(ups, ["t"])
+    agg["t"].weighted_delta[:, 2:] = -1.0  # a hostile third party's normaliser took the sum below zero
+    step = narrow(agg, 4.0)["t"].weighted_delta
+    assert np.all(np.isfinite(step)) and np.abs(step).max() <= 4.0 * 2 + 1e-9
+    assert np.abs(step).max() == pytest.approx(8.0)  # bounded, and the bound is what held it
+
+
+# ---------------------------------------------------------------- rounds
+
+
+def _run(tmp_path, direct_transport, name, **kw):
+    t = direct_transport(tmp_path / name, 4, task=synthetic(4))
+    c = Coordinator(run_config(synthetic(4), rounds=1, **kw), t)
+    c.run()
+    return c, t
+
+
+def test_plain_and_secure_rounds_under_the_normaliser_end_with_the_same_table_bit_for_bit(tmp_path, direct_transport):
+    plain, t = _run(tmp_path, direct_transport, "plain", train=TrainConfig(pooled_normaliser=True))
+    dense, _ = _run(tmp_path, direct_transport, "dense", train=TrainConfig(pooled_normaliser=True), secure=True,
+                    row_set="dense")
+    union, _ = _run(tmp_path, direct_transport, "union", train=TrainConfig(pooled_normaliser=True), secure=True,
+                    row_set="union")
+    without, _ = _run(tmp_path, direct_transport, "without")
+    for c in (plain, dense, union):
+        r = c.log.rounds[0]
+        assert r["clients"] == 4 and not r["rejected"] and "abandoned" not in r
+    assert np.array_equal(plain.tables.tables["ids"], dense.tables.tables["ids"])
+    assert np.array_equal(plain.tables.tables["ids"], union.tables.tables["ids"])
+    assert not np.array_equal(plain.tables.tables["ids"], without.tables.tables["ids"])  # it did re-scale
+    # every plain upload carried its normaliser: twice the table's width
+    uploads = [out["update"] for _, kind, out in t.seen if kind == "train" and "update" in out]
+    assert len(uploads) == 4
+    for record in uploads:
+        assert decode_update(record, upload_shapes({"ids": (3000, 4)}, True))["ids"].delta.shape[1] == 8
+
+
+def test_an_organisation_sending_a_negative_normaliser_in_a_plain_round_is_refused_by_name(tmp_path, direct_transport):
+    shapes = upload_shapes({"ids": (3000, 4)}, True)
+
+    def sink(node, content):
+        if node == 101 and "update" in content:
+            update = decode_update(content["update"], shapes)
+            update["ids"].delta[:, 4:] = -4.0  # its normaliser below zero: the others' steps would grow
+            content["update"] = encode_update(update, shapes, "float16")
+        return content
+
+    t = direct_transport(tmp_path, 4, task=synthetic(4), tamper=sink)
+    c = Coordinator(run_config(synthetic(4), rounds=1, train=TrainConfig(pooled_normaliser=True)), t)
+    c.run()
+    r = c.log.rounds[0]
+    assert "normaliser entries outside [0, 4]" in r["rejected"]["org-1"]
+    assert r["clients"] == 3
+
+
+def test_a_hostile_organisation_sinking_the_normaliser_inside_a_secure_sum_moves_no_row_beyond_the_bound(
+        tmp_path, direct_transport, monkeypatch):
+    """The secure sum cannot show who sent what, and a normaliser of -clip keeps the sum within honest bounds: the
+    round completes, the honest steps of the rows it touched grow, and none moves beyond clip x sum w."""
+    clip = 0.01
+    honest, _ = _run(tmp_path, direct_transport, "honest", train=TrainConfig(pooled_normaliser=True), secure=True,
+                     row_set="dense", delta_clip=clip)
+    orig = ClientSession.mask_group
+
+    def sink(self, vectors):
+        if self.name == "org-1" and "values" in vectors:
+            q = vectors["values"].view(np.int32).copy()
+            m = q.size // 9  # dense: every row, 8 values (4 steps, 4 normalisers) and a weight each
+            data, weight = q[: 8 * m].reshape(m, 8), q[8 * m:]
+            data[weight != 0, 4:] = -int(np.rint(clip * scale_for(clip, self.n)))
+            vectors = {**vectors, "values": q.view(np.uint32)}
+        return orig(self, vectors)
+
+    monkeypatch.setattr(ClientSession, "mask_group", sink)
+    attacked, _ = _run(tmp_path, direct_transport, "attacked", train=TrainConfig(pooled_normaliser=True), secure=True,
+                       row_set="dense", delta_clip=clip)
+    r = attacked.log.rounds[0]
+    assert r["clients"] == 4 and "abandoned" not in r  # nothing in the sum gives it away
+    start = type(attacked.tables).initial({"ids": (3000, 4)}, attacked.cfg.seed, attacked.cfg.table_scale).tables["ids"]
+    moved = np.abs(attacked.tables.tables["ids"] - start)
+    assert np.all(np.isfinite(moved))
+    assert moved.max() <= 4 * clip * (1 + 1e-5)  # at most 4 organisations' worth, clip each
+    assert moved.max() > np.abs(honest.tables.tables["ids"] - start).max()  # the attack did scale steps up
+
+
+def test_the_squared_gradients_and_steps_of_each_row_are_summed_over_the_epoch_exactly():
+    """What an organisation's normaliser is made of: per row, its steps and squared gradients, over 100 steps (past
+    the merges of the sparse sums), against a dense count kept by hand."""
+    import torch
+
+    from fedembed.train import _GradSquares
+
+    class Tables:
+        table_names = ["t"]
+
+        def __init__(self):
+            self.emb = torch.nn.Embedding(50, 3, sparse=True)
+
+        def table(self, name):
+            return self.emb
+
+    model, rng = Tables(), np.random.default_rng(0)
+    squares = _GradSquares(model)
+    sq, steps = np.zeros((50, 3)), np.zeros(50)
+    for _ in range(100):
+        model.emb.zero_grad()
+        ids = torch.from_numpy(rng.integers(0, 50, size=6))  # repeats within a step add up to one gradient
+        (model.emb(ids) * torch.from_numpy(rng.normal(size=(6, 3))).float()).sum().backward()
+        g = model.emb.weight.grad.to_dense().numpy().astype(np.float64)
+        touched = np.unique(ids.numpy())
+        sq[touched] += g[touched] ** 2
+        steps[touched] += 1
+        squares.add()
+    rows = np.flatnonzero(steps)
+    got_sq, got_steps = squares.of("t", rows)
+    np.testing.assert_allclose(got_sq, sq[rows], rtol=1e-5)
+    np.testing.assert_array_equal(got_steps, steps[rows])
+    assert squares.of("t", np.array([], dtype=np.int64))[0].shape == (0, 3)
