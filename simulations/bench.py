@@ -54,17 +54,23 @@ from simulations.proctree import tree_cpu_seconds  # noqa: E402
 log = logging.getLogger("fedembed.bench")
 
 METHODS = ("flower-fedavg", "flower-secaggplus", "fedembed-plain", "fedembed-dense", "fedembed-union", "fedembed-revealed",
-           "fedembed-union-defaults")
+           "fedembed-union-defaults", "fedembed-union-pooled")
 SECURE_ROW_SET = {"fedembed-dense": "dense", "fedembed-union": "union", "fedembed-revealed": "revealed",
-                  "fedembed-union-defaults": "union"}
+                  "fedembed-union-defaults": "union", "fedembed-union-pooled": "union"}
 
 
 def method_train_config(method: str) -> Any:
-    """The local recipe ``method`` runs: the library's defaults for ``*-defaults``, else the pinned one."""
+    """The local recipe ``method`` runs: the library's defaults for ``*-defaults``, else the pinned one
+    (``*-pooled``: the pinned one with the pooled normaliser, :mod:`fedembed.normaliser`)."""
+    from dataclasses import replace
+
     from fedembed.recipe import TrainConfig
     from simulations import flower_baselines as fb
 
-    return TrainConfig() if method.endswith("-defaults") else fb.bench_train_config()
+    if method.endswith("-defaults"):
+        return TrainConfig()
+    pinned = fb.bench_train_config()
+    return replace(pinned, pooled_normaliser=True) if method.endswith("-pooled") else pinned
 QUICK = {"rows": 20_000, "dim": 16, "orgs": 3, "touch": 0.02, "rounds": 1, "warmup": 1}
 
 
@@ -269,6 +275,15 @@ def evaluate_targets(s: dict[str, dict[str, Any]], work: Workload) -> dict[str, 
         ("union_cpu_vs_plain", union, plain, "fedembed union / fedembed plain"),
     ):
         t[name] = {"what": f"(info) CPU seconds per round of the process tree: {what}", "value": _ratio(cpu(a), cpu(b))}
+    pooled = s.get("fedembed-union-pooled")
+    t["union_pooled_upload_vs_union"] = {
+        "what": "(info) fedembed union upload with the pooled normaliser / without",
+        "value": _ratio(pooled and pooled["upload_per_org"], union and union["upload_per_org"]),
+    }
+    t["union_pooled_time_vs_union"] = {
+        "what": "(info) fedembed union s/round with the pooled normaliser / without",
+        "value": _ratio(pooled and pooled["seconds_per_round"], union and union["seconds_per_round"]),
+    }
     t["dense_upload_only_vs_secaggplus"] = {
         "what": "(info) Flower SecAgg+ upload / fedembed secure dense upload",
         "value": _ratio(sap and sap["upload_per_org"], dense and dense["upload_per_org"]),
