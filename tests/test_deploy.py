@@ -187,10 +187,11 @@ def tls_run(tmp_path_factory, certs):
         port = free_port()
         state = root / "coordinator"
         t0 = time.monotonic()
-        # with secure aggregation: its SecAgg+ stages run over the deployment too
+        # with secure aggregation: its SecAgg+ stages run over the deployment too, with the pooled normaliser's
+        # uploads (twice as wide) through both kinds of organisation
         federation = write_federation(procs, 3)
         server = procs.start("server", server_cmd(state, port, certs, rounds=2, min_orgs=3, timeout=180, keys=[0, 1, 2],
-                                                  federation=federation, extra=["--secure"]))
+                                                  federation=federation, extra=["--secure", "--pooled-normaliser"]))
         for org in (0, 1):
             procs.start(f"org{org}", client_cmd(org, port, root / f"org{org}", certs))
         # org 2 runs the stock flower-supernode with the node config `fedembed client` would give it;
@@ -238,7 +239,7 @@ def test_three_orgs_over_tls_complete_two_rounds(tls_run):
 
 def test_secure_aggregation_runs_between_processes(tls_run):
     doc = json.loads((tls_run["state"] / "metrics.json").read_text())
-    assert doc["config"]["secure"] is True
+    assert doc["config"]["secure"] is True and doc["config"]["train"]["pooled_normaliser"] is True
     first, second = doc["rounds"]
     # round 1 starts its own session; round 2's was set up during round 1 and unmasks early: one round trip, the
     # train reply carrying the masked update and the seed shares (the whole roster took part, nobody dropped)
