@@ -198,9 +198,13 @@ class TrainConfig:
         if self.head_weight_decay < 0:
             raise RecipeError(f"head_weight_decay must be >= 0, got {self.head_weight_decay}")
         self._check_dp()
-        if self.pooled_normaliser and (self.table_optimizer != "sparse_adam" or self.dp or self.dp_distributed):
-            raise RecipeError("pooled_normaliser re-scales Adam's steps: it needs table_optimizer sparse_adam, and no DP "
-                              "(its normalisers are not privatised)")
+        if self.pooled_normaliser:
+            clash = [f"table_optimizer {self.table_optimizer!r}"] if self.table_optimizer != "sparse_adam" else []
+            clash += ["dp_noise_multiplier > 0"] if self.dp else []
+            clash += ["dp_sum_noise_multiplier > 0"] if self.dp_distributed else []
+            if clash:
+                raise RecipeError(f"pooled_normaliser re-scales Adam's steps and its normalisers are not privatised: it "
+                                  f"needs table_optimizer 'sparse_adam' and no DP, got {', '.join(clash)}")
 
     def _check_dp(self) -> None:
         if self.dp_unit not in DP_UNITS:
