@@ -47,9 +47,11 @@ def test_the_normaliser_is_the_organisations_own_shrunk_to_its_mean_and_has_no_u
     np.testing.assert_allclose(v, (sq + PRIOR * m) / (steps + PRIOR)[:, None] / m.mean())
     # gradients 1000x larger (another loss scale) give the very same normaliser: there is no unit to agree on
     np.testing.assert_allclose(own_normaliser(sq * 1e6, steps)[0], v)
-    # a row seen once is pulled toward the organisation's mean more than a row seen 100 times
-    one, many = own_normaliser(np.array([[9.0], [900.0], [1.0]]), np.array([1.0, 100.0, 1.0]))[0][:2, 0]
-    assert abs(one - 1.0) < abs(many - 1.0)
+    # two rows with the same squared gradient per step, 10x the organisation's mean: the one seen 100 times keeps
+    # most of it, the one seen once is pulled most of the way to the mean (1)
+    v, _ = own_normaliser(np.array([[100.0], [10000.0], [1000.0]]), np.array([1.0, 100.0, 1000.0]))
+    own = 100.0 / (11100.0 / 1101.0)  # its squared gradient per step, in units of the mean
+    assert 1.0 < v[0, 0] < 2.0 and 0.9 * own < v[1, 0] < own
     # no gradient at all: every step keeps its size; a normaliser beyond CLIP is clipped and counted
     assert np.array_equal(own_normaliser(np.zeros((3, 2)), np.ones(3))[0], np.ones((3, 2)))
     v, clipped = own_normaliser(np.array([[1e9], [1.0], [1.0]] + [[1.0]] * 2000), np.ones(2003))
