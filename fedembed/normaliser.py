@@ -43,6 +43,7 @@ from typing import Mapping
 
 import numpy as np
 
+from fedembed.secagg.quantize import count_clipped
 from fedembed.sparse import AggregateSum, RowUpdate, TableSum, UpdateError
 
 log = logging.getLogger(__name__)
@@ -108,7 +109,7 @@ def own_normaliser(sq: np.ndarray, steps: np.ndarray) -> tuple[np.ndarray, int]:
     return np.minimum(v, CLIP), clipped
 
 
-def widen(delta: np.ndarray, v: np.ndarray, clip: float) -> np.ndarray:
+def widen(delta: np.ndarray, v: np.ndarray, clip: float) -> tuple[np.ndarray, int]:
     """An organisation's upload of one table under the pooled normaliser: ``[delta sqrt(v/CLIP), clip v/CLIP]``.
 
     Parameters
@@ -123,16 +124,20 @@ def widen(delta: np.ndarray, v: np.ndarray, clip: float) -> np.ndarray:
 
     Returns
     -------
-    np.ndarray
+    wide : np.ndarray
         ``(rows, 2 dim)`` float32, every entry within ``[-clip, clip]``.
+    clipped : int
+        Entries of ``delta`` beyond ``clip``, clipped here (the sum finds none left to clip).
     """
     if delta.shape != v.shape:
         raise ValueError(f"deltas {delta.shape} and normalisers {v.shape} do not match")
     if not clip > 0:
         raise ValueError(f"delta clip must be > 0, got {clip}")
     r = np.clip(np.asarray(v, dtype=np.float64), 0.0, CLIP) / CLIP
-    d = np.clip(np.asarray(delta, dtype=np.float64), -clip, clip)
-    return np.concatenate([d * np.sqrt(r), clip * r], axis=1).astype(np.float32)
+    d = np.asarray(delta, dtype=np.float64)
+    clipped = count_clipped(d, clip)
+    d = np.clip(d, -clip, clip)
+    return np.concatenate([d * np.sqrt(r), clip * r], axis=1).astype(np.float32), clipped
 
 
 def check_upload(update: RowUpdate, clip: float) -> None:

@@ -111,6 +111,15 @@ def _record_lookups(model: SplitModel, lookups: dict[str, list[np.ndarray]]) -> 
         lookups[name].append(idx.copy())
 
 
+def _grad_rows(grad: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The rows a table's gradient touches (unique, sorted when sparse) and their gradients."""
+    if grad.is_sparse:
+        grad = grad.coalesce()
+        return grad._indices()[0], grad._values()
+    ids = torch.nonzero(grad.abs().sum(1)).squeeze(1)
+    return ids, grad[ids]
+
+
 @torch.no_grad()
 def _proximal_pull(model: SplitModel, start: dict[str, torch.Tensor], rate: float) -> None:
     """FedProx on the rows of the last step: move each toward its synced value by ``rate`` of the gap.
@@ -123,7 +132,7 @@ def _proximal_pull(model: SplitModel, start: dict[str, torch.Tensor], rate: floa
         grad = w.grad
         if grad is None:
             continue
-        ids = grad.coalesce()._indices()[0] if grad.is_sparse else torch.nonzero(grad.abs().sum(1)).squeeze(1)
+        ids = _grad_rows(grad)[0]
         w[ids] -= rate * (w[ids] - t0[ids])
 
 
@@ -191,12 +200,7 @@ class _GradSquares:
             grad = weight.grad
             if grad is None:
                 continue
-            if grad.is_sparse:
-                grad = grad.coalesce()
-                ids, values = grad._indices()[0], grad._values()
-            else:
-                ids = torch.nonzero(grad.abs().sum(1)).squeeze(1)
-                values = grad[ids]
+            ids, values = _grad_rows(grad)
             ones = torch.ones(ids.shape[0], 1, dtype=values.dtype, device=values.device)
             rows = torch.cat([values.detach() ** 2, ones], dim=1)  # squared gradients, then the step count
             self.parts[name].append(torch.sparse_coo_tensor(ids[None], rows, (weight.shape[0], rows.shape[1]),
@@ -355,7 +359,9 @@ def train_local(
                 if clipped:
                     log.info("table %r: %d normaliser entries above %g x the organisation's mean were clipped",
                              name, clipped, NORMALISER_CLIP)
-                delta = widen(delta, v, float(delta_clip))
+                delta, clipped = widen(delta, v, float(delta_clip))
+                if clipped:  # clipped here, so the sum finds none to warn of
+                    log.warning("table %r: %d delta entries beyond +-%g were clipped", name, clipped, delta_clip)
             update[name] = TableUpdate(ids=ids, delta=delta, weight=weight)
     stats = {
         "examples": float(task.num_examples("train")),

@@ -30,7 +30,7 @@ def synthetic(orgs=4, rows=3000):
 
 def _update(ids, delta, v, clip=4.0):
     ids = np.asarray(ids, dtype=np.int64)
-    return {"t": TableUpdate(ids, widen(np.asarray(delta, np.float32), np.asarray(v, np.float64), clip),
+    return {"t": TableUpdate(ids, widen(np.asarray(delta, np.float32), np.asarray(v, np.float64), clip)[0],
                              np.ones(ids.size, np.float32))}
 
 
@@ -85,6 +85,9 @@ def test_shared_rows_move_by_every_delta_rescaled_from_its_own_normaliser_to_the
 def test_uploads_are_twice_as_wide_only_under_the_normaliser_and_it_needs_adam_without_dp():
     assert upload_shapes({"a": (10, 4)}, True) == {"a": (10, 8)}
     assert upload_shapes({"a": (10, 4)}, False) == {"a": (10, 4)}
+    # a delta beyond the clip is clipped in the upload, and counted (the sum finds none left to warn of)
+    wide, clipped = widen(np.array([[5.0, -1.0]]), np.ones((1, 2)), 4.0)
+    assert clipped == 1 and np.abs(wide).max() <= 4.0
     for bad in ({"table_optimizer": "sgd"}, {"dp_noise_multiplier": 1.0}, {"dp_sum_noise_multiplier": 1.0}):
         with pytest.raises(RecipeError, match=f"pooled_normaliser .* got {next(iter(bad))}"):
             TrainConfig(pooled_normaliser=True, **bad)
