@@ -127,8 +127,17 @@ def test_under_dp_the_request_shows_only_the_rows_dp_released_and_covers_the_res
         assert withheld.size > 0 and np.setdiff1d(released, train_rows).size > 0  # and pure-noise rows it did release
         used = working_set(org.task, spy.c.shapes)["ids"]
         assert np.isin(used, spy.requests[node][-1]).all()
+        # Later uploads release some cover rows, and a cover row released leaves every set beyond the uploads. DP
+        # releases the rows no training example touched all alike (``fedembed.dp.selection``), held-out-only rows
+        # and decoys at the same rate, so each remaining row is still its own with probability at most 1 / PAD;
+        # but the share in one run moves by chance, by about sqrt(m p (1 - p)) rows where m cover rows were
+        # released (a released decoy raises it, a released training row lowers it). Four such deviations allowed.
+        cover = np.setdiff1d(spy.requests[node][0], spy.shown[node][0])
+        m = np.intersect1d(cover, released).size
+        chance = 4 * np.sqrt(m * (1 / PAD) * (1 - 1 / PAD))
         for what, rows in spy.derived(node):  # nothing beyond the released rows tells which rows it really uses
-            assert np.isin(rows, used).mean() <= 1 / PAD, f"{org.identity.name}: {what}"
+            own = np.isin(rows, used).sum()
+            assert own <= rows.size / PAD + chance, f"{org.identity.name}: {what}: {own} of {rows.size} its own ({m} released)"
 
 
 def test_the_same_coordinator_recovers_every_held_out_only_row_under_sync_working_set(tmp_path):
