@@ -114,7 +114,8 @@ class Coordinator:
         self.state_dir = Path(state_dir) if state_dir else None
         self.on_round = on_round
         self.shapes = cfg.federation.shapes()
-        self.upload_shapes = upload_shapes(self.shapes, cfg.train.pooled_normaliser)  # what uploads are checked against
+        self.pooled = cfg.train.pooled_tables(self.shapes)  # tables whose uploads carry the pooled normaliser
+        self.upload_shapes = upload_shapes(self.shapes, self.pooled)  # what uploads are checked against
         if roster is None:
             roster = Roster.from_dict(cfg.roster) if cfg.roster else getattr(transport, "roster", None)
         if roster is None:
@@ -364,8 +365,8 @@ class Coordinator:
             update = None
             if "update" in c:
                 update = decode_update(c["update"], self.upload_shapes, max_weight=self.cfg.train.max_row_weight)
-                if self.cfg.train.pooled_normaliser:
-                    check_upload(update, self.cfg.delta_clip)
+                if self.pooled:
+                    check_upload(update, self.cfg.delta_clip, self.pooled)
             elif training and not secure:
                 raise UpdateError("status ok but no update in a training reply")
             self.known[rep.node] = self.tables.version
@@ -424,8 +425,8 @@ class Coordinator:
             agg = self._plain_exchange(round_, nodes, entry, t0)
         t1 = time.perf_counter()
         if agg is not None and entry["clients"] >= self.cfg.min_orgs:
-            if self.cfg.train.pooled_normaliser:  # the sums of steps and normalisers back into steps
-                agg = narrow(agg, self.cfg.delta_clip)
+            if self.pooled:  # the sums of steps and normalisers back into steps
+                agg = narrow(agg, self.cfg.delta_clip, self.pooled)
             changed = self.optimizer.step(self.tables, agg, round_)
             entry["rows_changed"] = changed
         else:

@@ -7,7 +7,9 @@ differently (one has already fitted it, another has not), each still moves it a 
 Adam step and the sum adds those steps up: the gap to ``pooled`` on tasks like
 ``examples/links.py`` (README, "Where the link gap comes from").
 
-With ``TrainConfig.pooled_normaliser`` each organisation also counts, per row it touched,
+For every table :meth:`fedembed.recipe.TrainConfig.pooled_tables` names (by default the
+tables of at most ``pooled_normaliser_rows`` = 1,000 rows; all with ``pooled_normaliser``),
+each organisation also counts, per row it touched,
 its steps on the row ``c`` and the sum of its squared gradients ``S`` (per coordinate),
 and puts its own normaliser of the row in its upload,
 
@@ -39,7 +41,7 @@ honest deltas can add up to without the normaliser.
 from __future__ import annotations
 
 import logging
-from typing import Mapping
+from typing import Collection, Mapping
 
 import numpy as np
 
@@ -58,22 +60,22 @@ FLOOR = 1e-6
 """Smallest federation normaliser a step is divided by, in the same units (guards a sum driven to 0)."""
 
 
-def upload_shapes(shapes: Mapping[str, tuple[int, int]], pooled: bool) -> dict[str, tuple[int, int]]:
-    """``(rows, width)`` of every table's upload: ``dim``, or ``2 dim`` under the pooled normaliser.
+def upload_shapes(shapes: Mapping[str, tuple[int, int]], pooled: Collection[str]) -> dict[str, tuple[int, int]]:
+    """``(rows, width)`` of every table's upload: ``dim``, or ``2 dim`` for a table under the pooled normaliser.
 
     Parameters
     ----------
     shapes : Mapping[str, tuple[int, int]]
         ``(rows, dim)`` of every shared table.
-    pooled : bool
-        ``TrainConfig.pooled_normaliser``.
+    pooled : Collection[str]
+        The tables that carry the normaliser (``TrainConfig.pooled_tables``).
 
     Returns
     -------
     dict[str, tuple[int, int]]
         What an upload (plain or secure) is laid out and checked against.
     """
-    return {n: (int(r), 2 * int(d) if pooled else int(d)) for n, (r, d) in shapes.items()}
+    return {n: (int(r), 2 * int(d) if n in pooled else int(d)) for n, (r, d) in shapes.items()}
 
 
 def own_normaliser(sq: np.ndarray, steps: np.ndarray) -> tuple[np.ndarray, int]:
@@ -140,8 +142,8 @@ def widen(delta: np.ndarray, v: np.ndarray, clip: float) -> tuple[np.ndarray, in
     return np.concatenate([d * np.sqrt(r), clip * r], axis=1).astype(np.float32), clipped
 
 
-def check_upload(update: RowUpdate, clip: float) -> None:
-    """Refuse a plain upload whose normalisers no honest organisation sends.
+def check_upload(update: RowUpdate, clip: float, tables: Collection[str]) -> None:
+    """Refuse a plain upload whose normalisers (in ``tables``) no honest organisation sends.
 
     :func:`widen` puts ``clip v / CLIP`` in the right half, with ``v`` in ``[0, CLIP]``,
     so every entry there is in ``[0, clip]`` (checked with the float16 wire's rounding to
@@ -155,7 +157,7 @@ def check_upload(update: RowUpdate, clip: float) -> None:
         Naming the table and how many entries are out of range.
     """
     for name, tu in update.items():
-        if not tu.num_rows:
+        if name not in tables or not tu.num_rows:
             continue
         dim = tu.delta.shape[1] // 2
         right = tu.delta[:, dim:].astype(np.float64)
@@ -165,26 +167,33 @@ def check_upload(update: RowUpdate, clip: float) -> None:
                               f"(smallest {right.min():.4g}, largest {right.max():.4g})")
 
 
-def narrow(agg: AggregateSum, clip: float) -> AggregateSum:
+def narrow(agg: AggregateSum, clip: float, tables: Collection[str]) -> AggregateSum:
     """The sums of widened uploads turned back into row steps: ``sum_k w_k delta_k sqrt(v_k / v)``.
 
     Parameters
     ----------
     agg : AggregateSum
-        Per-row sums of :func:`widen`'s uploads (``2 dim`` wide), plain or secure alike.
+        Per-row sums of the uploads, plain or secure alike: :func:`widen`'s (``2 dim``
+        wide) for the tables in ``tables``, plain deltas for the others.
     clip : float
         The round's ``delta_clip``.
+    tables : Collection[str]
+        The tables that carry the normaliser (``TrainConfig.pooled_tables``).
 
     Returns
     -------
     AggregateSum
-        The same rows and weights, ``dim`` wide: each row's federation normaliser is
+        The same rows and weights, ``dim`` wide; tables not in ``tables`` as they were. In
+        those that are, each row's federation normaliser is
         ``v = (sum of right halves) CLIP / (clip sum w)``, floored at :data:`FLOOR`, and its
         step the sum of left halves times ``sqrt(CLIP / v)``, every coordinate bounded by
         ``clip * sum w``.
     """
     out: AggregateSum = {}
     for name, ts in agg.items():
+        if name not in tables:
+            out[name] = ts
+            continue
         wide = ts.weighted_delta.astype(np.float64)
         if wide.ndim != 2 or wide.shape[1] % 2:
             raise ValueError(f"table {name!r}: a pooled-normaliser sum must be 2 dim wide, got {wide.shape}")

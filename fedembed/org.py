@@ -486,8 +486,8 @@ def handle_content(organisation: Organisation, content: RecordDict, message_type
     # the closing evaluation is its own stage: a dropout injected at "train" never hits it
     check_drop(plan.drop, "evaluate" if plan.evaluate_only else "train", plan.round, organisation.org)
     shapes = {n: t.shape for n, t in organisation.table_specs().items()}
-    # what its upload is laid out over: twice as wide when it carries its normaliser (fedembed.normaliser)
-    upload = upload_shapes(shapes, TrainConfig.from_dict(json.loads(plan.train)).pooled_normaliser)
+    # what its upload is laid out over: twice as wide for the tables that carry its normaliser (fedembed.normaliser)
+    upload = upload_shapes(shapes, TrainConfig.from_dict(json.loads(plan.train)).pooled_tables(shapes))
     try:
         sync = decode_sync(content["sync"], shapes) if "sync" in content else {}
         reply = organisation.handle(plan, sync)

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass, fields, replace
-from typing import Any
+from typing import Any, Mapping
 
 from fedembed.errors import FedembedError
 
@@ -138,7 +138,12 @@ class TrainConfig:
         normaliser of the rows it touched (twice the upload), and the coordinator moves a
         row by ``sum_k delta_k sqrt(v_k / v)``. For tables that every organisation reads
         many times an epoch through heads of its own (``examples/links.py``); needs the
-        ``sparse_adam`` table optimizer, and neither DP mode.
+        ``sparse_adam`` table optimizer, and neither DP mode. True: every table.
+    pooled_normaliser_rows : int
+        Tables of at most this many rows carry the pooled normaliser even when
+        ``pooled_normaliser`` is off (0: none). A small table is read many times an epoch
+        by every organisation, and its wider upload costs little. Not applied (no table
+        carries it) with the ``sgd`` table optimizer or either DP mode.
     """
 
     epochs: int = 1
@@ -176,6 +181,7 @@ class TrainConfig:
     freeze_head: bool = False
     patience: int = 0
     pooled_normaliser: bool = False
+    pooled_normaliser_rows: int = 1000
 
     def __post_init__(self) -> None:
         if self.table_optimizer not in TABLE_OPTIMIZERS:
@@ -198,6 +204,9 @@ class TrainConfig:
         if self.head_weight_decay < 0:
             raise RecipeError(f"head_weight_decay must be >= 0, got {self.head_weight_decay}")
         self._check_dp()
+        if not (isinstance(self.pooled_normaliser_rows, int) and self.pooled_normaliser_rows >= 0):
+            raise RecipeError(f"pooled_normaliser_rows must be an integer >= 0 (0: no table), "
+                              f"got {self.pooled_normaliser_rows!r}")
         if self.pooled_normaliser:
             clash = [f"table_optimizer {self.table_optimizer!r}"] if self.table_optimizer != "sparse_adam" else []
             clash += ["dp_noise_multiplier > 0"] if self.dp else []
@@ -205,6 +214,26 @@ class TrainConfig:
             if clash:
                 raise RecipeError(f"pooled_normaliser re-scales Adam's steps and its normalisers are not privatised: it "
                                   f"needs table_optimizer 'sparse_adam' and no DP, got {', '.join(clash)}")
+
+    def pooled_tables(self, shapes: Mapping[str, tuple[int, int]]) -> frozenset[str]:
+        """The tables whose uploads carry the pooled normaliser (:mod:`fedembed.normaliser`).
+
+        Parameters
+        ----------
+        shapes : Mapping[str, tuple[int, int]]
+            ``(rows, dim)`` of every shared table.
+
+        Returns
+        -------
+        frozenset[str]
+            Every table with ``pooled_normaliser``; else those of at most
+            ``pooled_normaliser_rows`` rows, none with the ``sgd`` table optimizer or DP.
+        """
+        if self.pooled_normaliser:
+            return frozenset(shapes)
+        if self.table_optimizer != "sparse_adam" or self.dp or self.dp_distributed:
+            return frozenset()
+        return frozenset(n for n, (rows, _dim) in shapes.items() if int(rows) <= self.pooled_normaliser_rows)
 
     def _check_dp(self) -> None:
         if self.dp_unit not in DP_UNITS:

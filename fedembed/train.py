@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
-from typing import Any
+from typing import Any, Collection
 
 import numpy as np
 import torch
@@ -188,14 +188,14 @@ class _GradSquares:
 
     MERGE = 64
 
-    def __init__(self, model: SplitModel) -> None:
+    def __init__(self, model: SplitModel, tables: Collection[str]) -> None:
         self.model = model
-        self.parts: dict[str, list[torch.Tensor]] = {n: [] for n in model.table_names}
+        self.parts: dict[str, list[torch.Tensor]] = {n: [] for n in model.table_names if n in tables}
         self.pending = 0
 
     def add(self) -> None:
         """Take the squared gradients of the last backward pass (one step per row that has a gradient)."""
-        for name in self.model.table_names:
+        for name in self.parts:
             weight = self.model.table(name).weight
             grad = weight.grad
             if grad is None:
@@ -280,8 +280,8 @@ def train_local(
         row selection, noise); None: a fresh random key (unrepeatable). ``rng`` is never
         used for them: it derives from the run's seed, which the coordinator knows.
     delta_clip : float, optional
-        The round's delta clip; with ``cfg.pooled_normaliser`` (required then) every
-        table's upload is widened to ``[delta sqrt(v / V), clip v / V]``
+        The round's delta clip; the upload of every table ``cfg.pooled_tables`` names
+        (required then) is widened to ``[delta sqrt(v / V), clip v / V]``
         (:func:`fedembed.normaliser.widen`) with the organisation's own normaliser ``v``.
 
     Returns
@@ -291,13 +291,15 @@ def train_local(
     stats : dict[str, float]
         ``examples`` (examples seen per epoch), ``loss`` (mean training loss), ``steps``.
     """
-    pooled = cfg.pooled_normaliser and start_tables is not None
+    pooled: frozenset[str] = frozenset()
+    if start_tables is not None:
+        pooled = cfg.pooled_tables({n: tuple(model.table(n).weight.shape) for n in model.table_names})
     if pooled and not (delta_clip is not None and delta_clip > 0):
         raise ValueError("the pooled normaliser widens the upload to the round's delta clip: pass delta_clip > 0")
     model.train()
     if fit_head_first:
         fit_head(task, model, cfg, head_opt, rng)
-    squares = _GradSquares(model) if pooled else None
+    squares = _GradSquares(model, pooled) if pooled else None
 
     table_opt = _table_optimizer(model, cfg)
     if table_state is not None:
@@ -354,7 +356,7 @@ def train_local(
             new = w[torch.from_numpy(ids).to(w.device)].cpu().numpy()
             delta = (new - start_tables[name][ids]).astype(np.float32)
             weight = np.minimum(counts, cfg.max_row_weight).astype(np.float32)
-            if squares is not None:
+            if squares is not None and name in pooled:
                 v, clipped = own_normaliser(*squares.of(name, ids))
                 if clipped:
                     log.info("table %r: %d normaliser entries above %g x the organisation's mean were clipped",

@@ -64,7 +64,7 @@ def test_a_row_only_one_organisation_touched_moves_by_its_own_delta_through_the_
     v = rng.uniform(0.01, 50.0, size=(30, 4))
     up = _update(np.arange(30), delta, v)
     scales = ValueScales(n=1, clip_delta=4.0, max_weight=1.0)
-    agg = narrow(fixed_point_sum([up], {"t": (100, 8)}, scales, "float32"), 4.0)
+    agg = narrow(fixed_point_sum([up], {"t": (100, 8)}, scales, "float32"), 4.0, {"t"})
     # the quantization error of the left half, times sqrt(CLIP / v): at most ~100x the sum's bound
     np.testing.assert_allclose(agg["t"].weighted_delta, delta, rtol=0, atol=200 * scales.bound())
     np.testing.assert_array_equal(agg["t"].weight, np.ones(30))
@@ -74,7 +74,7 @@ def test_shared_rows_move_by_every_delta_rescaled_from_its_own_normaliser_to_the
     d1, d2, d3 = np.array([[0.3, -0.1]]), np.array([[0.2, 0.4]]), np.array([[-0.1, 0.05]])
     v1, v2, v3 = np.array([[4.0, 0.5]]), np.array([[0.25, 2.0]]), np.array([[1.0, 1.0]])
     ups = [_update([7], d1, v1), _update([7], d2, v2), _update([7], d3, v3)]
-    step = narrow(sum_updates(ups, ["t"]), 4.0)["t"].weighted_delta
+    step = narrow(sum_updates(ups, ["t"]), 4.0, {"t"})["t"].weighted_delta
     v = (v1 + v2 + v3) / 3
     expected = d1 * np.sqrt(v1 / v) + d2 * np.sqrt(v2 / v) + d3 * np.sqrt(v3 / v)
     np.testing.assert_allclose(step, expected, rtol=1e-5)
@@ -83,8 +83,8 @@ def test_shared_rows_move_by_every_delta_rescaled_from_its_own_normaliser_to_the
 
 
 def test_uploads_are_twice_as_wide_only_under_the_normaliser_and_it_needs_adam_without_dp():
-    assert upload_shapes({"a": (10, 4)}, True) == {"a": (10, 8)}
-    assert upload_shapes({"a": (10, 4)}, False) == {"a": (10, 4)}
+    assert upload_shapes({"a": (10, 4)}, {"a"}) == {"a": (10, 8)}
+    assert upload_shapes({"a": (10, 4)}, set()) == {"a": (10, 4)}
     # a delta beyond the clip is clipped in the upload, and counted (the sum finds none left to warn of)
     wide, clipped = widen(np.array([[5.0, -1.0]]), np.ones((1, 2)), 4.0)
     assert clipped == 1 and np.abs(wide).max() <= 4.0
@@ -95,19 +95,19 @@ def test_uploads_are_twice_as_wide_only_under_the_normaliser_and_it_needs_adam_w
 
 def test_a_negative_or_oversized_normaliser_in_a_plain_upload_is_refused_with_the_table_named():
     up = _update([1, 2], [[0.1, 0.1], [0.2, 0.2]], [[1.0, 1.0], [2.0, 2.0]])
-    check_upload(up, 4.0)  # what widen makes passes
+    check_upload(up, 4.0, {"t"})  # what widen makes passes
     for value in (-0.5, 4.5):
         bad = {"t": TableUpdate(up["t"].ids, up["t"].delta.copy(), up["t"].weight)}
         bad["t"].delta[0, 2] = value
         with pytest.raises(UpdateError, match="table 't': 1 normaliser entries outside"):
-            check_upload(bad, 4.0)
+            check_upload(bad, 4.0, {"t"})
 
 
 def test_a_sum_whose_normaliser_was_sunk_moves_no_coordinate_beyond_clip_times_its_weight():
     ups = [_update([3], [[0.5, -0.5]], [[1.0, 1.0]]), _update([3], [[0.5, 0.2]], [[1.0, 1.0]])]
     agg = sum_updates(ups, ["t"])
     agg["t"].weighted_delta[:, 2:] = -1.0  # a hostile third party's normaliser took the sum below zero
-    step = narrow(agg, 4.0)["t"].weighted_delta
+    step = narrow(agg, 4.0, {"t"})["t"].weighted_delta
     assert np.all(np.isfinite(step)) and np.abs(step).max() <= 4.0 * 2 + 1e-9
     assert np.abs(step).max() == pytest.approx(8.0)  # bounded, and the bound is what held it
 
@@ -115,20 +115,41 @@ def test_a_sum_whose_normaliser_was_sunk_moves_no_coordinate_beyond_clip_times_i
 # ---------------------------------------------------------------- rounds
 
 
-def _run(tmp_path, direct_transport, name, **kw):
-    t = direct_transport(tmp_path / name, 4, task=synthetic(4))
-    c = Coordinator(run_config(synthetic(4), rounds=1, **kw), t)
+def _run(tmp_path, direct_transport, name, rows=3000, **kw):
+    t = direct_transport(tmp_path / name, 4, task=synthetic(4, rows))
+    c = Coordinator(run_config(synthetic(4, rows), rounds=1, **kw), t)
     c.run()
     return c, t
 
 
-def test_plain_and_secure_rounds_under_the_normaliser_end_with_the_same_table_bit_for_bit(tmp_path, direct_transport):
-    plain, t = _run(tmp_path, direct_transport, "plain", train=TrainConfig(pooled_normaliser=True))
-    dense, _ = _run(tmp_path, direct_transport, "dense", train=TrainConfig(pooled_normaliser=True), secure=True,
-                    row_set="dense")
-    union, _ = _run(tmp_path, direct_transport, "union", train=TrainConfig(pooled_normaliser=True), secure=True,
-                    row_set="union")
-    without, _ = _run(tmp_path, direct_transport, "without")
+# the two ways a table carries the normaliser: the flag (any table), and the default for a table of at most
+# pooled_normaliser_rows rows; each with the recipe that turns it off, the control
+CARRIERS = [pytest.param(3000, TrainConfig(pooled_normaliser=True), TrainConfig(), id="flag"),
+            pytest.param(500, TrainConfig(), TrainConfig(pooled_normaliser_rows=0), id="default-small-table")]
+
+
+def test_by_default_the_tables_of_at_most_pooled_normaliser_rows_rows_carry_it_and_never_under_dp_or_sgd():
+    shapes = {"small": (300, 4), "edge": (1000, 8), "big": (1001, 4)}
+    assert TrainConfig().pooled_tables(shapes) == {"small", "edge"}
+    assert TrainConfig(pooled_normaliser=True).pooled_tables(shapes) == set(shapes)
+    assert TrainConfig(pooled_normaliser_rows=0).pooled_tables(shapes) == set()
+    assert TrainConfig(pooled_normaliser_rows=5000).pooled_tables(shapes) == set(shapes)
+    # where it does not apply the default carries it nowhere (the flag is refused there, below)
+    assert TrainConfig(table_optimizer="sgd").pooled_tables(shapes) == set()
+    assert TrainConfig(dp_noise_multiplier=1.0).pooled_tables(shapes) == set()
+    assert TrainConfig(dp_sum_noise_multiplier=1.0).pooled_tables(shapes) == set()
+    for bad in (-1, 2.5, "many"):
+        with pytest.raises(RecipeError, match="pooled_normaliser_rows"):
+            TrainConfig(pooled_normaliser_rows=bad)
+
+
+@pytest.mark.parametrize("rows, on, off", CARRIERS)
+def test_plain_and_secure_rounds_under_the_normaliser_end_with_the_same_table_bit_for_bit(tmp_path, direct_transport,
+                                                                                           rows, on, off):
+    plain, t = _run(tmp_path, direct_transport, "plain", rows, train=on)
+    dense, _ = _run(tmp_path, direct_transport, "dense", rows, train=on, secure=True, row_set="dense")
+    union, _ = _run(tmp_path, direct_transport, "union", rows, train=on, secure=True, row_set="union")
+    without, _ = _run(tmp_path, direct_transport, "without", rows, train=off)
     for c in (plain, dense, union):
         r = c.log.rounds[0]
         assert r["clients"] == 4 and not r["rejected"] and "abandoned" not in r
@@ -139,11 +160,13 @@ def test_plain_and_secure_rounds_under_the_normaliser_end_with_the_same_table_bi
     uploads = [out["update"] for _, kind, out in t.seen if kind == "train" and "update" in out]
     assert len(uploads) == 4
     for record in uploads:
-        assert decode_update(record, upload_shapes({"ids": (3000, 4)}, True))["ids"].delta.shape[1] == 8
+        assert decode_update(record, upload_shapes({"ids": (rows, 4)}, {"ids"}))["ids"].delta.shape[1] == 8
 
 
-def test_an_organisation_sending_a_negative_normaliser_in_a_plain_round_is_refused_by_name(tmp_path, direct_transport):
-    shapes = upload_shapes({"ids": (3000, 4)}, True)
+@pytest.mark.parametrize("rows, on, off", CARRIERS)
+def test_an_organisation_sending_a_negative_normaliser_in_a_plain_round_is_refused_by_name(tmp_path, direct_transport,
+                                                                                            rows, on, off):
+    shapes = upload_shapes({"ids": (rows, 4)}, {"ids"})
 
     def sink(node, content):
         if node == 101 and "update" in content:
@@ -152,21 +175,21 @@ def test_an_organisation_sending_a_negative_normaliser_in_a_plain_round_is_refus
             content["update"] = encode_update(update, shapes, "float16")
         return content
 
-    t = direct_transport(tmp_path, 4, task=synthetic(4), tamper=sink)
-    c = Coordinator(run_config(synthetic(4), rounds=1, train=TrainConfig(pooled_normaliser=True)), t)
+    t = direct_transport(tmp_path, 4, task=synthetic(4, rows), tamper=sink)
+    c = Coordinator(run_config(synthetic(4, rows), rounds=1, train=on), t)
     c.run()
     r = c.log.rounds[0]
     assert "normaliser entries outside [0, 4]" in r["rejected"]["org-1"]
     assert r["clients"] == 3
 
 
+@pytest.mark.parametrize("rows, on, off", CARRIERS)
 def test_a_hostile_organisation_sinking_the_normaliser_inside_a_secure_sum_moves_no_row_beyond_the_bound(
-        tmp_path, direct_transport, monkeypatch):
+        tmp_path, direct_transport, monkeypatch, rows, on, off):
     """The secure sum cannot show who sent what, and a normaliser of -clip keeps the sum within honest bounds: the
     round completes, the honest steps of the rows it touched grow, and none moves beyond clip x sum w."""
     clip = 0.01
-    honest, _ = _run(tmp_path, direct_transport, "honest", train=TrainConfig(pooled_normaliser=True), secure=True,
-                     row_set="dense", delta_clip=clip)
+    honest, _ = _run(tmp_path, direct_transport, "honest", rows, train=on, secure=True, row_set="dense", delta_clip=clip)
     orig = ClientSession.mask_group
 
     def sink(self, vectors):
@@ -179,11 +202,11 @@ def test_a_hostile_organisation_sinking_the_normaliser_inside_a_secure_sum_moves
         return orig(self, vectors)
 
     monkeypatch.setattr(ClientSession, "mask_group", sink)
-    attacked, _ = _run(tmp_path, direct_transport, "attacked", train=TrainConfig(pooled_normaliser=True), secure=True,
-                       row_set="dense", delta_clip=clip)
+    attacked, _ = _run(tmp_path, direct_transport, "attacked", rows, train=on, secure=True, row_set="dense",
+                       delta_clip=clip)
     r = attacked.log.rounds[0]
     assert r["clients"] == 4 and "abandoned" not in r  # nothing in the sum gives it away
-    start = type(attacked.tables).initial({"ids": (3000, 4)}, attacked.cfg.seed, attacked.cfg.table_scale).tables["ids"]
+    start = type(attacked.tables).initial({"ids": (rows, 4)}, attacked.cfg.seed, attacked.cfg.table_scale).tables["ids"]
     moved = np.abs(attacked.tables.tables["ids"] - start)
     assert np.all(np.isfinite(moved))
     assert moved.max() <= 4 * clip * (1 + 1e-5)  # at most 4 organisations' worth, clip each
@@ -207,7 +230,7 @@ def test_the_squared_gradients_and_steps_of_each_row_are_summed_over_the_epoch_e
             return self.emb
 
     model, rng = Tables(), np.random.default_rng(0)
-    squares = _GradSquares(model)
+    squares = _GradSquares(model, model.table_names)
     sq, steps = np.zeros((50, 3)), np.zeros(50)
     for _ in range(100):
         model.emb.zero_grad()

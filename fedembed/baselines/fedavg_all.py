@@ -101,9 +101,10 @@ def run_fedavg_all(
             updates.append(update)
             heads.append((_numpy_head(model), stats["examples"]))
         scales = ValueScales(n=len(updates), clip_delta=cfg.delta_clip, max_weight=cfg.train.max_row_weight)
-        agg = fixed_point_sum(updates, upload_shapes(shapes, recipe.pooled_normaliser), scales, cfg.wire_dtype)
-        if recipe.pooled_normaliser:
-            agg = narrow(agg, cfg.delta_clip)
+        pooled = recipe.pooled_tables(shapes)
+        agg = fixed_point_sum(updates, upload_shapes(shapes, pooled), scales, cfg.wire_dtype)
+        if pooled:
+            agg = narrow(agg, cfg.delta_clip, pooled)
         entry["rows_changed"] = optimizer.step(tables, agg, round_)
         tables.version = round_
         head = average_heads(heads)

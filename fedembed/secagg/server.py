@@ -266,8 +266,8 @@ class SecureRound:
         self.cfg = coord.cfg
         self.round = round_
         self.entry = entry
-        # the value vectors are laid out over the uploads' width (twice the table's under the pooled normaliser)
-        self.shapes = upload_shapes(coord.shapes, coord.cfg.train.pooled_normaliser)
+        # the value vectors are laid out over the uploads' width (twice the table's where it carries the pooled normaliser)
+        self.shapes = upload_shapes(coord.shapes, coord.cfg.train.pooled_tables(coord.shapes))
         self.context = session_context(self.cfg.run_key(), round_)
         self.prepared = prepared
         self.ahead = ahead
