@@ -461,6 +461,10 @@ def _add_client(sub: argparse._SubParsersAction) -> None:
                         "recipe's applies; once spent it evaluates and trains no more (default: 0, the recipe's)")
     p.add_argument("--dp-delta", type=float, default=0.0,
                    help="the delta of --dp-max-epsilon (default: 0, the recipe's dp_target_delta)")
+    p.add_argument("--no-normaliser-upload", action="store_true",
+                   help="never upload this organisation's Adam normaliser of the rows it touched (the pooled "
+                        "normaliser, on by default for tables of at most 1,000 rows): a training plan that asks "
+                        "for it is refused, naming the tables")
     p.add_argument("--secure-row-sets", default="dense,union,revealed",
                    help="secure row-set modes this organisation takes part in (revealed tells the coordinator "
                         "its row ids)")
@@ -630,7 +634,8 @@ def cmd_client(args: argparse.Namespace) -> int:
                            "secure-row-sets": json.dumps(args.secure_row_sets),
                            "dp-min-noise-multiplier": str(args.dp_min_noise_multiplier),
                            "dp-max-epsilon": str(args.dp_max_epsilon), "dp-delta": str(args.dp_delta),
-                           "sync": json.dumps(args.sync), "sync-pad": repr(float(args.sync_pad))},
+                           "sync": json.dumps(args.sync), "sync-pad": repr(float(args.sync_pad)),
+                           "normaliser-upload": "false" if args.no_normaliser_upload else "true"},
     )
     if opts.insecure:
         log.warning("--insecure: this organisation's traffic to the coordinator is not encrypted")

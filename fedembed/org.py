@@ -22,7 +22,7 @@ import numpy as np
 import torch
 from flwr.app import ConfigRecord, RecordDict
 
-from fedembed.config import RoundPlan, StageHeader
+from fedembed.config import ConfigError, RoundPlan, StageHeader
 from fedembed.errors import FedembedError
 from fedembed.dp import BudgetExhausted, DPError
 from fedembed.dp.accounting import PrivacyLedger
@@ -112,12 +112,16 @@ class Organisation:
         Seed of the noise its DP releases (tests, reproducible simulations: whoever knows
         it can regenerate that noise); None, the default: a secret key of its own kept in
         its state directory (:func:`fedembed.dp.noise.noise_secret`).
+    normaliser_upload : bool
+        Whether it uploads its Adam normaliser of the rows it touched when the recipe asks
+        (the pooled normaliser, :mod:`fedembed.normaliser`); False: a training plan that
+        asks is refused, naming the tables.
     """
 
     def __init__(
         self, org: int, state_dir: Path, identity: Identity, policy: SecurePolicy | None = None,
         task: TaskSpec | None = None, device: str = "cpu", dp_policy: DPPolicy | None = None,
-        sync: SyncPolicy | None = None, noise_seed: str | None = None,
+        sync: SyncPolicy | None = None, noise_seed: str | None = None, normaliser_upload: bool = True,
     ) -> None:
         if task is None:
             raise TaskError("an organisation needs its own task: --task (or node config task=...)")
@@ -130,6 +134,7 @@ class Organisation:
         self.dp_policy = dp_policy or DPPolicy()
         self.sync = sync or SyncPolicy()
         self.noise_seed = noise_seed
+        self.normaliser_upload = bool(normaliser_upload)
 
     @staticmethod
     def from_node_config(
@@ -143,7 +148,9 @@ class Organisation:
         simulation, from ``tasks[partition-id]``; ``threads`` sets torch's CPU threads
         (default: torch's choice); ``sync`` and ``sync-pad`` its :class:`SyncPolicy`;
         ``dp-min-noise-multiplier``, ``dp-max-epsilon``, ``dp-delta`` its :class:`DPPolicy`;
-        ``dp-noise-seed`` (tests and simulations only) seeds its DP noise.
+        ``dp-noise-seed`` (tests and simulations only) seeds its DP noise;
+        ``normaliser-upload`` (``true``/``false``, default true) whether it uploads its Adam
+        normaliser when the recipe asks.
         """
         member = SecureMember.from_node_config(nc, state_root, key_dir, roster)
         if "threads" in nc:  # otherwise torch's own choice
@@ -153,7 +160,8 @@ class Organisation:
         else:
             spec, device = tasks[member.org], str(nc.get("device", "cpu"))
         return Organisation(member.org, member.state_dir, member.identity, member.policy, spec, device,
-                            DPPolicy.from_mapping(nc), SyncPolicy.from_node_config(nc), member.noise_seed)
+                            DPPolicy.from_mapping(nc), SyncPolicy.from_node_config(nc), member.noise_seed,
+                            normaliser_upload_rule(nc))
 
     @property
     def member(self) -> SecureMember:
@@ -348,6 +356,20 @@ class MessageRefused(FedembedError, ValueError):
     """A coordinator message this organisation will not act on (it says why, in a signed reply)."""
 
 
+def normaliser_upload_rule(nc: Mapping[str, Any]) -> bool:
+    """Whether a node config lets the organisation upload its Adam normaliser (``normaliser-upload``, default true).
+
+    Raises
+    ------
+    ConfigError
+        A value other than true or false.
+    """
+    value = str(nc.get("normaliser-upload", "true")).strip().lower()
+    if value not in ("true", "false"):
+        raise ConfigError(f"node config normaliser-upload must be true or false, got {nc['normaliser-upload']!r}")
+    return value == "true"
+
+
 def _checked_plan(organisation: Organisation, content: RecordDict, message_type: str) -> RoundPlan:
     """The plan of a ``train``/``evaluate`` message, once everything this organisation holds itself agrees with it.
 
@@ -357,7 +379,8 @@ def _checked_plan(organisation: Organisation, content: RecordDict, message_type:
         Records outside the message's schema (a head, say), a plan outside its schema, a
         federation whose tables differ from this organisation's model, a plan whose
         evaluate flag contradicts the message type, a recipe below its own DP floor
-        (:class:`fedembed.dp.policy.DPPolicy`), a row-set mode its policy excludes.
+        (:class:`fedembed.dp.policy.DPPolicy`), a row-set mode its policy excludes, a
+        training recipe that has it upload its Adam normaliser when it does not.
     """
     from fedembed.secagg.client import TRAIN_RECORDS
 
@@ -369,7 +392,8 @@ def _checked_plan(organisation: Organisation, content: RecordDict, message_type:
     secure_records = sorted(set(content.keys()) & set(TRAIN_RECORDS))
     if secure_records and not plan.secure:
         raise MessageRefused(f"a plain {message_type!r} message with secure-aggregation records: {secure_records}")
-    organisation.check_federation(FederationSpec.from_json(plan.federation))
+    federation = FederationSpec.from_json(plan.federation)
+    organisation.check_federation(federation)
     if plan.evaluate_only != (message_type == "evaluate"):
         raise MessageRefused(f"a {message_type!r} message whose plan says evaluate_only={plan.evaluate_only}")
     recipe = TrainConfig.from_dict(json.loads(plan.train))
@@ -379,6 +403,12 @@ def _checked_plan(organisation: Organisation, content: RecordDict, message_type:
         raise MessageRefused(  # its share alone would carry 1/m of the noise; other row sets release U without noise
             f"distributed DP noise needs a secure round over the dense row set, got secure={plan.secure}, "
             f"row set {plan.row_set!r}")
+    if message_type == "train" and not organisation.normaliser_upload:
+        carried = sorted(recipe.pooled_tables(federation.shapes()))
+        if carried:
+            raise MessageRefused(
+                f"the recipe has it upload its Adam normaliser of table(s) {carried} (the pooled normaliser): this "
+                f"organisation does not (normaliser-upload false); a federation can set pooled_normaliser_rows 0")
     if message_type == "train":  # before its sync touches anything: a round answered is never re-run
         check_round_open(organisation.state.dir, plan.run_key, plan.round)
     if plan.secure and plan.row_set not in organisation.policy.row_sets:

@@ -246,3 +246,36 @@ def test_the_squared_gradients_and_steps_of_each_row_are_summed_over_the_epoch_e
     np.testing.assert_allclose(got_sq, sq[rows], rtol=1e-5)
     np.testing.assert_array_equal(got_steps, steps[rows])
     assert squares.of("t", np.array([], dtype=np.int64))[0].shape == (0, 3)
+
+
+# ---------------------------------------------------------------- the organisation's own rule
+
+
+@pytest.mark.parametrize("rows, on, off", CARRIERS)
+def test_an_organisation_that_does_not_upload_its_normaliser_refuses_a_plan_that_asks_and_only_that(
+        tmp_path, direct_transport, rows, on, off):
+    """The recipe is the coordinator's, so whether a table carries the normaliser is too: an organisation that
+    keeps its normaliser to itself (``fedembed client --no-normaliser-upload``) refuses such a round by name, and
+    takes part in one that does not ask."""
+    for recipe, refused in ((on, True), (off, False)):
+        t = direct_transport(tmp_path / str(refused), 4, task=synthetic(4, rows))
+        t.orgs[101].normaliser_upload = False
+        c = Coordinator(run_config(synthetic(4, rows), rounds=1, train=recipe), t)
+        c.run()
+        r = c.log.rounds[0]
+        if refused:
+            assert "upload its Adam normaliser of table(s) ['ids']" in r["rejected"]["org-1"]
+            assert r["clients"] == 3
+        else:
+            assert not r["rejected"] and r["clients"] == 4
+
+
+def test_the_normaliser_upload_rule_comes_from_the_organisations_own_node_config():
+    from fedembed.config import ConfigError
+    from fedembed.org import normaliser_upload_rule
+
+    assert normaliser_upload_rule({}) and normaliser_upload_rule({"normaliser-upload": True})
+    assert not normaliser_upload_rule({"normaliser-upload": False})  # as Flower parses `normaliser-upload=false`
+    assert not normaliser_upload_rule({"normaliser-upload": "false"})
+    with pytest.raises(ConfigError, match="normaliser-upload"):
+        normaliser_upload_rule({"normaliser-upload": "sometimes"})

@@ -34,11 +34,11 @@ def test_two_runs_of_the_coordinator_are_identical_and_another_seed_is_not(tmp_p
 
 @pytest.mark.slow
 def test_the_same_simulate_command_twice_and_its_secure_twin_give_identical_scores_and_tables(tmp_path):
-    """Also under the pooled normaliser: its plain and secure runs give the same scores and tables."""
+    """The 500-row table carries the pooled normaliser by default; without it too, plain and secure runs agree."""
     base = ["simulate", "--task", "examples/my_task.py:ClicksTask", "--option", "products=500", "--orgs", "3",
             "--rounds", "2", "--quiet"]
-    runs = {"a": [], "b": [], "secure": ["--secure"], "pooled": ["--pooled-normaliser"],
-            "pooled-secure": ["--pooled-normaliser", "--secure"]}
+    off = ["--pooled-normaliser-rows", "0"]
+    runs = {"a": [], "b": [], "secure": ["--secure"], "off": off, "off-secure": [*off, "--secure"]}
     for name, extra in runs.items():
         assert main([*base, *extra, "--out", str(tmp_path / name)]) == 0
     docs = {n: json.loads((tmp_path / n / "metrics.json").read_text()) for n in runs}
@@ -50,7 +50,8 @@ def test_the_same_simulate_command_twice_and_its_secure_twin_give_identical_scor
     # secure aggregation sums bit for bit what the plain round sums: the same run, the same numbers
     assert np.array_equal(tables["a"], tables["secure"])
     assert _scores(docs["a"]) == _scores(docs["secure"])
-    # and so under the pooled normaliser, whose uploads are twice as wide; it changes the run (the control)
-    assert np.array_equal(tables["pooled"], tables["pooled-secure"])
-    assert _scores(docs["pooled"]) == _scores(docs["pooled-secure"])
-    assert not np.array_equal(tables["a"], tables["pooled"])
+    # and so without the pooled normaliser, whose uploads are half as wide; it changes the run (the control)
+    assert np.array_equal(tables["off"], tables["off-secure"])
+    assert _scores(docs["off"]) == _scores(docs["off-secure"])
+    assert not np.array_equal(tables["a"], tables["off"])
+    assert docs["a"]["config"]["train"]["pooled_normaliser_rows"] == 1000
