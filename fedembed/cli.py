@@ -616,6 +616,16 @@ def cmd_server(args: argparse.Namespace, argv: list[str] | None = None) -> int:
     return 1
 
 
+def client_rules(args: argparse.Namespace) -> dict[str, str]:
+    """The organisation's own rules from ``fedembed client`` arguments, as node config entries (values as written)."""
+    return {"secure-colluders": str(args.secure_colluders),
+            "secure-row-sets": json.dumps(args.secure_row_sets),
+            "dp-min-noise-multiplier": str(args.dp_min_noise_multiplier),
+            "dp-max-epsilon": str(args.dp_max_epsilon), "dp-delta": str(args.dp_delta),
+            "sync": json.dumps(args.sync), "sync-pad": repr(float(args.sync_pad)),
+            "normaliser-upload": "false" if args.no_normaliser_upload else "true"}
+
+
 def cmd_client(args: argparse.Namespace) -> int:
     from fedembed.deploy import ClientOptions, run_client
 
@@ -630,12 +640,7 @@ def cmd_client(args: argparse.Namespace) -> int:
         superlink=args.superlink, state_dir=args.state_dir, root_cert=args.root_cert,
         auth_key=args.auth_key, insecure=args.insecure, runtime_port=args.runtime_port, restart=not args.no_restart,
         identity_key=args.identity_key, roster=args.roster, worker=not args.no_worker, task_config=task_config,
-        extra_node_config={"secure-colluders": str(args.secure_colluders),
-                           "secure-row-sets": json.dumps(args.secure_row_sets),
-                           "dp-min-noise-multiplier": str(args.dp_min_noise_multiplier),
-                           "dp-max-epsilon": str(args.dp_max_epsilon), "dp-delta": str(args.dp_delta),
-                           "sync": json.dumps(args.sync), "sync-pad": repr(float(args.sync_pad)),
-                           "normaliser-upload": "false" if args.no_normaliser_upload else "true"},
+        extra_node_config=client_rules(args),
     )
     if opts.insecure:
         log.warning("--insecure: this organisation's traffic to the coordinator is not encrypted")

@@ -277,5 +277,16 @@ def test_the_normaliser_upload_rule_comes_from_the_organisations_own_node_config
     assert normaliser_upload_rule({}) and normaliser_upload_rule({"normaliser-upload": True})
     assert not normaliser_upload_rule({"normaliser-upload": False})  # as Flower parses `normaliser-upload=false`
     assert not normaliser_upload_rule({"normaliser-upload": "false"})
+    # what `fedembed client --no-normaliser-upload` writes into the node config, parsed as Flower parses it
+    from flwr.common.config import parse_config_args
+
+    from fedembed.cli import build_parser, client_rules
+
+    def written(*flags):
+        args = build_parser().parse_args(["client", "--state-dir", "s", "--roster", "r", "--task", "synthetic", *flags])
+        return parse_config_args([" ".join(f"{k}={v}" for k, v in client_rules(args).items())])  # as node_config joins
+
+    assert not normaliser_upload_rule(written("--no-normaliser-upload"))
+    assert normaliser_upload_rule(written())
     with pytest.raises(ConfigError, match="normaliser-upload"):
         normaliser_upload_rule({"normaliser-upload": "sometimes"})
