@@ -115,6 +115,10 @@ class Coordinator:
         self.on_round = on_round
         self.shapes = cfg.federation.shapes()
         self.pooled = cfg.train.pooled_tables(self.shapes)  # tables whose uploads carry the pooled normaliser
+        if self.pooled:
+            log.info("table(s) %s carry the pooled normaliser (%s): uploads of them are twice as wide", sorted(self.pooled),
+                     "--pooled-normaliser" if cfg.train.pooled_normaliser
+                     else f"at most {cfg.train.pooled_normaliser_rows} rows; --pooled-normaliser-rows 0 for none")
         self.upload_shapes = upload_shapes(self.shapes, self.pooled)  # what uploads are checked against
         if roster is None:
             roster = Roster.from_dict(cfg.roster) if cfg.roster else getattr(transport, "roster", None)
