@@ -103,6 +103,23 @@ def test_a_negative_or_oversized_normaliser_in_a_plain_upload_is_refused_with_th
             check_upload(bad, 4.0, {"t"})
 
 
+def test_an_organisation_claiming_the_largest_normaliser_weights_its_own_delta_up_by_less_than_sqrt_n():
+    """A normaliser inside the range passes every check, so this is what one organisation can do with it (the
+    README's "Not covered"): claiming CLIP on a row the others see as 1 weights its delta by
+    sqrt(CLIP n / (CLIP + n - 1)) < sqrt(n) and every other organisation's down by sqrt(n / (CLIP + n - 1))."""
+    n = 5
+    deltas = [np.array([[0.1, -0.1]])] * n
+    honest = narrow(sum_updates([_update([4], d, [[1.0, 1.0]]) for d in deltas], ["t"]), 4.0, {"t"})
+    ups = [_update([4], deltas[0], [[CLIP, CLIP]])] + [_update([4], d, [[1.0, 1.0]]) for d in deltas[1:]]
+    for up in ups:
+        check_upload(up, 4.0, {"t"})  # every upload is one an honest organisation could send
+    step = narrow(sum_updates(ups, ["t"]), 4.0, {"t"})["t"].weighted_delta
+    own, other = np.sqrt(CLIP * n / (CLIP + n - 1)), np.sqrt(n / (CLIP + n - 1))
+    np.testing.assert_allclose(step, deltas[0] * (own + (n - 1) * other), rtol=1e-5)
+    np.testing.assert_allclose(honest["t"].weighted_delta, deltas[0] * n, rtol=1e-5)  # the control: the plain sum
+    assert 2.1 < own < np.sqrt(n) and other < 0.25
+
+
 def test_a_sum_whose_normaliser_was_sunk_moves_no_coordinate_beyond_clip_times_its_weight():
     ups = [_update([3], [[0.5, -0.5]], [[1.0, 1.0]]), _update([3], [[0.5, 0.2]], [[1.0, 1.0]])]
     agg = sum_updates(ups, ["t"])
