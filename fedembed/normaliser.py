@@ -35,7 +35,9 @@ normalisers of every row (of one organisation's, where it alone touched the row,
 its delta, which it learns there already). An organisation that lies about its normaliser
 can sink the federation's ``v`` of a row and so scale every honest delta of the row up:
 :func:`narrow` bounds the step of every coordinate by ``clip * sum w``, the most that
-honest deltas can add up to without the normaliser.
+honest deltas can add up to without the normaliser. Inside the range nothing can be
+checked: an organisation that claims :data:`CLIP` on a row the others see as average
+weights its own delta by ``sqrt(CLIP n / (CLIP + n - 1)) < sqrt(n)`` and theirs down.
 """
 
 from __future__ import annotations
