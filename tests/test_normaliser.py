@@ -265,6 +265,35 @@ def test_the_squared_gradients_and_steps_of_each_row_are_summed_over_the_epoch_e
     assert squares.of("t", np.array([], dtype=np.int64))[0].shape == (0, 3)
 
 
+def test_with_a_small_and_a_large_table_only_the_small_one_carries_it_through_plain_and_secure_rounds(
+        tmp_path, direct_transport):
+    """Per table: by default the 200-row ``users`` uploads are twice as wide and re-scaled, the 3,000-row ``items``
+    are plain deltas, in the same upload and the same secure vector."""
+    from pathlib import Path
+
+    spec = TaskSpec(f"{Path(__file__).parent / 'tasks_fixture.py'}:UsersItemsTask", {"orgs": 3})
+    runs = {}
+    for name, kw in {"plain": {}, "dense": {"secure": True, "row_set": "dense"},
+                     "union": {"secure": True, "row_set": "union"},
+                     "off": {"train": TrainConfig(pooled_normaliser_rows=0)}}.items():
+        t = direct_transport(tmp_path / name, 3, task=spec)
+        c = Coordinator(run_config(spec, rounds=1, **kw), t)
+        c.run()
+        assert c.log.rounds[0]["clients"] == 3 and not c.log.rounds[0]["rejected"], c.log.rounds[0]["rejected"]
+        assert c.pooled == (set() if name == "off" else {"users"})
+        runs[name] = (c, t)
+    plain, t = runs["plain"]
+    for record in [out["update"] for _, kind, out in t.seen if kind == "train" and "update" in out]:
+        update = decode_update(record, plain.upload_shapes)
+        assert update["users"].delta.shape[1] == 8 and update["items"].delta.shape[1] == 4
+    for other in ("dense", "union"):  # the secure vectors lay the two widths out alike
+        for table in ("users", "items"):
+            assert np.array_equal(plain.tables.tables[table], runs[other][0].tables.tables[table])
+    off = runs["off"][0]
+    assert not np.array_equal(plain.tables.tables["users"], off.tables.tables["users"])  # re-scaled
+    assert np.array_equal(plain.tables.tables["items"], off.tables.tables["items"])  # summed as before, bit for bit
+
+
 # ---------------------------------------------------------------- the organisation's own rule
 
 
