@@ -294,6 +294,19 @@ def test_with_a_small_and_a_large_table_only_the_small_one_carries_it_through_pl
     assert np.array_equal(plain.tables.tables["items"], off.tables.tables["items"])  # summed as before, bit for bit
 
 
+def test_the_coordinator_says_which_tables_carry_it_and_why_a_small_one_does_not(tmp_path, direct_transport, caplog):
+    import logging
+
+    caplog.set_level(logging.INFO, logger="fedembed.coordinator")
+    spec = synthetic(2, rows=500)
+    t = direct_transport(tmp_path, 2, task=spec)
+    Coordinator(run_config(spec, rounds=1), t)
+    assert "table(s) ['ids'] carry the pooled normaliser (at most 1000 rows" in caplog.text
+    caplog.clear()
+    Coordinator(run_config(spec, rounds=1, train=TrainConfig(table_optimizer="sgd")), t)
+    assert "table(s) ['ids'] are small enough for the pooled normaliser but carry none" in caplog.text
+
+
 # ---------------------------------------------------------------- the organisation's own rule
 
 
