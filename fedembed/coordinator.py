@@ -119,11 +119,9 @@ class Coordinator:
             log.info("table(s) %s carry the pooled normaliser (%s): uploads of them are twice as wide", sorted(self.pooled),
                      "--pooled-normaliser" if cfg.train.pooled_normaliser
                      else f"at most {cfg.train.pooled_normaliser_rows} rows; --pooled-normaliser-rows 0 for none")
-        else:
-            small = sorted(n for n, (rows, _d) in self.shapes.items() if rows <= cfg.train.pooled_normaliser_rows)
-            if small:  # the rule would apply, but not with this table optimizer or under DP
-                log.info("table(s) %s are small enough for the pooled normaliser but carry none: it needs the "
-                         "sparse_adam table optimizer and no DP", small)
+        elif small := cfg.train.small_tables(self.shapes):  # the rule would apply, but not with this optimizer or DP
+            log.info("table(s) %s are small enough for the pooled normaliser but carry none: it needs the "
+                     "sparse_adam table optimizer and no DP, got %s", sorted(small), ", ".join(cfg.train.pooled_clash()))
         self.upload_shapes = upload_shapes(self.shapes, self.pooled)  # what uploads are checked against
         if roster is None:
             roster = Roster.from_dict(cfg.roster) if cfg.roster else getattr(transport, "roster", None)

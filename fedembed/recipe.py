@@ -207,13 +207,21 @@ class TrainConfig:
         if not (isinstance(self.pooled_normaliser_rows, int) and self.pooled_normaliser_rows >= 0):
             raise RecipeError(f"pooled_normaliser_rows must be an integer >= 0 (0: no table), "
                               f"got {self.pooled_normaliser_rows!r}")
-        if self.pooled_normaliser:
-            clash = [f"table_optimizer {self.table_optimizer!r}"] if self.table_optimizer != "sparse_adam" else []
-            clash += ["dp_noise_multiplier > 0"] if self.dp else []
-            clash += ["dp_sum_noise_multiplier > 0"] if self.dp_distributed else []
-            if clash:
-                raise RecipeError(f"pooled_normaliser re-scales Adam's steps and its normalisers are not privatised: it "
-                                  f"needs table_optimizer 'sparse_adam' and no DP, got {', '.join(clash)}")
+        clash = self.pooled_clash()
+        if self.pooled_normaliser and clash:
+            raise RecipeError(f"pooled_normaliser re-scales Adam's steps and its normalisers are not privatised: it "
+                              f"needs table_optimizer 'sparse_adam' and no DP, got {', '.join(clash)}")
+
+    def pooled_clash(self) -> list[str]:
+        """The settings that keep every table from carrying the pooled normaliser (empty: none).
+
+        It re-scales Adam's steps (the ``sparse_adam`` table optimizer) and its normalisers
+        are not privatised (neither DP mode).
+        """
+        clash = [f"table_optimizer {self.table_optimizer!r}"] if self.table_optimizer != "sparse_adam" else []
+        clash += ["dp_noise_multiplier > 0"] if self.dp else []
+        clash += ["dp_sum_noise_multiplier > 0"] if self.dp_distributed else []
+        return clash
 
     def pooled_tables(self, shapes: Mapping[str, tuple[int, int]]) -> frozenset[str]:
         """The tables whose uploads carry the pooled normaliser (:mod:`fedembed.normaliser`).
@@ -231,8 +239,12 @@ class TrainConfig:
         """
         if self.pooled_normaliser:
             return frozenset(shapes)
-        if self.table_optimizer != "sparse_adam" or self.dp or self.dp_distributed:
+        if self.pooled_clash():
             return frozenset()
+        return self.small_tables(shapes)
+
+    def small_tables(self, shapes: Mapping[str, tuple[int, int]]) -> frozenset[str]:
+        """The tables of at most ``pooled_normaliser_rows`` rows (those the pooled normaliser's default is for)."""
         return frozenset(n for n, (rows, _dim) in shapes.items() if int(rows) <= self.pooled_normaliser_rows)
 
     def _check_dp(self) -> None:

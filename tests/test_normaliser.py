@@ -304,7 +304,8 @@ def test_the_coordinator_says_which_tables_carry_it_and_why_a_small_one_does_not
     assert "table(s) ['ids'] carry the pooled normaliser (at most 1000 rows" in caplog.text
     caplog.clear()
     Coordinator(run_config(spec, rounds=1, train=TrainConfig(table_optimizer="sgd")), t)
-    assert "table(s) ['ids'] are small enough for the pooled normaliser but carry none" in caplog.text
+    assert ("table(s) ['ids'] are small enough for the pooled normaliser but carry none: it needs the sparse_adam "
+            "table optimizer and no DP, got table_optimizer 'sgd'") in caplog.text
 
 
 # ---------------------------------------------------------------- the organisation's own rule
