@@ -40,6 +40,11 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
+#: How a run ran before a recipe field existed, for the fields whose default is not that:
+#: a checkpoint written by such a version lacks the field (:meth:`Coordinator._resume` says so).
+#: Each maps to (the value the older version ran as, the flag that keeps it).
+BEFORE_FIELD: dict[str, tuple[object, str]] = {"pooled_normaliser_rows": (0, "--pooled-normaliser-rows 0")}
+
 TRAIN = "train"
 #: Per-request sync records of one version hold at most this many tables' worth of rows together.
 REQUEST_RECORD_TABLES = 4.0
@@ -177,12 +182,37 @@ class Coordinator:
                 f"state dir {self.state_dir} holds tables of shapes {shapes}, this run's are {self.shapes}; "
                 "use a new --state-dir or the run's own settings"
             )
+        self._say_recipe_changes(run.get("train"))
         self.tables = ckpt.tables
         self.optimizer.state = ckpt.optimizer_state
         self.log.rounds = ckpt.config.get("rounds", [])
         self.log.initial = ckpt.config.get("initial", {})
         self.start_round = ckpt.round + 1
         log.info("resumed at round %d from %s", self.start_round, self.state_dir)
+
+    def _say_recipe_changes(self, saved: object) -> None:
+        """Warn, field by field, where the recipe resumed with differs from the checkpoint's.
+
+        A resumed run takes its recipe from the command that resumes it, so a changed flag, or
+        a default changed by a newer fedembed, changes the recipe mid-run. That may be meant;
+        it is never silent. A field the checkpoint lacks was added after it was written: the
+        warning says how the older version ran (:data:`BEFORE_FIELD`) and how to keep that.
+        """
+        if not isinstance(saved, dict):
+            return
+        now = self.cfg.train.to_dict()
+        changes = []
+        for name in sorted(now):
+            if name in saved:
+                if saved[name] != now[name]:
+                    changes.append(f"{name} {saved[name]!r} -> {now[name]!r}")
+            elif name in BEFORE_FIELD and BEFORE_FIELD[name][0] != now[name]:
+                was, flag = BEFORE_FIELD[name]
+                changes.append(f"{name} absent from the checkpoint (written by an older fedembed, which ran as "
+                               f"{was!r}; {flag} keeps that) -> {now[name]!r}")
+        if changes:
+            log.warning("resuming from %s with a recipe that differs from the checkpoint's: %s; from the next round "
+                        "on the new values apply (pass the old ones to keep them)", self.state_dir, "; ".join(changes))
 
     def _checkpoint(self) -> None:
         if self.state_dir is None:

@@ -353,3 +353,49 @@ def test_org_private_keys_from_certs_are_0600_from_creation(tmp_path, open_umask
         assert stat.S_IMODE((d / name).stat().st_mode) == 0o600, name
     for name in ("ca.crt", "server.crt", "org-0.pub"):  # public halves stay readable
         assert stat.S_IMODE((d / name).stat().st_mode) & 0o044 == 0o044, name
+
+
+# ------------------------------------------------------------------ 7. a recipe that changed under a resumed run
+
+
+def _recipe_warnings(caplog) -> list[str]:
+    return [r.message for r in caplog.records
+            if r.levelno == logging.WARNING and "differs from the checkpoint's" in r.message]
+
+
+def test_resuming_with_another_recipe_says_which_fields_changed(tmp_path, direct_transport, caplog):
+    """A flag changed on resume changes the recipe mid-run: allowed, and said field by field."""
+    state, t = _two_rounds(tmp_path, direct_transport)
+    with caplog.at_level(logging.WARNING):
+        Coordinator(run_config(TASK, rounds=4), t, state_dir=state)
+    assert _recipe_warnings(caplog) == []  # the control: the same recipe resumes silently
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):
+        c = Coordinator(run_config(TASK, rounds=4, train=TrainConfig(table_lr=0.02, epochs=2)), t, state_dir=state)
+    assert c.start_round == 3
+    (msg,) = _recipe_warnings(caplog)
+    assert "table_lr 0.05 -> 0.02" in msg and "epochs 1 -> 2" in msg and str(state) in msg
+    assert "head_lr" not in msg  # only what changed
+
+
+def test_resuming_a_checkpoint_from_before_the_pooled_normaliser_default_says_so(tmp_path, direct_transport, caplog):
+    """A checkpoint written before ``pooled_normaliser_rows`` existed ran without it; resuming
+    with the default (a 400-row table now carries it) is said, with the flag that keeps the old way."""
+    from fedembed.store import load_checkpoint, save_checkpoint
+
+    state, t = _two_rounds(tmp_path, direct_transport)
+    ckpt = load_checkpoint(_checkpoints(state)[-1])
+    del ckpt.config["run"]["train"]["pooled_normaliser_rows"]  # as an older fedembed wrote it
+    old = tmp_path / "old"
+    old.mkdir(mode=0o700)
+    save_checkpoint(old, ckpt)
+    with caplog.at_level(logging.WARNING):
+        c = Coordinator(run_config(TASK, rounds=4), t, state_dir=old)
+    assert c.start_round == 3 and c.pooled == {"products"}
+    (msg,) = _recipe_warnings(caplog)
+    assert "pooled_normaliser_rows absent from the checkpoint" in msg and "--pooled-normaliser-rows 0" in msg
+    assert msg.endswith("-> 1000; from the next round on the new values apply (pass the old ones to keep them)")
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):  # resumed the old way: nothing changes, nothing to say
+        c = Coordinator(run_config(TASK, rounds=4, train=TrainConfig(pooled_normaliser_rows=0)), t, state_dir=old)
+    assert _recipe_warnings(caplog) == [] and c.pooled == frozenset()
