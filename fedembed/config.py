@@ -326,3 +326,7 @@ class RoundPlan(StageHeader):
             delta_clip=cfg.delta_clip,
         )
 
+    def recipe(self) -> TrainConfig:
+        """The training recipe the plan carries (:attr:`train`, parsed; unknown keys ignored)."""
+        return TrainConfig.from_dict(json.loads(self.train))
+

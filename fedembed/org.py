@@ -11,7 +11,6 @@ share heads or train alone run in one process, :mod:`fedembed.baselines`.)
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
@@ -204,7 +203,7 @@ class Organisation:
         """Run one stage of a round (see module docstring)."""
         task = self.task
         name = self.identity.name
-        cfg = TrainConfig.from_dict(json.loads(plan.train)).at_round(plan.round)
+        cfg = plan.recipe().at_round(plan.round)
         if cfg.dp or self.dp_policy.max_epsilon:  # its own budget wins where it is tighter
             epsilon, delta = self.dp_policy.budget(cfg.dp_target_epsilon, cfg.dp_target_delta)
             cfg = replace(cfg, dp_target_epsilon=epsilon, dp_target_delta=delta)
@@ -396,7 +395,7 @@ def _checked_plan(organisation: Organisation, content: RecordDict, message_type:
     organisation.check_federation(federation)
     if plan.evaluate_only != (message_type == "evaluate"):
         raise MessageRefused(f"a {message_type!r} message whose plan says evaluate_only={plan.evaluate_only}")
-    recipe = TrainConfig.from_dict(json.loads(plan.train))
+    recipe = plan.recipe()
     organisation.dp_policy.check(recipe.dp_active_noise_multiplier,
                                  "dp_sum_noise_multiplier" if recipe.dp_distributed else "dp_noise_multiplier")
     if recipe.dp_distributed and not (plan.secure and plan.row_set == "dense"):
@@ -433,7 +432,7 @@ def _secure_records(organisation: Organisation, plan: RoundPlan, content: Record
     from fedembed.secagg.client import advertise_next, begin, encode_rows, mask_in_train, next_shares
     from fedembed.workingset import training_rows
 
-    cfg = TrainConfig.from_dict(json.loads(plan.train))
+    cfg = plan.recipe()
     member = organisation.member
     encoding = (plan.delta_clip, cfg.max_row_weight, plan.wire_dtype)
     noise = DistributedNoise.for_recipe(cfg, shapes, plan.delta_clip)  # distributed DP: a share before masking
@@ -517,7 +516,7 @@ def handle_content(organisation: Organisation, content: RecordDict, message_type
     check_drop(plan.drop, "evaluate" if plan.evaluate_only else "train", plan.round, organisation.org)
     shapes = {n: t.shape for n, t in organisation.table_specs().items()}
     # what its upload is laid out over: twice as wide for the tables that carry its normaliser (fedembed.normaliser)
-    upload = upload_shapes(shapes, TrainConfig.from_dict(json.loads(plan.train)).pooled_tables(shapes))
+    upload = upload_shapes(shapes, plan.recipe().pooled_tables(shapes))
     try:
         sync = decode_sync(content["sync"], shapes) if "sync" in content else {}
         reply = organisation.handle(plan, sync)
