@@ -85,6 +85,8 @@ def run_fedavg_all(
         runlog.set_metrics(0, name, evals.record(0, name, evaluate_splits(task, model)))
     head_states: list[dict | None] = [None] * len(tasks)
     table_states: list[dict] = [{} for _ in tasks]
+    pooled = cfg.train.pooled_tables(shapes)  # the tables whose uploads carry the pooled normaliser (every round)
+    widths = upload_shapes(shapes, pooled)
     for round_ in range(1, cfg.rounds + 1):
         t0 = time.perf_counter()
         entry = runlog.new_round(round_)
@@ -101,8 +103,7 @@ def run_fedavg_all(
             updates.append(update)
             heads.append((_numpy_head(model), stats["examples"]))
         scales = ValueScales(n=len(updates), clip_delta=cfg.delta_clip, max_weight=cfg.train.max_row_weight)
-        pooled = recipe.pooled_tables(shapes)
-        agg = fixed_point_sum(updates, upload_shapes(shapes, pooled), scales, cfg.wire_dtype)
+        agg = fixed_point_sum(updates, widths, scales, cfg.wire_dtype)
         if pooled:
             agg = narrow(agg, cfg.delta_clip, pooled)
         entry["rows_changed"] = optimizer.step(tables, agg, round_)

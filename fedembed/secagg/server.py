@@ -65,7 +65,6 @@ from flwr.app import ConfigRecord, RecordDict
 from fedembed.config import StageHeader
 from fedembed.dp import DPError
 from fedembed.dp.distributed import DistributedNoise
-from fedembed.normaliser import upload_shapes
 from fedembed.secagg.graph import default_neighbours, default_threshold
 from fedembed.secagg.primitives import CryptoError
 from fedembed.secagg.protocol import (
@@ -266,8 +265,9 @@ class SecureRound:
         self.cfg = coord.cfg
         self.round = round_
         self.entry = entry
-        # the value vectors are laid out over the uploads' width (twice the table's where it carries the pooled normaliser)
-        self.shapes = upload_shapes(coord.shapes, coord.cfg.train.pooled_tables(coord.shapes))
+        # the value vectors are laid out over the uploads' width (twice the table's where it carries the pooled
+        # normaliser): the coordinator's layout, the one plain uploads are checked against
+        self.shapes = coord.upload_shapes
         self.context = session_context(self.cfg.run_key(), round_)
         self.prepared = prepared
         self.ahead = ahead
