@@ -35,9 +35,16 @@ of a Flower run, minus Flower: the results equal the Flower simulation's, and it
 faster on a small machine); ``--engine flower`` runs ``fedembed simulate`` instead.
 ``--extra`` adds ``fedembed simulate`` flags to every run (a candidate recipe).
 
+``--task`` evaluates an organisation's own task (``file.py:Class`` or a module path, as
+``fedembed simulate --task`` takes it, with its ``--option`` settings) as one more
+scenario, named by ``--name``: the same modes, seeds, tables and targets, so whether
+federating pays off on one's own data is one command. Its seed reaches the task as
+``--option seed=K`` (the :class:`fedembed.Task` base class takes it).
+
 Usage::
 
     .venv/bin/python simulations/evaluate.py --out runs/evaluate
+    .venv/bin/python simulations/evaluate.py --task my_task.py:MyTask --orgs 6 --out runs/mine
 """
 
 from __future__ import annotations
@@ -61,8 +68,9 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from fedembed.cli import build_parser, config_from_args  # noqa: E402
-from fedembed.config import RunConfig  # noqa: E402
+from fedembed.config import ConfigError, RunConfig  # noqa: E402
 from fedembed.coordinator import Coordinator, Reply  # noqa: E402
+from fedembed.errors import FedembedError  # noqa: E402
 from fedembed.identity import Identity, make_identities  # noqa: E402
 from fedembed.org import Organisation, handle_content  # noqa: E402
 from fedembed.task import TaskSpec, load_task, parse_options, simulated_federation  # noqa: E402
@@ -78,6 +86,8 @@ SCENARIOS: dict[str, list[str]] = {
     "synthetic": ["--task", "synthetic", "--option", "rows=20000", "--option", "touch=0.05", "--option", "examples=1000"],
     "link": ["--task", f"{ROOT / 'examples' / 'links.py'}:LinkTask"],
 }
+#: The scenarios that come with fedembed (``--task`` adds one of the user's own to :data:`SCENARIOS`).
+BUILT_IN = tuple(SCENARIOS)
 HEADS_DIFFER = {"movies-mixed"}
 #: Per-scenario recipe settings, for every mode of that scenario alike, with ``--scenario-recipes`` only:
 #: the README's table and issue 12's targets are measured with the framework's defaults.
@@ -121,6 +131,33 @@ class InProcessTransport:
     def exchange(self, message_type: str, contents: dict, timeout: float) -> list[Reply]:
         """Hand each message to its organisation and collect the replies."""
         return [Reply(node, handle_content(self.orgs[node], content, message_type, node)) for node, content in contents.items()]
+
+
+def add_task_scenario(name: str, task: str, options: list[str]) -> None:
+    """Register an organisation's own task as the scenario ``name`` (the built-in ones are in :data:`SCENARIOS`).
+
+    ``task`` is what ``fedembed simulate --task`` takes; a file path is made absolute, so
+    ``--engine flower`` (run from the repository) finds it too. ``options`` are its
+    ``KEY=VALUE`` settings, without ``seed`` (each run sets it from ``--seeds``).
+
+    Raises
+    ------
+    ConfigError
+        A name taken by a built-in scenario, an option that is not ``KEY=VALUE``, or a
+        ``seed`` option.
+    """
+    if name in BUILT_IN:
+        raise ConfigError(f"--name {name!r} is a built-in scenario; choose another")
+    for option in options:
+        key, eq, _ = option.partition("=")
+        if not eq or not key:
+            raise ConfigError(f"--option {option!r}: expected KEY=VALUE")
+        if key == "seed":
+            raise ConfigError("--option seed=...: each run's task seed is its --seeds value; give --seeds instead")
+    path, colon, attr = task.rpartition(":")
+    if colon and path.endswith(".py") and Path(path).exists():
+        task = f"{Path(path).resolve()}:{attr}"
+    SCENARIOS[name] = ["--task", task, *[arg for option in options for arg in ("--option", option)]]
 
 
 def run_args(
@@ -363,7 +400,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", type=Path, default=ROOT / "runs" / "evaluate")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--rounds", type=int, default=ROUNDS, help="rounds per run (default: the CLI's)")
-    p.add_argument("--scenarios", nargs="+", choices=list(SCENARIOS), default=list(SCENARIOS))
+    p.add_argument("--scenarios", nargs="+", choices=list(BUILT_IN), default=None,
+                   help="built-in scenarios to run (default: all of them, or none with --task)")
+    p.add_argument("--task", default=None, metavar="SPEC",
+                   help="also evaluate your own task, as `fedembed simulate --task` takes it (file.py:Class or a "
+                        "module path), as the scenario --name")
+    p.add_argument("--option", action="append", default=[], metavar="KEY=VALUE",
+                   help="a setting of --task's task (repeatable); its seed comes from --seeds")
+    p.add_argument("--name", default="task", help="the scenario name of --task in the tables (default: task)")
     p.add_argument("--modes", nargs="+", choices=[*MODES, GUARDED], default=[*MODES, GUARDED],
                    help=f"fedembed: the shared model alone (no guard); {GUARDED}: with the guard on")
     p.add_argument("--engine", choices=["inprocess", "flower"], default="inprocess")
@@ -380,7 +424,16 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     logging.getLogger("fedembed").setLevel(logging.ERROR)
-    for scenario in args.scenarios:
+    if args.option and not args.task:
+        p.error("--option sets --task's task: give --task too")
+    scenarios = list(args.scenarios) if args.scenarios is not None else ([] if args.task else list(BUILT_IN))
+    if args.task:
+        try:
+            add_task_scenario(args.name, args.task, args.option)
+        except ConfigError as exc:
+            p.error(str(exc))
+        scenarios.append(args.name)
+    for scenario in scenarios:
         for mode in args.modes:
             if mode == "fedavg-all" and scenario in HEADS_DIFFER:
                 continue
@@ -389,8 +442,14 @@ def main(argv: list[str] | None = None) -> int:
                 if (out / "metrics.json").exists():
                     continue
                 t0 = time.perf_counter()
-                run_one(run_args(scenario, mode, seed, args.rounds, out, args.extra.split(), args.orgs,
-                                 args.scenario_recipes), out, args.engine)
+                try:
+                    run_one(run_args(scenario, mode, seed, args.rounds, out, args.extra.split(), args.orgs,
+                                     args.scenario_recipes), out, args.engine)
+                except FedembedError as exc:  # refused input: said, with the run it stopped
+                    if mode == "fedavg-all" and isinstance(exc, ConfigError):  # one averaged head needs heads alike
+                        log.warning("%s: fedavg-all skipped: %s", scenario, exc)
+                        break
+                    p.exit(1, f"evaluate: {scenario} {mode} seed {seed}: {exc}\n")
                 score = json.loads((out / "metrics.json").read_text())["final"]["mean"]["score"]
                 log.info("%-13s %-10s seed %d: mean score %.4f (%.0f s)", scenario, mode, seed, score, time.perf_counter() - t0)
     summary = summarise(args.out, args.seeds)
