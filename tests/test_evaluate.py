@@ -54,6 +54,17 @@ SEED_TASK = textwrap.dedent('''
 ''')
 
 
+@pytest.fixture(autouse=True)
+def _logging_restored():
+    """evaluate.main() configures logging as a script does (fedembed's loggers at ERROR); undo it for the other tests."""
+    fed, root = logging.getLogger("fedembed"), logging.getLogger()
+    saved = fed.level, root.level, list(root.handlers)
+    yield
+    fed.setLevel(saved[0])
+    root.setLevel(saved[1])
+    root.handlers[:] = saved[2]
+
+
 @pytest.fixture
 def seed_task(tmp_path: Path) -> str:
     path = tmp_path / "seed_task.py"
