@@ -53,6 +53,7 @@ import argparse
 import json
 import logging
 import os
+import re
 import subprocess
 import sys
 import tempfile
@@ -143,11 +144,13 @@ def add_task_scenario(name: str, task: str, options: list[str]) -> None:
     Raises
     ------
     ConfigError
-        A name taken by a built-in scenario, an option that is not ``KEY=VALUE``, or a
-        ``seed`` option.
+        A name taken by a built-in scenario or that is not a plain directory name, an
+        option that is not ``KEY=VALUE``, or a ``seed`` option.
     """
     if name in BUILT_IN:
         raise ConfigError(f"--name {name!r} is a built-in scenario; choose another")
+    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", name):  # it names a directory under --out
+        raise ConfigError(f"--name {name!r}: letters, digits, '_', '.' and '-' only, starting with a letter or digit")
     for option in options:
         key, eq, _ = option.partition("=")
         if not eq or not key:

@@ -97,6 +97,7 @@ def test_own_task_options_are_checked(seed_task: str, tmp_path: Path, capsys) ->
     for argv, fault in (
         (["--option", "seed=3"], "each run's task seed is its --seeds value"),
         (["--name", "synthetic"], "is a built-in scenario"),
+        (["--name", "../elsewhere"], "letters, digits"),
         (["--option", "width"], "expected KEY=VALUE"),
     ):
         with pytest.raises(SystemExit) as exc:
