@@ -45,6 +45,9 @@ class ServerOptimizer:
         ``row += lr * m_hat / (sqrt(v_hat) + eps)``.
     lr : float
         Server learning rate.
+    table_lr : dict[str, float]
+        Per-table learning rates in place of ``lr`` (the coordinator gives the tables that
+        carry the pooled normaliser ``RunConfig.pooled_server_lr``); other tables use ``lr``.
     eps : float
         Numerical floor of the adaptive optimizers.
     beta1, beta2 : float
@@ -59,6 +62,7 @@ class ServerOptimizer:
 
     name: str = "sgd"
     lr: float = 1.0
+    table_lr: dict[str, float] = field(default_factory=dict)
     eps: float = 1e-3
     beta1: float = 0.9
     beta2: float = 0.99
@@ -68,8 +72,10 @@ class ServerOptimizer:
     def __post_init__(self) -> None:
         if self.name not in SERVER_OPTIMIZERS:
             raise ValueError(f"unknown server optimizer {self.name!r}; choose one of {SERVER_OPTIMIZERS}")
-        if not self.lr > 0:
-            raise ValueError(f"server learning rate must be > 0, got {self.lr}")
+        for what, lr in (("server learning rate", self.lr), *((f"server learning rate of table {t!r}", v)
+                                                               for t, v in self.table_lr.items())):
+            if not lr > 0:
+                raise ValueError(f"{what} must be > 0, got {lr}")
         if not self.weight_cap >= 1:
             raise ValueError(f"weight_cap must be >= 1, got {self.weight_cap}")
 
@@ -96,24 +102,25 @@ class ServerOptimizer:
                 continue
             mean = ts.mean()
             table = tables.tables[name]
+            lr = self.table_lr.get(name, self.lr)
             if self.name == "sgd":
-                step = self.lr * mean
+                step = lr * mean
             elif self.name == "sum":  # every organisation's (capped) share of its delta, added up
-                step = self.lr * (ts.weighted_delta / self.weight_cap).astype(np.float32)
+                step = lr * (ts.weighted_delta / self.weight_cap).astype(np.float32)
             elif self.name == "adagrad":
                 acc = self.state.setdefault(name, np.zeros(table.shape[0], dtype=np.float32))
                 acc[ts.ids] += np.mean(mean.astype(np.float32) ** 2, axis=1)
-                step = self.lr * mean / (np.sqrt(acc[ts.ids])[:, None] + self.eps)
+                step = lr * mean / (np.sqrt(acc[ts.ids])[:, None] + self.eps)
             else:
-                step = self._adaptive(name, table.shape, ts.ids, mean)
+                step = self._adaptive(name, table.shape, ts.ids, mean, lr)
             table[ts.ids] += step.astype(np.float32)
             tables.stamp(name, ts.ids, version)
             changed += int(ts.ids.size)
         tables.version = version
         return changed
 
-    def _adaptive(self, name: str, shape: tuple[int, ...], ids: np.ndarray, d: np.ndarray) -> np.ndarray:
-        """The FedAdam / FedYogi step of rows ``ids`` with pseudo-gradient ``d`` (per-row state, lazy)."""
+    def _adaptive(self, name: str, shape: tuple[int, ...], ids: np.ndarray, d: np.ndarray, lr: float) -> np.ndarray:
+        """The FedAdam / FedYogi step (learning rate ``lr``) of rows ``ids`` with pseudo-gradient ``d`` (per-row state, lazy)."""
         m = self.state.setdefault(f"{name}.m", np.zeros(shape, dtype=np.float32))
         v = self.state.setdefault(f"{name}.v", np.zeros(shape[0], dtype=np.float32))
         t = self.state.setdefault(f"{name}.t", np.zeros(shape[0], dtype=np.int32))
@@ -128,4 +135,4 @@ class ServerOptimizer:
         steps = t[ids].astype(np.float64)
         m_hat = m[ids] / (1 - self.beta1**steps)[:, None]
         v_hat = v[ids] / (1 - self.beta2**steps)
-        return (self.lr * m_hat / (np.sqrt(np.maximum(v_hat, 0.0))[:, None] + self.eps)).astype(np.float32)
+        return (lr * m_hat / (np.sqrt(np.maximum(v_hat, 0.0))[:, None] + self.eps)).astype(np.float32)

@@ -149,7 +149,8 @@ def _add_task_options(p: argparse.ArgumentParser, simulated: bool) -> None:
 def _add_run_options(p: argparse.ArgumentParser, server: bool) -> None:
     """The run (recipe, rounds, wire, secure aggregation): generated from RunConfig and TrainConfig."""
     g = p.add_argument_group("run")
-    run_fields = ["rounds", *([] if server else ["mode"]), "seed", "fraction", "server_optimizer", "server_lr", "table_scale"]
+    run_fields = ["rounds", *([] if server else ["mode"]), "seed", "fraction", "server_optimizer", "server_lr", "pooled_server_lr",
+                  "table_scale"]
     if server:
         run_fields += ["min_orgs", "round_timeout"]
     add_dataclass_options(g, RunConfig, run_fields)

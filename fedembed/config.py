@@ -56,6 +56,13 @@ class RunConfig:
         adaptive steps); see :class:`fedembed.aggregate.ServerOptimizer`.
     server_lr : float
         The server optimizer's learning rate (``sgd`` with 1: the plain weighted mean).
+    pooled_server_lr : float
+        The server learning rate of the tables that carry the pooled normaliser
+        (``TrainConfig.pooled_normaliser_rows``: by default the tables of at most 1,000
+        rows), in place of ``server_lr``: such a table moves by half its normalised sum by
+        default. Every organisation reads most rows of such a table many times an epoch,
+        and keeping half of the round's move lifts the shared model there (link +0.007,
+        20 seeds; README, "Does federating pay off?").
     table_scale : float
         Standard deviation of the seeded version-0 tables (every party regenerates them).
     wire_dtype : str
@@ -117,6 +124,7 @@ class RunConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     server_optimizer: str = "sum"
     server_lr: float = 1.0
+    pooled_server_lr: float = 0.5
     table_scale: float = 0.1
     wire_dtype: str = "float16"
     secure: bool = False
@@ -149,6 +157,9 @@ class RunConfig:
             raise ConfigError("--secure applies to --mode fedembed only")
         if not self.delta_clip > 0:
             raise ConfigError(f"delta_clip must be > 0, got {self.delta_clip}")
+        for name in ("server_lr", "pooled_server_lr"):
+            if not getattr(self, name) > 0:
+                raise ConfigError(f"{name} must be > 0, got {getattr(self, name)}")
         if self.train.dp_distributed and not (self.secure and self.row_set == "dense"):
             raise ConfigError(  # without masking each share is seen alone; other row sets release U without noise
                 "distributed DP noise (dp_sum_noise_multiplier) needs --secure --row-set dense: without masking the "

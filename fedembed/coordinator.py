@@ -16,7 +16,7 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord, RecordDict
@@ -42,8 +42,12 @@ log = logging.getLogger(__name__)
 
 #: How a run ran before a recipe field existed, for the fields whose default is not that:
 #: a checkpoint written by such a version lacks the field (:meth:`Coordinator._resume` says so).
-#: Each maps to (the value the older version ran as, the flag that keeps it).
-BEFORE_FIELD: dict[str, tuple[object, str]] = {"pooled_normaliser_rows": (0, "--pooled-normaliser-rows 0")}
+#: Each maps to (the value the older version ran as, the flag that keeps it). (``pooled_server_lr``:
+#: an older version stepped every table by ``server_lr``; the checkpoint's, where it has one.)
+BEFORE_FIELD: dict[str, tuple[object, str]] = {"pooled_normaliser_rows": (0, "--pooled-normaliser-rows 0"),
+                                               "pooled_server_lr": (1.0, "--pooled-server-lr 1")}
+#: The coordinator's own part of the recipe: how it steps the tables with each round's sum.
+SERVER_STEP = ("server_optimizer", "server_lr", "pooled_server_lr")
 
 TRAIN = "train"
 #: Per-request sync records of one version hold at most this many tables' worth of rows together.
@@ -135,7 +139,8 @@ class Coordinator:
         self.roster = roster
         if cfg.secure and len(roster) < 2:
             raise ConfigError("secure aggregation needs at least 2 organisations in the roster (a sum of one is no secret)")
-        self.optimizer = ServerOptimizer(cfg.server_optimizer, cfg.server_lr, weight_cap=cfg.train.max_row_weight)
+        self.optimizer = ServerOptimizer(cfg.server_optimizer, cfg.server_lr, weight_cap=cfg.train.max_row_weight,
+                                         table_lr={t: cfg.pooled_server_lr for t in self.pooled})
         self.tables = VersionedTables.initial(self.shapes, cfg.seed, cfg.table_scale)
         self.log = RunLog(config=cfg.to_dict())
         self.start_round = 1
@@ -182,7 +187,7 @@ class Coordinator:
                 f"state dir {self.state_dir} holds tables of shapes {shapes}, this run's are {self.shapes}; "
                 "use a new --state-dir or the run's own settings"
             )
-        self._say_recipe_changes(run.get("train"))
+        self._say_recipe_changes(run)
         self.tables = ckpt.tables
         self.optimizer.state = ckpt.optimizer_state
         self.log.rounds = ckpt.config.get("rounds", [])
@@ -190,24 +195,31 @@ class Coordinator:
         self.start_round = ckpt.round + 1
         log.info("resumed at round %d from %s", self.start_round, self.state_dir)
 
-    def _say_recipe_changes(self, saved: object) -> None:
-        """Warn, field by field, where the recipe resumed with differs from the checkpoint's.
+    def _say_recipe_changes(self, run: dict[str, Any]) -> None:
+        """Warn, field by field, where the recipe resumed with differs from the checkpoint's ``run``.
 
-        A resumed run takes its recipe from the command that resumes it, so a changed flag, or
-        a default changed by a newer fedembed, changes the recipe mid-run. That may be meant;
-        it is never silent. A field the checkpoint lacks was added after it was written: the
-        warning says how the older version ran (:data:`BEFORE_FIELD`) and how to keep that.
+        A resumed run takes its recipe (the organisations' local recipe and the
+        coordinator's :data:`SERVER_STEP`) from the command that resumes it, so a changed
+        flag, or a default changed by a newer fedembed, changes the recipe mid-run. That may
+        be meant; it is never silent. A field the checkpoint lacks was added after it was
+        written: the warning says how the older version ran (:data:`BEFORE_FIELD`) and how
+        to keep that.
         """
-        if not isinstance(saved, dict):
+        train = run.get("train")
+        if not isinstance(train, dict):
             return
-        now = self.cfg.train.to_dict()
+        saved = {**train, **{k: run[k] for k in SERVER_STEP if k in run}}
+        now = {**self.cfg.train.to_dict(), **{k: getattr(self.cfg, k) for k in SERVER_STEP}}
+        before = dict(BEFORE_FIELD)
+        if isinstance(run.get("server_lr"), (int, float)):  # an older version stepped every table by it
+            before["pooled_server_lr"] = (run["server_lr"], f"--pooled-server-lr {run['server_lr']:g}")
         changes = []
         for name in sorted(now):
             if name in saved:
                 if saved[name] != now[name]:
                     changes.append(f"{name} {saved[name]!r} -> {now[name]!r}")
-            elif name in BEFORE_FIELD and BEFORE_FIELD[name][0] != now[name]:
-                was, flag = BEFORE_FIELD[name]
+            elif name in before and before[name][0] != now[name]:
+                was, flag = before[name]
                 changes.append(f"{name} absent from the checkpoint (written by an older fedembed, which ran as "
                                f"{was!r}; {flag} keeps that) -> {now[name]!r}")
         if changes:

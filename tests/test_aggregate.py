@@ -44,6 +44,17 @@ def test_rowwise_adagrad_normalises_by_the_rows_accumulated_square():
     assert opt.state["t"][1] == 0
 
 
+def test_a_table_given_its_own_learning_rate_moves_by_it_and_the_others_by_lr():
+    vt = VersionedTables.initial({"t": (3, 2), "u": (3, 2)}, seed=0, scale=0.0)
+    both = {**agg([0], [[1.0, 2.0]]), "u": agg([0], [[1.0, 2.0]])["t"]}
+    ServerOptimizer("sum", 1.0, weight_cap=1.0, table_lr={"t": 0.5}).step(vt, both, version=1)
+    np.testing.assert_allclose(vt.tables["t"][0], [1.0, 2.0], rtol=1e-6)  # 0.5 x the sum (weight 2: 2 x mean)
+    np.testing.assert_allclose(vt.tables["u"][0], [2.0, 4.0], rtol=1e-6)  # the sum
+    for bad in (0.0, -1.0):
+        with pytest.raises(ValueError, match="table 't'"):
+            ServerOptimizer("sum", table_lr={"t": bad})
+
+
 def test_unknown_server_optimizer_is_refused():
     with pytest.raises(ValueError, match="unknown server optimizer"):
         ServerOptimizer("rmsprop")

@@ -294,6 +294,29 @@ def test_with_a_small_and_a_large_table_only_the_small_one_carries_it_through_pl
     assert np.array_equal(plain.tables.tables["items"], off.tables.tables["items"])  # summed as before, bit for bit
 
 
+def test_a_table_that_carries_it_moves_by_pooled_server_lr_of_its_sum_and_the_others_by_server_lr(
+        tmp_path, direct_transport):
+    """The default half step of a small table: ``users`` (200 rows, carries the normaliser) moves by
+    ``pooled_server_lr`` (0.5) of its normalised sum, ``items`` (3,000 rows) by the whole sum, as before."""
+    from pathlib import Path
+
+    from fedembed.config import RunConfig
+
+    assert RunConfig.__dataclass_fields__["pooled_server_lr"].default == 0.5
+    spec = TaskSpec(f"{Path(__file__).parent / 'tasks_fixture.py'}:UsersItemsTask", {"orgs": 3})
+    moved = {}
+    for lr in (0.5, 1.0):  # the same round (same data, seeds, sums): only the step differs
+        t = direct_transport(tmp_path / f"lr{lr}", 3, task=spec)
+        c = Coordinator(run_config(spec, rounds=1, pooled_server_lr=lr), t)
+        start = {n: a.copy() for n, a in c.tables.tables.items()}
+        c.run()
+        assert c.pooled == {"users"} and c.log.rounds[0]["clients"] == 3
+        moved[lr] = {n: c.tables.tables[n].astype(np.float64) - start[n] for n in start}
+    assert np.abs(moved[1.0]["users"]).max() > 1e-4  # it moved: the comparison below can fail
+    np.testing.assert_allclose(moved[0.5]["users"], 0.5 * moved[1.0]["users"], rtol=1e-4, atol=1e-6)
+    assert np.array_equal(moved[0.5]["items"], moved[1.0]["items"])  # a large table: untouched by it
+
+
 def test_the_coordinator_says_which_tables_carry_it_and_why_a_small_one_does_not(tmp_path, direct_transport, caplog):
     import logging
 

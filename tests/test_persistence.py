@@ -399,3 +399,35 @@ def test_resuming_a_checkpoint_from_before_the_pooled_normaliser_default_says_so
     with caplog.at_level(logging.WARNING):  # resumed the old way: nothing changes, nothing to say
         c = Coordinator(run_config(TASK, rounds=4, train=TrainConfig(pooled_normaliser_rows=0)), t, state_dir=old)
     assert _recipe_warnings(caplog) == [] and c.pooled == frozenset()
+
+
+def test_resuming_a_checkpoint_from_before_the_half_step_of_small_tables_says_so(tmp_path, direct_transport, caplog):
+    """An older fedembed stepped every table by ``server_lr``; a checkpoint it wrote lacks
+    ``pooled_server_lr``, and resuming with the default (its 400-row table moves by half its sum)
+    is said, with the flag that keeps the old step: the checkpoint's own ``server_lr``."""
+    from fedembed.store import load_checkpoint, save_checkpoint
+
+    state, t = _two_rounds(tmp_path, direct_transport)
+    ckpt = load_checkpoint(_checkpoints(state)[-1])
+    del ckpt.config["run"]["pooled_server_lr"]  # as an older fedembed wrote it
+    for server_lr in (1.0, 0.7):
+        ckpt.config["run"]["server_lr"] = server_lr
+        old = tmp_path / f"old-{server_lr}"
+        old.mkdir(mode=0o700)
+        save_checkpoint(old, ckpt)
+        caplog.clear()
+        with caplog.at_level(logging.WARNING):
+            c = Coordinator(run_config(TASK, rounds=4, server_lr=server_lr), t, state_dir=old)
+        assert c.start_round == 3 and c.optimizer.table_lr == {"products": 0.5}
+        (msg,) = _recipe_warnings(caplog)
+        assert (f"pooled_server_lr absent from the checkpoint (written by an older fedembed, which ran as {server_lr!r}; "
+                f"--pooled-server-lr {server_lr:g} keeps that) -> 0.5") in msg
+        caplog.clear()
+        with caplog.at_level(logging.WARNING):  # resumed the old way: nothing changes, nothing to say
+            c = Coordinator(run_config(TASK, rounds=4, server_lr=server_lr, pooled_server_lr=server_lr), t, state_dir=old)
+        assert _recipe_warnings(caplog) == [] and c.optimizer.table_lr == {"products": server_lr}
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):  # the coordinator's own step is part of the recipe it names
+        Coordinator(run_config(TASK, rounds=4, server_lr=0.8), t, state_dir=state)
+    (msg,) = _recipe_warnings(caplog)
+    assert "server_lr 1.0 -> 0.8" in msg and "pooled_server_lr" not in msg

@@ -69,7 +69,6 @@ def run_fedavg_all(
             f"fedavg-all averages heads, but these organisations' heads differ from {names[0]}'s: {'; '.join(misfits)}"
         )
     tables = VersionedTables.initial(shapes, cfg.seed, cfg.table_scale)
-    optimizer = ServerOptimizer(cfg.server_optimizer, cfg.server_lr, weight_cap=cfg.train.max_row_weight)
     head = _numpy_head(models[0])  # FedAvg starts every organisation from one model
     for task, model in zip(tasks, models):
         model.to(task.device)
@@ -86,6 +85,8 @@ def run_fedavg_all(
     head_states: list[dict | None] = [None] * len(tasks)
     table_states: list[dict] = [{} for _ in tasks]
     pooled = cfg.train.pooled_tables(shapes)  # the tables whose uploads carry the pooled normaliser (every round)
+    optimizer = ServerOptimizer(cfg.server_optimizer, cfg.server_lr, weight_cap=cfg.train.max_row_weight,
+                                table_lr={t: cfg.pooled_server_lr for t in pooled})
     widths = upload_shapes(shapes, pooled)
     for round_ in range(1, cfg.rounds + 1):
         t0 = time.perf_counter()
