@@ -8,12 +8,17 @@ optimizer applies to the touched rows only; every changed row is stamped with th
 from __future__ import annotations
 
 import logging
+from collections.abc import Collection
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from fedembed.sparse import AggregateSum
 from fedembed.tables import VersionedTables
+
+if TYPE_CHECKING:
+    from fedembed.config import RunConfig
 
 log = logging.getLogger(__name__)
 
@@ -72,12 +77,24 @@ class ServerOptimizer:
     def __post_init__(self) -> None:
         if self.name not in SERVER_OPTIMIZERS:
             raise ValueError(f"unknown server optimizer {self.name!r}; choose one of {SERVER_OPTIMIZERS}")
-        for what, lr in (("server learning rate", self.lr), *((f"server learning rate of table {t!r}", v)
-                                                               for t, v in self.table_lr.items())):
+        rates = {"server learning rate": self.lr,
+                 **{f"server learning rate of table {t!r}": v for t, v in self.table_lr.items()}}
+        for what, lr in rates.items():
             if not lr > 0:
                 raise ValueError(f"{what} must be > 0, got {lr}")
         if not self.weight_cap >= 1:
             raise ValueError(f"weight_cap must be >= 1, got {self.weight_cap}")
+
+    @classmethod
+    def for_run(cls, cfg: RunConfig, pooled: Collection[str]) -> ServerOptimizer:
+        """The server optimizer of run ``cfg``, whose tables ``pooled`` carry the pooled normaliser.
+
+        Those tables step by ``cfg.pooled_server_lr``, the others by ``cfg.server_lr``: the
+        one place a run's settings become its table steps (the coordinator and the
+        ``fedavg-all`` baseline alike).
+        """
+        return cls(cfg.server_optimizer, cfg.server_lr, weight_cap=cfg.train.max_row_weight,
+                   table_lr={t: cfg.pooled_server_lr for t in pooled})
 
     def step(self, tables: VersionedTables, agg: AggregateSum, version: int) -> int:
         """Apply one round's aggregate to ``tables`` and stamp the rows with ``version``.
@@ -120,7 +137,7 @@ class ServerOptimizer:
         return changed
 
     def _adaptive(self, name: str, shape: tuple[int, ...], ids: np.ndarray, d: np.ndarray, lr: float) -> np.ndarray:
-        """The FedAdam / FedYogi step (learning rate ``lr``) of rows ``ids`` with pseudo-gradient ``d`` (per-row state, lazy)."""
+        """The FedAdam / FedYogi step, at rate ``lr``, of rows ``ids`` with pseudo-gradient ``d`` (per-row state, lazy)."""
         m = self.state.setdefault(f"{name}.m", np.zeros(shape, dtype=np.float32))
         v = self.state.setdefault(f"{name}.v", np.zeros(shape[0], dtype=np.float32))
         t = self.state.setdefault(f"{name}.t", np.zeros(shape[0], dtype=np.int32))

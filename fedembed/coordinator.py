@@ -41,11 +41,14 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 #: How a run ran before a recipe field existed, for the fields whose default is not that:
-#: a checkpoint written by such a version lacks the field (:meth:`Coordinator._resume` says so).
-#: Each maps to (the value the older version ran as, the flag that keeps it). (``pooled_server_lr``:
-#: an older version stepped every table by ``server_lr``; the checkpoint's, where it has one.)
-BEFORE_FIELD: dict[str, tuple[object, str]] = {"pooled_normaliser_rows": (0, "--pooled-normaliser-rows 0"),
-                                               "pooled_server_lr": (1.0, "--pooled-server-lr 1")}
+#: a checkpoint written by such a version lacks the field (:meth:`Coordinator._resume` says so,
+#: with ``--<field> <value>``, the flag that keeps it). Each maps to the value the older version
+#: ran as, read from the checkpoint's run: no pooled normaliser; every table stepped by its
+#: ``server_lr``.
+BEFORE_FIELD: dict[str, Callable[[dict[str, Any]], object]] = {
+    "pooled_normaliser_rows": lambda run: 0,
+    "pooled_server_lr": lambda run: run.get("server_lr", 1.0),
+}
 #: The coordinator's own part of the recipe: how it steps the tables with each round's sum.
 SERVER_STEP = ("server_optimizer", "server_lr", "pooled_server_lr")
 
@@ -139,8 +142,7 @@ class Coordinator:
         self.roster = roster
         if cfg.secure and len(roster) < 2:
             raise ConfigError("secure aggregation needs at least 2 organisations in the roster (a sum of one is no secret)")
-        self.optimizer = ServerOptimizer(cfg.server_optimizer, cfg.server_lr, weight_cap=cfg.train.max_row_weight,
-                                         table_lr={t: cfg.pooled_server_lr for t in self.pooled})
+        self.optimizer = ServerOptimizer.for_run(cfg, self.pooled)
         self.tables = VersionedTables.initial(self.shapes, cfg.seed, cfg.table_scale)
         self.log = RunLog(config=cfg.to_dict())
         self.start_round = 1
@@ -210,16 +212,13 @@ class Coordinator:
             return
         saved = {**train, **{k: run[k] for k in SERVER_STEP if k in run}}
         now = {**self.cfg.train.to_dict(), **{k: getattr(self.cfg, k) for k in SERVER_STEP}}
-        before = dict(BEFORE_FIELD)
-        if isinstance(run.get("server_lr"), (int, float)):  # an older version stepped every table by it
-            before["pooled_server_lr"] = (run["server_lr"], f"--pooled-server-lr {run['server_lr']:g}")
         changes = []
         for name in sorted(now):
             if name in saved:
                 if saved[name] != now[name]:
                     changes.append(f"{name} {saved[name]!r} -> {now[name]!r}")
-            elif name in before and before[name][0] != now[name]:
-                was, flag = before[name]
+            elif name in BEFORE_FIELD and (was := BEFORE_FIELD[name](run)) != now[name]:
+                flag = f"--{name.replace('_', '-')} {was:g}"
                 changes.append(f"{name} absent from the checkpoint (written by an older fedembed, which ran as "
                                f"{was!r}; {flag} keeps that) -> {now[name]!r}")
         if changes:

@@ -85,8 +85,7 @@ def run_fedavg_all(
     head_states: list[dict | None] = [None] * len(tasks)
     table_states: list[dict] = [{} for _ in tasks]
     pooled = cfg.train.pooled_tables(shapes)  # the tables whose uploads carry the pooled normaliser (every round)
-    optimizer = ServerOptimizer(cfg.server_optimizer, cfg.server_lr, weight_cap=cfg.train.max_row_weight,
-                                table_lr={t: cfg.pooled_server_lr for t in pooled})
+    optimizer = ServerOptimizer.for_run(cfg, pooled)
     widths = upload_shapes(shapes, pooled)
     for round_ in range(1, cfg.rounds + 1):
         t0 = time.perf_counter()
