@@ -68,6 +68,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
+from fedembed.baselines.fedavg_all import check_heads_alike  # noqa: E402
 from fedembed.cli import build_parser, config_from_args  # noqa: E402
 from fedembed.config import ConfigError, RunConfig  # noqa: E402
 from fedembed.coordinator import Coordinator, Reply  # noqa: E402
@@ -75,6 +76,7 @@ from fedembed.errors import FedembedError  # noqa: E402
 from fedembed.identity import Identity, make_identities  # noqa: E402
 from fedembed.org import Organisation, handle_content  # noqa: E402
 from fedembed.task import TaskSpec, load_task, parse_options, simulated_federation  # noqa: E402
+from fedembed.train import build_seeded  # noqa: E402
 
 log = logging.getLogger("evaluate")
 
@@ -186,11 +188,43 @@ def run_args(
     return args + list(extra or [])
 
 
+def preflight(args: list[str], mode: str) -> None:
+    """Load the organisations' tasks of one run here, as ``fedembed simulate`` would (``--engine flower``).
+
+    A subprocess that fails says so in its own output only; loading the tasks in this
+    process first refuses an unloadable task, or heads that ``fedavg-all`` cannot average,
+    with the same message as the in-process engine.
+
+    Raises
+    ------
+    FedembedError
+        A task that cannot be loaded (``TaskError``), or for ``fedavg-all`` heads that differ
+        (``ConfigError``).
+    """
+    parsed = build_parser().parse_args(args)
+    specs, names, _ = simulated_federation(TaskSpec(parsed.task, parse_options(parsed.option)), parsed.orgs)
+    if mode == "fedavg-all":
+        tasks = [load_task(t) for t in specs]
+        check_heads_alike([build_seeded(t, parsed.seed, n) for t, n in zip(tasks, names)], names)
+
+
 def run_one(args: list[str], out: Path, engine: str) -> None:
-    """Run one simulation (``fedembed simulate`` ``args``), writing ``out/metrics.json``."""
+    """Run one simulation (``fedembed simulate`` ``args``), writing ``out/metrics.json``.
+
+    Raises
+    ------
+    FedembedError
+        Refused input: the in-process run's own error, or with ``engine="flower"`` the
+        :func:`preflight`'s, or the subprocess's failure with the end of its output.
+    """
     if engine == "flower":
+        mode = args[args.index("--mode") + 1]
+        preflight(args, mode)
         exe = Path(sys.executable).with_name("fedembed")
-        subprocess.run([str(exe), *args, "--quiet", "--cpus", "1"], check=True, cwd=ROOT)
+        done = subprocess.run([str(exe), *args, "--quiet", "--cpus", "1"], cwd=ROOT, capture_output=True, text=True)
+        if done.returncode != 0:
+            tail = "\n".join((done.stderr or done.stdout).strip().splitlines()[-15:])
+            raise FedembedError(f"`fedembed simulate` exited with code {done.returncode}:\n{tail}")
         return
     parsed = build_parser().parse_args(args)
     # as `fedembed simulate` does: every organisation's own task, their names, the federation they share
@@ -455,6 +489,7 @@ def main(argv: list[str] | None = None) -> int:
                     p.exit(1, f"evaluate: {scenario} {mode} seed {seed}: {exc}\n")
                 score = json.loads((out / "metrics.json").read_text())["final"]["mean"]["score"]
                 log.info("%-13s %-10s seed %d: mean score %.4f (%.0f s)", scenario, mode, seed, score, time.perf_counter() - t0)
+    args.out.mkdir(parents=True, exist_ok=True)  # even when every run was skipped: the summary says so
     summary = summarise(args.out, args.seeds)
     checks = targets(summary)
     recipes = SCENARIO_RECIPES if args.scenario_recipes else {}

@@ -114,3 +114,38 @@ def test_own_task_options_are_checked(seed_task: str, tmp_path: Path, capsys) ->
     assert exc.value.code == 1
     err = capsys.readouterr().err
     assert "task fedembed seed 0:" in err and "absent.py" in err and "Traceback" not in err
+
+
+def test_flower_engine_refuses_before_starting_a_subprocess(seed_task: str, tmp_path: Path, capsys, caplog,
+                                                            monkeypatch) -> None:
+    """Under ``--engine flower`` an unloadable task, or heads fedavg-all cannot average, are found in this process.
+
+    The subprocess is never started for them; its failure, when it does fail, names the run
+    and ends with what the subprocess said.
+    """
+    started: list[list[str]] = []
+
+    def no_subprocess(cmd, **kwargs):
+        started.append(cmd)
+        return evaluate.subprocess.CompletedProcess(cmd, 3, stdout="", stderr="warming up\nFedembedError: disk full\n")
+
+    monkeypatch.setattr(evaluate.subprocess, "run", no_subprocess)
+    with pytest.raises(SystemExit) as exc:
+        evaluate.main(["--engine", "flower", "--task", str(tmp_path / "absent.py:Nope"), "--out", str(tmp_path / "a")])
+    assert exc.value.code == 1
+    err = capsys.readouterr().err
+    assert "task fedembed seed 0:" in err and "absent.py" in err and "not found" in err
+    assert started == []
+    # heads that differ: fedavg-all skipped with the reason, still without a subprocess
+    with caplog.at_level(logging.WARNING, logger="evaluate"):
+        code = evaluate.main(["--engine", "flower", "--task", seed_task, "--orgs", "2", "--modes", "fedavg-all",
+                              "--seeds", "0", "--out", str(tmp_path / "b")])
+    assert code == 0 and started == []
+    assert "fedavg-all skipped" in caplog.text and "unit-1" in caplog.text
+    # a subprocess that fails: the run is named with the end of its output, not a CalledProcessError traceback
+    with pytest.raises(SystemExit) as exc:
+        evaluate.main(["--engine", "flower", "--task", seed_task, "--orgs", "2", "--modes", "local", "--seeds", "0",
+                       "--out", str(tmp_path / "c")])
+    assert exc.value.code == 1 and len(started) == 1
+    err = capsys.readouterr().err
+    assert "task local seed 0: `fedembed simulate` exited with code 3" in err and "disk full" in err

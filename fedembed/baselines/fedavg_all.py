@@ -20,6 +20,7 @@ import torch
 
 from fedembed.aggregate import ServerOptimizer
 from fedembed.config import ConfigError, RunConfig
+from fedembed.model import SplitModel
 from fedembed.normaliser import narrow, upload_shapes
 from fedembed.report import RunLog
 from fedembed.secagg.vector import ValueScales, fixed_point_sum
@@ -45,6 +46,34 @@ def average_heads(heads: list[tuple[dict[str, np.ndarray], float]]) -> dict[str,
     return {k: sum(h[k].astype(np.float64) * w for (h, _), w in zip(heads, weights)).astype(ref[k].dtype) for k in ref}
 
 
+def check_heads_alike(models: list[SplitModel], names: list[str]) -> None:
+    """Refuse a federation whose heads cannot be averaged: each must have the first one's parameters and shapes.
+
+    Parameters
+    ----------
+    models : list of SplitModel
+        Every organisation's model.
+    names : list of str
+        Their names, in the same order.
+
+    Raises
+    ------
+    ConfigError
+        Naming each organisation whose head differs, with (up to three of) the parameters that differ.
+    """
+    ref = {k: tuple(v.shape) for k, v in models[0].head_state_dict().items()}
+    misfits = []
+    for name, model in zip(names[1:], models[1:]):
+        own = {k: tuple(v.shape) for k, v in model.head_state_dict().items()}
+        if own != ref:
+            diff = sorted(k for k in set(own) | set(ref) if own.get(k) != ref.get(k))
+            misfits.append(f"{name} ({', '.join(diff[:3])}{', ...' if len(diff) > 3 else ''})")
+    if misfits:
+        raise ConfigError(
+            f"fedavg-all averages heads, but these organisations' heads differ from {names[0]}'s: {'; '.join(misfits)}"
+        )
+
+
 def run_fedavg_all(
     cfg: RunConfig, tasks: list[Task], names: list[str], on_round: Callable[[dict], None] | None = None
 ) -> tuple[RunLog, dict[str, np.ndarray]]:
@@ -57,17 +86,7 @@ def run_fedavg_all(
     """
     shapes = cfg.federation.shapes()
     models = [build_seeded(t, cfg.seed, n) for t, n in zip(tasks, names)]
-    ref = {k: tuple(v.shape) for k, v in models[0].head_state_dict().items()}
-    misfits = []
-    for name, model in zip(names[1:], models[1:]):
-        own = {k: tuple(v.shape) for k, v in model.head_state_dict().items()}
-        if own != ref:
-            diff = sorted(k for k in set(own) | set(ref) if own.get(k) != ref.get(k))
-            misfits.append(f"{name} ({', '.join(diff[:3])}{', ...' if len(diff) > 3 else ''})")
-    if misfits:
-        raise ConfigError(
-            f"fedavg-all averages heads, but these organisations' heads differ from {names[0]}'s: {'; '.join(misfits)}"
-        )
+    check_heads_alike(models, names)
     tables = VersionedTables.initial(shapes, cfg.seed, cfg.table_scale)
     head = _numpy_head(models[0])  # FedAvg starts every organisation from one model
     for task, model in zip(tasks, models):
