@@ -23,6 +23,8 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 SERVER_OPTIMIZERS = ("sgd", "adagrad", "adam", "yogi", "sum")
+#: The server optimizers whose step is linear in the round's deltas (their learning rate scales the move).
+LINEAR = ("sgd", "sum")
 
 
 @dataclass
@@ -95,6 +97,31 @@ class ServerOptimizer:
         """
         return cls(cfg.server_optimizer, cfg.server_lr, weight_cap=cfg.train.max_row_weight,
                    table_lr={t: cfg.pooled_server_lr for t in pooled})
+
+    def kept_shares(self, tables: Collection[str]) -> dict[str, float]:
+        """The share of an epoch's move of each table that a mode without a coordinator keeps.
+
+        ``pooled`` and ``local`` train one trajectory, so the coordinator's step has no sum
+        to act on; under the linear steps (``sgd``, ``sum``) its learning rate acts on the
+        epoch's move instead: the table ends the epoch at ``start + lr * (end - start)``
+        (Lookahead with one slow step per epoch). The adaptive steps have no such
+        analogue and give nothing.
+
+        Parameters
+        ----------
+        tables : collection of str
+            The run's tables.
+
+        Returns
+        -------
+        dict
+            Table -> share, for the tables whose learning rate is not 1 (the others keep
+            their whole move).
+        """
+        if self.name not in LINEAR:
+            return {}
+        shares = {t: self.table_lr.get(t, self.lr) for t in tables}
+        return {t: lr for t, lr in shares.items() if lr != 1.0}
 
     def step(self, tables: VersionedTables, agg: AggregateSum, version: int) -> int:
         """Apply one round's aggregate to ``tables`` and stamp the rows with ``version``.

@@ -136,6 +136,25 @@ def _proximal_pull(model: SplitModel, start: dict[str, torch.Tensor], rate: floa
         w[ids] -= rate * (w[ids] - t0[ids])
 
 
+@torch.no_grad()
+def snapshot_tables(model: SplitModel, names: Collection[str]) -> dict[str, torch.Tensor]:
+    """Copies of the tables ``names`` of ``model`` (the start of an epoch, for :func:`keep_share_of_move`)."""
+    return {n: model.table(n).weight.detach().clone() for n in names}
+
+
+@torch.no_grad()
+def keep_share_of_move(model: SplitModel, start: dict[str, torch.Tensor], shares: dict[str, float]) -> None:
+    """Move each table back to ``start + share * (now - start)``: the coordinator's step in one trajectory.
+
+    ``pooled`` and ``local`` (and only they) call it after each epoch with
+    :meth:`fedembed.aggregate.ServerOptimizer.kept_shares`, so a table the coordinator
+    steps by half its sum keeps half of the epoch's move there too.
+    """
+    for name, t0 in start.items():
+        w = model.table(name).weight
+        w.copy_(t0 + shares[name] * (w - t0))
+
+
 def head_steps(task: Task, cfg: TrainConfig) -> int:
     """Steps of the FedRep head re-fit: ``cfg.head_epochs`` times the batches of an epoch, rounded up (0: none)."""
     if not cfg.head_epochs > 0:
@@ -375,7 +394,8 @@ def train_local(
 
 
 def train_alone(
-    task: Task, model: SplitModel, cfg: TrainConfig, saved: dict[str, Any] | None, seed: int, who: str, round_: int
+    task: Task, model: SplitModel, cfg: TrainConfig, saved: dict[str, Any] | None, seed: int, who: str, round_: int,
+    keep: dict[str, float] | None = None,
 ) -> dict[str, Any]:
     """One round of an organisation training on its own (its own tables and head, nothing uploaded).
 
@@ -394,6 +414,10 @@ def train_alone(
         What the previous call returned (None in round 1).
     seed, who, round_ : int, str, int
         Run seed, organisation name and round (:func:`round_rng`).
+    keep : dict, optional
+        Table -> share of the epoch's move it keeps (:func:`keep_share_of_move`; the
+        ``local`` baseline passes the coordinator's step,
+        :meth:`fedembed.aggregate.ServerOptimizer.kept_shares`). None: the whole move.
 
     Returns
     -------
@@ -412,9 +436,12 @@ def train_alone(
         ledger = PrivacyLedger(alone.dp_target_delta, alone.dp_target_epsilon or None).resume((saved or {}).get("dp_ledger"))
         # it releases nothing: its noise may repeat from the run's seed (reproducible baselines)
         dp_random = SecureRandom.derive(noise_secret(None, f"alone/{seed}"), "record", who, round_)
+    start = snapshot_tables(model, keep) if keep else {}
     try:
         train_local(task, model, alone, head_opt, round_rng(seed, who, round_), start_tables=None,
                     table_state=table_state, dp_ledger=ledger, dp_random=dp_random)
+        if keep:
+            keep_share_of_move(model, start, keep)
     except BudgetExhausted as exc:
         log.warning("%s: %s", who, exc)
         return dict(saved or {"head": model.head_state_dict(), "optimizer": head_opt.state_dict()})

@@ -2,8 +2,11 @@
 
 What an organisation gets without any federation: the same model, recipe, seeds and
 batches as in a ``fedembed`` run, but its shared tables never leave it and never take in
-anyone else's rows. The guard's private twin (:mod:`fedembed.guard`) is trained by the
-very same function, :func:`fedembed.train.train_alone`.
+anyone else's rows. The coordinator's step is kept as in ``pooled``: a table whose server
+learning rate is not 1 keeps that share of each epoch's move (a federation of one). The
+guard's private twin (:mod:`fedembed.guard`) is trained by the very same function,
+:func:`fedembed.train.train_alone`, but without that step: an organisation is not told the
+coordinator's learning rates.
 """
 
 from __future__ import annotations
@@ -13,6 +16,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+from fedembed.aggregate import ServerOptimizer
 from fedembed.config import RunConfig
 from fedembed.dp.accounting import PrivacyLedger
 from fedembed.report import RunLog
@@ -51,12 +55,14 @@ def run_local(
         models.append(model)
         runlog.set_metrics(0, name, evals.record(0, name, evaluate_splits(task, model)))
     saved: list[dict[str, Any] | None] = [None] * len(tasks)
+    # the coordinator's step, in one trajectory: a table stepped by half its sum keeps half of each epoch's move
+    keep = ServerOptimizer.for_run(cfg, cfg.train.pooled_tables(shapes)).kept_shares(shapes)
     for round_ in range(1, cfg.rounds + 1):
         t0 = time.perf_counter()
         entry = runlog.new_round(round_)
         recipe = cfg.train.at_round(round_)
         for i, (task, model, name) in enumerate(zip(tasks, models, names)):
-            saved[i] = train_alone(task, model, recipe, saved[i], cfg.seed, name, round_)
+            saved[i] = train_alone(task, model, recipe, saved[i], cfg.seed, name, round_, keep)
             runlog.set_metrics(round_, name, evals.record(round_, name, evaluate_splits(task, model)))
             if "dp_ledger" in saved[i]:  # the same DP as in a federation: its spend, as fedembed mode reports it
                 eps, delta = PrivacyLedger.from_dict(saved[i]["dp_ledger"]).spent()

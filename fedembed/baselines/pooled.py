@@ -9,7 +9,11 @@ modes' rounds. The recipe is the federation's, FedRep's knobs included: with
 on its own batches, the shared tables frozen, :func:`refit_heads`) at the next round's
 learning rate, as an organisation re-fits on the synced tables before it evaluates them
 and trains on; with ``freeze_head`` the epoch then trains the tables only; ``prox_mu`` has no synced
-value to pull towards here and is ignored, as in ``local``.
+value to pull towards here and is ignored, as in ``local``. The coordinator's step is kept
+too: under the linear server steps a table whose server learning rate is not 1 (by
+default the small tables, which move by half their sum) keeps that share of each epoch's
+move (:meth:`fedembed.aggregate.ServerOptimizer.kept_shares`, Lookahead with one slow step
+per epoch), as ``local`` does.
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ from collections.abc import Callable
 import numpy as np
 import torch
 
+from fedembed.aggregate import ServerOptimizer
 from fedembed.config import RunConfig
 from fedembed.model import SplitModel
 from fedembed.report import RunLog
@@ -28,7 +33,9 @@ from fedembed.stopping import Evaluations
 from fedembed.tables import init_table
 from fedembed.task import Task, to_device
 from fedembed.recipe import TrainConfig
-from fedembed.train import _table_optimizer, build_seeded, evaluate_splits, head_steps
+from fedembed.train import (
+    _table_optimizer, build_seeded, evaluate_splits, head_steps, keep_share_of_move, snapshot_tables,
+)
 
 log = logging.getLogger(__name__)
 
@@ -100,6 +107,9 @@ def run_pooled(
     heads = {id(p): p for m in models for p in m.head_parameters() if id(p) not in shared}
     head_opt = torch.optim.AdamW(list(heads.values()), lr=cfg.train.head_lr, weight_decay=cfg.train.head_weight_decay)
     table_opt = _table_optimizer(models[0], cfg.train)
+    # the coordinator's step, in one trajectory: a table stepped by half its sum keeps half of each epoch's move
+    shapes = cfg.federation.shapes()
+    keep = ServerOptimizer.for_run(cfg, cfg.train.pooled_tables(shapes)).kept_shares(shapes)
     for task, model in zip(tasks, models):
         model.to(task.device)
     runlog = RunLog(config=cfg.to_dict())
@@ -127,6 +137,7 @@ def run_pooled(
             for g in opt.param_groups:
                 g["lr"] = lr
         steps = [(i, b) for i, t in enumerate(tasks) for b in t.batches("train", cfg.train.batch_size, rng)]
+        start = snapshot_tables(models[0], keep)
         for j in rng.permutation(len(steps)):
             org, batch = steps[j]
             head_opt.zero_grad(set_to_none=True)
@@ -135,6 +146,7 @@ def run_pooled(
             if not recipe.freeze_head:
                 head_opt.step()
             table_opt.step()
+        keep_share_of_move(models[0], start, keep)
         refit_then_evaluate(round_)
         if evals.end_round(runlog, entry, n, t0, on_round):
             break
