@@ -13,7 +13,10 @@ by round, and fall back where sharing does not pay:
   (its own table and head, kept in ``<state_dir>/guard``, never uploaded), trained by
   :func:`fedembed.train.train_alone` from the same seeded tables and head as the
   ``local`` baseline (:mod:`fedembed.baselines.local`), so it *is* that baseline, run
-  inside the organisation.
+  inside the organisation, with one difference: on a table whose server learning rate
+  is not 1 the baseline keeps only that share of each epoch's move (the coordinator's
+  step in one trajectory), and the twin keeps the whole move, since an organisation is
+  not told the coordinator's rates.
 
 With ``TrainConfig.guard_blend`` a third candidate, ``blend``, serves the mean of the two
 models' outputs (logits), so an organisation whose shared model and twin are each good at
