@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping
+import math
+from collections.abc import Collection, Mapping
 from dataclasses import MISSING, asdict, dataclass, field, fields, replace
 from typing import Any
 
@@ -296,6 +297,11 @@ class RoundPlan(StageHeader):
     early_unmask : bool
         Secure rounds: sessions set up ahead send their seed shares with the masked update
         (:attr:`RunConfig.early_unmask`); fixed in each session when it is made.
+    kept_shares : str
+        JSON of table -> the share of an epoch's move the coordinator's step keeps, for the
+        tables where it is not 1 (:meth:`fedembed.aggregate.ServerOptimizer.kept_shares`):
+        the guard's private twin steps its own tables so, as the ``local`` baseline does.
+        It touches only the twin; :meth:`shares` checks it.
     """
 
     since: int
@@ -311,14 +317,18 @@ class RoundPlan(StageHeader):
     request: str = ""
     next_session: bool = False
     early_unmask: bool = False
+    kept_shares: str = "{}"
 
     @staticmethod
     def for_round(cfg: RunConfig, round_: int, since: int, evaluate_only: bool = False, request: str = "",
-                  next_session: bool = False, early_unmask: bool = True) -> RoundPlan:
+                  next_session: bool = False, early_unmask: bool = True,
+                  kept_shares: Mapping[str, float] | None = None) -> RoundPlan:
         """The plan of ``round_`` for an organisation whose cache is at ``since`` (``request``: what its sync covers;
         ``next_session``: it advertises the next round's secure session; ``early_unmask``: False once the run
-        has stopped unmasking early, :attr:`fedembed.secagg.server.SecurePipeline.early_unmask`)."""
+        has stopped unmasking early, :attr:`fedembed.secagg.server.SecurePipeline.early_unmask`; ``kept_shares``:
+        the coordinator's step as a share of an epoch's move, per table where it is not 1)."""
         return RoundPlan(
+            kept_shares=json.dumps(dict(sorted((kept_shares or {}).items()))),
             next_session=next_session,
             early_unmask=early_unmask and cfg.early_unmask and cfg.consistency_check == "auto",
             request=request,
@@ -340,4 +350,28 @@ class RoundPlan(StageHeader):
     def recipe(self) -> TrainConfig:
         """The training recipe the plan carries (:attr:`train`, parsed; unknown keys ignored)."""
         return TrainConfig.from_dict(json.loads(self.train))
+
+    def shares(self, tables: Collection[str]) -> dict[str, float]:
+        """:attr:`kept_shares`, parsed and checked against the federation's ``tables``.
+
+        Raises
+        ------
+        ConfigError
+            Not a JSON object, a table outside the federation, or a share that is not a
+            finite positive number.
+        """
+        try:
+            shares = json.loads(self.kept_shares)
+        except json.JSONDecodeError as exc:
+            raise ConfigError(f"kept_shares is not JSON: {exc}") from exc
+        if not isinstance(shares, dict):
+            raise ConfigError(f"kept_shares must map tables to shares, got {type(shares).__name__}")
+        out: dict[str, float] = {}
+        for table, share in shares.items():
+            if table not in tables:
+                raise ConfigError(f"kept_shares names table {table!r}, which is not one of the federation's {sorted(tables)}")
+            if isinstance(share, bool) or not isinstance(share, (int, float)) or not 0 < share < math.inf:
+                raise ConfigError(f"kept_shares of table {table!r} must be a finite positive number, got {share!r}")
+            out[table] = float(share)
+        return out
 

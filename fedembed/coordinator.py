@@ -143,6 +143,7 @@ class Coordinator:
         if cfg.secure and len(roster) < 2:
             raise ConfigError("secure aggregation needs at least 2 organisations in the roster (a sum of one is no secret)")
         self.optimizer = ServerOptimizer.for_run(cfg, self.pooled)
+        self.kept = self.optimizer.kept_shares(self.shapes)  # its step in one trajectory: the guard's twin's
         self.tables = VersionedTables.initial(self.shapes, cfg.seed, cfg.table_scale)
         self.log = RunLog(config=cfg.to_dict())
         self.start_round = 1
@@ -236,7 +237,7 @@ class Coordinator:
         since = self.known.get(node, 0)
         want = self.wants.get(node)
         plan = RoundPlan.for_round(self.cfg, round_, since, evaluate_only, request=want[1].hex() if want else "",
-                                   next_session=ahead, early_unmask=self._early_unmask())
+                                   next_session=ahead, early_unmask=self._early_unmask(), kept_shares=self.kept)
         content = RecordDict({"config": ConfigRecord(plan.to_config())})
         # Organisations at the same version with the same request (or none) get the very
         # same record: built once per round, not once per organisation (100 orgs x a 6 MiB
@@ -269,7 +270,7 @@ class Coordinator:
     def _full_message(self, node: int, round_: int, evaluate_only: bool, since: int, ahead: bool = False) -> RecordDict:
         """The message with every row changed since ``since`` (the shared record), whatever the node asked for."""
         plan = RoundPlan.for_round(self.cfg, round_, since, evaluate_only, next_session=ahead,
-                                   early_unmask=self._early_unmask())
+                                   early_unmask=self._early_unmask(), kept_shares=self.kept)
         content = RecordDict({"config": ConfigRecord(plan.to_config())})
         key = (self.tables.version, since, b"")
         if key not in self._sync_records:

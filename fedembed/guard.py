@@ -13,10 +13,9 @@ by round, and fall back where sharing does not pay:
   (its own table and head, kept in ``<state_dir>/guard``, never uploaded), trained by
   :func:`fedembed.train.train_alone` from the same seeded tables and head as the
   ``local`` baseline (:mod:`fedembed.baselines.local`), so it *is* that baseline, run
-  inside the organisation, with one difference: on a table whose server learning rate
-  is not 1 the baseline keeps only that share of each epoch's move (the coordinator's
-  step in one trajectory), and the twin keeps the whole move, since an organisation is
-  not told the coordinator's rates.
+  inside the organisation: on a table whose server learning rate is not 1, both keep that
+  share of each epoch's move (the coordinator's step in one trajectory; the plan says
+  which, :meth:`fedembed.config.RoundPlan.shares`, and it touches nothing but the twin).
 
 With ``TrainConfig.guard_blend`` a third candidate, ``blend``, serves the mean of the two
 models' outputs (logits), so an organisation whose shared model and twin are each good at
@@ -123,6 +122,7 @@ class Guard:
         return self.step(
             ctx.task, ctx.cfg, shared_metrics, ctx.round, ctx.seed, ctx.table_scale, ctx.run_key, ctx.shapes,
             train=ctx.train, evaluate=lambda t, m: evaluate_splits(t, m), shared_model=shared_model, who=ctx.who,
+            kept_shares=ctx.kept_shares,
         )
 
     # ------------------------------------------------------------------ state
@@ -166,6 +166,7 @@ class Guard:
         evaluate: Callable[[Task, nn.Module], dict[str, float]],
         shared_model: nn.Module | None = None,
         who: str = "",
+        kept_shares: dict[str, float] | None = None,
     ) -> dict[str, float]:
         """Evaluate the twin, choose on validation, train the twin; returns the metrics to report.
 
@@ -194,6 +195,9 @@ class Guard:
         who : str
             The organisation's name: seeds the twin's initial head and its shuffling
             (:func:`fedembed.train.round_rng`) as the ``local`` baseline's.
+        kept_shares : dict, optional
+            Table -> share of each epoch's move the twin keeps (the coordinator's step, as
+            the ``local`` baseline keeps it); None: the whole move.
 
         Returns
         -------
@@ -216,7 +220,8 @@ class Guard:
         for n, m in candidates.items():
             out[f"{n}_val_score"] = float(m["val_score"])
         if train:  # the twin never leaves the organisation: it trains without DP noise
-            state = train_alone(task, model, replace(cfg, dp_noise_multiplier=0.0), saved, seed, who, round_)
+            state = train_alone(task, model, replace(cfg, dp_noise_multiplier=0.0), saved, seed, who, round_,
+                                kept_shares)
             extra = {"table_state": state["table_state"]} if "table_state" in state else {}
             self.state.save_head(state["head"], state["optimizer"], round_, **extra)
             self.state.save_tables(model.get_tables(), round_, key)

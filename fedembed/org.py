@@ -303,7 +303,7 @@ class Organisation:
                 fit_head(task, model, cfg, head_opt, rng)
             metrics = evaluate_splits(task, model)
             context = ServingContext(task, cfg, plan.round, plan.seed, plan.table_scale, plan.run_key, shapes,
-                                     train=not plan.evaluate_only, who=name)
+                                     train=not plan.evaluate_only, who=name, kept_shares=plan.shares(shapes))
             metrics = serving_policy(cfg, self.state.dir).serve(context, model, metrics)
             if plan.evaluate_only:
                 if cfg.head_epochs > 0:  # the head evaluated is the head kept (and exported)
@@ -393,6 +393,7 @@ def _checked_plan(organisation: Organisation, content: RecordDict, message_type:
         raise MessageRefused(f"a plain {message_type!r} message with secure-aggregation records: {secure_records}")
     federation = FederationSpec.from_json(plan.federation)
     organisation.check_federation(federation)
+    plan.shares(federation.shapes())  # the guard's twin's step: checked before anything runs
     if plan.evaluate_only != (message_type == "evaluate"):
         raise MessageRefused(f"a {message_type!r} message whose plan says evaluate_only={plan.evaluate_only}")
     recipe = plan.recipe()

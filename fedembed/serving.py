@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import json
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
 
@@ -62,6 +62,10 @@ class ServingContext:
         A training stage (False: the closing evaluation).
     who : str
         The organisation's name.
+    kept_shares : dict
+        Table -> share of an epoch's move the coordinator's step keeps, where it is not 1
+        (:meth:`fedembed.config.RoundPlan.shares`): a private twin trained as the ``local``
+        baseline steps its tables so.
     """
 
     task: Task
@@ -73,6 +77,7 @@ class ServingContext:
     shapes: dict[str, tuple[int, int]]
     train: bool
     who: str
+    kept_shares: dict[str, float] = field(default_factory=dict)
 
 
 class ServingPolicy(Protocol):

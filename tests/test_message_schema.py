@@ -69,3 +69,29 @@ def test_the_coordinator_files_a_signed_refusal_under_the_organisations_name(tmp
     assert set(entry["rejected"]) == {"org-1"}
     assert "refused the coordinator's message: message config has fields outside its schema" in entry["rejected"]["org-1"]
     assert entry["clients"] == 1
+
+
+@pytest.mark.parametrize(
+    ("shares", "fault"),
+    [
+        ('{"nope": 0.5}', "names table 'nope', which is not one of the federation's"),
+        ('{"products": 0}', "must be a finite positive number, got 0"),
+        ('{"products": NaN}', "must be a finite positive number, got nan"),
+        ('{"products": "0.5"}', "must be a finite positive number, got '0.5'"),
+        ('[0.5]', "must map tables to shares, got list"),
+        ("{", "kept_shares is not JSON"),
+    ],
+)
+def test_an_organisation_refuses_a_plan_whose_twin_step_is_not_a_share_of_its_tables(tmp_path, direct_transport, shares,
+                                                                                     fault):
+    """The coordinator's step as the guard's twin takes it (``kept_shares``) is checked before anything runs."""
+    t = direct_transport(tmp_path, 2, task=TASK)
+    c = Coordinator(run_config(TASK, rounds=1), t)
+    msg = c.train_message(100, 1)
+    # the control: a 200-row table moves by half its sum, and the plan says so to the twin
+    assert c.kept == {"products": 0.5} and RoundPlan.from_config(msg["config"]).shares(c.shapes) == c.kept
+    msg["config"]["kept_shares"] = shares
+    reply = handle_content(t.orgs[100], msg, "train", 100)
+    assert reply["info"]["status"] == "refused"
+    assert fault in reply["info"]["error"]
+    assert t.orgs[100].state.load_head() is None  # nothing trained

@@ -5,8 +5,7 @@ batches as in a ``fedembed`` run, but its shared tables never leave it and never
 anyone else's rows. The coordinator's step is kept as in ``pooled``: a table whose server
 learning rate is not 1 keeps that share of each epoch's move (a federation of one). The
 guard's private twin (:mod:`fedembed.guard`) is trained by the very same function,
-:func:`fedembed.train.train_alone`, but without that step: an organisation is not told the
-coordinator's learning rates.
+:func:`fedembed.train.train_alone`, with the same step.
 """
 
 from __future__ import annotations
