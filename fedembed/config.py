@@ -369,9 +369,9 @@ class RoundPlan(StageHeader):
         out: dict[str, float] = {}
         for table, share in shares.items():
             if table not in tables:
-                raise ConfigError(f"kept_shares names table {table!r}, which is not one of the federation's {sorted(tables)}")
+                raise ConfigError(
+                    f"kept_shares names table {table!r}, which is not one of the federation's {sorted(tables)}")
             if isinstance(share, bool) or not isinstance(share, (int, float)) or not 0 < share < math.inf:
                 raise ConfigError(f"kept_shares of table {table!r} must be a finite positive number, got {share!r}")
             out[table] = float(share)
         return out
-
