@@ -98,6 +98,12 @@ class ServerOptimizer:
         return cls(cfg.server_optimizer, cfg.server_lr, weight_cap=cfg.train.max_row_weight,
                    table_lr={t: cfg.pooled_server_lr for t in pooled})
 
+    @classmethod
+    def shares_of_run(cls, cfg: RunConfig) -> dict[str, float]:
+        """:meth:`kept_shares` of run ``cfg``'s tables under its own step (what ``pooled`` and ``local`` keep)."""
+        shapes = cfg.federation.shapes()
+        return cls.for_run(cfg, cfg.train.pooled_tables(shapes)).kept_shares(shapes)
+
     def kept_shares(self, tables: Collection[str]) -> dict[str, float]:
         """The share of an epoch's move of each table that a mode without a coordinator keeps.
 

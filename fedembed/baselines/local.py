@@ -55,7 +55,7 @@ def run_local(
         runlog.set_metrics(0, name, evals.record(0, name, evaluate_splits(task, model)))
     saved: list[dict[str, Any] | None] = [None] * len(tasks)
     # the coordinator's step, in one trajectory: a table stepped by half its sum keeps half of each epoch's move
-    keep = ServerOptimizer.for_run(cfg, cfg.train.pooled_tables(shapes)).kept_shares(shapes)
+    keep = ServerOptimizer.shares_of_run(cfg)
     for round_ in range(1, cfg.rounds + 1):
         t0 = time.perf_counter()
         entry = runlog.new_round(round_)

@@ -108,8 +108,7 @@ def run_pooled(
     head_opt = torch.optim.AdamW(list(heads.values()), lr=cfg.train.head_lr, weight_decay=cfg.train.head_weight_decay)
     table_opt = _table_optimizer(models[0], cfg.train)
     # the coordinator's step, in one trajectory: a table stepped by half its sum keeps half of each epoch's move
-    shapes = cfg.federation.shapes()
-    keep = ServerOptimizer.for_run(cfg, cfg.train.pooled_tables(shapes)).kept_shares(shapes)
+    keep = ServerOptimizer.shares_of_run(cfg)
     for task, model in zip(tasks, models):
         model.to(task.device)
     runlog = RunLog(config=cfg.to_dict())
