@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import math
 from collections.abc import Collection, Mapping
 from dataclasses import MISSING, asdict, dataclass, field, fields, replace
 from typing import Any
@@ -273,6 +272,11 @@ class StageHeader:
 _FIELD_TYPES: dict[str, type | tuple[type, ...]] = {"int": int, "str": str, "bool": bool, "float": (int, float)}
 
 
+#: The largest share of an epoch's move an organisation lets a plan give its guard's twin (a server learning
+#: rate of at most 2: the default steps are 1 and 0.5).
+MAX_KEPT_SHARE = 2.0
+
+
 @dataclass(kw_only=True)
 class RoundPlan(StageHeader):
     """What the coordinator tells an organisation at the start of a ``train`` or ``evaluate`` stage.
@@ -357,8 +361,9 @@ class RoundPlan(StageHeader):
         Raises
         ------
         ConfigError
-            Not a JSON object, a table outside the federation, or a share that is not a
-            finite positive number.
+            Not a JSON object, a table outside the federation, or a share outside
+            ``(0, MAX_KEPT_SHARE]``: a coordinator could otherwise have the twin's tables
+            thrown far past their epoch's move, ruining the twin without a word.
         """
         try:
             shares = json.loads(self.kept_shares)
@@ -371,7 +376,7 @@ class RoundPlan(StageHeader):
             if table not in tables:
                 raise ConfigError(
                     f"kept_shares names table {table!r}, which is not one of the federation's {sorted(tables)}")
-            if isinstance(share, bool) or not isinstance(share, (int, float)) or not 0 < share < math.inf:
-                raise ConfigError(f"kept_shares of table {table!r} must be a finite positive number, got {share!r}")
+            if isinstance(share, bool) or not isinstance(share, (int, float)) or not 0 < share <= MAX_KEPT_SHARE:
+                raise ConfigError(f"kept_shares of table {table!r} must be a number in (0, {MAX_KEPT_SHARE:g}], got {share!r}")
             out[table] = float(share)
         return out

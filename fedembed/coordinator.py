@@ -22,7 +22,7 @@ import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord, RecordDict
 
 from fedembed.aggregate import ServerOptimizer
-from fedembed.config import ConfigError, RoundPlan, RunConfig
+from fedembed.config import MAX_KEPT_SHARE, ConfigError, RoundPlan, RunConfig
 from fedembed.identity import SIG_RECORD, IdentityError, Roster, verify_reply
 from fedembed.normaliser import check_upload, narrow, upload_shapes
 from fedembed.report import RunLog
@@ -143,7 +143,12 @@ class Coordinator:
         if cfg.secure and len(roster) < 2:
             raise ConfigError("secure aggregation needs at least 2 organisations in the roster (a sum of one is no secret)")
         self.optimizer = ServerOptimizer.for_run(cfg, self.pooled)
-        self.kept = self.optimizer.kept_shares(self.shapes)  # its step in one trajectory: the guard's twin's
+        # its step in one trajectory, for the guard's twin (the plan carries it only when there is a twin)
+        self.kept = self.optimizer.kept_shares(self.shapes) if cfg.train.guard else {}
+        too_far = {t: v for t, v in self.kept.items() if v > MAX_KEPT_SHARE}
+        if too_far:
+            raise ConfigError(f"with the guard on, the server learning rate of a linear step is at most {MAX_KEPT_SHARE:g} "
+                              f"(an organisation refuses a larger share for its twin); got {too_far}")
         self.tables = VersionedTables.initial(self.shapes, cfg.seed, cfg.table_scale)
         self.log = RunLog(config=cfg.to_dict())
         self.start_round = 1

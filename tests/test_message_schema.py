@@ -75,9 +75,10 @@ def test_the_coordinator_files_a_signed_refusal_under_the_organisations_name(tmp
     ("shares", "fault"),
     [
         ('{"nope": 0.5}', "names table 'nope', which is not one of the federation's"),
-        ('{"products": 0}', "must be a finite positive number, got 0"),
-        ('{"products": NaN}', "must be a finite positive number, got nan"),
-        ('{"products": "0.5"}', "must be a finite positive number, got '0.5'"),
+        ('{"products": 0}', "must be a number in (0, 2], got 0"),
+        ('{"products": NaN}', "must be a number in (0, 2], got nan"),
+        ('{"products": 1e30}', "must be a number in (0, 2], got 1e+30"),
+        ('{"products": "0.5"}', "must be a number in (0, 2], got '0.5'"),
         ('[0.5]', "must map tables to shares, got list"),
         ("{", "kept_shares is not JSON"),
     ],
@@ -85,8 +86,10 @@ def test_the_coordinator_files_a_signed_refusal_under_the_organisations_name(tmp
 def test_an_organisation_refuses_a_plan_whose_twin_step_is_not_a_share_of_its_tables(tmp_path, direct_transport, shares,
                                                                                      fault):
     """The coordinator's step as the guard's twin takes it (``kept_shares``) is checked before anything runs."""
+    from fedembed.recipe import TrainConfig
+
     t = direct_transport(tmp_path, 2, task=TASK)
-    c = Coordinator(run_config(TASK, rounds=1), t)
+    c = Coordinator(run_config(TASK, rounds=1, train=TrainConfig(guard=True)), t)
     msg = c.train_message(100, 1)
     # the control: a 200-row table moves by half its sum, and the plan says so to the twin
     assert c.kept == {"products": 0.5} and RoundPlan.from_config(msg["config"]).shares(c.shapes) == c.kept
@@ -95,3 +98,15 @@ def test_an_organisation_refuses_a_plan_whose_twin_step_is_not_a_share_of_its_ta
     assert reply["info"]["status"] == "refused"
     assert fault in reply["info"]["error"]
     assert t.orgs[100].state.load_head() is None  # nothing trained
+
+
+def test_the_plan_carries_the_twins_step_only_with_a_twin_and_a_coordinator_never_asks_more_than_is_taken(
+        tmp_path, direct_transport):
+    from fedembed.recipe import TrainConfig
+
+    t = direct_transport(tmp_path, 2, task=TASK)
+    plain = Coordinator(run_config(TASK, rounds=1), t)
+    assert RoundPlan.from_config(plain.train_message(100, 1)["config"]).kept_shares == "{}"  # no guard, no twin
+    with pytest.raises(ConfigError, match="at most 2"):
+        Coordinator(run_config(TASK, rounds=1, pooled_server_lr=3.0, train=TrainConfig(guard=True)), t)
+    Coordinator(run_config(TASK, rounds=1, pooled_server_lr=3.0), t)  # without the guard a large step is the run's own
