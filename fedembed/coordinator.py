@@ -145,10 +145,11 @@ class Coordinator:
         self.optimizer = ServerOptimizer.for_run(cfg, self.pooled)
         # its step in one trajectory, for the guard's twin (the plan carries it only when there is a twin)
         self.kept = self.optimizer.kept_shares(self.shapes) if cfg.train.guard else {}
-        too_far = {t: v for t, v in self.kept.items() if v > MAX_KEPT_SHARE}
-        if too_far:
+        try:  # the very check every organisation makes of the plan: better refused here than by all of them
+            RoundPlan.for_round(cfg, 1, 0, kept_shares=self.kept).shares(self.shapes)
+        except ConfigError as exc:
             raise ConfigError(f"with the guard on, the server learning rate of a linear step is at most {MAX_KEPT_SHARE:g} "
-                              f"(an organisation refuses a larger share for its twin); got {too_far}")
+                              f"(an organisation refuses a larger share for its twin): {exc}") from exc
         self.tables = VersionedTables.initial(self.shapes, cfg.seed, cfg.table_scale)
         self.log = RunLog(config=cfg.to_dict())
         self.start_round = 1

@@ -436,12 +436,12 @@ def train_alone(
         ledger = PrivacyLedger(alone.dp_target_delta, alone.dp_target_epsilon or None).resume((saved or {}).get("dp_ledger"))
         # it releases nothing: its noise may repeat from the run's seed (reproducible baselines)
         dp_random = SecureRandom.derive(noise_secret(None, f"alone/{seed}"), "record", who, round_)
-    start = snapshot_tables(model, keep) if keep else {}
+    keep = keep or {}
+    start = snapshot_tables(model, keep)
     try:
         train_local(task, model, alone, head_opt, round_rng(seed, who, round_), start_tables=None,
                     table_state=table_state, dp_ledger=ledger, dp_random=dp_random)
-        if keep:
-            keep_share_of_move(model, start, keep)
+        keep_share_of_move(model, start, keep)
     except BudgetExhausted as exc:
         log.warning("%s: %s", who, exc)
         return dict(saved or {"head": model.head_state_dict(), "optimizer": head_opt.state_dict()})
