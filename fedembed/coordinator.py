@@ -23,6 +23,7 @@ from flwr.app import ArrayRecord, ConfigRecord, RecordDict
 
 from fedembed.aggregate import ServerOptimizer
 from fedembed.config import MAX_KEPT_SHARE, ConfigError, RoundPlan, RunConfig
+from fedembed.errors import FedembedError
 from fedembed.identity import SIG_RECORD, IdentityError, Roster, verify_reply
 from fedembed.normaliser import check_upload, narrow, upload_shapes
 from fedembed.report import RunLog
@@ -83,6 +84,10 @@ class Transport(Protocol):
         ...
 
 
+class RunFailed(FedembedError, RuntimeError):
+    """A strict run (a simulation) stopped because an organisation failed instead of replying."""
+
+
 class Coordinator:
     """Runs the rounds of one federated run.
 
@@ -104,6 +109,11 @@ class Coordinator:
         Organisations that must be connected before every round (a simulation: all of
         them, so no round runs with whoever happened to start first); fewer after
         ``round_timeout`` fail the run. 0: wait for ``cfg.min_orgs`` only.
+    strict : bool
+        A simulation with no injected dropouts: an organisation that fails instead of
+        replying (its task raised, its process died) fails the run with
+        :class:`RunFailed`, naming it and its error, rather than the round going on
+        without it. A deployment tolerates failures down to ``cfg.min_orgs``.
     """
 
     def __init__(
@@ -114,6 +124,7 @@ class Coordinator:
         on_round: Callable[[dict], None] | None = None,
         roster: Roster | None = None,
         wait_for: int = 0,
+        strict: bool = False,
     ) -> None:
         if cfg.mode != "fedembed":
             raise ConfigError(
@@ -122,6 +133,7 @@ class Coordinator:
             )
         self.cfg = cfg
         self.wait_for = int(wait_for)
+        self.strict = bool(strict)
         self.transport = transport
         self.state_dir = Path(state_dir) if state_dir else None
         self.on_round = on_round
@@ -314,6 +326,21 @@ class Coordinator:
         for the keys of the next round's secure session)."""
         return self._message(node, round_, False, ahead)
 
+    def no_reply(self, entry: dict, who: str, error: str | None, stage: str = "", verb: str = "failed") -> None:
+        """Record an organisation that failed instead of replying; in a strict run, fail the run.
+
+        Raises
+        ------
+        RunFailed
+            With ``strict`` on: every organisation of a simulation is expected in every
+            round, so a failure is the run's error, not a dropout.
+        """
+        self.refuse(entry, who, f"{stage + ': ' if stage else ''}no reply: {error}", verb)
+        if self.strict:
+            raise RunFailed(f"round {entry['round']}: {who} failed{' at ' + stage if stage else ''}: "
+                            f"{_printable(str(error))} (a simulation runs every organisation in every round; "
+                            "--drop injects dropouts on purpose)")
+
     def refuse(self, entry: dict, who: str, reason: str, verb: str = "refused") -> None:
         """Record and log a refusal under ``who`` (a roster name or ``node <id>``); the reason is made printable."""
         reason = _printable(reason)
@@ -363,7 +390,7 @@ class Coordinator:
         """
         who = self.node_org.get(rep.node, f"node {rep.node}")
         if rep.error is not None or rep.content is None:
-            self.refuse(entry, who, f"no reply: {rep.error}", "failed")
+            self.no_reply(entry, who, rep.error)
             return None, None
         c = rep.content
         size = record_bytes(c)

@@ -521,6 +521,8 @@ def handle_content(organisation: Organisation, content: RecordDict, message_type
     try:
         sync = decode_sync(content["sync"], shapes) if "sync" in content else {}
         reply = organisation.handle(plan, sync)
+    except TaskError as exc:  # its own task is broken: no refusal of the message, a failure it names itself
+        raise TaskError(f"organisation {organisation.identity.name!r}: {exc}") from exc
     except (UpdateError, SyncRefused, DPError) as exc:  # a sync that contradicts itself or what this organisation
         return refuse(exc)  # holds; a DP recipe its task cannot follow (no privacy units for dp_unit user)
     secure = plan.secure and reply.update is not None and reply.status == "ok"

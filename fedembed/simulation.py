@@ -122,8 +122,13 @@ def simulate(
     def done(coordinator) -> None:
         result["coordinator"] = coordinator
 
-    # every simulated organisation takes part from round 1: a round never starts with whoever came up first
-    server_app = make_server_app(cfg, state_dir=state / "coordinator", on_round=on_round, on_done=done, wait_for=len(tasks))
+    def failed(exc: BaseException) -> None:
+        result["error"] = exc
+
+    # every simulated organisation takes part from round 1: a round never starts with whoever came up first, and
+    # (unless dropouts are injected) an organisation that fails fails the run, not a round without it
+    server_app = make_server_app(cfg, state_dir=state / "coordinator", on_round=on_round, on_done=done,
+                                 wait_for=len(tasks), strict=not cfg.drop, on_error=failed)
     client_app = make_client_app(
         str((state / "orgs").resolve()),
         str((state / "audit").resolve()) if audit else None,
@@ -148,6 +153,8 @@ def simulate(
             flwr_logger.setLevel(logging.ERROR)  # Flower's own chatter, incl. its deprecation notice
         run_simulation(server_app=server_app, client_app=client_app, num_supernodes=len(tasks), backend_config=backend)
     flwr_logger.setLevel(level)
+    if "error" in result:
+        raise result["error"]
     if "coordinator" not in result:
         raise RuntimeError("the simulation ended before the coordinator finished; see the log above")
     coordinator = result["coordinator"]

@@ -56,6 +56,65 @@ class TaskError(FedembedError, ValueError):
     """A task cannot be loaded or used as asked."""
 
 
+def task_loss(task: Task, model: nn.Module, batch: Any) -> torch.Tensor:
+    """``task.loss(model, batch)``, held to the task contract: a scalar floating tensor.
+
+    Every training loop calls the task's loss through this, so a task that breaks the
+    contract fails with its fault named rather than deep inside a step.
+
+    Raises
+    ------
+    TaskError
+        The loss raised (its error is named), or returned something other than a 0-dim
+        floating-point tensor (for instance an unreduced per-example loss).
+    """
+    try:
+        loss = task.loss(model, batch)
+    except FedembedError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - the task's own code or model: named, not swallowed
+        raise TaskError(f"the task's loss(model, batch) raised {type(exc).__name__}: {exc}") from exc
+    if not isinstance(loss, torch.Tensor) or loss.dim() != 0 or not loss.is_floating_point():
+        what = (f"a tensor of shape {tuple(loss.shape)} and dtype {loss.dtype}" if isinstance(loss, torch.Tensor)
+                else f"a {type(loss).__name__}")
+        raise TaskError(f"the task's loss(model, batch) returned {what}: it must return one scalar floating-point "
+                        "tensor (reduce a per-example loss, e.g. with .mean())")
+    return loss
+
+
+def task_metrics(task: Task, model: nn.Module, split: str) -> dict[str, float]:
+    """``task.evaluate(model, split)``, held to the task contract: numbers, with a ``score``.
+
+    Raises
+    ------
+    TaskError
+        The evaluation raised, returned no mapping, no ``score``, or a value that is not a
+        real number (NaN and infinities are numbers here; the caller decides about them).
+    """
+    try:
+        metrics = task.evaluate(model, split)
+    except FedembedError:
+        raise
+    except Exception as exc:  # noqa: BLE001
+        raise TaskError(f"the task's evaluate(model, {split!r}) raised {type(exc).__name__}: {exc}") from exc
+    if not isinstance(metrics, Mapping):
+        raise TaskError(f"the task's evaluate(model, {split!r}) returned a {type(metrics).__name__}: "
+                        "it must return a dict of numbers with a 'score' (higher is better)")
+    if "score" not in metrics:
+        raise TaskError(f"the task's evaluate(model, {split!r}) returned {sorted(map(str, metrics))} without a "
+                        "'score': early stopping, the guard and the reports choose by it (higher is better)")
+    out: dict[str, float] = {}
+    for key, value in metrics.items():
+        try:
+            if isinstance(value, bool | str | bytes):
+                raise TypeError
+            out[str(key)] = float(value)
+        except (TypeError, ValueError):
+            raise TaskError(f"the task's evaluate(model, {split!r}) gave {str(key)!r} = {value!r}: "
+                            "metrics must be real numbers") from None
+    return out
+
+
 def to_device(batch: Any, device: torch.device) -> Any:
     """``batch`` with every tensor in it (also inside tuples, lists, dicts, dataclasses) moved to ``device``."""
     if isinstance(batch, torch.Tensor):
@@ -459,6 +518,9 @@ def resolve_task_class(name: str) -> type[Task]:
         key = f"fedembed_user_task_{abs(hash(str(path)))}"
         mod = sys.modules.get(key)
         if mod is None:
+            # as when Python runs the file as a script: modules beside it are importable, from any directory
+            if str(path.parent) not in sys.path:
+                sys.path.insert(0, str(path.parent))
             spec = importlib.util.spec_from_file_location(key, path)
             if spec is None or spec.loader is None:
                 raise TaskError(f"cannot load task file {path}")
@@ -479,6 +541,10 @@ def resolve_task_class(name: str) -> type[Task]:
         raise TaskError(f"{mod_name!r} has no attribute {attr!r}")
     if not (isinstance(cls, type) and issubclass(cls, Task)):
         raise TaskError(f"{name!r} is not a subclass of fedembed.task.Task")
+    if inspect.isabstract(cls):
+        missing = ", ".join(sorted(getattr(cls, "__abstractmethods__", ())))
+        raise TaskError(f"task {name!r} does not implement {missing}: a task must implement build_model, "
+                        "num_examples, batches, loss and evaluate")
     return cls
 
 
@@ -494,8 +560,13 @@ def _load_cached(spec_json: str) -> Task:
             raise TaskError(f"task {spec.name!r} takes no option {', '.join(map(repr, unknown))}; its options: {accepted}")
     try:
         return cls(data=spec.data, **spec.options)
+    except TaskError:
+        raise
     except TypeError as exc:
         raise TaskError(f"task {spec.name!r} rejected its options {spec.options}: {exc}") from exc
+    except Exception as exc:  # noqa: BLE001 - the task's own constructor: its fault, named, with the options it got
+        raise TaskError(f"task {spec.name!r} failed to build with options {spec.options}: "
+                        f"{type(exc).__name__}: {exc}") from exc
 
 
 def load_task(spec: TaskSpec) -> Task:
@@ -663,6 +734,13 @@ def simulated_federation(
     """
     if orgs < 1:
         raise TaskError(f"a federation has at least one organisation, got {orgs}")
+    # a simulation gives each organisation its index and their number itself: an option saying otherwise is refused
+    if "orgs" in spec.options and spec.options["orgs"] != orgs:
+        raise TaskError(f"--option orgs={spec.options['orgs']} contradicts the {orgs} simulated organisations: "
+                        "set their number with --orgs")
+    if "org" in spec.options and orgs > 1:
+        raise TaskError(f"--option org={spec.options['org']}: a simulation gives each of its {orgs} organisations "
+                        f"its own index (org 0 to {orgs - 1})")
     if data is not None and len(data) != orgs:
         raise TaskError(f"{len(data)} data paths for {orgs} organisations")
     specs = [spec.for_org(i, orgs) for i in range(orgs)]

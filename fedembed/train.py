@@ -23,7 +23,7 @@ from fedembed.normaliser import CLIP as NORMALISER_CLIP
 from fedembed.normaliser import own_normaliser, widen
 from fedembed.recipe import TrainConfig
 from fedembed.sparse import RowUpdate, TableUpdate
-from fedembed.task import Task, to_device
+from fedembed.task import Task, task_loss, task_metrics, to_device
 
 log = logging.getLogger(__name__)
 
@@ -186,7 +186,7 @@ def fit_head(task: Task, model: SplitModel, cfg: TrainConfig, head_opt: torch.op
             for batch in task.batches("train", cfg.batch_size, rng):
                 batch = to_device(batch, task.device)
                 head_opt.zero_grad(set_to_none=True)
-                task.loss(model, batch).backward()
+                task_loss(task, model, batch).backward()
                 head_opt.step()
                 done += 1
                 if done == steps:
@@ -342,7 +342,7 @@ def train_local(
             batch = to_device(batch, task.device)
             head_opt.zero_grad(set_to_none=True)
             table_opt.zero_grad(set_to_none=True)
-            loss = task.loss(model, batch)
+            loss = task_loss(task, model, batch)
             if cfg.cooc_weight > 0:
                 for name, (ids, offsets) in task.id_bags(batch).items():
                     ssl = cooccurrence_loss(model.table(name).weight, ids, offsets, cfg.cooc_negatives, gen)
@@ -458,7 +458,7 @@ def evaluate_splits(task: Task, model: torch.nn.Module) -> dict[str, float]:
     out: dict[str, float] = {}
     was_training = model.training
     for split, prefix in (("val", "val_"), ("test", "")):
-        for k, v in task.evaluate(model, split).items():
-            out[prefix + k] = float(v)
+        for k, v in task_metrics(task, model, split).items():
+            out[prefix + k] = v
     model.train(was_training)
     return out

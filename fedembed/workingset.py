@@ -55,7 +55,7 @@ from fedembed.errors import FedembedError
 from fedembed.model import SplitModel
 from fedembed.store import atomic_write, atomic_write_npz, file_sha256
 from fedembed.tables import RowRequest, RowSync
-from fedembed.task import SPLITS, Task
+from fedembed.task import SPLITS, Task, task_loss
 
 log = logging.getLogger(__name__)
 
@@ -216,7 +216,7 @@ def derive_working_set(task: Task, splits: tuple[str, ...] = SPLITS) -> dict[str
             if task.num_examples(split) == 0:
                 continue
             for batch in task.batches(split, 1024, None):
-                task.loss(model, batch)
+                task_loss(task, model, batch)
                 for name, (ids, _offsets) in task.id_bags(batch).items():
                     if name in seen:
                         seen[name].append(ids.reshape(-1).cpu().numpy())

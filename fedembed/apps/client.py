@@ -24,7 +24,8 @@ from __future__ import annotations
 import logging
 from typing import TYPE_CHECKING, Any
 
-from flwr.app import Context, Message
+from flwr.app import Context, Error, Message
+from flwr.common.constant import ErrorCode
 from flwr.clientapp import ClientApp
 
 from fedembed.apps.packing import PackingMod
@@ -90,8 +91,13 @@ def make_client_app(
         if (reply := via_worker(msg, context)) is not None:
             return reply
         from fedembed.org import handle_content  # handle_content dispatches by the message type
+        from fedembed.task import TaskError
 
-        content = handle_content(organisation(context), msg.content, msg.metadata.message_type, context.node_id)
+        try:
+            content = handle_content(organisation(context), msg.content, msg.metadata.message_type, context.node_id)
+        except TaskError as exc:  # the organisation's own task broke its contract: one line, not an engine traceback
+            log.error("%s", exc)
+            return Message(error=Error(code=ErrorCode.CLIENT_APP_RAISED_EXCEPTION, reason=str(exc)[:2000]), reply_to=msg)
         return Message(content, reply_to=msg)
 
     app.train()(train_or_evaluate)

@@ -147,6 +147,8 @@ def make_server_app(
     on_round: Callable[[dict], None] | None = None,
     on_done: Callable[[Coordinator], None] | None = None,
     wait_for: int = 0,
+    strict: bool = False,
+    on_error: Callable[[BaseException], None] | None = None,
 ) -> ServerApp:
     """A ServerApp running ``cfg`` (or the run config of the Flower context when None).
 
@@ -162,6 +164,11 @@ def make_server_app(
         Progress callback per round; called with the coordinator when the run ends.
     wait_for : int
         Organisations that must be connected before every round (:class:`Coordinator`).
+    strict : bool
+        An organisation that fails instead of replying fails the run (:class:`Coordinator`).
+    on_error : callable, optional
+        Called with the error that ended the run, which is then not raised into the
+        engine (a simulation re-raises it itself, where its caller sees it).
     """
     app = ServerApp()
 
@@ -177,10 +184,17 @@ def make_server_app(
             files = DeployedRunFiles(Path(str(context.run_config["state-dir"])))
             ckpt_dir, round_hook, done_hook = files.coordinator_dir, files.on_round, files.on_done
         transport = GridTransport.from_run_config(grid, context.run_config) if cfg is None else GridTransport(grid)
-        coordinator = Coordinator(run_cfg, transport, state_dir=ckpt_dir, on_round=round_hook, wait_for=wait_for)
+        coordinator = Coordinator(run_cfg, transport, state_dir=ckpt_dir, on_round=round_hook, wait_for=wait_for,
+                                  strict=strict)
         if cfg is None and "state-dir" in context.run_config:
             files.on_start(coordinator)
-        coordinator.run()
+        try:
+            coordinator.run()
+        except Exception as exc:
+            if on_error is None:
+                raise
+            on_error(exc)
+            return
         if done_hook is not None:
             done_hook(coordinator)
 

@@ -31,7 +31,7 @@ from fedembed.model import SplitModel
 from fedembed.report import RunLog
 from fedembed.stopping import Evaluations
 from fedembed.tables import init_table
-from fedembed.task import Task, to_device
+from fedembed.task import Task, task_loss, to_device
 from fedembed.recipe import TrainConfig
 from fedembed.train import (
     _table_optimizer, build_seeded, evaluate_splits, head_steps, keep_share_of_move, snapshot_tables,
@@ -72,7 +72,7 @@ def refit_heads(
         for j in rng.permutation(len(steps)):
             org, batch = steps[j]
             head_opt.zero_grad(set_to_none=True)
-            tasks[org].loss(models[org], to_device(batch, tasks[org].device)).backward()
+            task_loss(tasks[org], models[org], to_device(batch, tasks[org].device)).backward()
             head_opt.step()
     finally:
         for p, flag in zip(frozen, flags):
@@ -141,7 +141,7 @@ def run_pooled(
             org, batch = steps[j]
             head_opt.zero_grad(set_to_none=True)
             table_opt.zero_grad(set_to_none=True)
-            tasks[org].loss(models[org], to_device(batch, tasks[org].device)).backward()
+            task_loss(tasks[org], models[org], to_device(batch, tasks[org].device)).backward()
             if not recipe.freeze_head:
                 head_opt.step()
             table_opt.step()

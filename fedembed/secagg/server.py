@@ -307,7 +307,7 @@ class SecureRound:
         up = 0
         for rep in exchange(f"train.{stage}", contents, self.cfg.round_timeout):
             if rep.error is not None or rep.content is None:
-                self._fault(rep.node, f"{stage}: no reply: {rep.error}")
+                self.coord.no_reply(self.entry, self._name(rep.node), rep.error, stage, "left the secure round")
                 continue
             size = record_bytes(rep.content)
             up += size

@@ -1,0 +1,223 @@
+"""A task that breaks its contract is refused with its fault named, and a simulation fails loudly.
+
+Each test plays an organisation's engineer who gets a task wrong the way one does (an
+unreduced loss, no ``score``, a forgotten method, a bad option, a helper module beside the
+task file), and checks the message names the fault, not a traceback deep in a step. The
+controls are the same task done right.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from fedembed.coordinator import Coordinator, RunFailed
+from fedembed.recipe import TrainConfig
+from fedembed.task import TaskError, TaskSpec, load_task, resolve_task_class, simulated_federation, task_metrics
+from fedembed.train import build_seeded, evaluate_splits, make_head_optimizer, train_local
+from tests.conftest import DirectTransport, run_config
+
+ROOT = Path(__file__).resolve().parents[1]
+
+# a helper module beside the task file, imported by it as users do: `from labhelpers import ...`
+HELPERS = '''
+from torch import nn
+
+class Net(nn.Module):
+    def __init__(self, rows: int):
+        super().__init__()
+        self.items = nn.Embedding(rows, 4)
+        self.head = nn.Linear(4, 1)
+
+    def forward(self, ids):
+        return self.head(self.items(ids).mean(1)).squeeze(-1)
+'''
+
+TASKS = '''
+import numpy as np
+import torch
+from torch import nn
+from fedembed import SplitModel, Task
+from labhelpers import Net
+
+
+class Good(Task):
+    def __init__(self, data=None, seed=0, rows=50, org=0, orgs=1, broken_org=-1):
+        super().__init__(data, seed)
+        self.org, self.broken = int(org), int(broken_org)
+        rng = np.random.default_rng([int(seed), int(org)])
+        self.rows = int(rows)
+        self.x = torch.from_numpy(rng.integers(0, self.rows, (120, 3)))
+        self.y = torch.from_numpy((rng.random(120) < 0.5).astype(np.float32))
+
+    def build_model(self):
+        return SplitModel(Net(self.rows), tables=["items"])
+
+    def num_examples(self, split):
+        return 40
+
+    def batches(self, split, batch_size, rng):
+        lo = {"train": 0, "val": 40, "test": 80}[split]
+        for s in range(lo, lo + 40, batch_size):
+            yield self.x[s:min(s + batch_size, lo + 40)], self.y[s:min(s + batch_size, lo + 40)]
+
+    def losses(self, model, batch):
+        return nn.functional.binary_cross_entropy_with_logits(model(batch[0]), batch[1], reduction="none")
+
+    def loss(self, model, batch):
+        return self.losses(model, batch).mean()
+
+    def evaluate(self, model, split):
+        with torch.no_grad():
+            out = [(model(x) > 0).float().eq(y).float().mean().item() for x, y in self.batches(split, 40, None)]
+        return {"score": float(np.mean(out)), "loss": 0.5}
+
+
+class Unreduced(Good):  # the per-example loss, not reduced: on organisation broken_org only (all when -1)
+    def loss(self, model, batch):
+        return self.losses(model, batch) if self.broken in (-1, self.org) else super().loss(model, batch)
+
+
+class Raising(Good):  # a head whose output does not fit the targets
+    def loss(self, model, batch):
+        return nn.functional.binary_cross_entropy_with_logits(model(batch[0]).unsqueeze(1).expand(-1, 2), batch[1])
+
+
+class NoScore(Good):
+    def evaluate(self, model, split):
+        return {"accuracy": 0.5}
+
+
+class TextMetric(Good):
+    def evaluate(self, model, split):
+        return {"score": 0.5, "note": "fine"}
+
+
+class Forgetful(Task):  # no num_examples, no evaluate
+    def build_model(self):
+        return SplitModel(Net(10), tables=["items"])
+
+    def batches(self, split, batch_size, rng):
+        return iter(())
+
+    def loss(self, model, batch):
+        return torch.zeros(())
+
+
+class Picky(Good):  # its own constructor refuses a value
+    def __init__(self, data=None, seed=0, width="1", org=0, orgs=1):
+        super().__init__(data, seed, org=org, orgs=orgs)
+        self.width = int(width)
+'''
+
+
+@pytest.fixture(scope="module")
+def task_file(tmp_path_factory) -> Path:
+    d = tmp_path_factory.mktemp("labtasks")
+    (d / "labhelpers.py").write_text(HELPERS)
+    (d / "labtasks.py").write_text(TASKS)
+    return d / "labtasks.py"
+
+
+def _spec(task_file: Path, cls: str, **options) -> TaskSpec:
+    return TaskSpec(f"{task_file}:{cls}", {"seed": 0, **options})
+
+
+def _train_once(task_file: Path, cls: str):
+    task = load_task(_spec(task_file, cls))
+    cfg = TrainConfig()
+    model = build_seeded(task, 0, "lab")
+    return train_local(task, model, cfg, make_head_optimizer(model, cfg, None), np.random.default_rng(0))
+
+
+def test_a_task_file_imports_the_module_beside_it_from_any_directory(task_file, tmp_path):
+    """As when Python runs a script: ``from labhelpers import Net`` works whatever the working directory."""
+    code = (f"from fedembed.task import resolve_task_class; "
+            f"print(resolve_task_class({str(task_file) + ':Good'!r}).__name__)")
+    done = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True,
+                          env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "Good"
+    # control: the helper module is not importable from there by itself
+    plain = subprocess.run([sys.executable, "-c", "import labhelpers"], cwd=tmp_path, capture_output=True, text=True)
+    assert plain.returncode != 0 and "labhelpers" in plain.stderr
+
+
+def test_an_unreduced_loss_is_refused_naming_its_shape(task_file):
+    with pytest.raises(TaskError, match=r"loss\(model, batch\) returned a tensor of shape \(16,\).*scalar.*mean"):
+        _train_once(task_file, "Unreduced")
+    _, stats = _train_once(task_file, "Good")  # control: the same task, reduced, trains its 3 batches of 16
+    assert stats["steps"] == 3
+
+
+def test_a_loss_that_raises_is_named_with_its_error(task_file):
+    with pytest.raises(TaskError, match=r"loss\(model, batch\) raised ValueError: Target size"):
+        _train_once(task_file, "Raising")
+
+
+def test_metrics_without_a_score_or_with_text_are_refused(task_file):
+    for cls, fault in (("NoScore", r"returned \['accuracy'\] without a 'score'"),
+                       ("TextMetric", r"gave 'note' = 'fine': metrics must be real numbers")):
+        task = load_task(_spec(task_file, cls))
+        with pytest.raises(TaskError, match=fault):
+            evaluate_splits(task, build_seeded(task, 0, "lab"))
+    good = load_task(_spec(task_file, "Good"))
+    metrics = task_metrics(good, build_seeded(good, 0, "lab"), "val")
+    assert set(metrics) == {"score", "loss"} and all(isinstance(v, float) for v in metrics.values())
+
+
+def test_a_task_missing_methods_is_refused_naming_them(task_file):
+    with pytest.raises(TaskError, match="does not implement evaluate, num_examples"):
+        resolve_task_class(f"{task_file}:Forgetful")
+
+
+def test_a_constructor_that_fails_is_named_with_the_options_it_got(task_file):
+    with pytest.raises(TaskError, match=r"failed to build with options .*'width': 'abc'.*ValueError: invalid literal"):
+        load_task(_spec(task_file, "Picky", width="abc"))
+    assert load_task(_spec(task_file, "Picky", width="3")).width == 3
+
+
+def test_a_simulation_refuses_options_it_sets_itself(task_file):
+    with pytest.raises(TaskError, match="orgs=5 contradicts the 3 simulated organisations"):
+        simulated_federation(_spec(task_file, "Good", orgs=5), 3)
+    with pytest.raises(TaskError, match="org=1: a simulation gives each of its 3 organisations its own index"):
+        simulated_federation(_spec(task_file, "Good", org=1), 3)
+    _, names, _ = simulated_federation(_spec(task_file, "Good", orgs=3), 3)  # the same number: nothing contradicted
+    assert len(names) == 3
+
+
+def test_a_strict_run_fails_naming_the_organisation_whose_task_broke(task_file, tmp_path):
+    """One organisation's loss is unreduced: a simulation stops, naming it; a deployment's round goes on without it."""
+    spec = _spec(task_file, "Unreduced", orgs=3, broken_org=1)
+    strict = Coordinator(run_config(spec, rounds=2), t := DirectTransport(tmp_path / "s", 3, task=spec),
+                         roster=t.roster, strict=True)
+    with pytest.raises(RunFailed, match=r"round 1: node 101 failed: .*organisation 'org-1': the task's loss"):
+        strict.run()
+
+    lenient = Coordinator(run_config(spec, rounds=2), t := DirectTransport(tmp_path / "l", 3, task=spec), roster=t.roster)
+    log = lenient.run()
+    assert [r["clients"] for r in log.rounds] == [2, 2]
+    assert "organisation 'org-1'" in log.rounds[0]["rejected"]["node 101"]
+
+
+@pytest.mark.slow
+def test_fedembed_simulate_exits_non_zero_naming_the_broken_task(task_file, tmp_path):
+    """Real Flower simulation: every organisation fails its loss; the run exits 2 with one line that names it."""
+    done = subprocess.run(
+        [str(Path(sys.executable).with_name("fedembed")), "simulate", "--task", f"{task_file}:Unreduced", "--orgs", "2",
+         "--rounds", "2", "--quiet", "--cpus", "1", "--out", str(tmp_path / "run")],
+        cwd=tmp_path, capture_output=True, text=True, timeout=600,
+    )
+    assert done.returncode == 2, done.stdout + done.stderr
+    last = done.stderr.strip().splitlines()[-1]
+    assert "ERROR fedembed: round 1:" in last and "the task's loss(model, batch) returned a tensor of shape" in last
+    assert "organisation 'org-" in last
+    assert "Traceback" not in done.stderr
+    assert not (tmp_path / "run" / "metrics.json").exists()  # no result that looks like one
