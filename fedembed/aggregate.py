@@ -91,12 +91,16 @@ class ServerOptimizer:
     def for_run(cls, cfg: RunConfig, pooled: Collection[str]) -> ServerOptimizer:
         """The server optimizer of run ``cfg``, whose tables ``pooled`` carry the pooled normaliser.
 
-        Those tables step by ``cfg.pooled_server_lr``, the others by ``cfg.server_lr``: the
-        one place a run's settings become its table steps (the coordinator and the
-        ``fedavg-all`` baseline alike).
+        Under the linear steps (``sgd``, ``sum``) those tables step by
+        ``cfg.pooled_server_lr``, the others by ``cfg.server_lr``: the one place a run's
+        settings become its table steps (the coordinator and the ``fedavg-all`` baseline
+        alike). ``pooled_server_lr`` is a share of a sum; an adaptive step (``adam``,
+        ``yogi``, ``adagrad``) has no sum to take a share of, so there every table steps
+        by ``cfg.server_lr``, the rate its user chose for it.
         """
+        linear = cfg.server_optimizer in LINEAR
         return cls(cfg.server_optimizer, cfg.server_lr, weight_cap=cfg.train.max_row_weight,
-                   table_lr={t: cfg.pooled_server_lr for t in pooled})
+                   table_lr={t: cfg.pooled_server_lr for t in pooled} if linear else {})
 
     @classmethod
     def shares_of_run(cls, cfg: RunConfig) -> dict[str, float]:

@@ -62,7 +62,8 @@ class RunConfig:
         rows), in place of ``server_lr``: such a table moves by half its normalised sum by
         default. Every organisation reads most rows of such a table many times an epoch,
         and keeping half of the round's move lifts the shared model there (link +0.007,
-        20 seeds; README, "Does federating pay off?").
+        20 seeds; README, "Does federating pay off?"). Under the linear server steps only
+        (``sum``, ``sgd``): an adaptive one steps every table by ``server_lr``.
     table_scale : float
         Standard deviation of the seeded version-0 tables (every party regenerates them).
     wire_dtype : str

@@ -318,6 +318,27 @@ def test_a_table_that_carries_it_moves_by_pooled_server_lr_of_its_sum_and_the_ot
     assert np.array_equal(moved[0.5]["items"], moved[1.0]["items"])  # a large table: untouched by it
 
 
+def test_under_an_adaptive_server_step_a_small_table_steps_by_server_lr_not_by_the_share(tmp_path, direct_transport):
+    """``pooled_server_lr`` is a share of a sum; under ``adam`` the 200-row ``users`` table takes the
+    ``server_lr`` its user chose, like ``items`` (before, it silently took Adam steps of 0.5)."""
+    from pathlib import Path
+
+    spec = TaskSpec(f"{Path(__file__).parent / 'tasks_fixture.py'}:UsersItemsTask", {"orgs": 3})
+    moved = {}
+    for lr, share in ((0.01, 0.5), (0.01, 1.0), (0.02, 0.5)):  # the same round: only the rates differ
+        t = direct_transport(tmp_path / f"{lr}-{share}", 3, task=spec)
+        c = Coordinator(run_config(spec, rounds=1, server_optimizer="adam", server_lr=lr, pooled_server_lr=share), t)
+        start = {n: a.copy() for n, a in c.tables.tables.items()}
+        c.run()
+        assert c.pooled == {"users"} and c.log.rounds[0]["clients"] == 3
+        moved[lr, share] = {n: c.tables.tables[n].astype(np.float64) - start[n] for n in start}
+    for table in ("users", "items"):
+        assert np.abs(moved[0.01, 0.5][table]).max() > 1e-4  # it moved: the comparisons below can fail
+        np.testing.assert_array_equal(moved[0.01, 0.5][table], moved[0.01, 1.0][table])  # the share plays no part
+        # the first Adam step is server_lr times the same bias-corrected ratio
+        np.testing.assert_allclose(moved[0.02, 0.5][table], 2 * moved[0.01, 0.5][table], rtol=1e-3, atol=1e-6)
+
+
 def test_the_coordinator_says_which_tables_carry_it_and_why_a_small_one_does_not(tmp_path, direct_transport, caplog):
     import logging
 
