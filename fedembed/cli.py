@@ -256,13 +256,19 @@ def _print_final(doc: dict, console) -> None:
     from rich.table import Table
 
     final = doc["final"]
-    names = [k for k in ("score", "val_score", "loss") if k in final.get("mean", {})]
-    table = Table(title=f"final metrics — mode {doc['config']['mode']}")
+    # what each organisation serves (its best-validation state, fedembed.stopping) first, then the last round's
+    columns = {"best_score": "served", "best_val_score": "its val", "best_round": "round",
+               "score": "last", "val_score": "last val", "loss": "last loss"}
+    names = [k for k in columns if k in final.get("mean", {})]
+    table = Table(title=f"final metrics — mode {doc['config']['mode']}",
+                  caption="served: the test score of each organisation's best-validation state (its val score, "
+                          "round); last: after the last round")
     table.add_column("organisation")
     for n in names:
-        table.add_column(n, justify="right")
+        table.add_column(columns[n], justify="right")
     for org, m in final.items():
-        table.add_row(org, *[f"{m.get(n, float('nan')):.4f}" for n in names], style="bold" if org == "mean" else None)
+        cells = [f"{m.get(n, float('nan')):.1f}" if n == "best_round" else f"{m.get(n, float('nan')):.4f}" for n in names]
+        table.add_row(org, *cells, style="bold" if org == "mean" else None)
     console.print(table)
 
 
