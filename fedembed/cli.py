@@ -274,7 +274,7 @@ def _print_final(doc: dict, console) -> None:
 
 def _simulated(args: argparse.Namespace) -> tuple[list[TaskSpec], list[str], FederationSpec]:
     """The simulated organisations' own tasks, names and the federation spec they share."""
-    from fedembed.task import simulated_federation
+    from fedembed.task import check_tasks, simulated_federation
 
     base = _task_spec(args)
     if "seed" not in base.options:  # a simulation's --seed also seeds its organisations' tasks (data splits, heads)
@@ -283,7 +283,9 @@ def _simulated(args: argparse.Namespace) -> tuple[list[TaskSpec], list[str], Fed
         raise ConfigError(f"--data: give one path for every organisation or one per organisation ({args.orgs}), "
                           f"got {len(args.data)}")
     per_org = args.data if len(args.data) == args.orgs and args.orgs > 1 else None
-    return simulated_federation(base, args.orgs, per_org)
+    specs, names, federation = simulated_federation(base, args.orgs, per_org)
+    check_tasks(specs, names)  # one loss and one evaluation each: a broken task is named before the engine starts
+    return specs, names, federation
 
 
 def cmd_simulate(args: argparse.Namespace) -> int:
@@ -638,10 +640,12 @@ def cmd_client(args: argparse.Namespace) -> int:
 
     spec = _task_spec(args)
     if args.no_worker:  # the worker loads the task at start; without it, fail here rather than at the first message
-        from fedembed.task import load_task, resolve_device
+        from fedembed.task import check_task, load_task, resolve_device
 
         resolve_device(args.device)
-        load_task(spec).table_specs()
+        task = load_task(spec)
+        task.table_specs()
+        check_task(task)
     task_config = task_node_config(spec, args.device, args.threads)
     opts = ClientOptions(
         superlink=args.superlink, state_dir=args.state_dir, root_cert=args.root_cert,

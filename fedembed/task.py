@@ -115,6 +115,61 @@ def task_metrics(task: Task, model: nn.Module, split: str) -> dict[str, float]:
     return out
 
 
+def check_task(task: Task) -> None:
+    """Try the task's contract once on a fresh model, before any round: a fault now, not in round 1.
+
+    Builds the model, takes the loss of one training batch (no step) and evaluates the
+    validation split, through :func:`task_loss` and :func:`task_metrics`; the model stays on
+    the CPU unless the task put it elsewhere. A simulation checks every organisation's task
+    before its engine starts; ``fedembed client`` checks its own before it joins.
+
+    Raises
+    ------
+    TaskError
+        ``build_model`` did not return a :class:`SplitModel`, a split's size is not a
+        count, ``batches("train", ...)`` yields nothing for a non-empty split, or the loss
+        or the evaluation breaks the contract.
+    """
+    state = np.random.get_state()
+    with torch.random.fork_rng(devices=[]):  # the check draws nothing a seeded run would see
+        try:
+            _check_contract(task)
+        finally:
+            np.random.set_state(state)
+
+
+def check_tasks(specs: list[TaskSpec], names: list[str]) -> None:
+    """:func:`check_task` for each simulated organisation; its fault is prefixed with its name."""
+    for spec, name in zip(specs, names):
+        try:
+            check_task(load_task(spec))
+        except TaskError as exc:
+            raise TaskError(f"organisation {name!r}: {exc}") from exc
+
+
+def _check_contract(task: Task) -> None:
+    model = task.build_model()
+    if not isinstance(model, SplitModel):
+        raise TaskError(f"the task's build_model() returned a {type(model).__name__}: it must return a SplitModel "
+                        "(the torch model wrapped with the names of its shared tables)")
+    sizes = {}
+    for split in SPLITS:
+        n = task.num_examples(split)
+        if isinstance(n, bool) or not isinstance(n, int | np.integer) or n < 0:
+            raise TaskError(f"the task's num_examples({split!r}) returned {n!r}: it must be a count (an int >= 0)")
+        sizes[split] = int(n)
+    model.to(task.device)
+    if sizes["train"]:
+        batch = next(iter(task.batches("train", 8, np.random.default_rng(0))), None)
+        if batch is None:
+            raise TaskError(f"the task's batches('train', ...) yielded nothing, but num_examples('train') is "
+                            f"{sizes['train']}")
+        task_loss(task, model, to_device(batch, task.device))
+    if sizes["val"]:
+        model.eval()
+        task_metrics(task, model, "val")
+
+
 def to_device(batch: Any, device: torch.device) -> Any:
     """``batch`` with every tensor in it (also inside tuples, lists, dicts, dataclasses) moved to ``device``."""
     if isinstance(batch, torch.Tensor):

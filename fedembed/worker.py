@@ -210,8 +210,12 @@ def organisation_handler(node_config: Mapping[str, Any]) -> Handler:
     """
     from fedembed.org import Organisation, handle_content
 
+    from fedembed.task import check_task
+
     config = dict(node_config)
-    Organisation.from_node_config(config).table_specs()  # loads the task and builds its model once
+    first = Organisation.from_node_config(config)
+    first.table_specs()  # loads the task and builds its model once
+    check_task(first.task)  # one loss and one evaluation: a task that breaks its contract fails here, named
 
     def handle(message_type: str, node_id: int, content: RecordDict) -> RecordDict:
         return handle_content(Organisation.from_node_config(config), content, message_type, node_id)

@@ -75,7 +75,7 @@ from fedembed.coordinator import Coordinator, Reply  # noqa: E402
 from fedembed.errors import FedembedError  # noqa: E402
 from fedembed.identity import Identity, make_identities  # noqa: E402
 from fedembed.org import Organisation, handle_content  # noqa: E402
-from fedembed.task import TaskSpec, load_task, parse_options, simulated_federation  # noqa: E402
+from fedembed.task import TaskSpec, check_tasks, load_task, parse_options, simulated_federation  # noqa: E402
 from fedembed.train import build_seeded  # noqa: E402
 
 log = logging.getLogger("evaluate")
@@ -203,6 +203,7 @@ def preflight(args: list[str], mode: str) -> None:
     """
     parsed = build_parser().parse_args(args)
     specs, names, _ = simulated_federation(TaskSpec(parsed.task, parse_options(parsed.option)), parsed.orgs)
+    check_tasks(specs, names)
     if mode == "fedavg-all":
         tasks = [load_task(t) for t in specs]
         check_heads_alike([build_seeded(t, parsed.seed, n) for t, n in zip(tasks, names)], names)
@@ -229,6 +230,7 @@ def run_one(args: list[str], out: Path, engine: str) -> None:
     parsed = build_parser().parse_args(args)
     # as `fedembed simulate` does: every organisation's own task, their names, the federation they share
     tasks, names, federation = simulated_federation(TaskSpec(parsed.task, parse_options(parsed.option)), parsed.orgs)
+    check_tasks(tasks, names)
     cfg: RunConfig = config_from_args(parsed, federation)
     out.mkdir(parents=True, exist_ok=True)
     if cfg.mode != "fedembed":

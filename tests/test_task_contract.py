@@ -85,6 +85,11 @@ class Unreduced(Good):  # the per-example loss, not reduced: on organisation bro
         return self.losses(model, batch) if self.broken in (-1, self.org) else super().loss(model, batch)
 
 
+class LargeBatchUnreduced(Good):  # right on small batches, unreduced on a batch of more than 8: passes the start check
+    def loss(self, model, batch):
+        return self.losses(model, batch) if len(batch[1]) > 8 else super().loss(model, batch)
+
+
 class Raising(Good):  # a head whose output does not fit the targets
     def loss(self, model, batch):
         return nn.functional.binary_cross_entropy_with_logits(model(batch[0]).unsqueeze(1).expand(-1, 2), batch[1])
@@ -207,11 +212,33 @@ def test_a_strict_run_fails_naming_the_organisation_whose_task_broke(task_file, 
     assert "organisation 'org-1'" in log.rounds[0]["rejected"]["node 101"]
 
 
+def test_fedembed_simulate_checks_every_task_before_the_engine_starts(task_file, tmp_path, caplog, monkeypatch):
+    """One loss and one evaluation per organisation at start: the fault is named before any round (or Ray)."""
+    import fedembed.simulation
+    from fedembed.cli import main
+
+    class Started(RuntimeError):
+        pass
+
+    def engine(*args, **kwargs):
+        raise Started
+
+    monkeypatch.setattr(fedembed.simulation, "simulate", engine)
+    for cls, fault in (("Unreduced", "organisation 'org-0': the task's loss(model, batch) returned a tensor of shape (8,)"),
+                       ("NoScore", "organisation 'org-0': the task's evaluate(model, 'val') returned ['accuracy']")):
+        caplog.clear()
+        code = main(["simulate", "--task", f"{task_file}:{cls}", "--orgs", "2", "--out", str(tmp_path / cls)])
+        assert code == 2 and fault in caplog.text  # and the engine never started (it would have raised Started)
+    with pytest.raises(Started):  # control: a task that keeps the contract reaches the engine
+        main(["simulate", "--task", f"{task_file}:Good", "--orgs", "2", "--out", str(tmp_path / "good")])
+
+
 @pytest.mark.slow
 def test_fedembed_simulate_exits_non_zero_naming_the_broken_task(task_file, tmp_path):
-    """Real Flower simulation: every organisation fails its loss; the run exits 2 with one line that names it."""
+    """Real Flower simulation: every organisation's loss breaks on its first full batch, in round 1; the run exits 2
+    with one line that names the organisation and the fault, and writes no metrics.json."""
     done = subprocess.run(
-        [str(Path(sys.executable).with_name("fedembed")), "simulate", "--task", f"{task_file}:Unreduced", "--orgs", "2",
+        [str(Path(sys.executable).with_name("fedembed")), "simulate", "--task", f"{task_file}:LargeBatchUnreduced", "--orgs", "2",
          "--rounds", "2", "--quiet", "--cpus", "1", "--out", str(tmp_path / "run")],
         cwd=tmp_path, capture_output=True, text=True, timeout=600,
     )
@@ -221,3 +248,26 @@ def test_fedembed_simulate_exits_non_zero_naming_the_broken_task(task_file, tmp_
     assert "organisation 'org-" in last
     assert "Traceback" not in done.stderr
     assert not (tmp_path / "run" / "metrics.json").exists()  # no result that looks like one
+
+
+def test_fedembed_client_checks_its_own_task_before_it_joins(task_file, tmp_path, caplog, monkeypatch):
+    """An organisation's engineer learns of a broken task at start, not from the coordinator's log in round 1."""
+    import fedembed.deploy
+    from fedembed.cli import main
+
+    class Joined(RuntimeError):
+        pass
+
+    def join(opts):
+        raise Joined
+
+    from fedembed.identity import make_identities
+
+    monkeypatch.setattr(fedembed.deploy, "run_client", join)
+    roster = make_identities(["lab"], tmp_path / "keys").write(tmp_path / "roster.json")
+    common = ["client", "--state-dir", str(tmp_path / "org"), "--roster", str(roster), "--no-worker", "--insecure",
+              "--identity-key", str(tmp_path / "keys" / "0.key")]
+    assert main([*common, "--task", f"{task_file}:Unreduced"]) == 2
+    assert "the task's loss(model, batch) returned a tensor of shape (8,)" in caplog.text
+    with pytest.raises(Joined):  # control: a task that keeps the contract goes on to join
+        main([*common, "--task", f"{task_file}:Good"])
