@@ -351,6 +351,10 @@ MESSAGE_RECORDS = {"config", "sync"}
 message may also bring a session set up ahead its routed shares: :data:`fedembed.secagg.client.TRAIN_RECORDS`)."""
 
 
+class OrganisationFailed(FedembedError, RuntimeError):
+    """A deployed organisation failed; the message is :func:`failure_reason`'s, its error stays in its log."""
+
+
 class MessageRefused(FedembedError, ValueError):
     """A coordinator message this organisation will not act on (it says why, in a signed reply)."""
 
@@ -463,6 +467,27 @@ def _secure_records(organisation: Organisation, plan: RoundPlan, content: Record
     return records
 
 
+def failure_reason(exc: BaseException, disclose: bool) -> str:
+    """What an organisation that failed tells the coordinator: the whole error in a simulation, its kind in a deployment.
+
+    A deployed organisation's error text may quote its own task or data (an exception of
+    its task code, a row of its files), and no part of it is the coordinator's to read: the
+    reply names only the error's type; the text goes to the organisation's own log (a
+    coordinator that provoked the failure learns that it did, as from a missing reply).
+    A fault in the coordinator's message itself (:class:`MessageRefused`, a config outside
+    its schema: :class:`fedembed.config.ConfigError`) is told in full: it quotes only what
+    the coordinator sent.
+    In a simulation every organisation is
+    the user's, so the reason is the error itself (:class:`fedembed.coordinator.RunFailed`
+    quotes it).
+    """
+    if disclose or isinstance(exc, MessageRefused | ConfigError):  # about the coordinator's own message: its to read
+        return str(exc)[:2000]
+    if isinstance(exc, TaskError):
+        return "its own task failed (TaskError); the fault is in the organisation's log"
+    return f"it failed ({type(exc).__name__}); the error is in the organisation's log"
+
+
 def handle_content(organisation: Organisation, content: RecordDict, message_type: str, node: int) -> RecordDict:
     """Decode a coordinator message, run the stage, encode and sign the reply (no Flower process needed).
 
@@ -502,7 +527,7 @@ def handle_content(organisation: Organisation, content: RecordDict, message_type
 
         return handle_message(organisation.member, message_type.partition(".")[2], content, node)
     if message_type not in ("train", "evaluate"):
-        raise ValueError(f"unknown message type {message_type!r}")
+        raise MessageRefused(f"unknown message type {message_type!r}")
     header = StageHeader.from_config(content["config"], header_only=True)  # without a run and a round there is nothing to sign for
     def refuse(exc: Exception) -> RecordDict:
         log.warning("%s: refused the %s message of round %d: %s", organisation.identity.name, message_type, header.round, exc)

@@ -208,9 +208,8 @@ def organisation_handler(node_config: Mapping[str, Any]) -> Handler:
     torch and the task stay loaded between messages. A bad identity, roster or task
     fails here, at start, not at the first message.
     """
-    from fedembed.org import Organisation, handle_content
-
-    from fedembed.task import check_task
+    from fedembed.org import Organisation, OrganisationFailed, failure_reason, handle_content
+    from fedembed.task import TaskError, check_task
 
     config = dict(node_config)
     first = Organisation.from_node_config(config)
@@ -218,7 +217,11 @@ def organisation_handler(node_config: Mapping[str, Any]) -> Handler:
     check_task(first.task)  # one loss and one evaluation: a task that breaks its contract fails here, named
 
     def handle(message_type: str, node_id: int, content: RecordDict) -> RecordDict:
-        return handle_content(Organisation.from_node_config(config), content, message_type, node_id)
+        try:
+            return handle_content(Organisation.from_node_config(config), content, message_type, node_id)
+        except Exception as exc:  # its error text (its task's, its data's) stays here; the reply says only its kind
+            log.error("%s: %s", message_type, exc, exc_info=not isinstance(exc, TaskError))
+            raise OrganisationFailed(failure_reason(exc, disclose=False)) from exc
 
     return handle
 

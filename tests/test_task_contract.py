@@ -271,3 +271,65 @@ def test_fedembed_client_checks_its_own_task_before_it_joins(task_file, tmp_path
     assert "the task's loss(model, batch) returned a tensor of shape (8,)" in caplog.text
     with pytest.raises(Joined):  # control: a task that keeps the contract goes on to join
         main([*common, "--task", f"{task_file}:Good"])
+
+
+def _clientapp_failure(monkeypatch, tasks, error: Exception):
+    """The reply of a ClientApp whose organisation fails with ``error`` while handling a ``train`` message."""
+    import time
+
+    from flwr.app import ConfigRecord, Context, Message, Metadata, RecordDict
+
+    import fedembed.org
+    from fedembed.apps.client import make_client_app
+
+    def handle(organisation, content, message_type, node):
+        raise error
+
+    monkeypatch.setattr(fedembed.org.Organisation, "from_node_config", staticmethod(lambda *a, **k: object()))
+    monkeypatch.setattr(fedembed.org, "handle_content", handle)
+    meta = Metadata(run_id=1, message_id="m1", src_node_id=1, dst_node_id=5, reply_to_message_id="", group_id="",
+                    created_at=time.time(), ttl=600.0, message_type="train")
+    ctx = Context(run_id=1, node_id=5, node_config={}, state=RecordDict(), run_config={})
+    return make_client_app(tasks=tasks)(Message(RecordDict({"config": ConfigRecord({"round": 1})}), metadata=meta), ctx)
+
+
+def test_a_deployed_organisation_that_fails_tells_the_coordinator_only_the_kind_of_failure(monkeypatch, caplog):
+    """Its error text may quote its data: it stays in the organisation's log; a simulation, all the user's, shows it."""
+    secret = "patient 4711 has no label"
+    for error in (TaskError(f"the task's loss(model, batch) raised KeyError: '{secret}'"), KeyError(secret)):
+        caplog.clear()
+        reply = _clientapp_failure(monkeypatch, None, error)
+        assert reply.has_error() and secret not in reply.error.reason
+        assert type(error).__name__ in reply.error.reason and "organisation's log" in reply.error.reason
+        assert secret in caplog.text  # the organisation's own log has it all
+    simulated = _clientapp_failure(monkeypatch, [TaskSpec("synthetic", {})], TaskError(secret))
+    assert simulated.has_error() and secret in simulated.error.reason  # control: a simulation's reason is the error
+    with pytest.raises(KeyError):  # and any other failure of a simulation reaches the engine as it is
+        _clientapp_failure(monkeypatch, [TaskSpec("synthetic", {})], KeyError(secret))
+
+
+def test_a_deployed_organisations_worker_replies_only_the_kind_of_failure(monkeypatch, caplog):
+    """The same through the worker `fedembed client` keeps the task in: its error reply, which the SuperNode hands
+    to the coordinator, names the kind of failure; the text stays in the worker's log."""
+    from types import SimpleNamespace
+
+    from flwr.app import RecordDict
+
+    import fedembed.org
+    import fedembed.task
+    from fedembed.org import OrganisationFailed
+    from fedembed.worker import organisation_handler
+
+    secret = "patient 4711 has no label"
+
+    def handle(organisation, content, message_type, node):
+        raise KeyError(secret)
+
+    stub = SimpleNamespace(table_specs=lambda: {}, task=None)
+    monkeypatch.setattr(fedembed.org.Organisation, "from_node_config", staticmethod(lambda *a, **k: stub))
+    monkeypatch.setattr(fedembed.org, "handle_content", handle)
+    monkeypatch.setattr(fedembed.task, "check_task", lambda task: None)
+    with pytest.raises(OrganisationFailed) as info:
+        organisation_handler({})("train", 5, RecordDict())
+    assert secret not in str(info.value) and "KeyError" in str(info.value)
+    assert secret in caplog.text

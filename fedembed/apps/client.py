@@ -31,7 +31,7 @@ from flwr.clientapp import ClientApp
 from fedembed.apps.packing import PackingMod
 from fedembed.audit import AuditMod
 from fedembed.secagg.client import add_secure_stages
-from fedembed.worker import WorkerUnavailable, forward
+from fedembed.worker import WorkerError, WorkerUnavailable, forward
 
 if TYPE_CHECKING:
     from fedembed.org import Organisation
@@ -87,17 +87,26 @@ def make_client_app(
         nc = {**(node_defaults or {}), **context.node_config}
         return Organisation.from_node_config(nc, state_root, key_dir, roster, tasks)
 
+    simulated = tasks is not None  # every simulated organisation is the user's own: its errors are theirs to read
+
     def train_or_evaluate(msg: Message, context: Context) -> Message:
-        if (reply := via_worker(msg, context)) is not None:
-            return reply
-        from fedembed.org import handle_content  # handle_content dispatches by the message type
+        from fedembed.faults import SimulatedDropout
+        from fedembed.org import failure_reason, handle_content  # handle_content dispatches by the message type
         from fedembed.task import TaskError
 
         try:
+            if (reply := via_worker(msg, context)) is not None:
+                return reply
             content = handle_content(organisation(context), msg.content, msg.metadata.message_type, context.node_id)
-        except TaskError as exc:  # the organisation's own task broke its contract: one line, not an engine traceback
-            log.error("%s", exc)
-            return Message(error=Error(code=ErrorCode.CLIENT_APP_RAISED_EXCEPTION, reason=str(exc)[:2000]), reply_to=msg)
+        except (SimulatedDropout, WorkerError):
+            raise  # a worker's error is its own reply, already told only the kind of failure
+        except Exception as exc:
+            if simulated and not isinstance(exc, TaskError):
+                raise  # a simulation's own failure: the engine reports it with its traceback
+            # a deployed organisation's error text (its task's, its data's) stays in its own log
+            log.error("%s", exc, exc_info=not isinstance(exc, TaskError))
+            return Message(error=Error(code=ErrorCode.CLIENT_APP_RAISED_EXCEPTION, reason=failure_reason(exc, simulated)),
+                           reply_to=msg)
         return Message(content, reply_to=msg)
 
     app.train()(train_or_evaluate)
