@@ -11,12 +11,10 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-import textwrap
 from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 
 from fedembed.coordinator import Coordinator, RunFailed
 from fedembed.recipe import TrainConfig
