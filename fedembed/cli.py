@@ -248,6 +248,8 @@ class _Progress:
             f"up {up / 2**20:8.3f} MiB {ratio}  down {entry['download_bytes'] / 2**20:8.3f} MiB  "
             f"{entry['wall_seconds']:6.1f} s{rej}"
         )
+        if entry.get("unchanged"):  # the round's updates were not applied: the user must see it
+            self.console.print(f"  [yellow]round {entry['round']}: tables unchanged[/]: {entry['unchanged']}")
         if entry.get("privacy"):  # each organisation's spend so far, as its own ledger reports it
             self.console.print(privacy_line(entry["privacy"]), markup=False)
 

@@ -512,7 +512,9 @@ class Coordinator:
             changed = self.optimizer.step(self.tables, agg, round_)
             entry["rows_changed"] = changed
         else:
-            log.warning("round %d: %d usable updates (< min %d); tables unchanged", round_, entry["clients"], self.cfg.min_orgs)
+            # said in the round's log entry too: progress displays and metrics.json show it, not only this logger
+            entry["unchanged"] = f"{entry['clients']} usable update(s), fewer than --min-orgs {self.cfg.min_orgs}"
+            log.warning("round %d: %s; tables unchanged", round_, entry["unchanged"])
             self.tables.version = round_
         entry["stages"]["aggregate"] = {"seconds": time.perf_counter() - t1}
         entry["wall_seconds"] = time.perf_counter() - t0  # before the checkpoint, so a resumed log keeps it

@@ -199,6 +199,10 @@ def forward(path: str | Path, message_type: str, node_id: int, content: RecordDi
 
 Handler = Callable[[str, int, RecordDict], RecordDict]
 
+#: The worker's exit code when the organisation's own task cannot be loaded or breaks its contract at start:
+#: ``fedembed client`` then stops, rather than restart it and join with a task that cannot train.
+EXIT_TASK_BROKEN = 3
+
 
 def organisation_handler(node_config: Mapping[str, Any]) -> Handler:
     """Handle a message as the organisation ``node_config`` describes (what the ClientApp does in-process).
@@ -379,7 +383,14 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="%(levelname)s %(name)s[worker]: %(message)s")
     signal.signal(signal.SIGTERM, _interrupt)  # `fedembed client` stops us with SIGTERM: remove the socket
-    worker = Worker(args.socket, organisation_handler(parse_config_args([args.node_config])))
+    from fedembed.task import TaskError
+
+    try:
+        handler = organisation_handler(parse_config_args([args.node_config]))
+    except TaskError as exc:  # the organisation's own task is broken: one line, and a code that says so
+        log.error("%s", exc)
+        return EXIT_TASK_BROKEN
+    worker = Worker(args.socket, handler)
     try:
         worker.serve_forever()
     except KeyboardInterrupt:

@@ -331,3 +331,46 @@ def test_a_deployed_organisations_worker_replies_only_the_kind_of_failure(monkey
         organisation_handler({})("train", 5, RecordDict())
     assert secret not in str(info.value) and "KeyError" in str(info.value)
     assert secret in caplog.text
+
+
+@pytest.mark.slow
+def test_fedembed_client_with_a_broken_task_stops_instead_of_joining(task_file, tmp_path):
+    """Real `fedembed client` (its worker checks the task): exit 2 with the fault, no restart loop, no SuperNode left."""
+    from fedembed.identity import make_identities
+
+    roster = make_identities(["lab"], tmp_path / "keys").write(tmp_path / "roster.json")
+    done = subprocess.run(
+        [str(Path(sys.executable).with_name("fedembed")), "client", "--superlink", "127.0.0.1:9", "--insecure",
+         "--state-dir", str(tmp_path / "org"), "--roster", str(roster), "--identity-key", str(tmp_path / "keys" / "0.key"),
+         "--task", f"{task_file}:Unreduced"],
+        cwd=tmp_path, capture_output=True, text=True, timeout=120,
+    )
+    assert done.returncode == 2, done.stderr
+    assert "the task's loss(model, batch) returned a tensor of shape (8,)" in done.stderr
+    assert "its task failed its check at start" in done.stderr.strip().splitlines()[-1]
+    assert "starting it again" not in done.stderr and "Traceback" not in done.stderr
+
+
+def test_a_round_below_min_orgs_says_its_tables_are_unchanged_where_the_user_looks(task_file, tmp_path):
+    """A deployment whose round has fewer usable updates than --min-orgs keeps its tables, and says so in the round's
+    log entry (metrics.json) and in the progress display, not only in the ServerApp's own logger."""
+    from rich.console import Console
+
+    from fedembed.cli import _Progress
+
+    spec = _spec(task_file, "Unreduced", orgs=3, broken_org=1)
+    for min_orgs, unchanged in ((3, True), (2, False)):  # control: with 2 of 3 required, the round is applied
+        t = DirectTransport(tmp_path / f"m{min_orgs}", 3, task=spec)
+        c = Coordinator(run_config(spec, rounds=1, min_orgs=min_orgs), t, roster=t.roster)
+        start = {n: a.copy() for n, a in c.tables.tables.items()}
+        progress = _Progress(1, True)
+        progress.console = Console(record=True, width=200)
+        c.on_round = progress
+        c.run()
+        entry = c.log.rounds[0]
+        assert entry["clients"] == 2
+        same = all(np.array_equal(start[n], c.tables.tables[n]) for n in start)
+        assert same is unchanged
+        assert ("unchanged" in entry) is unchanged
+        shown = progress.console.export_text()
+        assert ("round 1: tables unchanged: 2 usable update(s), fewer than --min-orgs 3" in shown) is unchanged

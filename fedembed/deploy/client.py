@@ -165,13 +165,25 @@ class WorkerProcess:
         return [sys.executable, "-m", "fedembed.worker", "--socket", str(self.path), "--node-config", node_config(self.opts)]
 
     def start(self) -> bool:
-        """Start it and wait until it listens; False (logged) if it did not come up."""
+        """Start it and wait until it listens; False (logged) if it did not come up.
+
+        Raises
+        ------
+        ConfigError
+            The worker exited with :data:`fedembed.worker.EXIT_TASK_BROKEN`: the
+            organisation's own task does not load or breaks its contract.
+        """
+        from fedembed.worker import EXIT_TASK_BROKEN
+
         self.proc = subprocess.Popen(self.command(), env=self.env, preexec_fn=_die_with_parent)
         self.starts += 1
         self._last_start = time.monotonic()
         deadline = time.monotonic() + self.startup_timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
+                if self.proc.returncode == EXIT_TASK_BROKEN:  # restarting it, or joining without it, cannot help
+                    raise ConfigError(f"organisation {self.opts.name}: its task failed its check at start (the "
+                                      "worker's error above); fix the task and start again")
                 log.warning("organisation %s: its worker exited with %d at start; messages are handled "
                             "in the ClientApp processes", self.opts.name, self.proc.returncode)
                 return False
