@@ -271,3 +271,17 @@ def test_with_a_worker_the_supernode_hands_it_every_message_and_starts_no_client
     with pytest.raises(ValueError):
         supernode_command(opts, 9999, stock=True, worker_socket=sock, handoff=True)  # the stock one cannot
     assert WorkerProcess(opts, {}).command()[-4:] == ["--socket", str(sock), "--node-config", node_config(opts)]
+
+
+def test_a_node_key_of_one_member_with_the_identity_of_another_is_refused_at_start(tmp_path):
+    """Configured with org-1's node key and org-0's identity, a client would answer as org-0 and knock the real
+    org-0 out of every round (the coordinator counts a name once): refused before it starts."""
+    from fedembed.certs import write_test_certs
+    from fedembed.config import ConfigError
+
+    c = write_test_certs(tmp_path / "certs", orgs=2)
+    roster = tmp_path / "certs"
+    common = {"superlink": "127.0.0.1:1", "state_dir": tmp_path / "org", "root_cert": c.ca_cert, "roster": roster}
+    with pytest.raises(ConfigError, match="--auth-key is the roster key of 'org-1' but --identity-key is that of 'org-0'"):
+        ClientOptions(**common, auth_key=tmp_path / "certs" / "org-1.key", identity_key=tmp_path / "certs" / "org-0.key")
+    assert ClientOptions(**common, auth_key=tmp_path / "certs" / "org-1.key").name == "org-1"  # control: its own key

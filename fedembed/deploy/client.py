@@ -111,6 +111,17 @@ class ClientOptions:
             self.name = Identity.load(self.identity_key, self.roster).name
         except IdentityError as exc:
             raise ConfigError(str(exc)) from exc
+        if self.auth_key is not None and Path(self.auth_key).resolve() != Path(self.identity_key).resolve():
+            try:  # a node key that is another member's identity: this node would answer in that member's name
+                other = Identity.load(self.auth_key, self.roster).name
+            except IdentityError:
+                other = None  # a node key of its own, outside the roster: fine
+            if other is not None and other != self.name:
+                raise ConfigError(
+                    f"--auth-key is the roster key of {other!r} but --identity-key is that of {self.name!r}: this "
+                    f"node would answer as {self.name!r}, and the coordinator would refuse {self.name!r}'s own node as "
+                    "answering twice; give each organisation its own key for both"
+                )
         self.identity_key, self.roster = Path(self.identity_key).resolve(), Path(self.roster).resolve()
         if self.insecure:
             if self.auth_key is not None:
