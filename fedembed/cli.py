@@ -130,7 +130,7 @@ def _add_task_options(p: argparse.ArgumentParser, simulated: bool) -> None:
     g = p.add_argument_group("the organisation's task" + (" (every simulated organisation's)" if simulated else ""))
     g.add_argument("--task", default="movies" if simulated else None,
                    help=f"{' | '.join(BUILTIN_TASKS)} | package.module:Class | path/to/file.py:Class "
-                        "(a subclass of fedembed.Task; see the README's 'Your own task')")
+                        "(a subclass of fedembed.Task; see the README's 'Your own model and data')")
     g.add_argument("--data", action="append", default=[], metavar="PATH",
                    help="the organisation's data, given to the task as `data`"
                         + ("; repeat once per organisation to give each its own file" if simulated else ""))

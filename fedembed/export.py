@@ -46,9 +46,10 @@ def _warn_unsynced_rows(state: OrgState, shapes: dict[str, tuple[int, int]], ver
     old = {n: int((~rows.fresh_mask(n)).sum()) for n in shapes}
     if any(old.values()):
         log.warning(
-            "%s: rows outside what this organisation asked to be synced (sync=padded or working-set) hold older "
-            "values: %s; every row its data looks up is current. Run its last round with --sync full for a whole "
-            "current table.", state.dir, ", ".join(f"{n}: {k} of {shapes[n][0]}" for n, k in old.items()),
+            "%s: rows outside what this organisation asked to be synced (sync=padded or working-set) may hold "
+            "older values (those another organisation changed since it last synced them): %s not synced; every "
+            "row its data looks up is current. Run its last round with --sync full for a whole current table.",
+            state.dir, ", ".join(f"{n}: {k} of {shapes[n][0]}" for n, k in old.items()),
         )
 
 
