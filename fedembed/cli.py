@@ -357,6 +357,9 @@ def _add_export(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--federation", type=Path, default=None, help="the federation spec file (for the vocabularies)")
     _add_task_options(p, simulated=False)
     p.add_argument("--out", type=Path, required=True, help="file to write (model.pt, or tables.npz)")
+    p.add_argument("--best", action="store_true",
+                   help="the state the organisation served (its best-validation evaluation) instead of its last: "
+                        "kept in STATE_DIR/best by `fedembed client --keep-best-state` (or the run's --keep-best-state)")
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
 
 
@@ -369,7 +372,7 @@ def cmd_export(args: argparse.Namespace) -> int:
         federation = FederationSpec.load(args.federation) if args.federation else None
         written = export_coordinator(args.coordinator, args.out, federation, args.federation)
     else:
-        written = export_organisation(args.state_dir, _task_spec(args), args.out, device=args.device)
+        written = export_organisation(args.state_dir, _task_spec(args), args.out, device=args.device, best=args.best)
     for path in written:
         print(f"wrote {path}")
     return 0
@@ -472,6 +475,10 @@ def _add_client(sub: argparse._SubParsersAction) -> None:
                         "recipe's applies; once spent it evaluates and trains no more (default: 0, the recipe's)")
     p.add_argument("--dp-delta", type=float, default=0.0,
                    help="the delta of --dp-max-epsilon (default: 0, the recipe's dp_target_delta)")
+    p.add_argument("--keep-best-state", action="store_true",
+                   help="keep a copy of the state this organisation serves (its best-validation evaluation's head "
+                        "and tables, a full table write at each improvement) in STATE_DIR/best, for "
+                        "`fedembed export --best`; its own choice, whatever the run's recipe says")
     p.add_argument("--no-normaliser-upload", action="store_true",
                    help="never upload this organisation's Adam normaliser of the rows it touched (the pooled "
                         "normaliser, on by default for tables of at most 1,000 rows): a training plan that asks "
@@ -634,7 +641,8 @@ def client_rules(args: argparse.Namespace) -> dict[str, str]:
             "dp-min-noise-multiplier": str(args.dp_min_noise_multiplier),
             "dp-max-epsilon": str(args.dp_max_epsilon), "dp-delta": str(args.dp_delta),
             "sync": json.dumps(args.sync), "sync-pad": repr(float(args.sync_pad)),
-            "normaliser-upload": "false" if args.no_normaliser_upload else "true"}
+            "normaliser-upload": "false" if args.no_normaliser_upload else "true",
+            "keep-best-state": "true" if args.keep_best_state else "false"}
 
 
 def cmd_client(args: argparse.Namespace) -> int:

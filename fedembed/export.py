@@ -106,9 +106,25 @@ def organisation_model(state_dir: Path, spec: TaskSpec, device: str = "cpu") -> 
     return plain_model.to(task.device), info
 
 
-def export_organisation(state_dir: Path, spec: TaskSpec, out: Path, device: str = "cpu") -> list[Path]:
-    """Write ``out`` (the plain module's state dict) and ``out`` + ``.json`` (what it is); returns the paths."""
+def export_organisation(state_dir: Path, spec: TaskSpec, out: Path, device: str = "cpu", best: bool = False) -> list[Path]:
+    """Write ``out`` (the plain module's state dict) and ``out`` + ``.json`` (what it is); returns the paths.
+
+    With ``best``, the state the organisation served (its best-validation evaluation), kept in
+    ``state_dir/best`` (:class:`fedembed.serving.BestValidation`), instead of its last.
+
+    Raises
+    ------
+    ExportError
+        As :func:`organisation_model`; with ``best``, no served state kept there.
+    """
+    if best:
+        kept = Path(state_dir) / "best"
+        if not (kept / "head.pt").is_file() or not (kept / "tables.npz").is_file():
+            raise ExportError(f"{kept} holds no served state: keep one with `fedembed client --keep-best-state` "
+                              "(or the run's --keep-best-state); without it, export gives the last state")
+        state_dir = kept
     model, info = organisation_model(state_dir, spec, device)
+    info["state"] = "served (best validation)" if best else "last"
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     buf = io.BytesIO()

@@ -121,6 +121,7 @@ class Organisation:
         self, org: int, state_dir: Path, identity: Identity, policy: SecurePolicy | None = None,
         task: TaskSpec | None = None, device: str = "cpu", dp_policy: DPPolicy | None = None,
         sync: SyncPolicy | None = None, noise_seed: str | None = None, normaliser_upload: bool = True,
+        keep_best: bool = False,
     ) -> None:
         if task is None:
             raise TaskError("an organisation needs its own task: --task (or node config task=...)")
@@ -134,6 +135,7 @@ class Organisation:
         self.sync = sync or SyncPolicy()
         self.noise_seed = noise_seed
         self.normaliser_upload = bool(normaliser_upload)
+        self.keep_best = bool(keep_best)  # its own choice: keep its served state's model whatever the recipe says
 
     @staticmethod
     def from_node_config(
@@ -149,7 +151,9 @@ class Organisation:
         ``dp-min-noise-multiplier``, ``dp-max-epsilon``, ``dp-delta`` its :class:`DPPolicy`;
         ``dp-noise-seed`` (tests and simulations only) seeds its DP noise;
         ``normaliser-upload`` (``true``/``false``, default true) whether it uploads its Adam
-        normaliser when the recipe asks.
+        normaliser when the recipe asks; ``keep-best-state`` (default false) whether it keeps
+        a copy of its served (best-validation) state's head and tables in ``best/`` for
+        ``fedembed export --best``, whatever the recipe says.
         """
         member = SecureMember.from_node_config(nc, state_root, key_dir, roster)
         if "threads" in nc:  # otherwise torch's own choice
@@ -160,7 +164,7 @@ class Organisation:
             spec, device = tasks[member.org], str(nc.get("device", "cpu"))
         return Organisation(member.org, member.state_dir, member.identity, member.policy, spec, device,
                             DPPolicy.from_mapping(nc), SyncPolicy.from_node_config(nc), member.noise_seed,
-                            normaliser_upload_rule(nc))
+                            normaliser_upload_rule(nc), node_flag(nc, "keep-best-state", False))
 
     @property
     def member(self) -> SecureMember:
@@ -304,7 +308,7 @@ class Organisation:
             metrics = evaluate_splits(task, model)
             context = ServingContext(task, cfg, plan.round, plan.seed, plan.table_scale, plan.run_key, shapes,
                                      train=not plan.evaluate_only, who=name, kept_shares=plan.shares(shapes))
-            metrics = serving_policy(cfg, self.state.dir).serve(context, model, metrics)
+            metrics = serving_policy(cfg, self.state.dir, self.keep_best).serve(context, model, metrics)
             if plan.evaluate_only:
                 if cfg.head_epochs > 0:  # the head evaluated is the head kept (and exported)
                     self.state.save_head(model.head_state_dict(), head_opt.state_dict(), plan.round, **extra)
@@ -337,11 +341,12 @@ class Organisation:
         return OrgReply(name, "ok", version, update=update, metrics=metrics, train_stats=stats)
 
 
-def serving_policy(cfg: TrainConfig, state_dir: Path) -> ServingPolicy:
+def serving_policy(cfg: TrainConfig, state_dir: Path, keep_best: bool = False) -> ServingPolicy:
     """What the organisation serves: the guard (kept in ``state_dir``) when the recipe asks for it, else the
-    shared model; with ``cfg.serve_best``, the best-validation state of either (:class:`BestValidation`)."""
+    shared model; with ``cfg.serve_best``, the best-validation state of either (:class:`BestValidation`), whose
+    model is kept in ``best/`` when the recipe or the organisation itself (``keep_best``) asks."""
     inner: ServingPolicy = Guard(state_dir) if cfg.guard else SharedOnly()
-    return BestValidation(inner, state_dir) if cfg.serve_best else inner
+    return BestValidation(inner, state_dir, keep=keep_best) if cfg.serve_best else inner
 
 
 _TABLE_SPECS: dict[str, dict[str, TableSpec]] = {}
@@ -359,18 +364,23 @@ class MessageRefused(FedembedError, ValueError):
     """A coordinator message this organisation will not act on (it says why, in a signed reply)."""
 
 
-def normaliser_upload_rule(nc: Mapping[str, Any]) -> bool:
-    """Whether a node config lets the organisation upload its Adam normaliser (``normaliser-upload``, default true).
+def node_flag(nc: Mapping[str, Any], key: str, default: bool) -> bool:
+    """A true/false entry of the organisation's own node config (Flower parses ``key=false`` to a bool).
 
     Raises
     ------
     ConfigError
         A value other than true or false.
     """
-    value = str(nc.get("normaliser-upload", "true")).strip().lower()
+    value = str(nc.get(key, default)).strip().lower()
     if value not in ("true", "false"):
-        raise ConfigError(f"node config normaliser-upload must be true or false, got {nc['normaliser-upload']!r}")
+        raise ConfigError(f"node config {key} must be true or false, got {nc[key]!r}")
     return value == "true"
+
+
+def normaliser_upload_rule(nc: Mapping[str, Any]) -> bool:
+    """Whether a node config lets the organisation upload its Adam normaliser (``normaliser-upload``, default true)."""
+    return node_flag(nc, "normaliser-upload", True)
 
 
 def _checked_plan(organisation: Organisation, content: RecordDict, message_type: str) -> RoundPlan:

@@ -114,10 +114,14 @@ class BestValidation:
         Chooses what a round serves (:class:`SharedOnly` or the guard).
     state_dir : Path
         The organisation's own state directory.
+    keep : bool
+        Keep the served state's head and tables in ``<state_dir>/best`` (the
+        organisation's own choice; the recipe's ``keep_best_state`` also turns it on).
     """
 
-    def __init__(self, inner: ServingPolicy, state_dir: Path) -> None:
+    def __init__(self, inner: ServingPolicy, state_dir: Path, keep: bool = False) -> None:
         self.inner = inner
+        self.keep = bool(keep)
         self.name = f"best-{inner.name}"
         self.dir = Path(state_dir) / "best"
         self.path = self.dir / "best.json"
@@ -143,7 +147,7 @@ class BestValidation:
         if tracker.best["self"] != before:
             OrgState(self.dir)  # the directory, private
             atomic_write(self.path, json.dumps({"key": ctx.run_key, "best": tracker.best["self"]}).encode())
-            if ctx.cfg.keep_best_state and self.inner.name == SharedOnly.name:
+            if (ctx.cfg.keep_best_state or self.keep) and self.inner.name == SharedOnly.name:
                 self._snapshot(ctx, shared_model)
         return out
 

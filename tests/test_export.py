@@ -51,6 +51,35 @@ def test_exported_model_scores_what_the_closing_evaluation_reported(tmp_path):
         np.testing.assert_array_equal(module.products.weight.detach().numpy(), c.tables.tables["products"])
 
 
+def test_export_best_gives_the_served_state_an_organisation_chose_to_keep_itself(tmp_path):
+    """The organisations keep their served state by their own choice (node config ``keep-best-state``, the recipe
+    leaves it off); ``export --best`` gives a model scoring each one's served (best-validation) test score, the
+    default export its last. Organisation 2 kept nothing: ``--best`` says so."""
+    t = DirectTransport(tmp_path, 3, task=CLICKS)
+    t.orgs[100].keep_best = t.orgs[101].keep_best = True
+    c = Coordinator(run_config(CLICKS, rounds=4), t, state_dir=tmp_path / "coord")
+    assert not c.cfg.train.keep_best_state
+    c.run()
+    final = c.log.final()
+    served_earlier = 0
+    for node in (100, 101):
+        org = t.orgs[node]
+        name, task = org.identity.name, load_task(org.task_spec)
+        scores = {}
+        for best in (True, False):
+            out = tmp_path / f"{name}-{best}.pt"
+            export_organisation(org.state.dir, org.task_spec, out, best=best)
+            module = task.build_model().module
+            module.load_state_dict(torch.load(out, weights_only=True))
+            scores[best] = task.evaluate(module.eval(), "test")["score"]
+        assert scores[True] == pytest.approx(final[name]["best_score"], abs=1e-6)
+        assert scores[False] == pytest.approx(final[name]["score"], abs=1e-6)
+        served_earlier += final[name]["best_round"] < 4
+    assert served_earlier  # an organisation served an earlier round: the two exports differ, the check can fail
+    with pytest.raises(ExportError, match="holds no served state: keep one with `fedembed client --keep-best-state`"):
+        export_organisation(t.orgs[102].state.dir, t.orgs[102].task_spec, tmp_path / "none.pt", best=True)
+
+
 def test_a_residual_is_folded_into_the_table_and_predicts_as_the_residual_model(tmp_path):
     c, t = clicks_run(tmp_path, residual=True)
     final = c.log.final()
@@ -180,3 +209,22 @@ def test_exporting_a_head_with_a_layer_named_residual_works_and_leaves_the_state
         export_organisation(state, spec, tmp_path / "m.pt")
     finally:
         assert (state / "head.pt").exists(), sorted(p.name for p in state.iterdir())
+
+
+def test_keeping_the_served_state_is_the_organisations_own_flag():
+    """`fedembed client --keep-best-state` reaches its node config as Flower parses it; absent, nothing is kept."""
+    from flwr.common.config import parse_config_args
+
+    from fedembed.cli import build_parser, client_rules
+    from fedembed.config import ConfigError
+    from fedembed.org import node_flag
+
+    def written(*flags):
+        args = build_parser().parse_args(["client", "--state-dir", "s", "--roster", "r", "--task", "synthetic", *flags])
+        return parse_config_args([" ".join(f"{k}={v}" for k, v in client_rules(args).items())])
+
+    assert node_flag(written("--keep-best-state"), "keep-best-state", False)
+    assert not node_flag(written(), "keep-best-state", False)
+    assert not node_flag({}, "keep-best-state", False)
+    with pytest.raises(ConfigError, match="keep-best-state must be true or false"):
+        node_flag({"keep-best-state": "often"}, "keep-best-state", False)
