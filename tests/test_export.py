@@ -78,6 +78,12 @@ def test_export_best_gives_the_served_state_an_organisation_chose_to_keep_itself
     assert served_earlier  # an organisation served an earlier round: the two exports differ, the check can fail
     with pytest.raises(ExportError, match="holds no served state: keep one with `fedembed client --keep-best-state`"):
         export_organisation(t.orgs[102].state.dir, t.orgs[102].task_spec, tmp_path / "none.pt", best=True)
+    # a later run in the same state directory that keeps nothing: the kept state is the earlier run's, refused
+    org = t.orgs[100]
+    org.keep_best = False
+    Coordinator(run_config(CLICKS, rounds=1, seed=7), t, state_dir=tmp_path / "coord2").run()
+    with pytest.raises(ExportError, match="holds the served state of another run"):
+        export_organisation(org.state.dir, org.task_spec, tmp_path / "stale.pt", best=True)
 
 
 def test_a_residual_is_folded_into_the_table_and_predicts_as_the_residual_model(tmp_path):
