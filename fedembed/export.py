@@ -38,11 +38,10 @@ def _warn_unsynced_rows(state: OrgState, shapes: dict[str, tuple[int, int]], ver
     """Say how many cached rows are older than the tables (an organisation that synced its working set only)."""
     from fedembed.workingset import RowState
 
-    try:
-        key = str(json.loads((state.dir / "tables.json").read_text()).get("key"))
-    except (OSError, ValueError, AttributeError):
+    key = state.cache_key()
+    if key is None:
         return
-    rows = RowState.load(state.dir, shapes, version, key)
+    rows = RowState.load(state.dir, shapes, version, str(key))
     old = {n: int((~rows.fresh_mask(n)).sum()) for n in shapes}
     if any(old.values()):
         log.warning(
@@ -106,14 +105,6 @@ def organisation_model(state_dir: Path, spec: TaskSpec, device: str = "cpu") -> 
     return plain_model.to(task.device), info
 
 
-def _run_of(state_dir: Path) -> Any:
-    """The run key a state directory's table cache belongs to (None when unreadable)."""
-    try:
-        return json.loads((state_dir / "tables.json").read_text()).get("key")
-    except (OSError, ValueError, AttributeError):
-        return None
-
-
 def export_organisation(state_dir: Path, spec: TaskSpec, out: Path, device: str = "cpu", best: bool = False) -> list[Path]:
     """Write ``out`` (the plain module's state dict) and ``out`` + ``.json`` (what it is); returns the paths.
 
@@ -130,7 +121,7 @@ def export_organisation(state_dir: Path, spec: TaskSpec, out: Path, device: str 
         if not (kept / "head.pt").is_file() or not (kept / "tables.npz").is_file():
             raise ExportError(f"{kept} holds no served state: keep one with `fedembed client --keep-best-state` "
                               "(or the run's --keep-best-state); without it, export gives the last state")
-        if _run_of(kept) != _run_of(Path(state_dir)):  # kept by an earlier run in this state directory
+        if OrgState(kept).cache_key() != OrgState(Path(state_dir)).cache_key():  # kept by an earlier run here
             raise ExportError(f"{kept} holds the served state of another run than the organisation's last one; "
                               "export without --best, or run with --keep-best-state")
         state_dir = kept

@@ -357,7 +357,7 @@ message may also bring a session set up ahead its routed shares: :data:`fedembed
 
 
 class OrganisationFailed(FedembedError, RuntimeError):
-    """A deployed organisation failed; the message is :func:`failure_reason`'s, its error stays in its log."""
+    """A deployed organisation failed; the message is :func:`report_failure`'s, its error stays in its log."""
 
 
 class MessageRefused(FedembedError, ValueError):
@@ -477,20 +477,23 @@ def _secure_records(organisation: Organisation, plan: RoundPlan, content: Record
     return records
 
 
-def failure_reason(exc: BaseException, disclose: bool) -> str:
-    """What an organisation that failed tells the coordinator: the whole error in a simulation, its kind in a deployment.
+def report_failure(exc: BaseException, disclose: bool, what: str = "") -> str:
+    """Log an organisation's failure in full, in its own log; return what it tells the coordinator.
 
-    A deployed organisation's error text may quote its own task or data (an exception of
-    its task code, a row of its files), and no part of it is the coordinator's to read: the
-    reply names only the error's type; the text goes to the organisation's own log (a
-    coordinator that provoked the failure learns that it did, as from a missing reply).
-    A fault in the coordinator's message itself (:class:`MessageRefused`, a config outside
-    its schema: :class:`fedembed.config.ConfigError`) is told in full: it quotes only what
-    the coordinator sent.
-    In a simulation every organisation is
-    the user's, so the reason is the error itself (:class:`fedembed.coordinator.RunFailed`
-    quotes it).
+    The log line has the whole error (with its traceback, unless the organisation's own task
+    broke its contract: a :class:`fedembed.task.TaskError` names its fault). The returned
+    reason is the whole error in a simulation, its kind in a deployment: a deployed
+    organisation's error text may quote its own task or data (an exception of its task
+    code, a row of its files), and no part of it is the coordinator's to read, so the reply
+    names only the error's type (a coordinator that provoked the failure learns that it
+    did, as from a missing reply). A fault in the coordinator's message itself
+    (:class:`MessageRefused`, a config outside its schema:
+    :class:`fedembed.config.ConfigError`) is told in full: it quotes only what the
+    coordinator sent. In a simulation every organisation is the user's, so the reason is the
+    error itself (:class:`fedembed.coordinator.RunFailed` quotes it). ``what`` prefixes the
+    log line (the message type).
     """
+    log.error("%s%s", f"{what}: " if what else "", exc, exc_info=not isinstance(exc, TaskError))
     if disclose or isinstance(exc, MessageRefused | ConfigError):  # about the coordinator's own message: its to read
         return str(exc)[:2000]
     if isinstance(exc, TaskError):

@@ -542,11 +542,17 @@ class OrgState:
                 self._discard_tables(exc)
         return {n: init_table(n, s, seed, scale) for n, s in shapes.items()}, 0
 
+    def cache_key(self) -> Any:
+        """The run key the table cache belongs to (as ``tables.json`` holds it), or None when it cannot be read."""
+        try:
+            return json.loads((self.dir / "tables.json").read_text()).get("key")
+        except (OSError, ValueError, AttributeError):
+            return None
+
     def load_cached_tables(self, shapes: dict[str, tuple[int, int]]) -> tuple[dict[str, np.ndarray], int]:
         """The cached tables and their version, whichever run they belong to (version 0: no usable cache)."""
-        try:
-            key = json.loads((self.dir / "tables.json").read_text()).get("key")
-        except (OSError, ValueError, AttributeError):
+        key = self.cache_key()
+        if key is None:
             return {}, 0
         tables, version = self.load_tables(shapes, 0, 0.0, str(key))
         return (tables, version) if version > 0 else ({}, 0)

@@ -212,8 +212,8 @@ def organisation_handler(node_config: Mapping[str, Any]) -> Handler:
     torch and the task stay loaded between messages. A bad identity, roster or task
     fails here, at start, not at the first message.
     """
-    from fedembed.org import Organisation, OrganisationFailed, failure_reason, handle_content
-    from fedembed.task import TaskError, check_task
+    from fedembed.org import Organisation, OrganisationFailed, handle_content, report_failure
+    from fedembed.task import check_task
 
     config = dict(node_config)
     first = Organisation.from_node_config(config)
@@ -224,8 +224,7 @@ def organisation_handler(node_config: Mapping[str, Any]) -> Handler:
         try:
             return handle_content(Organisation.from_node_config(config), content, message_type, node_id)
         except Exception as exc:  # its error text (its task's, its data's) stays here; the reply says only its kind
-            log.error("%s: %s", message_type, exc, exc_info=not isinstance(exc, TaskError))
-            raise OrganisationFailed(failure_reason(exc, disclose=False)) from exc
+            raise OrganisationFailed(report_failure(exc, disclose=False, what=message_type)) from exc
 
     return handle
 

@@ -91,7 +91,7 @@ def make_client_app(
 
     def train_or_evaluate(msg: Message, context: Context) -> Message:
         from fedembed.faults import SimulatedDropout
-        from fedembed.org import failure_reason, handle_content  # handle_content dispatches by the message type
+        from fedembed.org import handle_content, report_failure  # handle_content dispatches by the message type
         from fedembed.task import TaskError
 
         try:
@@ -104,9 +104,8 @@ def make_client_app(
             if simulated and not isinstance(exc, TaskError):
                 raise  # a simulation's own failure: the engine reports it with its traceback
             # a deployed organisation's error text (its task's, its data's) stays in its own log
-            log.error("%s", exc, exc_info=not isinstance(exc, TaskError))
-            return Message(error=Error(code=ErrorCode.CLIENT_APP_RAISED_EXCEPTION, reason=failure_reason(exc, simulated)),
-                           reply_to=msg)
+            reason = report_failure(exc, disclose=simulated)
+            return Message(error=Error(code=ErrorCode.CLIENT_APP_RAISED_EXCEPTION, reason=reason), reply_to=msg)
         return Message(content, reply_to=msg)
 
     app.train()(train_or_evaluate)
