@@ -25,6 +25,7 @@ import pytest
 import torch
 
 from fedembed.certs import write_test_certs
+from fedembed.deploy.supernode import EXIT_NOT_ACTIVATED
 from fedembed.deploy import (
     ClientOptions, descendants, flower_env, free_port, supernode_command, tables_digest, wait_for_port,
 )
@@ -205,16 +206,15 @@ def tls_run(tmp_path_factory, certs):
         with socket.create_connection(("127.0.0.1", port)) as raw, ctx.wrap_socket(raw, server_hostname="127.0.0.1") as tls:
             peer = tls.getpeercert()
         wait_until("round 1", lambda: rounds_done(state), 240, procs, server)
-        # an organisation whose key is not listed tries to join while the run is going
-        intruder = ClientOptions(superlink=f"127.0.0.1:{port}", state_dir=root / "intruder",
-                                 root_cert=certs.ca_cert, auth_key=certs.org_private_keys[3],
-                                 roster=certs.org_public_keys[3].parent,  # its own idea of the roster
-                                 task_config=stock_task_config(0, 3))
-        bad = procs.start("intruder", supernode_command(intruder, free_port(), stock=True))
+        # an organisation whose key is not listed tries to join while the run is going, with `fedembed client`
+        # (which would try again ever more slowly without --no-restart) and its own idea of the roster
+        intruder = client_cmd(0, port, root / "intruder", certs, key=3)
+        intruder[intruder.index("--roster") + 1] = str(certs.org_public_keys[3].parent)
+        bad = procs.start("intruder", [*intruder, "--no-restart"])
         server.wait(timeout=300)
         bad_code = bad.wait(timeout=60)
         return {"root": root, "state": state, "server_code": server.returncode, "procs": procs, "peer": peer,
-                "intruder_code": bad_code, "seconds": time.monotonic() - t0}
+                "intruder_code": bad_code, "intruder_key": certs.org_private_keys[3], "seconds": time.monotonic() - t0}
     finally:
         procs.kill_all()
 
@@ -272,8 +272,12 @@ def test_fedembed_client_orgs_answer_in_their_worker_without_a_process_per_messa
 
 
 def test_unlisted_org_key_is_refused(tls_run):
-    assert tls_run["intruder_code"] != 0
-    assert "Failed to activate SuperNode" in tls_run["procs"].log("intruder")
+    assert tls_run["intruder_code"] == EXIT_NOT_ACTIVATED  # told apart from a coordinator out of reach (exit 1)
+    log = tls_run["procs"].log("intruder")
+    # what to check, naming the key, where Flower said "Failed to activate SuperNode" and no more
+    assert (f"the coordinator refused to activate this node (Flower's error 2004): either its key (--auth-key "
+            f"{tls_run['intruder_key']}) is not among the coordinator's") in log
+    assert "trying again" not in log  # --no-restart: it stops
     assert "No SuperNode found with the given public key" in (tls_run["state"] / "superlink.log").read_text()
     assert not (tls_run["root"] / "intruder" / "head.pt").exists()  # it never got a message
     doc = json.loads((tls_run["state"] / "metrics.json").read_text())

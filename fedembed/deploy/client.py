@@ -38,6 +38,10 @@ from fedembed.deploy.processes import (
 
 log = logging.getLogger(__name__)
 
+MAX_REFUSED_DELAY = 60.0
+"""Seconds, at most, between tries of a node the coordinator refused to activate (the
+delay doubles from ``restart_delay``: the fix takes a person, on either side)."""
+
 
 @dataclass
 class ClientOptions:
@@ -290,6 +294,7 @@ def run_client(opts: ClientOptions, max_restarts: int | None = None, restart_del
     int
         The SuperNode's last exit code (0 on Ctrl-C).
     """
+    from fedembed.deploy.supernode import EXIT_NOT_ACTIVATED
     from fedembed.worker import MAX_SOCKET_PATH
 
     opts.state_dir.mkdir(mode=0o700, parents=True, exist_ok=True)  # the org's private state: owner only
@@ -306,7 +311,7 @@ def run_client(opts: ClientOptions, max_restarts: int | None = None, restart_del
             log.warning("organisation %s: no worker, its socket path %s is too long for a Unix socket (use a "
                         "shorter --state-dir); every message starts torch in its own ClientApp", opts.name, worker.path)
             worker = None
-    restarts, code = 0, 0
+    restarts, refused, code = 0, 0, 0
     with _forward_signals():
         try:
             handoff = worker is not None and worker.start()
@@ -329,13 +334,24 @@ def run_client(opts: ClientOptions, max_restarts: int | None = None, restart_del
                     continue
                 # A SuperNode also exits (with 0) when a restarted coordinator no longer knows its
                 # node id: starting it again re-activates it with its key.
-                if not opts.restart or (max_restarts is not None and restarts >= max_restarts):
+                refused = refused + 1 if code == EXIT_NOT_ACTIVATED else 0
+                delay = min(MAX_REFUSED_DELAY, restart_delay * 2 ** (refused - 1)) if refused else restart_delay
+                again = opts.restart and (max_restarts is None or restarts < max_restarts)
+                if refused:
+                    log.error("organisation %s: the coordinator refused to activate this node (Flower's error 2004): either its key "
+                              "(--auth-key %s) is not among the coordinator's (fedembed server --auth-key: ask them "
+                              "to add its public key), or a SuperNode with this key is online already (another "
+                              "fedembed client with it, or one killed under a minute ago: the coordinator keeps a "
+                              "node online 60 s past its last heartbeat)%s", opts.name,
+                              opts.auth_key, f"; trying again in {delay:.0f} s" if again else "")
+                if not again:
                     return code
                 time.sleep(0.5)  # a Ctrl-C that also stopped the SuperNode surfaces here, not as a restart
                 restarts += 1
-                log.warning("organisation %s: SuperNode exited with %d; starting it again in %.0f s",
-                            opts.name, code, restart_delay)
-                time.sleep(restart_delay)
+                if not refused:
+                    log.warning("organisation %s: SuperNode exited with %d; starting it again in %.0f s",
+                                opts.name, code, delay)
+                time.sleep(delay)
                 handoff = worker is not None and worker.running()
         except KeyboardInterrupt:
             return 0

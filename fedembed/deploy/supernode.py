@@ -35,6 +35,14 @@ if TYPE_CHECKING:
 WORKER_SOCKET_FLAG = "--worker-socket"
 """This entry point's own option (taken out before Flower parses the rest)."""
 
+EXIT_NOT_ACTIVATED = 4
+"""The SuperLink refused to activate this node (Flower's error 2004): its key is not
+registered there, or a SuperNode with the same key is online already. ``fedembed
+client`` says which to check and tries again ever more slowly."""
+
+_ACTIVATION_FAILED = "[code: 2004]"
+"""How Flower 1.42's SuperNode words the SuperLink's refusal to activate it."""
+
 
 def _take_worker_socket(argv: list[str]) -> tuple[str | None, list[str]]:
     """``--worker-socket PATH`` (or ``=PATH``) out of ``argv``: the path (or None) and the rest."""
@@ -77,11 +85,28 @@ def _fast_poll_after_messages(start_client_internal: ModuleType, clock: PollingC
     start_client_internal._pull_and_store_message = pull_and_store_then_poll_fast  # pylint: disable=protected-access
 
 
+def _exit_distinctly_when_not_activated(fleet_http_connection: ModuleType) -> None:
+    """Exit with :data:`EXIT_NOT_ACTIVATED` where Flower exits with its generic connection error 305.
+
+    Flower words both "the SuperLink cannot be reached" and "the SuperLink refused this
+    node's key" as exit 1; the second needs the coordinator or the organisation to act,
+    so ``fedembed client`` must tell them apart.
+    """
+    flwr_exit = fleet_http_connection.flwr_exit
+
+    def exit_named(code: int, message: str | None = None, *args: Any, **kwargs: Any) -> None:
+        if message is not None and _ACTIVATION_FAILED in message:
+            sys.exit(EXIT_NOT_ACTIVATED)  # fedembed client says why; Flower's own text names neither cause
+        flwr_exit(code, message, *args, **kwargs)
+
+    fleet_http_connection.flwr_exit = exit_named
+
+
 def main() -> None:
     """Patch the SuperNode's message loop, then hand over to Flower's own entry point."""
     from importlib import import_module
 
-    from flwr.supernode import start_client_internal
+    from flwr.supernode import fleet_http_connection, start_client_internal
 
     cli = import_module("flwr.supernode.cli.flower_supernode")  # the module (its package exports the function)
 
@@ -97,6 +122,7 @@ def main() -> None:
     start_client_internal.time = clock  # type: ignore[attr-defined]
     shorten_object_pulls(start_client_internal)
     keep_connections(protobuf_client)
+    _exit_distinctly_when_not_activated(fleet_http_connection)
     if worker_socket is not None:
         from fedembed.deploy.handoff import hand_messages_to_worker, runtime_api_off, socket_forward
 
