@@ -173,7 +173,6 @@ class Coordinator:
         self.wants: dict[int, tuple[dict[str, RowRequest], bytes]] = {}
         self._sync_records: dict[tuple[int, int, bytes], ArrayRecord] = {}  # (tables version, since, request) -> sync
         self._request_rows = (0, 0)  # (tables version, rows held in per-request sync records of that version)
-        self.refusals: dict[int, str] = {}  # node -> the error of a signed refusal it sent (secure rounds read it)
         self.secure: SecurePipeline | None = None
         if cfg.secure:
             from fedembed.secagg.server import SecurePipeline
@@ -440,7 +439,6 @@ class Coordinator:
                     self.log.set_metrics(evaluated_round, org, metrics)
                 raise UpdateError("its privacy budget is spent: it evaluates, and trains no more")
             if status == "refused":
-                self.refusals[rep.node] = str(info.get("error", ""))
                 raise UpdateError(f"refused the coordinator's message: {_printable(info.get('error', ''), 300)}")
             if status != "ok":
                 raise UpdateError(f"unknown status {status!r}")

@@ -26,6 +26,7 @@ from fedembed.secagg.protocol import (
     share_statement,
 )
 from fedembed.task import TaskSpec
+from fedembed.wire import decode_arrays, encode_arrays
 
 
 def synthetic(orgs=4, rows=3000):
@@ -345,7 +346,10 @@ def test_a_hostile_org_adding_unbounded_values_gets_the_secure_round_abandoned(t
     assert np.array_equal(c.tables.tables["ids"], before)
 
 
-def test_a_cancel_vector_that_removes_anothers_row_abandons_the_round(tmp_path, direct_transport, monkeypatch):
+def test_a_cancel_vector_that_removes_anothers_row_costs_only_those_rows(tmp_path, direct_transport, monkeypatch, caplog):
+    """org-1 cancels the indicators of every row org-0 touched and org-1 did not: those rows leave U. org-0
+    leaves their update out (its log says how many) and the round goes on with all four; a row that org-0
+    alone touched keeps its value. (A refusal would tell a malicious coordinator which U misses org-0's rows.)"""
     orig = ClientSession.mask_group
     touched = {}
 
@@ -366,10 +370,18 @@ def test_a_cancel_vector_that_removes_anothers_row_abandons_the_round(tmp_path, 
     t = direct_transport(tmp_path, 4, task=synthetic(4))
     c = Coordinator(run_config(synthetic(4), rounds=1, secure=True, row_set="union"), t)
     before = c.tables.tables["ids"].copy()
-    c.run()
+    with caplog.at_level("WARNING", logger="fedembed.secagg.client"):
+        c.run()
     entry = c.log.rounds[0]
-    assert "org-0 reports that rows it touched are missing from U" in entry["abandoned"]
-    assert np.array_equal(c.tables.tables["ids"], before)
+    assert "abandoned" not in entry and entry["clients"] == 4 and not entry["rejected"]
+    assert any(r.message.startswith("org-0: secure aggregation: ") and "not in the row set U" in r.message
+               for r in caplog.records)
+    others = set().union(*(set(touched[n]) for n in ("org-1", "org-2", "org-3")))
+    alone = [r for r in touched["org-0"] if r not in others]  # indicator positions: row ids of the one table
+    assert alone  # the attack has rows to remove
+    after = c.tables.tables["ids"]
+    assert np.array_equal(after[alone], before[alone])  # their update was left out
+    assert not np.array_equal(after, before)  # the others' was not
 
 
 def test_an_org_whose_policy_excludes_revealed_mode_never_tells_its_rows(tmp_path, direct_transport):
@@ -382,3 +394,176 @@ def test_an_org_whose_policy_excludes_revealed_mode_never_tells_its_rows(tmp_pat
     assert set(entry["rejected"]) == {f"org-{i}" for i in range(4)}
     assert all("refused the coordinator's message: row-set mode 'revealed'" in why for why in entry["rejected"].values())
     assert not any(isinstance(m, RecordDict) and "rows" in m for _, _, m in t.seen)
+
+
+# ------------------------------------------------------------------ a coordinator that chooses U per organisation
+def _u_of(t, node: int) -> np.ndarray:
+    """The rows ``node`` touched this round (read from its own kept update: the test sees what the coordinator cannot)."""
+    with np.load(t.orgs[node].state.dir / "secagg" / "1" / "update.npz") as z:
+        return z["ids.ids"]
+
+
+def test_a_coordinator_probing_which_rows_an_org_touched_gets_the_reply_any_u_gets(tmp_path, direct_transport):
+    """At a union session's values stage, a U without some rows the target touched: the reply is the one any U
+    gets (status ok, a masked vector) and asking again is refused. Before, the target refused with "N rows we
+    touched are missing from U" and could be asked again with another U, as often as the coordinator liked:
+    group testing recovered every row it touched (30 of 30 in 62 asks), what union mode hides."""
+    from fedembed.coordinator import Reply
+
+    got = {}
+
+    def probe(message_type, node, content, deliver, net):
+        if message_type == "train.masked" and node == 101:
+            u = decode_arrays(content["rowset"])
+            touched = _u_of(net.inner, node)
+            u["ids"] = np.setdiff1d(u["ids"], touched[: touched.size // 2]).astype(np.int32)
+            got["probe"] = deliver(_with(content, rowset=encode_arrays(u)))
+            got["again"] = deliver(content)  # the same stage with the honest U: a second answer?
+            yield Reply(node, got["probe"])
+            return
+        reply = deliver(content)
+        if message_type == "train.masked" and node == 102:
+            got["other"] = reply
+        yield Reply(node, reply)
+
+    t = direct_transport(tmp_path, 4, task=synthetic(4))
+    c = Coordinator(run_config(synthetic(4), rounds=1, secure=True, row_set="union"), EvilNetwork(t, probe))
+    c.run_round(1, sorted(t.orgs))
+    assert got["probe"]["info"]["status"] == got["other"]["info"]["status"] == "ok"
+    assert set(got["probe"].keys()) == set(got["other"].keys()) and "masked" in got["probe"]
+    assert got["again"]["info"]["status"] != "ok" and "already answered" in got["again"]["info"]["error"]
+
+
+def test_a_target_shown_another_u_than_its_neighbours_adds_noise_not_its_value(tmp_path, direct_transport, monkeypatch):
+    """After the indicator sum, the coordinator gives the target U + {e} (e above every row) and everyone else
+    U + {d} (d an untouched row just below a row x that all of them touched): the same length, each U holding
+    every row its receiver touched. The target then encodes row x where the others encode d (zero), so, with
+    masks that cancel, the sum at x's slot is the target's own weight and w*delta. The pairwise masks are bound
+    to U, so they cancel only where both parties masked over the same U: the slot is noise."""
+    import fedembed.secagg.server as server
+    from fedembed.secagg.vector import ValueScales
+
+    st: dict = {}
+    indicator_rowset, decode = server.SecureRound._indicator_rowset, server.SecureRound._decode
+
+    def two_rowsets(self, s, total):
+        rowset, counts = indicator_rowset(self, s, total)
+        u = rowset["ids"]
+        shared = set(st["touched"][101])
+        for n in (100, 102, 103):
+            shared &= set(st["touched"][n])
+        x = min(r for r in shared if r - 1 >= 0 and r - 1 not in set(u))
+        d, e = x - 1, int(u.max()) + 1
+        st.update(u=u, x=x, d=d, target_u={"ids": np.sort(np.append(u, e))})
+        c_o = dict(counts)
+        c_o["ids"] = np.insert(counts["ids"], int(np.searchsorted(u, d)), 0)
+        return {"ids": np.sort(np.append(u, d))}, c_o
+
+    def keep_total(self, s, total, rowset, counts):
+        st["total"], st["n"] = total.copy(), len(s.parties)
+        return decode(self, s, total, rowset, counts)
+
+    monkeypatch.setattr(server.SecureRound, "_indicator_rowset", two_rowsets)
+    monkeypatch.setattr(server.SecureRound, "_decode", keep_total)
+
+    def on(message_type, node, content, deliver, net):
+        from fedembed.coordinator import Reply
+
+        if message_type == "train.indicators":
+            st.setdefault("touched", {})[node] = _u_of(net.inner, node)
+            if node == 101:
+                with np.load(net.inner.orgs[node].state.dir / "secagg" / "1" / "update.npz") as z:
+                    st["own"] = {k: z[k] for k in ("ids.ids", "ids.weight")}
+        if message_type == "train.masked" and node == 101:
+            content = _with(content, rowset=encode_arrays({k: v.astype(np.int32) for k, v in st["target_u"].items()}))
+        yield Reply(node, deliver(content))
+
+    t = direct_transport(tmp_path, 4, task=synthetic(4))
+    c = Coordinator(run_config(synthetic(4), rounds=1, secure=True, row_set="union"), EvilNetwork(t, on))
+    c.run_round(1, sorted(t.orgs))
+    dim, slot, length = c.shapes["ids"][1], int(np.searchsorted(st["u"], st["x"])), st["u"].size + 1
+    scales = ValueScales(n=st["n"], clip_delta=c.cfg.delta_clip, max_weight=c.cfg.train.max_row_weight)
+    total = st["total"].view(np.int32).astype(np.float64)
+    weight = total[length * dim + slot] / scales.weight_scale
+    own = float(st["own"]["ids.weight"][np.flatnonzero(st["own"]["ids.ids"] == st["x"])[0]])
+    assert abs(weight - own) > 0.01  # with the masks unbound, exactly the target's weight of row x (1.0)
+    assert "outside what honest organisations can send" in c.log.rounds[0]["abandoned"]  # and the sum is noise
+
+
+# ------------------------------------------------------------------ hostile organisations: malformed records
+def _hostile_transport(tmp_path, tamper):
+    from conftest import DirectTransport
+
+    t = DirectTransport(tmp_path, 4, task=synthetic(4), tamper=tamper)
+    t.tamper_gets_type = True
+    return t
+
+
+def test_a_signed_rows_missing_claim_costs_only_its_sender(tmp_path):
+    """A refusal that says "RowsMissing" (in a dense round, where U is every row) abandoned every round: the
+    coordinator believed it. It is a refusal like any other now: its sender leaves, the round goes on."""
+    def claim(node, content, message_type):
+        if node == 101 and message_type == "train.share":
+            return RecordDict({"info": ConfigRecord({"status": "refused", "cache_version": 0,
+                                                     "error": "RowsMissing: rows 1-5 of table 'ids' are missing"})})
+        return content
+
+    t = _hostile_transport(tmp_path, claim)
+    c = Coordinator(run_config(synthetic(4), rounds=2, secure=True, row_set="dense", secure_ahead=False), t)
+    c.run()
+    for entry in c.log.rounds:
+        assert "abandoned" not in entry and entry["clients"] == 3 and list(entry["rejected"]) == ["org-1"]
+
+
+def test_an_integer_where_an_advert_key_goes_is_its_senders_fault_not_a_crash(tmp_path):
+    """2**62 where a key goes: bytes() of it raised MemoryError, which ended the coordinator's run."""
+    def big(node, content, message_type):
+        if node == 101 and message_type == "train" and "secagg" in content:
+            sec = content["secagg"]
+            content["secagg"] = ConfigRecord({**{k: sec[k] for k in sec.keys()}, "enc": 2**62})
+        return content
+
+    c = Coordinator(run_config(synthetic(4), rounds=2, secure=True, row_set="dense"), _hostile_transport(tmp_path, big))
+    c.run()
+    assert "advert field 'enc' is a int, not bytes" in c.log.rounds[0]["rejected"]["org-1"]
+    assert c.log.rounds[0]["clients"] == 3 and len(c.log.rounds) == 2
+
+
+@pytest.mark.parametrize("record", ["masked", "unmask", "next_advert"])
+def test_a_malformed_record_in_a_round_set_up_ahead_is_its_senders_fault_not_a_crash(tmp_path, record):
+    """The masked update, the early seed shares and the next session's advert ride on round 2's train reply;
+    each malformed (a config record for the vectors, integers for bytes) crashed the coordinator's run."""
+    def malformed(node, content, message_type):
+        if node == 101 and message_type == "train" and record in content:
+            if record == "masked":
+                content["masked"] = ConfigRecord({"values": 7})
+            else:
+                rec = content[record]
+                content[record] = ConfigRecord({k: 2**62 if i == 0 else rec[k] for i, k in enumerate(rec.keys())})
+        return content
+
+    c = Coordinator(run_config(synthetic(4), rounds=4, secure=True, row_set="dense"),
+                    _hostile_transport(tmp_path, malformed))
+    c.run()
+    assert len(c.log.rounds) == 4
+    named = [e for e in c.log.rounds if "org-1" in e["rejected"]]
+    assert named
+    if record != "next_advert":  # that one is of a later session: org-1's update of this round is good
+        assert all(e["clients"] <= 3 for e in named)
+
+
+def test_a_reply_refused_in_part_is_refused_whole(tmp_path):
+    """A malformed next-round share record, after a good masked update: the update was already in the sum
+    while the log said org-1 had left. Every record is read before any is used now: org-1's vector is not in
+    the sum, and since the others sent their seed shares with theirs (early unmask), the round is abandoned."""
+    def bad_next(node, content, message_type):
+        if node == 101 and message_type == "train" and "next_shares" in content:
+            content["next_shares"] = ConfigRecord({"x": b"junk"})
+        return content
+
+    c = Coordinator(run_config(synthetic(4), rounds=3, secure=True, row_set="dense"),
+                    _hostile_transport(tmp_path, bad_next))
+    c.run()
+    entry = c.log.rounds[1]
+    assert "org-1" in entry["rejected"]
+    assert "org-1 shared but did not deliver a masked update" in entry["abandoned"]

@@ -91,9 +91,9 @@ from fedembed.identity import Identity, sign_reply
 from fedembed.secagg.protocol import (
     ClientSession,
     ProtocolError,
-    RowsMissing,
     SecurePolicy,
     ahead_groups,
+    blob,
     fresh_groups,
     group_stage,
     rowset_digest,
@@ -455,8 +455,8 @@ def mask_in_train(
     ------
     ProtocolError, UpdateError
         No session set up for the round, a plan whose parameters differ from the ones the
-        session was made with, a stage out of order, or U missing rows it touched
-        (:class:`fedembed.secagg.protocol.RowsMissing`).
+        session was made with, or a stage out of order. (Rows it touched that U lacks are
+        left out of its update, not refused: see :func:`_within`.)
     """
     params = _params(member, row_set, shapes, clip_delta, max_weight, wire_dtype, dp_noise, early_unmask)
     context = session_context(run_key, round_)
@@ -508,7 +508,8 @@ def _mask(member: SecureMember, session: ClientSession, content: RecordDict, upd
     out: dict = {}
     if group == session.groups[0]:  # the first group opens the shares
         cts, sigs = (content[k] if k in content else ConfigRecord({}) for k in ("shares", "share_sigs"))
-        routed = {int(q): (bytes(cts[q]), bytes(sigs.get(q, b""))) for q in cts.keys()}
+        routed = {int(q): (blob(cts[q], f"party {q}'s share ciphertext"), blob(sigs.get(q, b""), f"party {q}'s share signature"))
+                  for q in cts.keys()}
         complaints = session.accept_shares(member.identity.roster, _party_list(sec.get("u2"), "u2"), routed)
         if complaints:
             out["complaints"] = ConfigRecord({str(q): why for q, why in complaints.items()})
@@ -521,7 +522,8 @@ def _mask(member: SecureMember, session: ClientSession, content: RecordDict, upd
             continue
         if update is None:
             raise UpdateError("no update to mask in this session")
-        rowset = _rowset(content, session, update)
+        rowset = _rowset(content, session)
+        update = _within(update, rowset, member.identity.name)
         session.params["rowset_digest"] = rowset_digest(rowset).hex()
         noise = DistributedNoise(**p["dp_noise"]) if "dp_noise" in p else None
         scales = ValueScales(n=session.n, clip_delta=p["clip_delta"], max_weight=p["max_weight"], noise=noise)
@@ -551,8 +553,8 @@ def _adverts(sec: ConfigRecord) -> dict[int, dict[str, object]]:
     return out
 
 
-def _rowset(content: RecordDict, session: ClientSession, update: RowUpdate) -> RowSet:
-    """The values phase's row set U: all rows (dense) or the coordinator's, which must hold every row we touched."""
+def _rowset(content: RecordDict, session: ClientSession) -> RowSet:
+    """The values phase's row set U: all rows (dense) or the coordinator's (checked against the session's shapes)."""
     shapes = _shapes(session)
     if session.params["row_set"] == "dense":
         return dense_rowset(shapes)
@@ -562,15 +564,30 @@ def _rowset(content: RecordDict, session: ClientSession, update: RowUpdate) -> R
     for name in shapes:
         rowset.setdefault(name, np.zeros(0, np.int64))
     check_rowset(rowset, shapes)
-    for name, tu in update.items():
-        missing = np.setdiff1d(tu.ids, rowset.get(name, np.zeros(0, np.int64)))
-        if missing.size:
-            raise RowsMissing(
-                f"table {name!r}: {missing.size} rows we touched are missing from U (a cancelled indicator, a "
-                "coordinator dropping our rows, or rows our data did not look up when U was agreed); refusing to send "
-                "a vector that would lose them"
-            )
     return rowset
+
+
+def _within(update: RowUpdate, rowset: RowSet, name: str) -> RowUpdate:
+    """``update`` without the rows U lacks; how many were left out goes to this organisation's log only.
+
+    U can lack rows it touched: a cancelled indicator (a hostile organisation), a
+    coordinator leaving them out, rows its data did not look up when U was agreed. The
+    vector is masked over U all the same, and the reply looks as it always does: a refusal,
+    or a count in it, would tell the coordinator whether the U it chose missed a row this
+    organisation touched, one answer per U it tries (group testing recovers which rows the
+    organisation touched, what ``union`` mode promises to hide).
+    """
+    out: RowUpdate = {}
+    for table, tu in update.items():
+        keep = np.isin(tu.ids, rowset.get(table, np.zeros(0, np.int64)))
+        if not keep.all():
+            log.warning("%s: secure aggregation: %d of the %d rows we touched in table %r are not in the row set U "
+                        "(a cancelled indicator, a coordinator leaving them out, or rows our data did not look up when "
+                        "U was agreed): their update is left out of this round", name, int((~keep).sum()),
+                        tu.ids.size, table)
+            tu = TableUpdate(tu.ids[keep], tu.delta[keep], tu.weight[keep])
+        out[table] = tu
+    return out
 
 
 def _make_shares(member: SecureMember, session: ClientSession, sec: Mapping[str, Any]) -> dict:
@@ -706,7 +723,7 @@ def _session_stage(member: SecureMember, stage: str, kind: str, header: StageHea
             if key.startswith("sig."):
                 _, phase, party = key.split(".", 2)
                 if phase in signatures:
-                    signatures[phase][int(party)] = bytes(sec[key])
+                    signatures[phase][int(party)] = blob(sec[key], f"check signature {key!r}")
         shares = session.unmask_group(ident, policy, signatures)
         out["unmask"] = ConfigRecord({f"{phase}.{k}": v for phase, d in shares.items() for k, v in d.items()})
     if session.next_stage is None:

@@ -123,6 +123,18 @@ class ProtocolError(FedembedError, ValueError):
     """A request that breaks the protocol or the organisation's policy; nothing was revealed."""
 
 
+def blob(value: object, what: str) -> bytes:
+    """``value`` as bytes if a message carried it as bytes; else a :class:`ProtocolError` naming ``what``.
+
+    Keys, shares, ciphertexts and signatures travel as byte strings. ``bytes(value)`` of
+    anything else is no check: an integer ``n`` gives ``n`` zero bytes (``2**62``: a
+    ``MemoryError``), a list of small integers gives bytes.
+    """
+    if isinstance(value, bytes | bytearray):
+        return bytes(value)
+    raise ProtocolError(f"{what} is a {type(value).__name__}, not bytes")
+
+
 Groups = list[list[str]]
 """Phases of a session grouped by the stages that carry them (see the module docstring)."""
 
@@ -248,9 +260,17 @@ def seed_commitment(context: bytes, phase: str, seed: bytes) -> bytes:
     return hashlib.sha256(DOMAIN + b"seed|" + phase.encode() + b"|" + context + seed).digest()
 
 
-def pair_key(private: bytes, peer_public: bytes, me: int, peer: int, context: bytes, phase: str) -> bytes:
-    """Keystream key of the pairwise mask of ``me`` and ``peer`` for ``phase`` (equal on both sides)."""
-    return derive_key(agree(private, peer_public), f"mask/pair/{phase}", context + _pair(me, peer))
+def pair_key(private: bytes, peer_public: bytes, me: int, peer: int, context: bytes, phase: str,
+             bound: bytes = b"") -> bytes:
+    """Keystream key of the pairwise mask of ``me`` and ``peer`` for ``phase`` (equal on both sides).
+
+    ``bound`` is what the two must agree on for their masks to cancel: the values phase's
+    row set U (its :func:`rowset_digest`). A coordinator that shows one party another U
+    than its neighbours (the same length, one row swapped, so that the party encodes a row
+    where the others encode an untouched one) gets pairwise masks that do not cancel, and a
+    sum that is noise, instead of that party's own value of the row.
+    """
+    return derive_key(agree(private, peer_public), f"mask/pair/{phase}", context + _pair(me, peer) + bound)
 
 
 def self_key(seed: bytes, party: int, context: bytes, phase: str) -> bytes:
@@ -259,10 +279,11 @@ def self_key(seed: bytes, party: int, context: bytes, phase: str) -> bytes:
 
 
 def pair_mask(
-    private: bytes, peer_public: bytes, me: int, peer: int, context: bytes, phase: str, n: int, dtype: type
+    private: bytes, peer_public: bytes, me: int, peer: int, context: bytes, phase: str, n: int, dtype: type,
+    bound: bytes = b"",
 ) -> np.ndarray:
-    """The pairwise mask of ``me`` and ``peer`` for ``phase`` (the same array on both sides)."""
-    return keystream(pair_key(private, peer_public, me, peer, context, phase), n, dtype)
+    """The pairwise mask of ``me`` and ``peer`` for ``phase`` (the same array on both sides; see :func:`pair_key`)."""
+    return keystream(pair_key(private, peer_public, me, peer, context, phase, bound), n, dtype)
 
 
 def self_mask(seed: bytes, party: int, context: bytes, phase: str, n: int, dtype: type) -> np.ndarray:
@@ -299,8 +320,8 @@ def check_advert(adv: Mapping[str, object], phases: list[str], roster: Roster, c
         Naming ``name`` and what is wrong.
     """
     try:
-        out = {f: bytes(adv[f]) for f in advert_fields(phases)}  # type: ignore[arg-type]
-        sig = bytes(adv["sig"])  # type: ignore[arg-type]
+        out = {f: blob(adv[f], f"advert field {f!r}") for f in advert_fields(phases)}
+        sig = blob(adv["sig"], "advert signature")
         got = adv.get("name")
         got = got.decode(errors="replace") if isinstance(got, bytes) else got
         if got != name:
@@ -413,6 +434,10 @@ class ClientSession:
 
     def _mine(self) -> list[int]:
         return sorted(set(self.u2) & set(self.neighbours))
+
+    def bound(self, phase: str) -> bytes:
+        """What the pairwise masks of ``phase`` are bound to (:func:`pair_key`): the values phase's U, once known."""
+        return bytes.fromhex(self.params.get("rowset_digest", "")) if phase == "values" else b""
 
     # ---------------------------------------------------------------- stage 1
     def advert(self, identity: Identity) -> dict[str, bytes | str]:
@@ -565,7 +590,7 @@ class ClientSession:
             if q not in ciphertexts:
                 complaints[q] = "its share ciphertext for us is missing"
                 continue
-            ct, sig = (bytes(x) for x in ciphertexts[q])
+            ct, sig = (blob(x, f"party {q}'s share ciphertext") for x in ciphertexts[q])
             if not roster.verify(roster.name_of_party(q), share_statement(self.context, q, self.party, ct), sig):
                 complaints[q] = "its share ciphertext does not carry its signature (altered on the way)"
                 continue
@@ -613,8 +638,10 @@ class ClientSession:
         for phase in group:
             v = np.ascontiguousarray(vectors[phase]).copy()
             keystream_add(self_key(self.seeds[phase], self.party, self.context, phase), v)
+            bound = self.bound(phase)
             for q in self._mine():
-                key = pair_key(self.mask[phase].private, self.neighbours[q][f"mask.{phase}"], self.party, q, self.context, phase)
+                key = pair_key(self.mask[phase].private, self.neighbours[q][f"mask.{phase}"], self.party, q, self.context,
+                               phase, bound)
                 keystream_add(key, v, subtract=self.party > q)  # + toward a larger id, - toward a smaller
             out[phase] = v
         self.step += 1
@@ -709,7 +736,7 @@ class ClientSession:
             stmt = self._check_statement(phase)
             valid = {self.party}
             for p, sig in signatures[phase].items():
-                if p in u3 and p not in valid and roster.verify(roster.name_of_party(p), stmt, bytes(sig)):
+                if p in u3 and p not in valid and roster.verify(roster.name_of_party(p), stmt, blob(sig, f"party {p}'s check signature")):
                     valid.add(p)
             if len(valid) < need:
                 raise ProtocolError(
@@ -896,8 +923,8 @@ class ServerSession:
         for node, adv in adverts.items():
             try:
                 good[node] = check_advert(adv, self.phases, roster, context, names[node])
-            except (ProtocolError, KeyError) as exc:
-                self.faults[node] = f"bad key advertisement: {exc}"
+            except Exception as exc:  # noqa: BLE001 - whatever one advert holds is its sender's fault, never the session's
+                self.faults[node] = f"bad key advertisement: {type(exc).__name__}: {exc}"
         owners: dict[bytes, list[int]] = {}
         for node, adv in good.items():
             for key in set(_keys_of(adv, self.phases)):
@@ -923,6 +950,7 @@ class ServerSession:
         self.sums: dict[str, np.ndarray] = {}
         self.statements: dict[str, bytes] = {}
         self.signatures: dict[str, dict[int, bytes]] = {p: {} for p in self.phases}
+        self.bounds: dict[str, bytes] = {}  # phase -> what its pairwise masks are bound to (see bind)
 
     @property
     def parties(self) -> list[int]:
@@ -941,7 +969,8 @@ class ServerSession:
                 self.faults[self.node_of[party]] = "shares not addressed to exactly its neighbours"
                 continue
             bad = [dst for dst, (ct, sig) in cts.items()
-                   if not self.roster.verify(name, share_statement(self.context, party, dst, bytes(ct)), bytes(sig))]
+                   if not self.roster.verify(name, share_statement(self.context, party, dst, blob(ct, "a share ciphertext")),
+                                             blob(sig, "a share signature"))]
             if bad:
                 self.faults[self.node_of[party]] = f"share ciphertexts for parties {bad} are not signed by it"
                 continue
@@ -952,6 +981,14 @@ class ServerSession:
     def masked_request(self, party: int) -> tuple[list[int], dict[int, tuple[bytes, bytes]]]:
         """U2 and the signed ciphertexts addressed to ``party``."""
         return sorted(self.u2), {src: ct for src, ct in self.routed.get(party, {}).items() if src in self.u2}
+
+    def bind(self, phase: str, bound: bytes) -> None:
+        """Fix what the pairwise masks of ``phase`` are bound to (:func:`pair_key`): the values phase's U digest.
+
+        Only the masks of parties that dropped are removed with it; the others cancel in the
+        sum if, and only if, every party masked over the same U.
+        """
+        self.bounds[phase] = bound
 
     def add_masked(self, phase: str, party: int, vector: np.ndarray, length: int, dtype: type) -> None:
         """Add one masked vector to the phase's running sum (validated; raises ProtocolError)."""
@@ -979,9 +1016,10 @@ class ServerSession:
         """Keep one party's consistency signature (raises ProtocolError unless it verifies)."""
         if party not in self.delivered[phase]:
             raise ProtocolError(f"party {party} did not deliver in phase {phase}")
-        if not self.roster.verify(self.roster.name_of_party(party), self.statements[phase], bytes(signature)):
+        signature = blob(signature, "its consistency signature")
+        if not self.roster.verify(self.roster.name_of_party(party), self.statements[phase], signature):
             raise ProtocolError("its consistency signature does not verify on the statement every party was sent")
-        self.signatures[phase][party] = bytes(signature)
+        self.signatures[phase][party] = signature
 
     def finish(self, phase: str, responses: dict[int, dict[str, bytes]], length: int, dtype: type, minimum: int = 2) -> np.ndarray:
         """The exact modular sum of the delivered vectors of ``phase``.
@@ -1041,9 +1079,10 @@ class ServerSession:
         total = self.sums.pop(phase)  # unmasked in place: this is the phase's last step
         for j, seed in seeds.items():
             keystream_add(self_key(seed, j, self.context, phase), total, subtract=True)
+        bound = self.bounds.get(phase, b"")
         for j, private in keys.items():
             for i in sorted(set(self.graph[j]) & delivered):
-                key = pair_key(private, self.adverts[i][f"mask.{phase}"], j, i, self.context, phase)
+                key = pair_key(private, self.adverts[i][f"mask.{phase}"], j, i, self.context, phase, bound)
                 keystream_add(key, total, subtract=i < j)  # i added +m toward a larger id j, -m toward a smaller
         return total
 
@@ -1081,10 +1120,6 @@ def _public_of(private: bytes) -> bytes | None:
         return KeyPair.from_private(private).public
     except (CryptoError, ValueError):
         return None
-
-
-class RowsMissing(ProtocolError):
-    """Rows this organisation touched are missing from the row set U (a cancelled indicator or a dropped row)."""
 
 
 def phases_for(row_set: str) -> list[str]:

@@ -70,9 +70,9 @@ from fedembed.secagg.primitives import CryptoError
 from fedembed.secagg.protocol import (
     ProtocolError,
     RoundAbandoned,
-    RowsMissing,
     ServerSession,
     ahead_groups,
+    blob,
     fresh_groups,
     group_stage,
     rowset_digest,
@@ -122,8 +122,6 @@ class SecureRoundHost(Protocol):
     """The federation's organisations and their public keys."""
     transport: Exchange
     """How messages reach the organisations."""
-    refusals: dict[int, str]
-    """Per node, the error of a signed refusal it sent this round (``RowsMissing: ...`` among them)."""
 
     def train_message(self, node: int, round_: int, ahead: bool = False) -> RecordDict:
         """The ``train`` message of ``round_`` for ``node`` (``ahead``: it asks for the next round's advert)."""
@@ -143,9 +141,6 @@ class SecureRoundHost(Protocol):
 
 log = logging.getLogger(__name__)
 
-_FAULTS = (UpdateError, ProtocolError, CryptoError, KeyError, TypeError, ValueError)
-ROWS_MISSING = RowsMissing.__name__
-"""Error code of an organisation whose touched rows were left out of U (a cancelled indicator)."""
 
 
 @dataclass
@@ -320,8 +315,6 @@ class SecureRound:
                 self._fault(rep.node, f"{stage}: {reason}")
             elif info.get("status") != "ok":
                 error = str(info.get("error", "status " + repr(info.get("status"))))
-                if error.startswith(ROWS_MISSING):
-                    raise RoundAbandoned(f"{self._name(rep.node)} reports that rows it touched are missing from U: {error}")
                 self._fault(rep.node, f"{stage}: refused: {error}")
             else:
                 try:
@@ -376,7 +369,6 @@ class SecureRound:
             contents[n] = c
         down = sum(record_bytes(c) for c in contents.values())
         up_before = entry["upload_bytes"]
-        coord.refusals.clear()
         accepted: list[int] = []
         exchange = getattr(coord.transport, "exchange_iter", None) or coord.transport.exchange
         for rep in exchange("train", contents, self.cfg.round_timeout):
@@ -388,39 +380,46 @@ class SecureRound:
                 self._fault(rep.node, f"train: signed as {name!r}, its session was set up by {expected!r}")
                 continue
             self.names[rep.node] = name
-            try:
+            try:  # every record read before any is used: a reply is taken whole or refused whole
+                kept = self._read_next(rep.content)
                 if take is not None:
                     take(rep.node, rep.content)
                 accepted.append(rep.node)
-            except _FAULTS as exc:
+            except Exception as exc:  # noqa: BLE001 - any malformed reply: that org leaves, the round goes on
                 self._fault(rep.node, f"train: {type(exc).__name__}: {exc}")
                 continue
-            self._keep_next(rep.node, rep.content)
+            self._keep_next(rep.node, *kept)
             del rep
-        missing = [msg for msg in coord.refusals.values() if msg.startswith(ROWS_MISSING)]
         self.entry["download_bytes"] += down
         self.entry["stages"]["train"] = {
             "seconds": time.perf_counter() - t0,
             "upload_bytes": entry["upload_bytes"] - up_before,
             "download_bytes": down,
         }
-        if missing:
-            raise RoundAbandoned(f"an organisation reports that rows it touched are missing from U: {missing[0]}")
         return accepted
 
-    def _keep_next(self, node: int, content: RecordDict) -> None:
-        """Keep a train reply's advert of the next round's session (and its rows, ``revealed``); a bad one is a fault."""
+    def _read_next(self, content: RecordDict) -> tuple[dict[str, object] | None, RowSet | None]:
+        """A train reply's advert of the next round's session and (``revealed``) its rows, read, not yet kept.
+
+        Raises
+        ------
+        Exception
+            A malformed record: the reply is refused whole (the caller names the sender).
+        """
         if not self.ahead or ("next" not in content and self.pending is None):
-            return
-        try:
-            if "next" in content:
-                nxt = content["next"]
-                self.next_adverts[node] = {k: nxt[k] for k in nxt.keys()}
-            if self.cfg.row_set == "revealed":
-                self.next_rows[node] = self._rows(content)
-        except _FAULTS as exc:
-            self.next_adverts.pop(node, None)
-            self._fault(node, f"train: bad advert of the next round's session: {exc}")
+            return None, None
+        advert = None
+        if "next" in content:
+            nxt = content["next"]
+            advert = {k: nxt[k] for k in nxt.keys()}
+        return advert, self._rows(content) if self.cfg.row_set == "revealed" else None
+
+    def _keep_next(self, node: int, advert: dict[str, object] | None, rows: RowSet | None) -> None:
+        """Keep what :meth:`_read_next` read of an accepted reply (the advert is checked when the session is made)."""
+        if advert is not None:
+            self.next_adverts[node] = advert
+        if rows is not None:
+            self.next_rows[node] = rows
 
     def _rows(self, content: RecordDict) -> RowSet:
         """The row ids a ``revealed`` reply names (validated)."""
@@ -447,7 +446,8 @@ class SecureRound:
     @staticmethod
     def _shares_of(c: RecordDict, prefix: str = "") -> dict[int, tuple[bytes, bytes]]:
         cts, sigs = c[f"{prefix}shares"], c[f"{prefix}share_sigs"]
-        return {int(q): (bytes(cts[q]), bytes(sigs[q])) for q in cts.keys()}
+        return {int(q): (blob(cts[q], f"share ciphertext for party {q}"), blob(sigs[q], f"share signature for party {q}"))
+                for q in cts.keys()}
 
     def _route(self, s: ServerSession, shares: dict[int, dict[int, tuple[bytes, bytes]]], stage: str) -> None:
         known = set(s.faults)
@@ -464,6 +464,8 @@ class SecureRound:
     def _take_masked(self, s: ServerSession, group: list[str], rowset: RowSet | None) -> Callable[[int, RecordDict], None]:
         """A handler adding a reply's masked vectors of ``group`` (all of them, or none) to the running sums."""
         shapes = {p: self._shape_of(p, len(s.parties), rowset) for p in group}
+        if "values" in group:  # the U every party was sent: the pairwise masks of dropped parties are bound to it
+            s.bind("values", rowset_digest(rowset if rowset is not None else dense_rowset(self.shapes)))
 
         def take(node: int, c: RecordDict) -> None:
             party = s.party_of.get(node)
@@ -539,17 +541,31 @@ class SecureRound:
             contents.setdefault(node, self._message(None))
             contents[node]["next"] = ConfigRecord(self._share_request(nxt, party))
 
-    def _next_reply(self, nxt: ServerSession | None, node: int, c: RecordDict, shares: dict) -> None:
+    def _read_next_reply(self, nxt: ServerSession | None, node: int, c: RecordDict) -> Callable[[dict], None]:
+        """Read a reply's part of the next round's session (its shares, the advert after); keep it by calling the result.
+
+        Read before anything of the reply is used, kept only once all of it is accepted, so
+        a reply is taken whole or refused whole.
+        """
         if nxt is None or node not in nxt.party_of:
-            return
+            return lambda shares: None
         if "next_shares" in c:
-            shares[nxt.party_of[node]] = self._shares_of(c, "next_")
+            mine = self._shares_of(c, "next_")
+            after = None
             if "next_advert" in c:  # the session after the next one (it unmasks early): its share request rides on
                 adv = c["next_advert"]  # the next round's train message
-                self.after_adverts[node] = {k: adv[k] for k in adv.keys()}
-        elif "next_error" in c:
-            log.warning("round %d: %s refused the share request of round %d's session: %s", self.round,
-                        self._name(node), self.round + 1, str(c["next_error"].get("error", ""))[:300])
+                after = {k: adv[k] for k in adv.keys()}
+
+            def keep(shares: dict) -> None:
+                shares[nxt.party_of[node]] = mine
+                if after is not None:
+                    self.after_adverts[node] = after
+            return keep
+        if "next_error" in c:
+            error = str(c["next_error"].get("error", ""))[:300]
+            return lambda shares: log.warning("round %d: %s refused the share request of round %d's session: %s",
+                                              self.round, self._name(node), self.round + 1, error)
+        return lambda shares: None
 
     def _check(self, s: ServerSession, group: list[str], parties: list[int], nxt: ServerSession | None) -> None:
         """The consistency check of a group: every party signs the same statement (U3: every party that delivered)."""
@@ -559,12 +575,13 @@ class SecureRound:
         next_shares: dict[int, dict[int, tuple[bytes, bytes]]] = {}
 
         def take_check(node: int, c: RecordDict) -> None:
+            keep_next = self._read_next_reply(nxt, node, c)
             party = s.party_of.get(node)
             if party is not None and party in parties:
                 sigs = c["check"]
                 for phase in group:
-                    s.add_check(phase, party, bytes(sigs[phase]))
-            self._next_reply(nxt, node, c, next_shares)
+                    s.add_check(phase, party, blob(sigs[phase], f"check signature of {phase}"))
+            keep_next(next_shares)
 
         self._exchange(group_stage(group, "check"), contents, take_check)
         if nxt is not None:
@@ -583,12 +600,13 @@ class SecureRound:
         next_shares: dict[int, dict[int, tuple[bytes, bytes]]] = {}
 
         def take_unmask(node: int, c: RecordDict) -> None:
+            keep_next = self._read_next_reply(nxt, node, c)
             party = s.party_of.get(node)
             if party is not None and party in parties:
                 got = self._unmask_shares(group, c["unmask"], seeds_only=fast)
                 for phase in group:
                     responses[phase][party] = got[phase]
-            self._next_reply(nxt, node, c, next_shares)
+            keep_next(next_shares)
 
         self._exchange(group_stage(group, "unmask"), contents, take_unmask)
         if nxt is not None:
@@ -781,11 +799,12 @@ class SecureRound:
             if "masked" not in c:
                 raise UpdateError("status ok but no masked update in the reply to a session set up ahead")
             got = self._unmask_shares(group, c["unmask"], seeds_only=True) if "unmask" in c else None
-            take(node, c)
+            keep_next = self._read_next_reply(nxt, node, c)
+            take(node, c)  # the last step that can fail: what it adds is added for a reply accepted whole
             if got is not None:
                 for phase in group:
                     early[phase][s.party_of[node]] = got[phase]
-            self._next_reply(nxt, node, c, next_shares)
+            keep_next(next_shares)
 
         self._train(nodes, extra=extra_next, take=take_train)
         if nxt is not None:
@@ -817,7 +836,7 @@ class SecureRound:
                 raise ProtocolError(f"unmask share {key!r} of a phase outside this stage")
             if seeds_only and not rest.startswith("seed."):
                 raise ProtocolError(f"a mask-key share {key!r} in an unmask without the consistency check")
-            got[phase][rest] = bytes(value)
+            got[phase][rest] = blob(value, f"unmask share {key!r}")
         return got
 
     def _finish_early(self, s: ServerSession, group: list[str], rowset: RowSet | None,
