@@ -144,29 +144,46 @@ def widen(delta: np.ndarray, v: np.ndarray, clip: float) -> tuple[np.ndarray, in
     return np.concatenate([d * np.sqrt(r), clip * r], axis=1).astype(np.float32), clipped
 
 
-def check_upload(update: RowUpdate, clip: float, tables: Collection[str]) -> None:
-    """Refuse a plain upload whose normalisers (in ``tables``) no honest organisation sends.
+FLOAT16_QUANTUM = 2.0 ** -24
+"""The float16 wire's smallest step (its subnormal spacing): the absolute rounding spared below."""
 
-    :func:`widen` puts ``clip v / CLIP`` in the right half, with ``v`` in ``[0, CLIP]``,
-    so every entry there is in ``[0, clip]`` (checked with the float16 wire's rounding to
-    spare). A negative normaliser would sink the federation's and scale the other
-    organisations' steps of the row up; a secure sum cannot be checked this way, and is
-    bounded by :func:`narrow` instead.
+
+def check_upload(update: RowUpdate, clip: float, tables: Collection[str]) -> None:
+    """Refuse a plain upload (in ``tables``) that no honest organisation sends.
+
+    :func:`widen` puts ``clip r`` in the right half and ``delta sqrt(r)`` in the left,
+    with ``r = v / CLIP`` in ``[0, 1]`` and ``|delta| <= clip``. So every right entry is in
+    ``[0, clip]``, and every left one within ``sqrt(clip x right)``: a step no larger than
+    the clip, for the normaliser it comes with. Both are checked with the float16 wire's
+    rounding to spare. A negative normaliser would sink the federation's and scale the
+    other organisations' steps of the row up. A left half beyond its normaliser (the clip
+    with a normaliser of 0) would have its own step weighted by ``sqrt(CLIP / v)``, ten
+    times the clip and more, where the README bounds a plain organisation's weight by
+    ``sqrt(n)``. A secure sum cannot be checked this way, and is bounded by :func:`narrow`
+    instead.
 
     Raises
     ------
     UpdateError
-        Naming the table and how many entries are out of range.
+        Naming the table, the half and how many entries are out of range.
     """
     for name, tu in update.items():
         if name not in tables or not tu.num_rows:
             continue
         dim = tu.delta.shape[1] // 2
+        left = np.abs(tu.delta[:, :dim].astype(np.float64))
         right = tu.delta[:, dim:].astype(np.float64)
         bad = int(np.count_nonzero((right < 0) | (right > clip * (1 + 1e-3))))
         if bad:
             raise UpdateError(f"table {name!r}: {bad} normaliser entries outside [0, {clip:g}] "
                               f"(smallest {right.min():.4g}, largest {right.max():.4g})")
+        bound = np.sqrt(clip * (np.maximum(right, 0.0) + FLOAT16_QUANTUM)) * (1 + 2e-3) + FLOAT16_QUANTUM
+        over = left > bound
+        if over.any():
+            worst = float((left / bound).max())
+            raise UpdateError(f"table {name!r}: {int(over.sum())} step entries beyond what their normaliser allows "
+                              f"(|step| <= sqrt({clip:g} x normaliser); up to {worst:.3g} times that): a step larger "
+                              "than the clip, or a normaliser sunk below the one its step was taken with")
 
 
 def narrow(agg: AggregateSum, clip: float, tables: Collection[str]) -> AggregateSum:

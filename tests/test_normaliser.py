@@ -103,6 +103,32 @@ def test_a_negative_or_oversized_normaliser_in_a_plain_upload_is_refused_with_th
             check_upload(bad, 4.0, {"t"})
 
 
+def test_a_step_beyond_its_normaliser_in_a_plain_upload_is_refused():
+    """The clip as the step with a normaliser of 0: each half in range, but no honest widen() makes it
+    (|left| <= sqrt(clip x right)). Accepted, it weighted the sender's step by sqrt(CLIP / v), 11 with 5
+    organisations, and pinned the row to the clip alone, where the README bounds a plain weight by sqrt(n)."""
+    n = 5
+    attack = {"t": TableUpdate(np.array([4]), np.array([[4.0, 4.0, 0.0, 0.0]], np.float32), np.ones(1, np.float32))}
+    with pytest.raises(UpdateError, match="table 't': 2 step entries beyond what their normaliser allows"):
+        check_upload(attack, 4.0, {"t"})
+    honest = [_update([4], [[-4.0, -4.0]], [[1.0, 1.0]]) for _ in range(n - 1)]
+    for up in honest:
+        check_upload(up, 4.0, {"t"})
+    step = narrow(sum_updates([attack, *honest], ["t"]), 4.0, {"t"})["t"].weighted_delta
+    assert step.min() > 3.9  # what it did: four honest organisations at -clip, the row at +clip
+
+
+def test_every_upload_widen_makes_passes_the_check_after_the_float16_wire():
+    rng = np.random.default_rng(0)
+    clip = 4.0
+    delta = rng.uniform(-1.5 * clip, 1.5 * clip, (2000, 8))
+    delta[:100] = clip  # at the clip, with normalisers down to nothing
+    v = np.concatenate([rng.uniform(0, CLIP, (1000, 8)), 10.0 ** rng.uniform(-12, 0, (1000, 8))])
+    wide, _ = widen(delta, v, clip)
+    wire = wide.astype(np.float16).astype(np.float32)
+    check_upload({"t": TableUpdate(np.arange(2000, dtype=np.int64), wire, np.ones(2000, np.float32))}, clip, {"t"})
+
+
 def test_an_organisation_claiming_the_largest_normaliser_weights_its_own_delta_up_by_less_than_sqrt_n():
     """A normaliser inside the range passes every check, so this is what one organisation can do with it (the
     README's "Not covered"): claiming CLIP on a row the others see as 1 weights its delta by
