@@ -567,3 +567,37 @@ def test_a_reply_refused_in_part_is_refused_whole(tmp_path):
     entry = c.log.rounds[1]
     assert "org-1" in entry["rejected"]
     assert "org-1 shared but did not deliver a masked update" in entry["abandoned"]
+
+
+def test_a_weight_of_one_quantum_moves_a_row_by_the_clip_at_most_under_a_mean_step(tmp_path, direct_transport,
+                                                                                   monkeypatch):
+    """Inside its masked vector org-1 gives 50 rows nobody touched a weight of one quantum (~5e-10) and a
+    weighted delta at the edge of the sum's rounding tolerance: the sum passes its bounds, and under a mean
+    step (``sgd``) those rows moved by 12 with a clip of 4. Every mean is clipped to the clip when decoded."""
+    from fedembed.secagg.vector import ValueScales
+
+    clip, rows, dim = 4.0, 3000, 4
+    orig, target = ClientSession.mask_group, {}
+
+    def tiny_weights(self, vectors):
+        if self.name == "org-1" and "values" in vectors:
+            scales = ValueScales(n=4, clip_delta=clip, max_weight=1.0)
+            ratio = clip * scales.data_scale / scales.weight_scale
+            v = vectors["values"].view(np.int32).copy()
+            data, w = v[: rows * dim].reshape(rows, dim), v[rows * dim:]
+            target["rows"] = cold = np.flatnonzero(w == 0)[:50]
+            w[cold] = 1
+            data[cold] = int(np.floor(ratio * (1 + dim / 2) + dim / 2)) - 1
+            vectors = {**vectors, "values": v.view(np.uint32)}
+        return orig(self, vectors)
+
+    monkeypatch.setattr(ClientSession, "mask_group", tiny_weights)
+    t = direct_transport(tmp_path, 4, task=synthetic(4, rows))
+    c = Coordinator(run_config(synthetic(4, rows), rounds=1, secure=True, row_set="dense", server_optimizer="sgd",
+                               delta_clip=clip, secure_ahead=False), t)
+    before = c.tables.tables["ids"].copy()
+    c.run()
+    assert c.log.rounds[0]["clients"] == 4 and "abandoned" not in c.log.rounds[0]
+    moved = np.abs(c.tables.tables["ids"] - before)[target["rows"]]
+    assert moved.max() <= clip * (1 + 1e-6)  # server_lr 1 x a mean within the clip
+    assert moved.max() > clip * 0.99  # the attack still reaches the clip: within the bounds, as the README says

@@ -520,7 +520,14 @@ def decode_values(
         if keep.any():
             # dequantize only the rows someone touched (in dense mode a small part of the table)
             data = dequantize(block if keep.all() else block[keep], s_d)
-            out[name] = TableSum(ids=ids[keep], weighted_delta=data, weight=weight[keep])
+            # The bound above spares the rounding tolerance, which is large against a tiny sum_w: a hostile
+            # organisation giving a row a weight of one quantum could then set its mean (what the mean-based
+            # server steps take) to several times the clip. Every mean is clipped to +-clip here, in the plain
+            # and the secure path alike (both decode here), so their sums stay bit-identical.
+            kept = weight[keep]
+            cap = (np.float64(scales.clip_delta) * kept.astype(np.float64))[:, None].astype(data.dtype)
+            np.clip(data, -cap, cap, out=data)
+            out[name] = TableSum(ids=ids[keep], weighted_delta=data, weight=kept)
     return out
 
 
