@@ -485,7 +485,11 @@ def _add_client(sub: argparse._SubParsersAction) -> None:
                         "for it is refused, naming the tables")
     p.add_argument("--secure-row-sets", default="dense,union,revealed",
                    help="secure row-set modes this organisation takes part in (revealed tells the coordinator "
-                        "its row ids)")
+                        "its row ids; without it, plain rounds are refused too)")
+    p.add_argument("--require-secure", action="store_true",
+                   help="take part in secure rounds only: refuse a plain round, which sends the update (row ids, "
+                        "deltas, weights) in the clear. Without it, a plain round is still refused in a run this "
+                        "organisation has taken part in securely (a coordinator downgrading the run)")
     _add_sync_option(p)
     p.add_argument("--sync-pad", type=float, default=4.0,
                    help="--sync padded (auto in plain/revealed rounds): each row it uses that its uploads never showed "
@@ -638,6 +642,7 @@ def client_rules(args: argparse.Namespace) -> dict[str, str]:
     """The organisation's own rules from ``fedembed client`` arguments, as node config entries (values as written)."""
     return {"secure-colluders": str(args.secure_colluders),
             "secure-row-sets": json.dumps(args.secure_row_sets),
+            "secure-required": "true" if args.require_secure else "false",
             "dp-min-noise-multiplier": str(args.dp_min_noise_multiplier),
             "dp-max-epsilon": str(args.dp_max_epsilon), "dp-delta": str(args.dp_delta),
             "sync": json.dumps(args.sync), "sync-pad": repr(float(args.sync_pad)),

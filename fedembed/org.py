@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -30,18 +31,22 @@ from fedembed.dp.noise import SecureRandom, noise_secret
 from fedembed.dp.policy import DPPolicy
 from fedembed.faults import SimulatedDropout, check_drop
 from fedembed.identity import Identity, sign_reply
+from fedembed.model import SplitModel
 from fedembed.normaliser import upload_shapes
 from fedembed.secagg.client import SecureMember
 from fedembed.secagg.protocol import SecurePolicy
 from fedembed.sparse import RowUpdate, UpdateError
-from fedembed.store import OrgState, RoundAnswered, check_round_open
+from fedembed.store import OrgState, RoundAnswered, check_round_open, run_was_secure
 from fedembed.tables import RowRequest, RowSync, apply_sync, init_table, request_digest
 from fedembed.spec import FederationSpec, SpecError, TableSpec
 from fedembed.task import Task, TaskError, TaskSpec, load_task, resolve_device, task_from_node_config
 from fedembed.recipe import TrainConfig
 from fedembed.guard import Guard
 from fedembed.serving import BestValidation, ServingContext, ServingPolicy, SharedOnly
-from fedembed.train import build_seeded, evaluate_splits, fit_head, make_head_optimizer, round_rng, train_local
+from fedembed.train import (
+    NonFiniteError, build_seeded, check_finite, evaluate_splits, fit_head, make_head_optimizer, nonfinite_parts, round_rng,
+    train_local,
+)
 from fedembed.wire import decode_sync, encode_request, encode_request_digest, encode_update, reply_content
 from fedembed.workingset import (
     FULL, PADDED, RequestCover, RowState, StaleRowError, SyncPolicy, SyncRefused, decoy_key, derive_working_set,
@@ -204,7 +209,18 @@ class Organisation:
             raise SpecError(f"{self.identity.name}: {exc}") from None
 
     def handle(self, plan: RoundPlan, sync: dict[str, RowSync]) -> OrgReply:
-        """Run one stage of a round (see module docstring)."""
+        """Run one stage of a round (see module docstring).
+
+        Raises
+        ------
+        SyncRefused
+            A sync that contradicts what this organisation holds, or tables that would be
+            non-finite once synced (nothing saved).
+        NonFiniteError
+            Its saved head holds NaN or inf (left as it is), or the head re-fit or local
+            training made the head, its optimizer state, the tables or the update
+            non-finite: the head and optimizer state saved before are kept as they were.
+        """
         task = self.task
         name = self.identity.name
         cfg = plan.recipe().at_round(plan.round)
@@ -213,6 +229,11 @@ class Organisation:
             cfg = replace(cfg, dp_target_epsilon=epsilon, dp_target_delta=delta)
         shapes = {n: t.shape for n, t in self.table_specs().items()}
         tables, version = self.state.load_tables(shapes, plan.seed, plan.table_scale, plan.run_key)
+        damaged = sorted(n for n, t in tables.items() if nonfinite_parts(table=t))
+        if damaged:  # written before syncs were checked, or altered on disk: a copy of the coordinator's, rebuilt
+            log.error("%s: its table cache holds non-finite values (NaN or inf) in table(s) %s; it is rebuilt from "
+                      "version 0 by a resync of every changed row", name, damaged)
+            tables, version = {n: init_table(n, s, plan.seed, plan.table_scale) for n, s in shapes.items()}, 0
         rows = RowState.load(self.state.dir, shapes, version, plan.run_key)  # per-row freshness (workingset)
         mode = self.sync.resolve(plan.secure, plan.row_set)
         if plan.since != version and plan.since != 0:
@@ -229,7 +250,11 @@ class Organisation:
         rows.apply(sync, "requested" if plan.request else "all", plan.since, plan.round - 1, plan.secure)
         apply_sync(tables, sync)
         version = plan.round - 1
-        if rebuilt:
+        if rebuilt or damaged:  # a new base: its version-0 rows were never checked (the synced rows were, on decoding)
+            bad = sorted(n for n, t in tables.items() if nonfinite_parts(table=t))
+            if bad:
+                raise SyncRefused(f"table(s) {bad} hold non-finite values once synced (table_scale "
+                                  f"{plan.table_scale!r}); the table cache is left as it was")
             self.state.save_tables(tables, version, plan.run_key)
         else:  # only the synced rows are written
             self.state.save_sync(tables, sync, version, plan.run_key)
@@ -294,6 +319,13 @@ class Organisation:
         model.set_tables(tables)
         saved = self.state.load_head(model)  # another model's head.pt is set aside, not failed on
         if saved is not None:
+            bad = nonfinite_parts(head=saved["head"], optimizer=saved.get("optimizer"),
+                                  table_state=saved.get("table_state"))
+            if bad:  # saved before heads were checked: it is the organisation's own, never dropped without a word
+                log.error("%s: its saved head %s holds non-finite values in %s; it is left as it is: move it aside "
+                          "to start a fresh head", name, self.state.dir / "head.pt", bad[:5])
+                raise NonFiniteError("its saved head (head.pt) holds non-finite values (NaN or inf), saved before "
+                                     "heads were checked; it trains no more until its operator moves it aside")
             model.load_head_state_dict(saved["head"])
         model.to(self.device)
         head_opt = make_head_optimizer(model, cfg, saved["optimizer"] if saved else None)
@@ -311,7 +343,7 @@ class Organisation:
             metrics = serving_policy(cfg, self.state.dir, self.keep_best).serve(context, model, metrics)
             if plan.evaluate_only:
                 if cfg.head_epochs > 0:  # the head evaluated is the head kept (and exported)
-                    self.state.save_head(model.head_state_dict(), head_opt.state_dict(), plan.round, **extra)
+                    self._save_head(model, head_opt, plan.round, extra, "the head re-fit")
                 return OrgReply(name, "ok", version, metrics=metrics)
 
             ledger = None
@@ -337,8 +369,23 @@ class Organisation:
                 return OrgReply(name, "exhausted", version, metrics=metrics, train_stats={"dp_exhausted": 1.0})
         if ledger is not None:
             extra["dp_ledger"] = ledger.to_dict()
-        self.state.save_head(model.head_state_dict(), head_opt.state_dict(), plan.round, **extra)
+        check_finite("local training", update={n: tu.delta for n, tu in update.items()})
+        self._save_head(model, head_opt, plan.round, extra, "local training")
         return OrgReply(name, "ok", version, update=update, metrics=metrics, train_stats=stats)
+
+    def _save_head(self, model: SplitModel, head_opt: torch.optim.Optimizer, round_: int, extra: dict[str, Any],
+                   what: str) -> None:
+        """Save the head, its optimizer state and ``extra`` (kept table moments, ledger), all finite or nothing.
+
+        Raises
+        ------
+        NonFiniteError
+            ``what`` (the training that produced them) left one of them non-finite: the
+            head saved before stays as it was.
+        """
+        head, optimizer = model.head_state_dict(), head_opt.state_dict()
+        check_finite(what, head=head, optimizer=optimizer, table_state=extra.get("table_state"))
+        self.state.save_head(head, optimizer, round_, **extra)
 
 
 def serving_policy(cfg: TrainConfig, state_dir: Path, keep_best: bool = False) -> ServingPolicy:
@@ -402,6 +449,11 @@ def _checked_plan(organisation: Organisation, content: RecordDict, message_type:
     if extra:  # e.g. a head: this organisation's head is its own and never taken from a message
         raise MessageRefused(f"a {message_type!r} message with records outside its schema: {extra}")
     plan = RoundPlan.from_config(content["config"])
+    for field_name, low in (("delta_clip", 0.0), ("table_scale", None)):  # the recipe checks its own numbers
+        value = getattr(plan, field_name)
+        if not math.isfinite(value) or (low is not None and not value > low):
+            raise ConfigError(f"message config field {field_name!r} must be a finite number"
+                              f"{f' > {low:g}' if low is not None else ''}, got {value!r}")
     secure_records = sorted(set(content.keys()) & set(TRAIN_RECORDS))
     if secure_records and not plan.secure:
         raise MessageRefused(f"a plain {message_type!r} message with secure-aggregation records: {secure_records}")
@@ -429,7 +481,33 @@ def _checked_plan(organisation: Organisation, content: RecordDict, message_type:
         raise MessageRefused(
             f"row-set mode {plan.row_set!r}: this organisation takes part in {list(organisation.policy.row_sets)}"
         )
+    if not plan.secure:
+        check_plain_allowed(organisation, plan.run_key)
     return plan
+
+
+def check_plain_allowed(organisation: Organisation, run_key: str) -> None:
+    """Refuse a plain round (its update, row ids and all, in the clear) where this organisation's own rules forbid one.
+
+    Its policy may forbid plain rounds outright (``require_secure``, or secure row sets
+    without ``revealed``: :attr:`fedembed.secagg.protocol.SecurePolicy.plain_allowed`). And
+    a run it has contributed to securely stays secure: the run key does not say whether a
+    run is secure, so a coordinator could otherwise turn the next round plain and get the
+    update in the clear (:func:`fedembed.store.run_was_secure`).
+
+    Raises
+    ------
+    MessageRefused
+        Naming the rule.
+    """
+    if not organisation.policy.plain_allowed:
+        rule = ("--require-secure" if organisation.policy.require_secure
+                else f"secure row sets {list(organisation.policy.row_sets)}, without 'revealed'")
+        raise MessageRefused(f"a plain round: this organisation takes part in secure rounds only ({rule}); a plain "
+                             "round would send its update, row ids and all, in the clear")
+    if run_was_secure(organisation.state.dir, run_key):
+        raise MessageRefused("a plain round in a run this organisation has contributed to securely: its update would "
+                             "go in the clear; a run that is secure stays secure (start a new run to run plain)")
 
 
 def _secure_records(organisation: Organisation, plan: RoundPlan, content: RecordDict, update: RowUpdate,
@@ -501,7 +579,8 @@ def report_failure(exc: BaseException, disclose: bool, what: str = "") -> str:
     return f"it failed ({type(exc).__name__}); the error is in the organisation's log"
 
 
-def handle_content(organisation: Organisation, content: RecordDict, message_type: str, node: int) -> RecordDict:
+def handle_content(organisation: Organisation, content: RecordDict, message_type: str, node: int,
+                   divergence_fails: bool = False) -> RecordDict:
     """Decode a coordinator message, run the stage, encode and sign the reply (no Flower process needed).
 
     Parameters
@@ -516,6 +595,12 @@ def handle_content(organisation: Organisation, content: RecordDict, message_type
         one thing that picks the handler.
     node : int
         This organisation's Flower node id (bound into the reply's signature).
+    divergence_fails : bool
+        Training that turns non-finite raises its :class:`fedembed.train.NonFiniteError`
+        instead of being refused: in a simulation every organisation is the user's, and
+        a recipe that diverges is the run's error (:class:`fedembed.coordinator.RunFailed`),
+        not a round of refusals that leaves the tables where they were. Nothing is kept
+        either way.
 
     Returns
     -------
@@ -533,7 +618,10 @@ def handle_content(organisation: Organisation, content: RecordDict, message_type
         is nothing to sign a refusal for). Any other message this organisation will not
         act on gets a signed reply of status ``refused`` with the reason
         (:class:`MessageRefused`, :class:`fedembed.config.ConfigError`,
-        :class:`fedembed.spec.SpecError`).
+        :class:`fedembed.spec.SpecError`, a recipe with a non-finite number:
+        :class:`fedembed.recipe.RecipeError`, a sync with one:
+        :class:`fedembed.sparse.UpdateError`), and so does a stage whose training would
+        leave its head non-finite (:class:`fedembed.train.NonFiniteError`: nothing kept).
     """
     if message_type.startswith("train."):
         from fedembed.secagg.client import handle_message
@@ -561,8 +649,13 @@ def handle_content(organisation: Organisation, content: RecordDict, message_type
         reply = organisation.handle(plan, sync)
     except TaskError as exc:  # its own task is broken: no refusal of the message, a failure it names itself
         raise TaskError(f"organisation {organisation.identity.name!r}: {exc}") from exc
+    except NonFiniteError as exc:  # a recipe or sync that made its head or tables non-finite (nothing of it kept)
+        if divergence_fails:
+            raise
+        return refuse(exc)
     except (UpdateError, SyncRefused, DPError) as exc:  # a sync that contradicts itself or what this organisation
-        return refuse(exc)  # holds; a DP recipe its task cannot follow (no privacy units for dp_unit user)
+        # holds; a DP recipe its task cannot follow (no privacy units for dp_unit user)
+        return refuse(exc)
     secure = plan.secure and reply.update is not None and reply.status == "ok"
     record = None
     if reply.update is not None and not secure:

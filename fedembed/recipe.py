@@ -7,6 +7,7 @@ is :mod:`fedembed.train`.
 from __future__ import annotations
 
 import math
+import numbers
 from dataclasses import asdict, dataclass, fields, replace
 from typing import Any, Mapping
 
@@ -184,6 +185,7 @@ class TrainConfig:
     pooled_normaliser_rows: int = 1000
 
     def __post_init__(self) -> None:
+        self._check_numbers()
         if self.table_optimizer not in TABLE_OPTIMIZERS:
             raise RecipeError(f"table_optimizer must be one of {TABLE_OPTIMIZERS}, got {self.table_optimizer!r}")
         for f in ("epochs", "batch_size", "guard_window"):
@@ -191,8 +193,13 @@ class TrainConfig:
                 raise RecipeError(f"{f} must be positive, got {getattr(self, f)}")
         if not self.head_epochs >= 0:
             raise RecipeError(f"head_epochs must be >= 0 (0: no re-fit), got {self.head_epochs}")
-        if not (self.table_lr > 0 and self.head_lr > 0 and self.max_row_weight >= 1):
-            raise RecipeError("learning rates must be > 0 and max_row_weight >= 1")
+        for f in ("table_lr", "head_lr"):
+            if not getattr(self, f) > 0:
+                raise RecipeError(f"{f} must be > 0 (a learning rate), got {getattr(self, f)}")
+        if not self.max_row_weight >= 1:
+            raise RecipeError(f"max_row_weight must be >= 1, got {self.max_row_weight}")
+        if not self.cooc_weight >= 0:
+            raise RecipeError(f"cooc_weight must be >= 0 (0: no co-occurrence objective), got {self.cooc_weight}")
         if not 0 < self.lr_decay <= 1:
             raise RecipeError(f"lr_decay must be in (0, 1], got {self.lr_decay}")
         if self.freeze_head and not self.head_epochs > 0:
@@ -211,6 +218,30 @@ class TrainConfig:
         if self.pooled_normaliser and clash:
             raise RecipeError(f"pooled_normaliser re-scales Adam's steps and its normalisers are not privatised: it "
                               f"needs table_optimizer 'sparse_adam' and no DP, got {', '.join(clash)}")
+
+    def _check_numbers(self) -> None:
+        """Every number of the recipe is a finite number of its kind (before any range is checked).
+
+        The recipe comes from the coordinator: a NaN or an infinity in any of its numbers
+        (an infinite learning rate passes ``> 0``) would make an organisation's private
+        head non-finite for good. Integer fields take integers only (a float of integral
+        value, as JSON may carry one, is taken as that integer).
+
+        Raises
+        ------
+        RecipeError
+            Names the field and its value.
+        """
+        for f in fields(self):
+            if f.type not in ("float", "int"):
+                continue
+            value = getattr(self, f.name)
+            if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value):
+                raise RecipeError(f"{f.name} must be a finite number, got {value!r}")
+            if f.type == "int":
+                if not float(value).is_integer():
+                    raise RecipeError(f"{f.name} must be an integer, got {value!r}")
+                setattr(self, f.name, int(value))
 
     def pooled_clash(self) -> list[str]:
         """The settings that keep every table from carrying the pooled normaliser (empty: none).

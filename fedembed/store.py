@@ -416,11 +416,13 @@ def check_round_open(state_dir: Path, run_key: str, round_: int) -> None:
         )
 
 
-def claim_round(state_dir: Path, run_key: str, round_: int) -> None:
+def claim_round(state_dir: Path, run_key: str, round_: int, secure: bool = False) -> None:
     """Record that this organisation contributes to ``round_`` of the run, written before the reply leaves.
 
     The caller holds the organisation's lock (one message at a time: the secure stages' lock,
-    :func:`fedembed.secagg.client.claim_round` for a plain round's update).
+    :func:`fedembed.secagg.client.claim_round` for a plain round's update). ``secure``: the
+    contribution is inside a secure sum; once one is, the run stays marked secure
+    (:func:`run_was_secure`), whatever later rounds claim.
 
     Raises
     ------
@@ -428,7 +430,27 @@ def claim_round(state_dir: Path, run_key: str, round_: int) -> None:
         ``round_`` is not after the last round answered in this run (:func:`check_round_open`).
     """
     check_round_open(state_dir, run_key, round_)
-    atomic_write(Path(state_dir) / ANSWERED, json.dumps({"run_key": run_key, "round": int(round_)}).encode())
+    secure = bool(secure) or run_was_secure(state_dir, run_key)
+    atomic_write(Path(state_dir) / ANSWERED,
+                 json.dumps({"run_key": run_key, "round": int(round_), "secure": secure}).encode())
+
+
+def run_was_secure(state_dir: Path, run_key: str) -> bool:
+    """Whether this organisation has contributed to a secure sum of the run ``run_key``.
+
+    A coordinator that turns a secure run plain (the run key does not say which it is)
+    would get the next round's update in the clear: an organisation refuses that
+    (:func:`fedembed.org.check_secure_policy`). A damaged record says yes (it cannot tell).
+    """
+    try:
+        last = json.loads((Path(state_dir) / ANSWERED).read_text())
+    except FileNotFoundError:
+        return False
+    except (OSError, ValueError):
+        return True
+    if not isinstance(last, dict):
+        return True
+    return last.get("run_key") == run_key and last.get("secure") is True
 
 
 class OrgState:

@@ -18,6 +18,7 @@ import torch
 
 from fedembed.cooc import cooccurrence_loss
 from fedembed.dp import BudgetExhausted
+from fedembed.errors import FedembedError
 from fedembed.model import SplitModel
 from fedembed.normaliser import CLIP as NORMALISER_CLIP
 from fedembed.normaliser import own_normaliser, widen
@@ -26,6 +27,99 @@ from fedembed.sparse import RowUpdate, TableUpdate
 from fedembed.task import Task, task_loss, task_metrics, to_device
 
 log = logging.getLogger(__name__)
+
+
+class NonFiniteError(FedembedError, FloatingPointError):
+    """Training made a loss or the model's state non-finite (NaN or inf): nothing of that round may be kept or sent."""
+
+
+_FINITE_CHUNK = 1 << 22
+"""Elements checked at a time (a table of 10^6 rows is checked without a mask of its size)."""
+
+
+def _all_finite(value: torch.Tensor | np.ndarray) -> bool:
+    """Whether a float tensor or array holds no NaN and no infinity, checked a chunk of rows at a time."""
+    isfinite = np.isfinite if isinstance(value, np.ndarray) else torch.isfinite
+    if value.ndim == 0:
+        return bool(isfinite(value).all())
+    step = max(1, _FINITE_CHUNK // max(1, int(np.prod(value.shape[1:]))))
+    return all(bool(isfinite(value[i:i + step]).all()) for i in range(0, value.shape[0], step))
+
+
+def _nonfinite_in(value: Any, where: str, out: list[str]) -> None:
+    """Append to ``out`` the paths under ``where`` of the tensors, arrays and floats of ``value`` holding NaN or inf."""
+    if isinstance(value, torch.Tensor):
+        if value.is_sparse:
+            value = value.coalesce().values()
+        if value.is_floating_point() and not _all_finite(value.detach()):
+            out.append(where)
+    elif isinstance(value, np.ndarray):
+        if value.dtype.kind == "f" and not _all_finite(value):
+            out.append(where)
+    elif isinstance(value, float):
+        if not np.isfinite(value):
+            out.append(where)
+    elif isinstance(value, dict):
+        for key, item in value.items():
+            _nonfinite_in(item, f"{where}.{key}" if where else str(key), out)
+    elif isinstance(value, list | tuple):
+        for i, item in enumerate(value):
+            _nonfinite_in(item, f"{where}[{i}]", out)
+
+
+def nonfinite_parts(**parts: Any) -> list[str]:
+    """The entries of ``parts`` that hold a NaN or an infinity, by path (empty: all finite).
+
+    Parameters
+    ----------
+    **parts : Any
+        Named pieces of state: tensors, numpy arrays, floats and dicts or lists of them
+        (a head's ``state_dict``, an optimizer's ``state_dict``, saved table moments).
+        Anything else (integers, strings) is passed over.
+
+    Returns
+    -------
+    list[str]
+        Paths such as ``head.0.weight`` or ``optimizer.state.0.exp_avg``.
+    """
+    out: list[str] = []
+    for name, value in parts.items():
+        _nonfinite_in(value, name, out)
+    return out
+
+
+def check_finite(what: str, **parts: Any) -> None:
+    """Refuse state holding a NaN or an infinity before it is kept or sent (see :func:`nonfinite_parts`).
+
+    Parameters
+    ----------
+    what : str
+        What produced the state (``the head re-fit``, ``local training``), for the message.
+    **parts : Any
+        The state, by name.
+
+    Raises
+    ------
+    NonFiniteError
+        Naming the parts that went non-finite (``head``, ``optimizer``, ``tables``...);
+        the entries within them (the private head's parameter names) are logged here only.
+    """
+    bad = nonfinite_parts(**parts)
+    if bad:
+        more = f" and {len(bad) - 5} more" if len(bad) > 5 else ""
+        log.error("%s made %s%s non-finite (NaN or inf)", what, bad[:5], more)
+        kinds = sorted({p.split(".", 1)[0].split("[", 1)[0] for p in bad})
+        raise NonFiniteError(f"{what} made its {', '.join(kinds)} non-finite (NaN or inf); nothing of it is kept or "
+                             f"sent (a learning rate too high, or tables of extreme values)")
+
+
+def model_state(model: SplitModel, head_opt: torch.optim.Optimizer | None = None) -> dict[str, Any]:
+    """The state :func:`check_finite` checks after training: the head (with residuals), its optimizer, every table."""
+    state: dict[str, Any] = {"head": model.head_state_dict(),
+                             "tables": {n: model.table(n).weight for n in model.table_names}}
+    if head_opt is not None:
+        state["optimizer"] = head_opt.state_dict()
+    return state
 
 
 def _derived_seed(*parts: object) -> int:
@@ -170,6 +264,13 @@ def fit_head(task: Task, model: SplitModel, cfg: TrainConfig, head_opt: torch.op
     head it evaluates and serves is fitted to the very tables it is served with (not to
     its own pre-averaging tables of the previous round). A fractional ``head_epochs``
     stops after that share of a shuffled epoch's batches (:func:`head_steps`).
+
+    Raises
+    ------
+    NonFiniteError
+        A loss became non-finite (tables or a head holding NaN or inf, a step too large),
+        or the re-fit left the head or its optimizer state non-finite. The caller keeps
+        nothing of it: its saved head is what it was.
     """
     steps = head_steps(task, cfg)
     if steps == 0:
@@ -186,7 +287,12 @@ def fit_head(task: Task, model: SplitModel, cfg: TrainConfig, head_opt: torch.op
             for batch in task.batches("train", cfg.batch_size, rng):
                 batch = to_device(batch, task.device)
                 head_opt.zero_grad(set_to_none=True)
-                task_loss(task, model, batch).backward()
+                loss = task_loss(task, model, batch)
+                if not torch.isfinite(loss.detach()):
+                    raise NonFiniteError(f"the head re-fit's loss became {float(loss.detach())} (non-finite) at step "
+                                         f"{done + 1}: the tables or the head hold non-finite values, or the learning "
+                                         "rate is too high; nothing of it is kept")
+                loss.backward()
                 head_opt.step()
                 done += 1
                 if done == steps:
@@ -195,6 +301,7 @@ def fit_head(task: Task, model: SplitModel, cfg: TrainConfig, head_opt: torch.op
         for p, flag in zip(frozen, flags):
             p.requires_grad_(flag)
         model.train(was_training)
+    check_finite("the head re-fit", head=model.head_state_dict(), optimizer=head_opt.state_dict())
 
 
 class _GradSquares:
@@ -309,6 +416,13 @@ def train_local(
         Per table: sorted touched row ids, their deltas (float32) and weights.
     stats : dict[str, float]
         ``examples`` (examples seen per epoch), ``loss`` (mean training loss), ``steps``.
+
+    Raises
+    ------
+    NonFiniteError
+        A loss became non-finite, or training left the head, its optimizer state, a table
+        or the kept table moments non-finite: ``table_state`` is left as it was, and the
+        caller keeps and sends nothing of the round.
     """
     pooled: frozenset[str] = frozenset()
     if start_tables is not None:
@@ -347,8 +461,9 @@ def train_local(
                 for name, (ids, offsets) in task.id_bags(batch).items():
                     ssl = cooccurrence_loss(model.table(name).weight, ids, offsets, cfg.cooc_negatives, gen)
                     loss = loss + cfg.cooc_weight * ssl
-            if not torch.isfinite(loss):
-                raise FloatingPointError(f"training loss became {float(loss)}; lower the learning rates")
+            if not torch.isfinite(loss.detach()):
+                raise NonFiniteError(f"training loss became {float(loss.detach())} (non-finite); nothing of it is kept "
+                                     "or sent: lower the learning rates")
             loss.backward()
             _record_lookups(model, lookups)
             if squares is not None:
@@ -360,8 +475,13 @@ def train_local(
                 _proximal_pull(model, prox, rate)
             total += loss.item()
             steps += 1
+    # a step may leave the state non-finite with every loss finite (a huge learning rate, the last step)
+    check_finite("local training", **model_state(model, head_opt))
     if table_state is not None:
-        _save_table_state(table_opt, model, table_state)
+        moments: dict[str, Any] = {}
+        _save_table_state(table_opt, model, moments)
+        check_finite("local training", table_state=moments)
+        table_state.update(moments)
     update: RowUpdate = {}
     if start_tables is not None:
         for name in model.table_names:

@@ -150,7 +150,28 @@ def array_view(arr: Array) -> np.ndarray:
 
 
 def decode_sync(record: ArrayRecord, shapes: Mapping[str, tuple[int, int]]) -> dict[str, RowSync]:
-    """Inverse of :func:`encode_sync`, checked against the local table shapes."""
+    """Inverse of :func:`encode_sync`, checked against the local table shapes (never trusting the sender).
+
+    Parameters
+    ----------
+    record : ArrayRecord
+        The ``sync`` record of a coordinator's message.
+    shapes : Mapping[str, tuple[int, int]]
+        ``(rows, dim)`` of every table this organisation holds.
+
+    Returns
+    -------
+    dict[str, RowSync]
+        Per table named in the sync: sorted row ids, their float32 values and stamps.
+
+    Raises
+    ------
+    UpdateError
+        Says what is wrong: ids that are not a 1-d integer array with their rows, a shape
+        that does not fit the table, ids out of range, unsorted or duplicated, row values
+        that are not plain numbers or are not finite (NaN or inf, also once cast to
+        float32), stamps that do not match the ids. Raised before anything is applied.
+    """
     arrays = decode_arrays(record)
     out = {}
     for name, (rows, dim) in shapes.items():
@@ -165,12 +186,20 @@ def decode_sync(record: ArrayRecord, shapes: Mapping[str, tuple[int, int]]) -> d
             raise UpdateError(f"sync of table {name!r} does not fit its shape ({rows}, {dim})")
         if ids.size > 1 and not np.all(np.diff(ids) > 0):
             raise UpdateError(f"sync of table {name!r}: row ids are not sorted and unique")
+        if vals.dtype.kind not in "fiu":
+            raise UpdateError(f"sync of table {name!r}: row values of dtype {vals.dtype} (plain numbers only)")
+        with np.errstate(over="ignore"):  # a float64 beyond float32's range turns inf here, and is refused below
+            vals = vals.astype(np.float32)
+        finite = np.isfinite(vals).all(axis=1)
+        if not finite.all():  # NaN/inf would be cached and poison every head fitted on them
+            raise UpdateError(f"sync of table {name!r}: {int((~finite).sum())} rows hold non-finite values "
+                              f"(NaN or inf), e.g. rows {ids[~finite][:5].tolist()}")
         stamps = arrays.get(f"{name}.stamps")
         if stamps is not None:
             if stamps.shape != ids.shape or stamps.dtype.kind not in "iu":
                 raise UpdateError(f"sync of table {name!r}: stamps do not match its ids")
             stamps = stamps.astype(np.int64)
-        out[name] = RowSync(ids, vals.astype(np.float32), stamps)
+        out[name] = RowSync(ids, vals, stamps)
     return out
 
 

@@ -601,3 +601,73 @@ def test_a_weight_of_one_quantum_moves_a_row_by_the_clip_at_most_under_a_mean_st
     moved = np.abs(c.tables.tables["ids"] - before)[target["rows"]]
     assert moved.max() <= clip * (1 + 1e-6)  # server_lr 1 x a mean within the clip
     assert moved.max() > clip * 0.99  # the attack still reaches the clip: within the bounds, as the README says
+
+
+# ------------------------------------------------------------------ a coordinator that turns a secure run plain
+def _plain_round_two(t, c, node: int = 100) -> RecordDict:
+    """Round 2 of the same run as round 1, sent with ``secure`` off: the update would come back in the clear."""
+    message = c._message(node, 2, False)
+    cfg = dict(message["config"])
+    cfg["secure"] = False
+    return handle_content(t.orgs[node], _with(message, config=ConfigRecord(cfg)), "train", node)
+
+
+@pytest.mark.parametrize("policy", [SecurePolicy(), SecurePolicy(row_sets=("dense",))])
+def test_a_secure_run_turned_plain_gets_no_update_in_the_clear(tmp_path, direct_transport, policy):
+    """After a secure round, round 2 of the same run with secure off: every organisation refuses, whatever its
+    policy (the run key does not say whether a run is secure; the organisation's own record of the run does).
+    Before, it answered with its row ids, deltas and weights in the clear, even with a policy that refused to
+    tell its row ids inside a secure round."""
+    t = direct_transport(tmp_path, 4, task=synthetic(4), policy=policy)
+    c = Coordinator(run_config(synthetic(4), rounds=1, secure=True, row_set="dense"), t)
+    c.run()
+    assert c.log.rounds[0]["clients"] == 4
+    reply = _plain_round_two(t, c)
+    assert reply["info"]["status"] == "refused" and "update" not in reply
+    why = reply["info"]["error"]
+    if policy.plain_allowed:  # the default: the run's record holds it, its policy does not
+        assert "a plain round in a run this organisation has contributed to securely" in why
+    else:
+        assert "secure rounds only" in why
+
+
+def test_control_a_plain_run_is_answered_in_the_clear_by_default(tmp_path, direct_transport):
+    t = direct_transport(tmp_path, 4, task=synthetic(4))
+    c = Coordinator(run_config(synthetic(4), rounds=1), t)
+    c.run()
+    assert c.log.rounds[0]["clients"] == 4 and not c.log.rounds[0]["rejected"]
+
+
+@pytest.mark.parametrize(("policy", "rule"), [(SecurePolicy(require_secure=True), "--require-secure"),
+                                              (SecurePolicy(row_sets=("dense", "union")), "without 'revealed'")])
+def test_an_org_that_requires_secure_rounds_refuses_every_plain_one(tmp_path, direct_transport, policy, rule):
+    """Its own rule, from round 1 of a plain run on: nothing of its update leaves in the clear."""
+    t = direct_transport(tmp_path, 4, task=synthetic(4), policy=policy)
+    c = Coordinator(run_config(synthetic(4), rounds=1), t)
+    c.run()
+    entry = c.log.rounds[0]
+    assert set(entry["rejected"]) == {f"org-{i}" for i in range(4)}
+    assert all(rule in why and "secure rounds only" in why for why in entry["rejected"].values())
+    assert not any(isinstance(m, RecordDict) and "update" in m for _, _, m in t.seen)
+
+
+def test_the_secure_policy_reads_secure_required_from_the_node_config():
+    assert SecurePolicy.from_mapping({"secure-required": True}).require_secure
+    assert SecurePolicy.from_mapping({"secure-required": "false"}).plain_allowed
+    with pytest.raises(ValueError, match="secure-required must be true or false"):
+        SecurePolicy.from_mapping({"secure-required": "yes"})
+
+
+def test_fedembed_client_require_secure_reaches_the_policy_through_the_node_config():
+    """What ``fedembed client --require-secure`` writes into the node config, parsed as Flower parses it."""
+    from flwr.common.config import parse_config_args
+
+    from fedembed.cli import build_parser, client_rules
+
+    def policy(*flags):
+        args = build_parser().parse_args(["client", "--state-dir", "s", "--roster", "r", "--task", "synthetic", *flags])
+        return SecurePolicy.from_mapping(parse_config_args([" ".join(f"{k}={v}" for k, v in client_rules(args).items())]))
+
+    assert not policy("--require-secure").plain_allowed
+    assert policy().plain_allowed  # the control: plain rounds allowed by default (a run stays secure once it is)
+    assert not policy("--secure-row-sets", "dense,union").plain_allowed

@@ -97,7 +97,8 @@ def make_client_app(
         try:
             if (reply := via_worker(msg, context)) is not None:
                 return reply
-            content = handle_content(organisation(context), msg.content, msg.metadata.message_type, context.node_id)
+            content = handle_content(organisation(context), msg.content, msg.metadata.message_type, context.node_id,
+                                     divergence_fails=simulated)
         except (SimulatedDropout, WorkerError):
             raise  # a worker's error is its own reply, already told only the kind of failure
         except Exception as exc:

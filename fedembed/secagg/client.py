@@ -369,7 +369,7 @@ def begin(
     session = ClientSession.new(session_context(run_key, round_), fresh_groups(row_set), params)
     advert = session.advert(member.identity)
     with _locked(member.state_dir):
-        store.claim_round(member.state_dir, run_key, round_)
+        store.claim_round(member.state_dir, run_key, round_, secure=True)
         _discard(member.state_dir, lambda r: False)  # a session started with its round replaces any earlier one
         _save(member.state_dir, round_, session, update, claimed)
     out = {"secagg": ConfigRecord(advert)}
@@ -469,7 +469,7 @@ def mask_in_train(
                 f"the round's plan differs from the session set up for it ({changed or 'groups'}): parameters are "
                 "fixed when a session is made"
             )
-        store.claim_round(member.state_dir, run_key, round_)
+        store.claim_round(member.state_dir, run_key, round_, secure=True)
         out = _mask(member, session, content, update, rows, session.groups[0])
         early = _unmask_early(member, session) if session.params.get("early_unmask") else None
         if early is not None:

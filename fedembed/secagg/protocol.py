@@ -197,12 +197,23 @@ class SecurePolicy:
         signatures, and the threshold must exceed ``colluders``.
     row_sets : tuple of str
         Row-set modes it takes part in (``revealed`` tells the coordinator its row ids).
+    require_secure : bool
+        Take part in secure rounds only: a plain round (its update, row ids and all, in the
+        clear) is refused. Implied by ``row_sets`` without ``revealed``: an organisation that
+        will not tell its row ids inside a secure round will not send them, and its deltas,
+        in a plain one (:attr:`plain_allowed`).
     """
 
     min_neighbours: int = 2
     min_delivered: int = 2
     colluders: int = 0
     row_sets: tuple[str, ...] = ("dense", "union", "revealed")
+    require_secure: bool = False
+
+    @property
+    def plain_allowed(self) -> bool:
+        """Whether it takes part in plain rounds (see ``require_secure``)."""
+        return not self.require_secure and "revealed" in self.row_sets
 
     def __post_init__(self) -> None:
         if self.min_neighbours < 1 or self.min_delivered < 2 or self.colluders < 0:
@@ -227,7 +238,8 @@ class SecurePolicy:
     @staticmethod
     def from_mapping(d: Mapping[str, object]) -> SecurePolicy:
         """From node-config style keys ``secure-min-neighbours``, ``secure-min-delivered``,
-        ``secure-colluders``, ``secure-row-sets`` (comma-separated); absent keys keep defaults."""
+        ``secure-colluders``, ``secure-row-sets`` (comma-separated), ``secure-required``
+        (true/false); absent keys keep defaults."""
         kw: dict = {}
         for key, name in (("secure-min-neighbours", "min_neighbours"), ("secure-min-delivered", "min_delivered"),
                           ("secure-colluders", "colluders")):
@@ -235,6 +247,11 @@ class SecurePolicy:
                 kw[name] = int(d[key])  # type: ignore[arg-type]
         if "secure-row-sets" in d:
             kw["row_sets"] = tuple(x.strip() for x in str(d["secure-row-sets"]).split(",") if x.strip())
+        if "secure-required" in d:
+            value = str(d["secure-required"]).strip().lower()
+            if value not in ("true", "false"):
+                raise ValueError(f"secure policy: secure-required must be true or false, got {d['secure-required']!r}")
+            kw["require_secure"] = value == "true"
         return SecurePolicy(**kw)
 
 
