@@ -589,6 +589,9 @@ class _DeployProgress(_Progress):
             if self.enabled and event["round"] > 1:
                 self.console.print(f"ServerApp resumed at round {event['round']} "
                                    f"(tables sha256 {event['tables_sha256'][:12]})")
+            for change in event.get("recipe_changes", []):  # shown even with --quiet: the run's recipe changed
+                log.warning("resumed with a recipe that differs from the checkpoint's: %s (from this round on; pass "
+                            "the old value to keep it)", change)
             return
         if event.get("event") == "done":
             if self.enabled:

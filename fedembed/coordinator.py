@@ -84,6 +84,11 @@ class Transport(Protocol):
         ...
 
 
+def applied(entry: dict) -> bool:
+    """Whether a round's log entry changed the tables (usable updates, not abandoned, at least ``--min-orgs``)."""
+    return entry.get("clients", 0) > 0 and "abandoned" not in entry and "unchanged" not in entry
+
+
 class RunFailed(FedembedError, RuntimeError):
     """A strict run (a simulation) stopped because an organisation failed instead of replying."""
 
@@ -166,6 +171,7 @@ class Coordinator:
         self.log = RunLog(config=cfg.to_dict())
         self.start_round = 1
         self.known: dict[int, int] = {}  # node -> table version its cache holds
+        self.recipe_changes: list[str] = []  # a resumed run's recipe against its checkpoint's, field by field
         self.node_org: dict[int, str] = {}  # node -> roster name it last signed as (for naming a silent node)
         self._round_names: dict[int, str] = {}  # node -> roster name verified this round
         # node -> the working set it asked for in its last accepted reply, and that request's digest
@@ -239,6 +245,7 @@ class Coordinator:
                 flag = f"--{name.replace('_', '-')} {was:g}"
                 changes.append(f"{name} absent from the checkpoint (written by an older fedembed, which ran as "
                                f"{was!r}; {flag} keeps that) -> {now[name]!r}")
+        self.recipe_changes = changes  # `fedembed server` shows them (the start event of progress.jsonl)
         if changes:
             log.warning("resuming from %s with a recipe that differs from the checkpoint's: %s; from the next round "
                         "on the new values apply (pass the old ones to keep them)", self.state_dir, "; ".join(changes))
@@ -415,6 +422,8 @@ class Coordinator:
             extra = sorted(set(c.keys()) - allowed)
             if extra:
                 raise UpdateError(f"records outside the reply schema: {extra}")
+            if "info" not in c:
+                raise UpdateError("no 'info' record (every reply carries its status there)")
             info = c["info"]
             status = info.get("status")
             cache_version = info.get("cache_version", 0)
@@ -437,7 +446,10 @@ class Coordinator:
                 self.known[rep.node] = self.tables.version
                 if metrics:
                     self.log.set_metrics(evaluated_round, org, metrics)
-                raise UpdateError("its privacy budget is spent: it evaluates, and trains no more")
+                spent = stats.get("dp_epsilon")
+                raise UpdateError("its privacy budget is spent: it evaluates, and trains no more" + (
+                    "" if spent is None else " (its budget allows not even one round)" if spent == 0
+                    else f" (epsilon {spent:.4g} spent)"))
             if status == "refused":
                 raise UpdateError(f"refused the coordinator's message: {_printable(info.get('error', ''), 300)}")
             if status != "ok":
@@ -478,6 +490,11 @@ class Coordinator:
                 self.log.extra["stopped_early"] = round_
                 last = round_
                 break
+        if self.strict and self.log.rounds and not any(applied(e) for e in self.log.rounds):
+            first = self.log.rounds[0]
+            why = "; ".join(f"{who}: {reason}" for who, reason in sorted(first["rejected"].items()))
+            raise RunFailed(f"no round changed the tables: {first.get('abandoned') or why or first.get('unchanged')} "
+                            "(round 1; a simulation whose organisations never train has no result to report)")
         self.closing_evaluation(sorted(nodes), last)
         return self.log
 

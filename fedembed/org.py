@@ -224,7 +224,7 @@ class Organisation:
         task = self.task
         name = self.identity.name
         cfg = plan.recipe().at_round(plan.round)
-        if cfg.dp or self.dp_policy.max_epsilon:  # its own budget wins where it is tighter
+        if cfg.dp or cfg.dp_distributed:  # its own budget wins where it is tighter
             epsilon, delta = self.dp_policy.budget(cfg.dp_target_epsilon, cfg.dp_target_delta)
             cfg = replace(cfg, dp_target_epsilon=epsilon, dp_target_delta=delta)
         shapes = {n: t.shape for n, t in self.table_specs().items()}
@@ -366,7 +366,9 @@ class Organisation:
                                   "dp_noise_shares": float(noise.shares)})
             except BudgetExhausted as exc:  # nothing trained, nothing saved: it only evaluates from now on
                 log.warning("%s: %s", name, exc)
-                return OrgReply(name, "exhausted", version, metrics=metrics, train_stats={"dp_exhausted": 1.0})
+                eps, delta = ledger.spent()  # what it has spent: the run's privacy report keeps it (recorded, not trusted)
+                return OrgReply(name, "exhausted", version, metrics=metrics,
+                                train_stats={"dp_exhausted": 1.0, "dp_epsilon": eps, "dp_delta": delta})
         if ledger is not None:
             extra["dp_ledger"] = ledger.to_dict()
         check_finite("local training", update={n: tu.delta for n, tu in update.items()})
@@ -463,8 +465,12 @@ def _checked_plan(organisation: Organisation, content: RecordDict, message_type:
     if plan.evaluate_only != (message_type == "evaluate"):
         raise MessageRefused(f"a {message_type!r} message whose plan says evaluate_only={plan.evaluate_only}")
     recipe = plan.recipe()
-    organisation.dp_policy.check(recipe.dp_active_noise_multiplier,
-                                 "dp_sum_noise_multiplier" if recipe.dp_distributed else "dp_noise_multiplier")
+    recipe.at_round(plan.round)  # its learning rates this round: a round so late they decay to 0 is refused here
+    organisation.dp_policy.check(
+        recipe.dp_active_noise_multiplier,
+        (f"noise multiplier (dp_noise_multiplier {recipe.dp_noise_multiplier:g} with dp_selection_noise_multiplier "
+         f"{recipe.dp_selection_noise_multiplier:g}, as its ledger charges them)") if recipe.dp else
+        "dp_sum_noise_multiplier" if recipe.dp_distributed else "dp_noise_multiplier")
     if recipe.dp_distributed and not (plan.secure and plan.row_set == "dense"):
         raise MessageRefused(  # its share alone would carry 1/m of the noise; other row sets release U without noise
             f"distributed DP noise needs a secure round over the dense row set, got secure={plan.secure}, "

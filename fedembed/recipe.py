@@ -288,6 +288,14 @@ class TrainConfig:
         if self.dp and self.dp_distributed:
             raise RecipeError("choose one privacy unit: record-level DP (dp_noise_multiplier) or organisation-level "
                               "distributed noise (dp_sum_noise_multiplier), not both")
+        if not (self.dp or self.dp_distributed) and self.dp_target_epsilon > 0:
+            raise RecipeError(f"dp_target_epsilon {self.dp_target_epsilon:g} without a DP mode: nothing would be "
+                              "accounted or stopped; turn one on (dp_noise_multiplier for record-level DP, "
+                              "dp_sum_noise_multiplier for distributed noise) or drop the budget")
+        if not self.dp and self.dp_unit != "record":
+            raise RecipeError(f"dp_unit {self.dp_unit!r} is the unit of record-level DP (dp_noise_multiplier), which "
+                              "is off" + (": distributed noise protects a whole organisation's update"
+                                          if self.dp_distributed else ""))
         if self.dp_distributed:
             if not (isinstance(self.dp_update_clip, int | float) and math.isfinite(self.dp_update_clip)
                     and self.dp_update_clip > 0):
@@ -320,8 +328,20 @@ class TrainConfig:
 
     @property
     def dp_active_noise_multiplier(self) -> float:
-        """The noise multiplier of whichever DP mode is on (0: none): what an organisation's floor is held against."""
-        return self.dp_noise_multiplier if self.dp else self.dp_sum_noise_multiplier
+        """The noise multiplier of whichever DP mode is on (0: none): what an organisation's floor is held against.
+
+        Record-level DP runs two Gaussian mechanisms on each step, the gradient's noise and
+        the row selection's; its ledger charges them as one, of multiplier
+        ``(dp_noise_multiplier ** -2 + dp_selection_noise_multiplier ** -2) ** -0.5``
+        (:func:`fedembed.dp.accounting.effective_noise_multiplier`), smaller than either.
+        That is the multiplier the floor holds: a gradient noise of 2 with a selection
+        noise of 0.05 is a mechanism of 0.05 (one round cost epsilon 1467).
+        """
+        if self.dp:
+            from fedembed.dp.accounting import effective_noise_multiplier
+
+            return effective_noise_multiplier(self.dp_noise_multiplier, self.dp_selection_noise_multiplier)
+        return self.dp_sum_noise_multiplier
 
     def to_dict(self) -> dict[str, Any]:
         """Plain dict (for messages and metrics.json)."""

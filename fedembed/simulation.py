@@ -15,7 +15,7 @@ import warnings
 from collections.abc import Callable
 from pathlib import Path
 
-from fedembed.config import RunConfig
+from fedembed.config import ConfigError, RunConfig
 from fedembed.report import RunLog
 from fedembed.task import TaskSpec
 
@@ -88,6 +88,14 @@ def simulate(
         names = [t.name or f"org-{i}" for i, t in enumerate(loaded)]
     if len(set(names)) != len(names) or len(names) != len(tasks):
         raise ValueError(f"one unique name per organisation, got {names} for {len(tasks)} tasks")
+    if cfg.secure:
+        from fedembed.secagg.protocol import SecurePolicy
+
+        fewest = SecurePolicy().min_neighbours + 1
+        if len(tasks) < fewest:  # every round would be abandoned at its share stage, and the run end "done"
+            raise ConfigError(f"secure aggregation needs at least {fewest} organisations, got {len(tasks)}: each "
+                              f"masks its update with at least {fewest - 1} neighbours (its policy's "
+                              "secure-min-neighbours), so that no one else's update can be unmasked from its own")
     if cfg.mode != "fedembed":
         from fedembed.baselines import run_baseline
         from fedembed.task import resolve_device

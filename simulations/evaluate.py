@@ -77,6 +77,7 @@ from fedembed.identity import Identity, make_identities  # noqa: E402
 from fedembed.org import Organisation, handle_content  # noqa: E402
 from fedembed.task import TaskSpec, check_tasks, load_task, parse_options, simulated_federation  # noqa: E402
 from fedembed.train import build_seeded  # noqa: E402
+from fedembed.workingset import SyncPolicy  # noqa: E402
 
 log = logging.getLogger("evaluate")
 
@@ -116,14 +117,17 @@ class InProcessTransport:
         Each organisation's own task (node ids 100, 101, ...).
     names : list[str]
         Their roster names.
+    sync : str
+        Every organisation's sync policy, as ``fedembed simulate --sync`` sets it
+        (:class:`fedembed.workingset.SyncPolicy`).
     """
 
-    def __init__(self, state_root: Path, tasks: list[TaskSpec], names: list[str]) -> None:
+    def __init__(self, state_root: Path, tasks: list[TaskSpec], names: list[str], sync: str = "auto") -> None:
         # each organisation signs its replies with its own key; the coordinator knows the roster
         self.roster = make_identities(names, state_root / "keys")
         self.orgs = {
             100 + i: Organisation(i, state_root / f"org-{i}", Identity.load(state_root / "keys" / f"{i}.key", self.roster),
-                                  task=task)
+                                  task=task, sync=SyncPolicy(sync))
             for i, task in enumerate(tasks)
         }
 
@@ -239,7 +243,7 @@ def run_one(args: list[str], out: Path, engine: str) -> None:
         runlog, tables = run_baseline(cfg, [load_task(t) for t in tasks], names)
     else:
         with tempfile.TemporaryDirectory() as state:
-            coordinator = Coordinator(cfg, InProcessTransport(Path(state), tasks, names))
+            coordinator = Coordinator(cfg, InProcessTransport(Path(state), tasks, names, parsed.sync))
             runlog = coordinator.run()
             tables = coordinator.tables.tables
     runlog.write(out, tables)

@@ -25,8 +25,27 @@ def test_a_recipe_below_the_organisations_dp_floor_is_refused_before_it_trains(t
     assert reply["info"]["status"] == "refused"
     assert "dp_noise_multiplier 0.0 is below this organisation's minimum 1.0" in reply["info"]["error"]
     assert t.orgs[100].state.load_head() is None
-    # the control: the same organisation trains a recipe at its floor
-    c2 = Coordinator(run_config(TASK, rounds=1, train=TrainConfig(**DP)), t)
+    # the control: the same organisation trains a recipe at its floor (the two mechanisms as one: 1 / sqrt(1/2))
+    at_floor = {**DP, "dp_noise_multiplier": 2 ** 0.5, "dp_selection_noise_multiplier": 2 ** 0.5}
+    c2 = Coordinator(run_config(TASK, rounds=1, train=TrainConfig(**at_floor)), t)
+    assert handle_content(t.orgs[100], c2.train_message(100, 1), "train", 100)["info"]["status"] == "ok"
+
+
+def test_a_recipe_whose_selection_noise_is_below_the_floor_is_refused(tmp_path, direct_transport):
+    """The floor holds the multiplier the ledger charges, the gradient's and the selection's noise as one
+    mechanism: a gradient noise of 2 with a selection noise of 0.05 is a mechanism of 0.05. The floor held the
+    gradient's alone, so this passed a floor of 1.1, and one round cost epsilon 1467 (the helper's deployed run)."""
+    t = direct_transport(tmp_path, 2, task=TASK)
+    t.orgs[100].dp_policy = DPPolicy(min_noise_multiplier=1.1)
+    thin = {**DP, "dp_noise_multiplier": 2.0, "dp_selection_noise_multiplier": 0.05}
+    c = Coordinator(run_config(TASK, rounds=1, train=TrainConfig(**thin)), t)
+    reply = handle_content(t.orgs[100], c.train_message(100, 1), "train", 100)
+    assert reply["info"]["status"] == "refused"
+    assert ("noise multiplier (dp_noise_multiplier 2 with dp_selection_noise_multiplier 0.05, as its ledger charges "
+            "them) 0.0499") in reply["info"]["error"] and "below this organisation's minimum 1.1" in reply["info"]["error"]
+    assert t.orgs[100].state.load_head() is None
+    thick = {**DP, "dp_noise_multiplier": 2.0, "dp_selection_noise_multiplier": 2.0}  # the control: 1.41 >= 1.1
+    c2 = Coordinator(run_config(TASK, rounds=1, train=TrainConfig(**thick)), t)
     assert handle_content(t.orgs[100], c2.train_message(100, 1), "train", 100)["info"]["status"] == "ok"
 
 
@@ -45,6 +64,10 @@ def test_each_organisations_spend_composes_over_rounds_and_its_own_budget_stops_
     assert entry["clients"] == 1
     assert len(PrivacyLedger.from_dict(t.orgs[101].state.load_head()["dp_ledger"]).rounds) == 2  # nothing more spent
     assert entry["privacy"]["org-0"]["epsilon"] > eps[1]  # the other goes on
+    # the one whose budget is spent stays in the run's privacy report, at what it spent (it was dropped from it)
+    own = entries[1]["privacy"]["org-1"]["epsilon"]
+    assert entry["privacy"]["org-1"]["epsilon"] == pytest.approx(own)
+    assert f"(epsilon {own:.4g} spent)" in entry["rejected"]["org-1"]
 
 
 def _dp_run(root, direct_transport, **kw):
@@ -108,3 +131,42 @@ def test_user_level_dp_spends_per_user_and_a_task_without_users_refuses_it_signe
     c2 = Coordinator(run_config(TASK, rounds=1, train=TrainConfig(**DP, dp_unit="user")), t2)
     entry = c2.run_round(1, sorted(t2.orgs))
     assert entry["clients"] == 0 and "which records belong together" in entry["rejected"]["org-0"]
+
+
+@pytest.mark.parametrize(("recipe", "fault"), [
+    ({"dp_target_epsilon": 5.0}, "dp_target_epsilon 5 without a DP mode"),
+    ({"dp_unit": "user"}, "dp_unit 'user' is the unit of record-level DP"),
+    ({"dp_unit": "user", "dp_sum_noise_multiplier": 1.0}, "distributed noise protects a whole organisation's update"),
+])
+def test_a_dp_setting_that_would_do_nothing_is_refused(recipe, fault):
+    """`simulate --target-epsilon 5` (or `--dp-unit user`) with no DP mode ran to the end without DP, exit 0."""
+    from fedembed.recipe import RecipeError
+
+    with pytest.raises(RecipeError, match=fault):
+        TrainConfig(**recipe)
+    TrainConfig(**{**DP, **{k: v for k, v in recipe.items() if k != "dp_sum_noise_multiplier"}})  # with DP: taken
+
+
+def test_an_organisation_with_its_own_budget_refuses_a_recipe_without_dp(tmp_path, direct_transport):
+    t = direct_transport(tmp_path, 2, task=TASK)
+    t.orgs[100].dp_policy = DPPolicy(max_epsilon=1e4)
+    reply = handle_content(t.orgs[100], Coordinator(run_config(TASK, rounds=1), t).train_message(100, 1), "train", 100)
+    assert reply["info"]["status"] == "refused" and "turns no DP on" in reply["info"]["error"]
+    assert t.orgs[100].state.load_head() is None
+    c2 = Coordinator(run_config(TASK, rounds=1, train=TrainConfig(**DP)), t)  # the control: a DP recipe
+    assert handle_content(t.orgs[100], c2.train_message(100, 1), "train", 100)["info"]["status"] == "ok"
+
+
+def test_a_simulation_whose_budget_allows_not_one_round_fails_instead_of_reporting_untrained_scores(tmp_path,
+                                                                                                     direct_transport):
+    """`simulate --dp-noise-multiplier 1 --target-epsilon 0.5`: no organisation can train even once. It ran every
+    round with the tables unchanged and exited 0 with a metrics.json of untrained scores."""
+    from fedembed.coordinator import RunFailed
+
+    t = direct_transport(tmp_path, 2, task=TASK)
+    c = Coordinator(run_config(TASK, rounds=2, train=TrainConfig(**DP, dp_target_epsilon=0.01)), t, strict=True)
+    with pytest.raises(RunFailed, match=r"no round changed the tables: .*its budget allows not even one round"):
+        c.run()
+    ok = Coordinator(run_config(TASK, rounds=1, train=TrainConfig(**DP)), direct_transport(tmp_path / "b", 2, task=TASK),
+                     strict=True)
+    ok.run()  # the control: a budget that allows a round

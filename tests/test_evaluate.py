@@ -149,3 +149,14 @@ def test_flower_engine_refuses_before_starting_a_subprocess(seed_task: str, tmp_
     assert exc.value.code == 1 and len(started) == 1
     err = capsys.readouterr().err
     assert "task local seed 0: `fedembed simulate` exited with code 3" in err and "disk full" in err
+
+
+def test_an_in_process_run_takes_the_sync_policy_its_flags_give(tmp_path):
+    """`--extra="--sync full"` (dp_eval's, evaluate's) reached `fedembed simulate`'s parser and no organisation:
+    every in-process organisation ran the default policy."""
+    from fedembed.task import TaskSpec, simulated_federation
+
+    tasks, names, _ = simulated_federation(TaskSpec("synthetic", {"seed": 0}), 2)
+    t = evaluate.InProcessTransport(tmp_path, tasks, names, "full")
+    assert {org.sync.mode for org in t.orgs.values()} == {"full"}
+    assert {org.sync.mode for org in evaluate.InProcessTransport(tmp_path / "d", tasks, names).orgs.values()} == {"auto"}

@@ -71,6 +71,28 @@ def test_the_coordinator_files_a_signed_refusal_under_the_organisations_name(tmp
     assert entry["clients"] == 1
 
 
+def test_a_round_so_late_its_learning_rates_decay_to_zero_is_refused_before_training(tmp_path, direct_transport):
+    t = direct_transport(tmp_path, 2, task=TASK)
+    msg = Coordinator(run_config(TASK, rounds=1), t).train_message(100, 1)
+    msg["config"]["round"] = 10_000  # 0.8 ** 9999 is 0.0 in floating point
+    reply = handle_content(t.orgs[100], msg, "train", 100)
+    assert reply["info"]["status"] == "refused" and "must be > 0" in reply["info"]["error"]
+    assert t.orgs[100].state.load_head() is None
+
+
+def test_a_reply_without_its_info_record_is_refused_saying_so(tmp_path):
+    from flwr.app import RecordDict
+
+    from conftest import DirectTransport
+
+    def no_info(node, content):
+        return RecordDict({k: v for k, v in content.items() if k != "info"}) if node == 101 else content
+
+    t = DirectTransport(tmp_path, 2, task=TASK, tamper=no_info)
+    entry = Coordinator(run_config(TASK, rounds=1), t).run_round(1, [100, 101])
+    assert "no 'info' record" in entry["rejected"]["org-1"] and entry["clients"] == 1
+
+
 @pytest.mark.parametrize(
     ("shares", "fault"),
     [

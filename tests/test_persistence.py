@@ -376,6 +376,19 @@ def test_resuming_with_another_recipe_says_which_fields_changed(tmp_path, direct
     (msg,) = _recipe_warnings(caplog)
     assert "table_lr 0.05 -> 0.02" in msg and "epochs 1 -> 2" in msg and str(state) in msg
     assert "head_lr" not in msg  # only what changed
+    # `fedembed server` shows them too: the warning above is in the ServerApp's process, whose log the user does not
+    # see; the start event of progress.jsonl carries the changes to the command's own output
+    from fedembed.apps.runfiles import DeployedRunFiles
+    from fedembed.cli import _DeployProgress
+
+    files = DeployedRunFiles(tmp_path / "deployed")
+    files.on_start(c)
+    event = json.loads(files.progress.read_text().splitlines()[-1])
+    assert event["recipe_changes"] == ["epochs 1 -> 2", "table_lr 0.05 -> 0.02"]
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):
+        _DeployProgress(rounds=4, enabled=False)(event)
+    assert [r.message for r in caplog.records if "table_lr 0.05 -> 0.02" in r.message]
 
 
 def test_resuming_a_checkpoint_from_before_the_pooled_normaliser_default_says_so(tmp_path, direct_transport, caplog):

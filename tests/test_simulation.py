@@ -71,3 +71,12 @@ def test_bad_command_line_input_gets_a_clear_error(tmp_path, capsys):
     assert main(["simulate", "--task", "nosuch", "--orgs", "2", "--rounds", "1", "--out", str(tmp_path)]) == 2
     with pytest.raises(SystemExit):
         main(["simulate", "--orgs", "0"])
+
+
+def test_a_secure_simulation_of_two_organisations_is_refused_before_it_starts(tmp_path, caplog):
+    """Each organisation masks with at least 2 neighbours: with 2 organisations every round was abandoned at its
+    share stage, and the run ended with exit 0 and a metrics.json of untrained tables."""
+    code = main(["simulate", "--orgs", "2", "--rounds", "1", "--secure", "--out", str(tmp_path / "out")])
+    assert code == 2
+    assert "secure aggregation needs at least 3 organisations, got 2" in caplog.text
+    assert not (tmp_path / "out" / "metrics.json").exists()

@@ -280,7 +280,7 @@ def _clientapp_failure(monkeypatch, tasks, error: Exception):
     import fedembed.org
     from fedembed.apps.client import make_client_app
 
-    def handle(organisation, content, message_type, node):
+    def handle(organisation, content, message_type, node, **kwargs):
         raise error
 
     monkeypatch.setattr(fedembed.org.Organisation, "from_node_config", staticmethod(lambda *a, **k: object()))
@@ -320,7 +320,7 @@ def test_a_deployed_organisations_worker_replies_only_the_kind_of_failure(monkey
 
     secret = "patient 4711 has no label"
 
-    def handle(organisation, content, message_type, node):
+    def handle(organisation, content, message_type, node, **kwargs):
         raise KeyError(secret)
 
     stub = SimpleNamespace(table_specs=lambda: {}, task=None)

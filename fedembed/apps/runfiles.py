@@ -36,9 +36,10 @@ class DeployedRunFiles:
             os.fsync(f.fileno())
 
     def on_start(self, coordinator: Any) -> None:
-        """Record where the ServerApp starts: first round and a digest of its tables."""
+        """Record where the ServerApp starts: first round, a digest of its tables, a resumed recipe's changes."""
         self._append({"event": "start", "round": coordinator.start_round,
-                      "tables_sha256": tables_digest(coordinator.tables.tables), "time": time.time()})
+                      "tables_sha256": tables_digest(coordinator.tables.tables),
+                      "recipe_changes": list(getattr(coordinator, "recipe_changes", [])), "time": time.time()})
 
     def on_round(self, entry: dict) -> None:
         """Append one finished round (its log entry) to ``progress.jsonl``."""

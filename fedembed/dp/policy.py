@@ -51,7 +51,7 @@ class DPPolicy:
             raise DPError(f"node config dp-*: {exc}") from None
 
     def check(self, noise_multiplier: float, name: str = "dp_noise_multiplier") -> None:
-        """Refuse a recipe whose noise multiplier is below this organisation's floor.
+        """Refuse a recipe whose noise multiplier is below this organisation's floor, or without DP under its budget.
 
         Parameters
         ----------
@@ -65,6 +65,9 @@ class DPPolicy:
         DPError
             Names both values.
         """
+        if noise_multiplier <= 0 and self.max_epsilon > 0:
+            raise DPError(f"the recipe turns no DP on, and this organisation trains under its own budget "
+                          f"(dp-max-epsilon {self.max_epsilon:g}): without DP nothing would be accounted")
         if noise_multiplier < self.min_noise_multiplier:
             raise DPError(
                 f"the recipe's {name} {noise_multiplier} is below this organisation's minimum "
