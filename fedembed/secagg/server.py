@@ -66,7 +66,6 @@ from fedembed.config import StageHeader
 from fedembed.dp import DPError
 from fedembed.dp.distributed import DistributedNoise
 from fedembed.secagg.graph import default_neighbours, default_threshold
-from fedembed.secagg.primitives import CryptoError
 from fedembed.secagg.protocol import (
     ProtocolError,
     RoundAbandoned,
@@ -140,7 +139,6 @@ class SecureRoundHost(Protocol):
         ...
 
 log = logging.getLogger(__name__)
-
 
 
 @dataclass
