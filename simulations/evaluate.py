@@ -120,14 +120,20 @@ class InProcessTransport:
     sync : str
         Every organisation's sync policy, as ``fedembed simulate --sync`` sets it
         (:class:`fedembed.workingset.SyncPolicy`).
+    seed : int, optional
+        The run's ``--seed``: every organisation's DP noise is drawn from it, as in
+        ``fedembed simulate`` (node config ``dp-noise-seed``), so a run repeats; None: each
+        organisation's own secret key, as in a deployment.
     """
 
-    def __init__(self, state_root: Path, tasks: list[TaskSpec], names: list[str], sync: str = "auto") -> None:
+    def __init__(self, state_root: Path, tasks: list[TaskSpec], names: list[str], sync: str = "auto",
+                 seed: int | None = None) -> None:
         # each organisation signs its replies with its own key; the coordinator knows the roster
         self.roster = make_identities(names, state_root / "keys")
         self.orgs = {
             100 + i: Organisation(i, state_root / f"org-{i}", Identity.load(state_root / "keys" / f"{i}.key", self.roster),
-                                  task=task, sync=SyncPolicy(sync))
+                                  task=task, sync=SyncPolicy(sync),
+                                  noise_seed=None if seed is None else f"simulation/{seed}")
             for i, task in enumerate(tasks)
         }
 
@@ -243,7 +249,7 @@ def run_one(args: list[str], out: Path, engine: str) -> None:
         runlog, tables = run_baseline(cfg, [load_task(t) for t in tasks], names)
     else:
         with tempfile.TemporaryDirectory() as state:
-            coordinator = Coordinator(cfg, InProcessTransport(Path(state), tasks, names, parsed.sync))
+            coordinator = Coordinator(cfg, InProcessTransport(Path(state), tasks, names, parsed.sync, cfg.seed))
             runlog = coordinator.run()
             tables = coordinator.tables.tables
     runlog.write(out, tables)

@@ -160,3 +160,6 @@ def test_an_in_process_run_takes_the_sync_policy_its_flags_give(tmp_path):
     t = evaluate.InProcessTransport(tmp_path, tasks, names, "full")
     assert {org.sync.mode for org in t.orgs.values()} == {"full"}
     assert {org.sync.mode for org in evaluate.InProcessTransport(tmp_path / "d", tasks, names).orgs.values()} == {"auto"}
+    # and its DP noise is drawn from the run's seed, as `fedembed simulate` draws it: an in-process DP run repeats
+    assert {o.noise_seed for o in evaluate.InProcessTransport(tmp_path / "s", tasks, names, seed=3).orgs.values()} == {
+        "simulation/3"}
