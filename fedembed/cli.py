@@ -485,11 +485,21 @@ def _add_client(sub: argparse._SubParsersAction) -> None:
                         "for it is refused, naming the tables")
     p.add_argument("--secure-row-sets", default="dense,union,revealed",
                    help="secure row-set modes this organisation takes part in (revealed tells the coordinator "
-                        "its row ids; without it, plain rounds are refused too)")
+                        "its row ids); plain rounds are --require-secure's")
+    p.add_argument("--max-runs", type=int, default=0,
+                   help="answer at most this many runs (run keys) from this state directory (0: no limit): each run "
+                        "is another series of updates and evaluations of this organisation's data, and the run key "
+                        "is the coordinator's to choose")
+    p.add_argument("--max-epochs", type=float, default=10.0,
+                   help="refuse a recipe asking more local or head re-fit epochs per round than this (the recipe is "
+                        "the coordinator's; this bounds the work one message can ask)")
+    p.add_argument("--max-cooc-negatives", type=int, default=256,
+                   help="refuse a recipe asking more co-occurrence negatives than this (memory grows with it)")
+    p.add_argument("--max-batch-size", type=int, default=65536, help="refuse a recipe asking a larger batch than this")
     p.add_argument("--require-secure", action="store_true",
                    help="take part in secure rounds only: refuse a plain round, which sends the update (row ids, "
-                        "deltas, weights) in the clear. Without it, a plain round is still refused in a run this "
-                        "organisation has taken part in securely (a coordinator downgrading the run)")
+                        "deltas, weights) in the clear. Without it, a plain round is still refused once this "
+                        "organisation has contributed to a secure sum, in any run (a coordinator downgrading it)")
     _add_sync_option(p)
     p.add_argument("--sync-pad", type=float, default=4.0,
                    help="--sync padded (auto in plain/revealed rounds): each row it uses that its uploads never showed "
@@ -646,6 +656,8 @@ def client_rules(args: argparse.Namespace) -> dict[str, str]:
     return {"secure-colluders": str(args.secure_colluders),
             "secure-row-sets": json.dumps(args.secure_row_sets),
             "secure-required": "true" if args.require_secure else "false",
+            "max-runs": str(args.max_runs), "max-epochs": repr(float(args.max_epochs)),
+            "max-cooc-negatives": str(args.max_cooc_negatives), "max-batch-size": str(args.max_batch_size),
             "dp-min-noise-multiplier": str(args.dp_min_noise_multiplier),
             "dp-max-epsilon": str(args.dp_max_epsilon), "dp-delta": str(args.dp_delta),
             "sync": json.dumps(args.sync), "sync-pad": repr(float(args.sync_pad)),

@@ -36,11 +36,11 @@ from fedembed.normaliser import upload_shapes
 from fedembed.secagg.client import SecureMember
 from fedembed.secagg.protocol import SecurePolicy
 from fedembed.sparse import RowUpdate, UpdateError
-from fedembed.store import OrgState, RoundAnswered, check_round_open, run_was_secure
+from fedembed.store import OrgState, RoundAnswered, check_evaluation_open, check_round_open, contributed_securely
 from fedembed.tables import RowRequest, RowSync, apply_sync, init_table, request_digest
 from fedembed.spec import FederationSpec, SpecError, TableSpec
 from fedembed.task import Task, TaskError, TaskSpec, load_task, resolve_device, task_from_node_config
-from fedembed.recipe import TrainConfig
+from fedembed.recipe import TrainConfig, WorkLimits
 from fedembed.guard import Guard
 from fedembed.serving import BestValidation, ServingContext, ServingPolicy, SharedOnly
 from fedembed.train import (
@@ -120,13 +120,21 @@ class Organisation:
         Whether it uploads its Adam normaliser of the rows it touched when the recipe asks
         (the pooled normaliser, :mod:`fedembed.normaliser`); False: a training plan that
         asks is refused, naming the tables.
+    keep_best : bool
+        Keep a copy of its served (best-validation) state's head and tables in ``best/``.
+    max_runs : int
+        The most runs (run keys) it answers from this state directory; 0: no limit. Its
+        operator's rule: each run is another series of updates and evaluations of its data
+        (:func:`fedembed.store.claim_evaluation`).
+    limits : WorkLimits, optional
+        The most work one message's recipe may ask of it (defaults if None).
     """
 
     def __init__(
         self, org: int, state_dir: Path, identity: Identity, policy: SecurePolicy | None = None,
         task: TaskSpec | None = None, device: str = "cpu", dp_policy: DPPolicy | None = None,
         sync: SyncPolicy | None = None, noise_seed: str | None = None, normaliser_upload: bool = True,
-        keep_best: bool = False,
+        keep_best: bool = False, max_runs: int = 0, limits: WorkLimits | None = None,
     ) -> None:
         if task is None:
             raise TaskError("an organisation needs its own task: --task (or node config task=...)")
@@ -141,6 +149,10 @@ class Organisation:
         self.noise_seed = noise_seed
         self.normaliser_upload = bool(normaliser_upload)
         self.keep_best = bool(keep_best)  # its own choice: keep its served state's model whatever the recipe says
+        if int(max_runs) != max_runs or max_runs < 0:
+            raise ConfigError(f"max-runs must be an integer >= 0 (0: no limit), got {max_runs!r}")
+        self.max_runs = int(max_runs)
+        self.limits = limits or WorkLimits()
 
     @staticmethod
     def from_node_config(
@@ -158,7 +170,9 @@ class Organisation:
         ``normaliser-upload`` (``true``/``false``, default true) whether it uploads its Adam
         normaliser when the recipe asks; ``keep-best-state`` (default false) whether it keeps
         a copy of its served (best-validation) state's head and tables in ``best/`` for
-        ``fedembed export --best``, whatever the recipe says.
+        ``fedembed export --best``, whatever the recipe says; ``max-runs`` (default 0, no
+        limit) how many runs it answers; ``max-epochs``, ``max-cooc-negatives``,
+        ``max-batch-size`` its :class:`fedembed.recipe.WorkLimits`.
         """
         member = SecureMember.from_node_config(nc, state_root, key_dir, roster)
         if "threads" in nc:  # otherwise torch's own choice
@@ -169,7 +183,8 @@ class Organisation:
             spec, device = tasks[member.org], str(nc.get("device", "cpu"))
         return Organisation(member.org, member.state_dir, member.identity, member.policy, spec, device,
                             DPPolicy.from_mapping(nc), SyncPolicy.from_node_config(nc), member.noise_seed,
-                            normaliser_upload_rule(nc), node_flag(nc, "keep-best-state", False))
+                            normaliser_upload_rule(nc), node_flag(nc, "keep-best-state", False),
+                            _node_int(nc, "max-runs", 0), WorkLimits.from_mapping(nc))
 
     @property
     def member(self) -> SecureMember:
@@ -413,6 +428,17 @@ class MessageRefused(FedembedError, ValueError):
     """A coordinator message this organisation will not act on (it says why, in a signed reply)."""
 
 
+def _node_int(nc: Mapping[str, Any], key: str, default: int) -> int:
+    """An integer node config entry (absent: ``default``); anything else is a :class:`ConfigError` naming it."""
+    value = nc.get(key, default)
+    try:
+        if isinstance(value, bool) or float(value) != int(float(value)):
+            raise ValueError
+        return int(float(value))
+    except (TypeError, ValueError):
+        raise ConfigError(f"node config {key} must be an integer, got {value!r}") from None
+
+
 def node_flag(nc: Mapping[str, Any], key: str, default: bool) -> bool:
     """A true/false entry of the organisation's own node config (Flower parses ``key=false`` to a bool).
 
@@ -466,6 +492,7 @@ def _checked_plan(organisation: Organisation, content: RecordDict, message_type:
         raise MessageRefused(f"a {message_type!r} message whose plan says evaluate_only={plan.evaluate_only}")
     recipe = plan.recipe()
     recipe.at_round(plan.round)  # its learning rates this round: a round so late they decay to 0 is refused here
+    organisation.limits.check(recipe)  # no recipe keeps it busy for hours or takes its memory
     organisation.dp_policy.check(
         recipe.dp_active_noise_multiplier,
         (f"noise multiplier (dp_noise_multiplier {recipe.dp_noise_multiplier:g} with dp_selection_noise_multiplier "
@@ -488,18 +515,19 @@ def _checked_plan(organisation: Organisation, content: RecordDict, message_type:
             f"row-set mode {plan.row_set!r}: this organisation takes part in {list(organisation.policy.row_sets)}"
         )
     if not plan.secure:
-        check_plain_allowed(organisation, plan.run_key)
+        check_plain_allowed(organisation)
     return plan
 
 
-def check_plain_allowed(organisation: Organisation, run_key: str) -> None:
+def check_plain_allowed(organisation: Organisation) -> None:
     """Refuse a plain round (its update, row ids and all, in the clear) where this organisation's own rules forbid one.
 
-    Its policy may forbid plain rounds outright (``require_secure``, or secure row sets
-    without ``revealed``: :attr:`fedembed.secagg.protocol.SecurePolicy.plain_allowed`). And
-    a run it has contributed to securely stays secure: the run key does not say whether a
-    run is secure, so a coordinator could otherwise turn the next round plain and get the
-    update in the clear (:func:`fedembed.store.run_was_secure`).
+    Its policy may forbid plain rounds outright (``require_secure``:
+    :attr:`fedembed.secagg.protocol.SecurePolicy.plain_allowed`). And
+    once it has contributed to a secure sum it stays secure, in every run: the run key does
+    not say whether a run is secure and is the coordinator's to choose, so a coordinator
+    could otherwise turn the next round plain, or rename the run, and get the update in
+    the clear (:func:`fedembed.store.contributed_securely`).
 
     Raises
     ------
@@ -507,13 +535,12 @@ def check_plain_allowed(organisation: Organisation, run_key: str) -> None:
         Naming the rule.
     """
     if not organisation.policy.plain_allowed:
-        rule = ("--require-secure" if organisation.policy.require_secure
-                else f"secure row sets {list(organisation.policy.row_sets)}, without 'revealed'")
-        raise MessageRefused(f"a plain round: this organisation takes part in secure rounds only ({rule}); a plain "
-                             "round would send its update, row ids and all, in the clear")
-    if run_was_secure(organisation.state.dir, run_key):
-        raise MessageRefused("a plain round in a run this organisation has contributed to securely: its update would "
-                             "go in the clear; a run that is secure stays secure (start a new run to run plain)")
+        raise MessageRefused("a plain round: this organisation takes part in secure rounds only (--require-secure); "
+                             "a plain round would send its update, row ids and all, in the clear")
+    if contributed_securely(organisation.state.dir):
+        raise MessageRefused("a plain round after this organisation has contributed to a secure sum: its update would "
+                             "go in the clear, and the run key is the coordinator's to choose, so it holds for every "
+                             "run; to take part in a plain federation, start it on a new state directory")
 
 
 def _secure_records(organisation: Organisation, plan: RoundPlan, content: RecordDict, update: RowUpdate,
@@ -643,6 +670,8 @@ def handle_content(organisation: Organisation, content: RecordDict, message_type
 
     try:
         plan = _checked_plan(organisation, content, message_type)
+        # its metrics, once per round of a run (an oracle on its held-out labels otherwise), and at most max-runs runs
+        check_evaluation_open(organisation.state.dir, plan.run_key, plan.round, organisation.max_runs)
     except (FedembedError, ValueError, KeyError, TypeError) as exc:  # refused before anything is loaded or trained, and signed: the coordinator knows who
         return refuse(exc)
     # the closing evaluation is its own stage: a dropout injected at "train" never hits it
@@ -661,6 +690,12 @@ def handle_content(organisation: Organisation, content: RecordDict, message_type
         return refuse(exc)
     except (UpdateError, SyncRefused, DPError) as exc:  # a sync that contradicts itself or what this organisation
         # holds; a DP recipe its task cannot follow (no privacy units for dp_unit user)
+        return refuse(exc)
+    from fedembed.secagg.client import claim_evaluation  # under the organisation's lock
+
+    try:  # recorded before its metrics leave
+        claim_evaluation(organisation.state.dir, plan.run_key, plan.round, organisation.max_runs)
+    except RoundAnswered as exc:
         return refuse(exc)
     secure = plan.secure and reply.update is not None and reply.status == "ok"
     record = None

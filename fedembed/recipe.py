@@ -357,3 +357,62 @@ class TrainConfig:
         """Build from a dict, ignoring unknown keys."""
         names = {f.name for f in fields(TrainConfig)}
         return TrainConfig(**{k: v for k, v in d.items() if k in names})
+
+
+@dataclass(frozen=True)
+class WorkLimits:
+    """The most work an organisation lets one message's recipe ask of it (its own rule, node config ``max-*``).
+
+    The recipe is the coordinator's, and bounded only from below: ``epochs`` 200 or
+    ``cooc_negatives`` 20,000 had one message keep an organisation's worker busy for
+    minutes or allocate gigabytes, and a message refused after such a failure can be sent
+    again. The defaults are generous (ten times the default recipe's epochs and more);
+    an organisation sets its own.
+
+    Parameters
+    ----------
+    max_epochs : float
+        Most local epochs (``epochs``) and head re-fit epochs (``head_epochs``) per round.
+    max_cooc_negatives : int
+        Most sampled negatives of the co-occurrence objective (``cooc_negatives``).
+    max_batch_size : int
+        Largest batch (``batch_size``).
+    """
+
+    max_epochs: float = 10.0
+    max_cooc_negatives: int = 256
+    max_batch_size: int = 65536
+
+    def __post_init__(self) -> None:
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value) or value <= 0:
+                raise RecipeError(f"{f.name.replace('_', '-')} must be a finite number > 0, got {value!r}")
+
+    @staticmethod
+    def from_mapping(d: Mapping[str, object]) -> WorkLimits:
+        """From node config: ``max-epochs``, ``max-cooc-negatives``, ``max-batch-size`` (absent: the defaults)."""
+        kw: dict[str, Any] = {}
+        for key, name, kind in (("max-epochs", "max_epochs", float), ("max-cooc-negatives", "max_cooc_negatives", int),
+                                ("max-batch-size", "max_batch_size", int)):
+            if key in d:
+                try:
+                    kw[name] = kind(d[key])  # type: ignore[arg-type]
+                except (TypeError, ValueError):
+                    raise RecipeError(f"node config {key} must be a number, got {d[key]!r}") from None
+        return WorkLimits(**kw)
+
+    def check(self, recipe: TrainConfig) -> None:
+        """Refuse a recipe asking more than these limits.
+
+        Raises
+        ------
+        RecipeError
+            Naming the field, its value and the limit.
+        """
+        for field_name, limit in (("epochs", self.max_epochs), ("head_epochs", self.max_epochs),
+                                  ("cooc_negatives", self.max_cooc_negatives), ("batch_size", self.max_batch_size)):
+            value = getattr(recipe, field_name)
+            if value > limit:
+                raise RecipeError(f"the recipe's {field_name} {value:g} is above this organisation's limit {limit:g} "
+                                  f"(node config max-{field_name.replace('head_', '').replace('_', '-')})")

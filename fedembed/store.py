@@ -370,7 +370,45 @@ class RoundAnswered(FedembedError, ValueError):
 
 
 ANSWERED = "answered.json"
-"""The last round an organisation contributed an update to, per run (``{"run_key", "round"}``)."""
+"""What an organisation answered, per run: ``{"runs": {run_key: {"round", "evaluated"}}, "secure"}``."""
+
+
+def _answered(state_dir: Path) -> dict[str, Any]:
+    """The organisation's record of what it answered (:data:`ANSWERED`; empty for a new organisation).
+
+    Every run it answered keeps its entry (``round``: the last round it contributed an
+    update to; ``evaluated``: the last round it reported metrics for), and ``secure`` says
+    whether it ever contributed to a secure sum. A record of the older single-run form
+    (``{"run_key", "round", "secure"}``) is read as that one run.
+
+    Raises
+    ------
+    RoundAnswered
+        The record is there but cannot be read or is not one: it is never taken for none.
+    """
+    path = Path(state_dir) / ANSWERED
+    try:
+        doc = json.loads(path.read_text())
+    except FileNotFoundError:
+        return {"runs": {}, "secure": False}
+    except (OSError, ValueError) as exc:
+        doc = exc
+    if isinstance(doc, dict) and isinstance(doc.get("run_key"), str) and type(doc.get("round")) is int:
+        doc = {"runs": {doc["run_key"]: {"round": doc["round"], "evaluated": doc["round"]}},
+               "secure": doc.get("secure") is True}
+    runs = doc.get("runs") if isinstance(doc, dict) else None
+    if not (isinstance(runs, dict) and all(isinstance(k, str) and isinstance(v, dict)
+                                           and type(v.get("round")) is int and type(v.get("evaluated")) is int
+                                           for k, v in runs.items())):
+        raise RoundAnswered(
+            f"{path}, the record of the rounds this organisation answered, is damaged ({doc!r:.200}); without it a "
+            "round it answered could be asked again: restore it, or remove it to accept that"
+        )
+    return {"runs": runs, "secure": doc.get("secure") is True}
+
+
+def _write_answered(state_dir: Path, doc: dict[str, Any]) -> None:
+    atomic_write(Path(state_dir) / ANSWERED, json.dumps(doc).encode())
 
 
 def check_round_open(state_dir: Path, run_key: str, round_: int) -> None:
@@ -378,12 +416,13 @@ def check_round_open(state_dir: Path, run_key: str, round_: int) -> None:
 
     An organisation contributes to each round's sum once, in increasing rounds, plain or
     secure, whatever kind of secure session asks: a coordinator that could ask for the same
-    round's update twice, in two secure sessions, would get two sums over different parties
+    round's update twice, in two secure sums, would get two sums over different parties
     (everyone in one, everyone but the target in the other, its 'dropout' recovered), and
     their difference would be the target's update; a plain round asked again would train
     the head twice on one round after its old sync rewound the table cache. Checked before
     anything of a ``train`` message is applied, and again when the contribution is recorded
-    (:func:`claim_round`).
+    (:func:`claim_round`). Every run keeps its own record: a message of another run in
+    between does not reopen this one's rounds.
 
     No record (a new organisation) leaves every round open. A record that is there but
     cannot be read or is not one is never taken for none: the organisation refuses to
@@ -395,22 +434,10 @@ def check_round_open(state_dir: Path, run_key: str, round_: int) -> None:
     RoundAnswered
         ``round_`` is not after the last round answered in this run, or the record is damaged.
     """
-    path = Path(state_dir) / ANSWERED
-    try:
-        last = json.loads(path.read_text())
-    except FileNotFoundError:
-        return
-    except (OSError, ValueError) as exc:
-        last = exc
-    if not (isinstance(last, dict) and isinstance(last.get("run_key"), str) and type(last.get("round")) is int):
+    run = _answered(state_dir)["runs"].get(run_key)
+    if run is not None and round_ <= run["round"]:
         raise RoundAnswered(
-            f"round {round_} refused: {path}, the record of the rounds this organisation answered, is damaged "
-            f"({last!r:.200}); without it a round it answered could be asked again: restore it, or remove it to "
-            "accept that"
-        )
-    if last["run_key"] == run_key and round_ <= last["round"]:
-        raise RoundAnswered(
-            f"round {round_} refused: round {last['round']} of this run was already answered, and an organisation "
+            f"round {round_} refused: round {run['round']} of this run was already answered, and an organisation "
             "contributes to each round's sum once, in increasing rounds (two secure sums of one round's update over "
             "different parties would reveal the difference)"
         )
@@ -421,8 +448,8 @@ def claim_round(state_dir: Path, run_key: str, round_: int, secure: bool = False
 
     The caller holds the organisation's lock (one message at a time: the secure stages' lock,
     :func:`fedembed.secagg.client.claim_round` for a plain round's update). ``secure``: the
-    contribution is inside a secure sum; once one is, the run stays marked secure
-    (:func:`run_was_secure`), whatever later rounds claim.
+    contribution is inside a secure sum; once one is, the organisation stays marked secure
+    (:func:`contributed_securely`), whatever run later asks.
 
     Raises
     ------
@@ -430,27 +457,77 @@ def claim_round(state_dir: Path, run_key: str, round_: int, secure: bool = False
         ``round_`` is not after the last round answered in this run (:func:`check_round_open`).
     """
     check_round_open(state_dir, run_key, round_)
-    secure = bool(secure) or run_was_secure(state_dir, run_key)
-    atomic_write(Path(state_dir) / ANSWERED,
-                 json.dumps({"run_key": run_key, "round": int(round_), "secure": secure}).encode())
+    doc = _answered(state_dir)
+    run = doc["runs"].setdefault(run_key, {"round": 0, "evaluated": 0})
+    run["round"] = int(round_)
+    run["evaluated"] = max(run["evaluated"], int(round_))
+    doc["secure"] = doc["secure"] or bool(secure)
+    _write_answered(state_dir, doc)
 
 
-def run_was_secure(state_dir: Path, run_key: str) -> bool:
-    """Whether this organisation has contributed to a secure sum of the run ``run_key``.
+def check_evaluation_open(state_dir: Path, run_key: str, round_: int, max_runs: int = 0) -> None:
+    """Refuse a message of ``round_`` if this organisation reported its metrics for it, or a later round, of the run.
 
-    A coordinator that turns a secure run plain (the run key does not say which it is)
-    would get the next round's update in the clear: an organisation refuses that
-    (:func:`fedembed.org.check_secure_policy`). A damaged record says yes (it cannot tell).
+    Every reply carries the organisation's evaluation of the tables it was sent, to full
+    precision, and tables chosen by the coordinator make those metrics an oracle on its
+    held-out labels (a table of one value everywhere but one row tells how the test
+    examples holding that row are labelled). So it reports metrics once per round of a run,
+    in increasing rounds, whatever kind of message asks (a ``train`` message, or the
+    closing ``evaluate``): a coordinator gets one evaluation per round it runs, not one
+    per message it sends. ``max_runs`` (its operator's rule, 0: none) caps how many runs
+    it answers at all; each new run is another series of evaluations and updates. Checked
+    before anything of the message is applied; :func:`claim_evaluation` records it.
+
+    Raises
+    ------
+    RoundAnswered
+        ``round_`` is not after the last round it reported for in this run, a new run
+        beyond ``max_runs``, or the record is damaged.
+    """
+    doc = _answered(state_dir)
+    run = doc["runs"].get(run_key)
+    if run is None and max_runs and len(doc["runs"]) >= max_runs:
+        raise RoundAnswered(f"a new run refused: this organisation answers at most {max_runs} run(s) (max-runs), and "
+                            f"has answered {len(doc['runs'])}")
+    if run is not None and round_ <= run["evaluated"]:
+        raise RoundAnswered(
+            f"round {round_} refused: this organisation reported its metrics for round {run['evaluated']} of this run "
+            "already, and reports them once per round, in increasing rounds (metrics of tables the coordinator "
+            "chooses, asked for again and again, would tell it the organisation's held-out labels)"
+        )
+
+
+def claim_evaluation(state_dir: Path, run_key: str, round_: int, max_runs: int = 0) -> None:
+    """Record that this organisation reports its metrics for ``round_`` of the run (see :func:`check_evaluation_open`).
+
+    Written before the reply leaves; the caller holds the organisation's lock.
+
+    Raises
+    ------
+    RoundAnswered
+        As :func:`check_evaluation_open`.
+    """
+    check_evaluation_open(state_dir, run_key, round_, max_runs)
+    doc = _answered(state_dir)
+    run = doc["runs"].setdefault(run_key, {"round": 0, "evaluated": 0})
+    run["evaluated"] = int(round_)
+    _write_answered(state_dir, doc)
+
+
+def contributed_securely(state_dir: Path) -> bool:
+    """Whether this organisation has contributed to a secure sum, in any run.
+
+    A coordinator that turns a secure run plain would get the next round's update in the
+    clear, and the run key is the coordinator's to choose: one character more and it is
+    "another run". So once an organisation has contributed securely, it refuses plain
+    rounds of every run (:func:`fedembed.org.check_plain_allowed`); its operator starts it
+    on a new state directory to take part in a plain federation. A damaged record says
+    yes (it cannot tell).
     """
     try:
-        last = json.loads((Path(state_dir) / ANSWERED).read_text())
-    except FileNotFoundError:
-        return False
-    except (OSError, ValueError):
+        return _answered(state_dir)["secure"]
+    except RoundAnswered:
         return True
-    if not isinstance(last, dict):
-        return True
-    return last.get("run_key") == run_key and last.get("secure") is True
 
 
 class OrgState:
@@ -637,7 +714,7 @@ class OrgState:
             arrays: dict[str, np.ndarray] = {}
             for name, rs in sync.items():
                 arrays[f"{name}.ids"], arrays[f"{name}.rows"] = rs.ids, rs.values
-            name = f"tables.delta-{version}.npz"
+            name = f"tables.delta-{version}-{len(deltas)}.npz"  # unique: two syncs at one version never share a file
             digest = atomic_write_npz(self.dir / name, arrays)
             deltas.append({"file": name, "sha256": digest, "rows": new_rows})
         meta = {"version": version, "key": key, "sha256": meta["sha256"], "deltas": deltas}

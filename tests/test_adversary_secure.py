@@ -604,11 +604,13 @@ def test_a_weight_of_one_quantum_moves_a_row_by_the_clip_at_most_under_a_mean_st
 
 
 # ------------------------------------------------------------------ a coordinator that turns a secure run plain
-def _plain_round_two(t, c, node: int = 100) -> RecordDict:
-    """Round 2 of the same run as round 1, sent with ``secure`` off: the update would come back in the clear."""
+def _plain_round_two(t, c, node: int = 100, run_key: str | None = None) -> RecordDict:
+    """Round 2 of the same run as round 1 (or of ``run_key``), sent with ``secure`` off: the update in the clear."""
     message = c._message(node, 2, False)
     cfg = dict(message["config"])
     cfg["secure"] = False
+    if run_key is not None:
+        cfg["run_key"], cfg["since"] = run_key, 0  # "another run", from the start
     return handle_content(t.orgs[node], _with(message, config=ConfigRecord(cfg)), "train", node)
 
 
@@ -624,11 +626,11 @@ def test_a_secure_run_turned_plain_gets_no_update_in_the_clear(tmp_path, direct_
     assert c.log.rounds[0]["clients"] == 4
     reply = _plain_round_two(t, c)
     assert reply["info"]["status"] == "refused" and "update" not in reply
-    why = reply["info"]["error"]
-    if policy.plain_allowed:  # the default: the run's record holds it, its policy does not
-        assert "a plain round in a run this organisation has contributed to securely" in why
-    else:
-        assert "secure rounds only" in why
+    # its record of a secure contribution holds it, whatever its policy
+    assert "a plain round after this organisation has contributed to a secure sum" in reply["info"]["error"]
+    # the run key is the coordinator's: one character more was "another run", and the update came in the clear
+    renamed = _plain_round_two(t, c, run_key=c.cfg.run_key() + " ")
+    assert renamed["info"]["status"] == "refused" and "update" not in renamed
 
 
 def test_control_a_plain_run_is_answered_in_the_clear_by_default(tmp_path, direct_transport):
@@ -638,16 +640,14 @@ def test_control_a_plain_run_is_answered_in_the_clear_by_default(tmp_path, direc
     assert c.log.rounds[0]["clients"] == 4 and not c.log.rounds[0]["rejected"]
 
 
-@pytest.mark.parametrize(("policy", "rule"), [(SecurePolicy(require_secure=True), "--require-secure"),
-                                              (SecurePolicy(row_sets=("dense", "union")), "without 'revealed'")])
-def test_an_org_that_requires_secure_rounds_refuses_every_plain_one(tmp_path, direct_transport, policy, rule):
+def test_an_org_that_requires_secure_rounds_refuses_every_plain_one(tmp_path, direct_transport):
     """Its own rule, from round 1 of a plain run on: nothing of its update leaves in the clear."""
-    t = direct_transport(tmp_path, 4, task=synthetic(4), policy=policy)
+    t = direct_transport(tmp_path, 4, task=synthetic(4), policy=SecurePolicy(require_secure=True))
     c = Coordinator(run_config(synthetic(4), rounds=1), t)
     c.run()
     entry = c.log.rounds[0]
     assert set(entry["rejected"]) == {f"org-{i}" for i in range(4)}
-    assert all(rule in why and "secure rounds only" in why for why in entry["rejected"].values())
+    assert all("secure rounds only (--require-secure)" in why for why in entry["rejected"].values())
     assert not any(isinstance(m, RecordDict) and "update" in m for _, _, m in t.seen)
 
 
@@ -669,5 +669,5 @@ def test_fedembed_client_require_secure_reaches_the_policy_through_the_node_conf
         return SecurePolicy.from_mapping(parse_config_args([" ".join(f"{k}={v}" for k, v in client_rules(args).items())]))
 
     assert not policy("--require-secure").plain_allowed
-    assert policy().plain_allowed  # the control: plain rounds allowed by default (a run stays secure once it is)
-    assert not policy("--secure-row-sets", "dense,union").plain_allowed
+    assert policy().plain_allowed  # the control: plain rounds allowed by default (until a secure contribution)
+    assert policy("--secure-row-sets", "dense,union").plain_allowed  # row sets rule secure rounds only

@@ -87,6 +87,23 @@ def test_org_table_cache_writes_only_synced_rows_and_reads_back_exactly(tmp_path
     assert version == 4 and np.array_equal(loaded["t"], tables["t"])
 
 
+def test_two_syncs_at_one_version_keep_the_cache(tmp_path):
+    """Two syncs recorded at the same version (a row sent again) wrote one file name twice: the first entry's
+    checksum then failed and the next load threw the whole cache away."""
+    from fedembed.tables import RowSync, apply_sync, init_table
+
+    state = OrgState(tmp_path / "org")
+    shapes = {"t": (100, 2)}
+    tables = {"t": init_table("t", shapes["t"], 0, 0.1)}
+    state.save_tables(tables, 3, "run")
+    for value in (1.0, 2.0):
+        sync = {"t": RowSync(np.arange(5), np.full((5, 2), value, np.float32))}
+        apply_sync(tables, sync)
+        state.save_sync(tables, sync, 3, "run")
+    loaded, version = state.load_tables(shapes, 0, 0.1, "run")
+    assert version == 3 and np.array_equal(loaded["t"], tables["t"]) and loaded["t"][0, 0] == 2.0
+
+
 def test_a_corrupt_sync_file_makes_the_cache_rebuild_instead_of_serving_wrong_rows(tmp_path):
     from fedembed.tables import RowSync, init_table
 

@@ -270,6 +270,12 @@ def claim_round(state_dir: Path, run_key: str, round_: int) -> None:
         store.claim_round(state_dir, run_key, round_)
 
 
+def claim_evaluation(state_dir: Path, run_key: str, round_: int, max_runs: int = 0) -> None:
+    """:func:`fedembed.store.claim_evaluation` under the organisation's lock (a ``train`` or ``evaluate`` message)."""
+    with _locked(state_dir):
+        store.claim_evaluation(state_dir, run_key, round_, max_runs)
+
+
 def _discard(state_dir: Path, keep: Callable[[int], bool]) -> None:
     """Delete the sessions whose round ``keep`` rejects (their secrets are never needed again)."""
     root = _root(state_dir)

@@ -199,9 +199,7 @@ class SecurePolicy:
         Row-set modes it takes part in (``revealed`` tells the coordinator its row ids).
     require_secure : bool
         Take part in secure rounds only: a plain round (its update, row ids and all, in the
-        clear) is refused. Implied by ``row_sets`` without ``revealed``: an organisation that
-        will not tell its row ids inside a secure round will not send them, and its deltas,
-        in a plain one (:attr:`plain_allowed`).
+        clear) is refused (:attr:`plain_allowed`). ``row_sets`` rules secure rounds only.
     """
 
     min_neighbours: int = 2
@@ -213,7 +211,7 @@ class SecurePolicy:
     @property
     def plain_allowed(self) -> bool:
         """Whether it takes part in plain rounds (see ``require_secure``)."""
-        return not self.require_secure and "revealed" in self.row_sets
+        return not self.require_secure
 
     def __post_init__(self) -> None:
         if self.min_neighbours < 1 or self.min_delivered < 2 or self.colluders < 0:
