@@ -626,6 +626,7 @@ def cmd_server(args: argparse.Namespace, argv: list[str] | None = None) -> int:
     opts = ServerOptions(
         state_dir=args.state_dir, host=args.host, port=args.port, certfile=args.certfile, keyfile=args.keyfile,
         ca_certfile=args.ca_certfile, insecure=args.insecure, auth_keys=_auth_keys(args.auth_key),
+        max_reply_bytes=cfg.max_message_bytes,
     )
     progress = _DeployProgress(cfg.rounds, not args.quiet)
     scheme = "http" if opts.insecure else "https"

@@ -309,3 +309,104 @@ def test_the_wakeup_sockets_are_owner_only(tmp_path):
     assert not serverapp.wake_other()  # nobody listening: not an error
     serverapp.close()
     assert not (tmp_path / "gate").exists() and not (tmp_path / "serverapp").exists()
+
+
+# ------------------------------------------------------------------ what the gate refuses before the SuperLink sees it
+class CountingSuperLink(SuperLink):
+    """Counts every request the gate forwards, by path."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.seen: list[str] = []
+
+    def handle(self, request: httpx.Request) -> httpx.Response:
+        self.seen.append(request.url.path)
+        return super().handle(request)
+
+
+def _pushed(*messages: ProtoMessage, node: int = NODE) -> Call:
+    return Call(PUSH_MESSAGES, PushMessagesRequest(node=Node(node_id=node), messages_list=list(messages)).SerializeToString())
+
+
+def _reply(src: int = NODE, dst: int = 1, reply_to: str = "m0") -> ProtoMessage:
+    msg = ProtoMessage()
+    msg.metadata.message_id, msg.metadata.src_node_id, msg.metadata.dst_node_id = "r1", src, dst
+    msg.metadata.reply_to_message_id = reply_to
+    return msg
+
+
+def test_a_supernode_pushing_anything_but_its_own_reply_to_the_superlink_is_refused(tmp_path):
+    """Flower's Fleet API stores a pushed message without reply_to as an instruction "from the SuperLink" to any
+    node named: a hostile organisation sent another a train message of round 2973 (locking it out of the run for
+    2,000 rounds), and handed the ServerApp messages it never asked for (stalling a round 160 s)."""
+    from fedembed.deploy.fleetgate import FleetGate as Gate
+
+    async def scenario():
+        for wakeups in (True, False):  # watched (held polls) or not: the same check
+            link = CountingSuperLink()
+            gate = _gate(tmp_path, link) if wakeups else Gate("https://127.0.0.1:1", verify=False)
+            if not wakeups:
+                gate.client = httpx.AsyncClient(base_url="https://127.0.0.1:1", transport=httpx.MockTransport(link.handle))
+            await _started(gate)
+            for bad in (_reply(reply_to=""),  # an instruction
+                        _reply(dst=NODE + 1),  # to another organisation
+                        _reply(src=NODE + 1)):  # in another node's name
+                call = _pushed(bad)
+                await gate(call.scope(), call.receive, call.send)
+                assert call.status == 403 and b"pushes only its own replies" in call.content
+            assert link.seen == []  # none of it reached the SuperLink
+            good = _pushed(_reply())  # the control: its own reply, to the SuperLink
+            await gate(good.scope(), good.receive, good.send)
+            assert good.status == 200 and link.seen == [PUSH_MESSAGES]
+
+    run(scenario())
+
+
+def test_a_body_over_the_limit_is_refused_before_the_superlink_reads_any_of_it(tmp_path):
+    """The SuperLink reads a whole body into memory before it checks who sent it: one 1 GB request from an
+    outsider with no key cost it 2 GB (and more, request by request)."""
+    from fedembed.deploy.fleetgate import BODY_LIMIT
+
+    async def scenario():
+        link = CountingSuperLink()
+        gate = _gate(tmp_path, link)
+        await _started(gate)
+        big = Call("/v1/fleet/get-run", b"\x00" * (BODY_LIMIT + 1))
+        await gate(big.scope(), big.receive, big.send)
+        assert big.status == 413 and link.seen == []
+        small = Call("/v1/fleet/get-run", b"")  # the control
+        await gate(small.scope(), small.receive, small.send)
+        assert link.seen == ["/v1/fleet/get-run"]
+
+    run(scenario())
+
+
+def test_a_reply_over_the_coordinators_message_limit_is_refused_object_by_object(tmp_path):
+    """--max-message-bytes was checked after the ServerApp had pulled and unpacked a reply whole (300 MB replies
+    each cost it 1.2 GB); the gate now counts a node's objects for one reply and refuses past the limit."""
+    from flwr.proto.message_pb2 import PushObjectRequest  # pylint: disable=E0611
+
+    def obj(size: int, node: int = NODE) -> Call:
+        return Call("/v1/fleet/push-object",
+                    PushObjectRequest(node=Node(node_id=node), object_id="x", object_content=b"\x00" * size).SerializeToString())
+
+    async def scenario():
+        link = CountingSuperLink()
+        gate = _gate(tmp_path, link, max_reply_bytes=1000)
+        await _started(gate)
+        start = _pushed(_reply())
+        await gate(start.scope(), start.receive, start.send)
+        first, second = obj(600), obj(600)
+        await gate(first.scope(), first.receive, first.send)
+        await gate(second.scope(), second.receive, second.send)
+        assert first.status == 200 and second.status == 413 and b"over 1000 bytes" in second.content
+        other = obj(600, NODE + 1)  # another node's budget is its own
+        await gate(other.scope(), other.receive, other.send)
+        assert other.status == 200
+        again = _pushed(_reply())  # its next reply starts a new budget
+        await gate(again.scope(), again.receive, again.send)
+        third = obj(600)
+        await gate(third.scope(), third.receive, third.send)
+        assert third.status == 200
+
+    run(scenario())

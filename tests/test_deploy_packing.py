@@ -164,6 +164,22 @@ def test_a_simulated_serverapp_sends_as_before(serverapp_task):
     assert not is_packed(grid.sent[0].content) and content_digest(reply.content) == content_digest(_reply())
 
 
+def test_a_message_that_answers_nothing_the_serverapp_sent_is_dropped(serverapp_task):
+    """A hostile organisation pushed instruction messages to the SuperLink's own node, which Flower hands to the
+    ServerApp with the replies: each was read as a reply of "node 1" (the gate now refuses the push too)."""
+    grid = FakeGrid(lambda node, content: content)
+    pull = grid.pull_messages
+
+    def with_injected(ids):
+        meta = Metadata(run_id=1, message_id="x", src_node_id=1, dst_node_id=1, reply_to_message_id="",
+                        group_id="", created_at=time.time(), ttl=60.0, message_type="train")
+        return [Message(_reply(), metadata=meta), *pull(ids)]
+
+    grid.pull_messages = with_injected
+    replies = GridTransport(grid, poll_seconds=0.0).exchange("train", {5: _reply()}, timeout=10)
+    assert [(r.node, r.error) for r in replies] == [(5, None)]
+
+
 def _message(content: RecordDict) -> Message:
     meta = Metadata(run_id=1, message_id="m1", src_node_id=1, dst_node_id=5, reply_to_message_id="", group_id="",
                     created_at=time.time(), ttl=600.0, message_type="train")

@@ -112,8 +112,12 @@ class GridTransport:
                 self.wakeups.wait(min(self.fallback_seconds, deadline - time.monotonic()))
             got = list(self.grid.pull_messages(pending))
             for msg in got:
+                if msg.metadata.reply_to_message_id not in sent:  # nothing we asked for (the gate refuses the push)
+                    log.warning("dropped a message from node %s that answers no message of this exchange",
+                                msg.metadata.src_node_id)
+                    continue
                 pending.discard(msg.metadata.reply_to_message_id)
-                node = sent.get(msg.metadata.reply_to_message_id, msg.metadata.src_node_id)
+                node = sent[msg.metadata.reply_to_message_id]
                 answered.add(node)
                 if msg.has_error():
                     yield Reply(node, None, f"error {msg.error.code}: {_short(msg.error.reason)}")

@@ -298,6 +298,10 @@ def run_client(opts: ClientOptions, max_restarts: int | None = None, restart_del
     from fedembed.worker import MAX_SOCKET_PATH
 
     opts.state_dir.mkdir(mode=0o700, parents=True, exist_ok=True)  # the org's private state: owner only
+    if opts.state_dir.stat().st_mode & 0o077:  # one that was there already keeps no wider mode
+        log.warning("organisation %s: its state directory %s was readable by others; made owner-only (0700)",
+                    opts.name, opts.state_dir)
+        opts.state_dir.chmod(0o700)
     env = flower_env(opts.state_dir / "flwr-home")
     # a SuperNode in Flower's default mode (no worker) launches a ClientApp per message as soon as its
     # SuperExec sees the task: look every 0.1 s instead of every second

@@ -44,7 +44,7 @@ import json
 import logging
 import ssl
 import sys
-from collections.abc import AsyncIterator, Awaitable, Callable, MutableMapping
+from collections.abc import Awaitable, Callable, MutableMapping
 from pathlib import Path
 from typing import Any
 
@@ -75,8 +75,16 @@ KEEP_ALIVE_SECONDS = 60
 A SuperNode whose poll is held keeps its other connections idle meanwhile; closed after 5 s,
 each was a new TLS handshake the moment its next message came (tenths of a second under load)."""
 
-WATCHED_BODY_LIMIT = 16 << 20
-"""A watched request (pull-messages, push-messages: headers and object trees only) longer than this is forwarded unwatched."""
+PUSH_OBJECT = "/v1/fleet/push-object"
+
+BODY_LIMIT = 16 << 20
+"""Longest request body the gate forwards (Flower pushes arrays in chunks of 5 MiB; every other
+Fleet request is headers and object ids). A longer one is refused with ``413`` before any of it
+reaches the SuperLink, which reads a whole body into memory before it checks who sent it: one
+1 GB request from anyone cost it 2 GB."""
+
+SUPERLINK_NODE = 1
+"""Flower's node id of the SuperLink (``flwr.common.constant.SUPERLINK_NODE_ID``): where replies go."""
 
 REFUSAL_HEADER = b"x-fedembed-gate"
 """Response header marking an answer the gate gave itself: ``refused`` (403), or
@@ -132,11 +140,15 @@ class FleetGate:
         as it comes.
     hold, recheck : float
         See :data:`HOLD_SECONDS`, :data:`RECHECK_SECONDS`.
+    max_reply_bytes : int or None
+        Most bytes of objects a node may push for one reply (the coordinator's
+        ``--max-message-bytes``): further ``push-object`` calls are refused with ``413``,
+        so an oversized reply never reaches the SuperLink whole. None: no budget.
     """
 
     def __init__(self, upstream: str, verify: ssl.SSLContext | bool, paths: frozenset[str] | None = None,
                  timeout: float = 300.0, wakeup_dir: Path | None = None, hold: float = HOLD_SECONDS,
-                 recheck: float = RECHECK_SECONDS) -> None:
+                 recheck: float = RECHECK_SECONDS, max_reply_bytes: int | None = None) -> None:
         self.upstream = upstream.rstrip("/")
         self.paths = fleet_paths() if paths is None else frozenset(paths)
         self.wakeup_dir, self.hold, self.recheck = wakeup_dir, hold, recheck
@@ -146,6 +158,8 @@ class FleetGate:
         self.closing = False  # shutting down: held polls are answered at once
         self._generation = 0  # how many times the ServerApp said it pushed messages
         self._asked_at: dict[int, int] = {}  # node -> generation when the SuperLink was last asked for it
+        self.max_reply_bytes = max_reply_bytes
+        self._pushed_bytes: dict[int, int] = {}  # node -> object bytes accepted since its last push-messages
         # one upstream connection per concurrent call, as if the SuperNodes dialled the SuperLink
         self.client = httpx.AsyncClient(
             base_url=self.upstream, verify=verify, timeout=httpx.Timeout(timeout),
@@ -165,10 +179,72 @@ class FleetGate:
             log.warning("refused %s %.200r from %s:%s", scope["method"], scope.get("raw_path", b""), peer[0], peer[1])
             await _answer(send, 403, REFUSAL)
             return
+        try:  # read whole, within the limit, before anything reaches the SuperLink
+            chunks, whole = await _read_body(receive, BODY_LIMIT)
+        except _ClientGone:
+            return
+        peer = scope.get("client") or ("?", 0)
+        if not whole:
+            log.warning("refused %s from %s:%s: a body of more than %d bytes", scope["path"], peer[0], peer[1],
+                        BODY_LIMIT)
+            await _answer(send, 413, f"refused by the fedembed fleet gate: request bodies are limited to {BODY_LIMIT} "
+                                     "bytes")
+            return
+        body = b"".join(chunks)
+        fault = self._fault(scope["path"], body)
+        if fault is not None:
+            log.warning("refused %s from %s:%s: %s", scope["path"], peer[0], peer[1], fault)
+            await _answer(send, 403 if scope["path"] == PUSH_MESSAGES else 413, f"refused by the fedembed fleet gate: {fault}")
+            return
         if self.wakeups is not None and scope["path"] in (PULL_MESSAGES, PUSH_MESSAGES):
-            await self._forward_watched(scope["path"], scope, receive, send)
+            await self._forward_watched(scope["path"], scope, body, receive, send)
         else:
-            await self._forward(scope["path"], scope, receive, send)
+            await self._forward(scope["path"], scope, receive, send, body=body)
+
+    def _fault(self, path: str, body: bytes) -> str | None:
+        """Why the gate refuses a request it has read (None: forward it).
+
+        A SuperNode pushes only **replies**, its own, to the SuperLink: Flower's Fleet API
+        stores any message a node pushes without ``reply_to`` as an instruction, from "the
+        SuperLink", to any node it names. One organisation could thus send another a
+        ``train`` message of its making (a round far ahead, which locked the other out of
+        the run), or hand the ServerApp messages it never sent for. And a node's objects for
+        one reply are counted against ``max_reply_bytes``.
+        """
+        if path == PUSH_MESSAGES:
+            from flwr.proto.fleet_pb2 import PushMessagesRequest  # pylint: disable=E0611
+
+            try:
+                request = PushMessagesRequest.FromString(body)
+            except Exception:  # noqa: BLE001 - not a request Flower could read either
+                return "push-messages: not a Flower PushMessagesRequest"
+            node = int(request.node.node_id)
+            for message in request.messages_list:
+                meta = message.metadata
+                if not meta.reply_to_message_id or int(meta.src_node_id) != node or int(meta.dst_node_id) != SUPERLINK_NODE:
+                    return (f"push-messages of node {node}: a SuperNode pushes only its own replies to the SuperLink "
+                            f"(got src {meta.src_node_id}, dst {meta.dst_node_id}, reply_to "
+                            f"{meta.reply_to_message_id[:16]!r})")
+            return None
+        if path == PUSH_OBJECT and self.max_reply_bytes is not None:
+            node = _object_node(body)
+            if node is not None and self._pushed_bytes.get(node, 0) + len(body) > self.max_reply_bytes:
+                return (f"push-object of node {node}: its reply is over {self.max_reply_bytes} bytes "
+                        "(the coordinator's --max-message-bytes)")
+        return None
+
+    def _count(self, path: str, body: bytes, status: int) -> None:
+        """Count a node's accepted objects against its reply budget (a new push-messages starts it again)."""
+        if status != 200 or self.max_reply_bytes is None:
+            return
+        if path == PUSH_MESSAGES:
+            node = _node_id(path, body)
+            if node is not None:
+                self._pushed_bytes[node] = 0
+        elif path == PUSH_OBJECT:
+            node = _object_node(body)
+            if node is not None:
+                self._pushed_bytes[node] = self._pushed_bytes.get(node, 0) + len(body)
 
     @staticmethod
     def _headers(scope: Scope) -> list[tuple[bytes, bytes]]:
@@ -178,12 +254,10 @@ class FleetGate:
             headers.append((b"x-forwarded-for", str(peer[0]).encode("latin-1")))
         return headers
 
-    async def _forward(self, path: str, scope: Scope, receive: Receive, send: Send,
-                       body: AsyncIterator[bytes] | None = None) -> None:
+    async def _forward(self, path: str, scope: Scope, receive: Receive, send: Send, body: bytes) -> None:
         headers = self._headers(scope)
         # ``path`` is the matched route, one of ``self.paths``; the query string is dropped
-        request = self.client.build_request("POST", path, headers=headers,
-                                            content=_body(receive) if body is None else body)
+        request = self.client.build_request("POST", path, headers=headers, content=body)
         try:
             response = await self.client.send(request, stream=True)
         except _ClientGone:
@@ -192,6 +266,7 @@ class FleetGate:
             log.error("SuperLink at %s unreachable for %s: %s", self.upstream, path, exc)
             await _answer(send, 503, "SuperLink unavailable")
             return
+        self._count(path, body, response.status_code)
         try:
             await send({"type": "http.response.start", "status": response.status_code,
                         "headers": [(k, v) for k, v in response.headers.raw if k.lower() not in _DROPPED_HEADERS]})
@@ -201,16 +276,8 @@ class FleetGate:
         finally:
             await response.aclose()
 
-    async def _forward_watched(self, path: str, scope: Scope, receive: Receive, send: Send) -> None:
+    async def _forward_watched(self, path: str, scope: Scope, body: bytes, receive: Receive, send: Send) -> None:
         """Forward a ``pull-messages`` (held while empty) or ``push-messages`` (noted), as :meth:`_forward` does."""
-        try:
-            chunks, whole = await _read_body(receive, WATCHED_BODY_LIMIT)
-        except _ClientGone:
-            return
-        if not whole:  # too long to look at: forwarded as it comes
-            await self._forward(path, scope, receive, send, body=_chain(chunks, _body(receive)))
-            return
-        body = b"".join(chunks)
         node = _node_id(path, body)
         if path == PULL_MESSAGES and node is not None and node in self._replying:
             self._replying.discard(node)  # back for its next message: the reply it pushed is all in
@@ -234,6 +301,7 @@ class FleetGate:
                         await _answer(send, 503, "SuperLink unavailable")
                         return
                     if path == PUSH_MESSAGES:
+                        self._count(path, body, status)
                         self._note_push(node, status, content)
                         break
                     empty = status == 200 and _no_messages(content)
@@ -320,19 +388,8 @@ class _ClientGone(Exception):
     """The SuperNode hung up while sending its request."""
 
 
-async def _body(receive: Receive) -> AsyncIterator[bytes]:
-    """The request body, streamed as it arrives (never held whole)."""
-    while True:
-        message = await receive()
-        if message["type"] == "http.disconnect":
-            raise _ClientGone
-        yield message.get("body", b"")
-        if not message.get("more_body", False):
-            return
-
-
 async def _read_body(receive: Receive, limit: int) -> tuple[list[bytes], bool]:
-    """The request body's chunks, and whether that is all of it (False: it went past ``limit`` bytes, more to come)."""
+    """The request body's chunks, and whether that is all of it (False: it went past ``limit`` bytes; reading stops)."""
     chunks, size = [], 0
     while True:
         message = await receive()
@@ -341,17 +398,10 @@ async def _read_body(receive: Receive, limit: int) -> tuple[list[bytes], bool]:
         chunk = message.get("body", b"")
         chunks.append(chunk)
         size += len(chunk)
-        if not message.get("more_body", False):
-            return chunks, True
         if size > limit:
             return chunks, False
-
-
-async def _chain(first: list[bytes], rest: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
-    for chunk in first:
-        yield chunk
-    async for chunk in rest:
-        yield chunk
+        if not message.get("more_body", False):
+            return chunks, True
 
 
 def _node_id(path: str, body: bytes) -> int | None:
@@ -362,6 +412,16 @@ def _node_id(path: str, body: bytes) -> int | None:
     try:
         return int(kind.FromString(body).node.node_id)
     except Exception:  # noqa: BLE001 - the SuperLink answers a malformed request; the gate only does not watch it
+        return None
+
+
+def _object_node(body: bytes) -> int | None:
+    """The node id a ``push-object`` request names, or None if it is not one."""
+    from flwr.proto.message_pb2 import PushObjectRequest  # pylint: disable=E0611
+
+    try:
+        return int(PushObjectRequest.FromString(body).node.node_id)
+    except Exception:  # noqa: BLE001 - the SuperLink answers a malformed request
         return None
 
 
@@ -393,7 +453,7 @@ def upstream_verify(ca_certfile: Path | None) -> ssl.SSLContext | bool:
 
 
 def serve(host: str, port: int, upstream: str, certfile: Path | None = None, keyfile: Path | None = None,
-          ca_certfile: Path | None = None, wakeup_dir: Path | None = None) -> None:
+          ca_certfile: Path | None = None, wakeup_dir: Path | None = None, max_reply_bytes: int | None = None) -> None:
     """Run the gate on ``host:port`` until interrupted.
 
     Parameters
@@ -410,6 +470,8 @@ def serve(host: str, port: int, upstream: str, certfile: Path | None = None, key
         CA that signed the SuperLink's certificate (verifies the upstream connection).
     wakeup_dir : Path or None
         The wake-up directory shared with the ServerApp (see :class:`FleetGate`).
+    max_reply_bytes : int or None
+        See :class:`FleetGate`.
     """
     import uvicorn
 
@@ -418,7 +480,7 @@ def serve(host: str, port: int, upstream: str, certfile: Path | None = None, key
     if upstream.startswith("https://") and ca_certfile is None:
         raise ValueError("an https upstream needs ca_certfile to verify the SuperLink's certificate")
     app = FleetGate(upstream, upstream_verify(ca_certfile if upstream.startswith("https://") else None),
-                    wakeup_dir=wakeup_dir)
+                    wakeup_dir=wakeup_dir, max_reply_bytes=max_reply_bytes)
     config = uvicorn.Config(
         app, host=host, port=port, lifespan="on", ws="none", proxy_headers=False, server_header=False,
         access_log=False, log_config=None, timeout_graceful_shutdown=2, timeout_keep_alive=KEEP_ALIVE_SECONDS,
@@ -443,13 +505,16 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--ca-certfile", type=Path, help="CA that signed the SuperLink's certificate")
     p.add_argument("--wakeup-dir", type=Path,
                    help="wake-up directory shared with the ServerApp: hold empty polls, wake the ServerApp on replies")
+    p.add_argument("--max-reply-bytes", type=int,
+                   help="most bytes of objects a node may push for one reply (the coordinator's --max-message-bytes)")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
                         stream=sys.stderr)
     for name in ("fedembed", "uvicorn.error"):
         logging.getLogger(name).setLevel(logging.INFO)
     try:
-        serve(args.host, args.port, args.upstream, args.certfile, args.keyfile, args.ca_certfile, args.wakeup_dir)
+        serve(args.host, args.port, args.upstream, args.certfile, args.keyfile, args.ca_certfile, args.wakeup_dir,
+              args.max_reply_bytes)
     except KeyboardInterrupt:
         pass
     return 0

@@ -71,6 +71,8 @@ class ServerOptions:
     superlink_port : int or None
         Port of the SuperLink itself, on 127.0.0.1 only (its Control and Runtime APIs, and
         the Fleet API behind the gate); None picks a free one at start.
+    max_reply_bytes : int or None
+        The gate's budget of objects per reply (the run's ``--max-message-bytes``).
     """
 
     state_dir: Path
@@ -84,6 +86,7 @@ class ServerOptions:
     startup_timeout: float = 60.0
     poll_seconds: float = 15.0
     superlink_port: int | None = None
+    max_reply_bytes: int | None = None
 
     def __post_init__(self) -> None:
         self.state_dir = Path(self.state_dir).resolve()
@@ -183,6 +186,8 @@ class CoordinatorProcess:
             cmd += ["--certfile", str(o.certfile), "--keyfile", str(o.keyfile), "--ca-certfile", str(o.ca_certfile)]
         if self.wakeup_dir is not None:
             cmd += ["--wakeup-dir", str(self.wakeup_dir)]
+        if o.max_reply_bytes is not None:
+            cmd += ["--max-reply-bytes", str(o.max_reply_bytes)]
         return cmd
 
     def _spawn(self, cmd: list[str], logname: str) -> subprocess.Popen:
