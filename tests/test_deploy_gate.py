@@ -408,5 +408,35 @@ def test_a_reply_over_the_coordinators_message_limit_is_refused_object_by_object
         third = obj(600)
         await gate(third.scope(), third.receive, third.send)
         assert third.status == 200
+        # objects pushed in parallel each count against the others (counted after the SuperLink's answer, 2 of 74
+        # parallel 0.9 MB chunks got past a 1 MB budget); an object the SuperLink does not take is given back
+        fresh = _pushed(_reply())
+        await gate(fresh.scope(), fresh.receive, fresh.send)
+        parallel = [obj(600) for _ in range(4)]
+        await asyncio.gather(*(gate(c.scope(), c.receive, c.send) for c in parallel))
+        assert sorted(c.status for c in parallel) == [200, 413, 413, 413]
+
+    run(scenario())
+
+
+def test_an_object_the_superlink_refuses_is_given_back_to_the_reply_budget(tmp_path):
+    from flwr.proto.message_pb2 import PushObjectRequest  # pylint: disable=E0611
+
+    async def scenario():
+        link = CountingSuperLink()
+        refuse = {"on": True}
+        handle = link.handle
+        link.handle = lambda request: (_response(401, b"no") if refuse["on"] and request.url.path.endswith("push-object")
+                                       else handle(request))
+        gate = _gate(tmp_path, link, max_reply_bytes=1000)
+        await _started(gate)
+        body = PushObjectRequest(node=Node(node_id=NODE), object_id="x", object_content=b"\x00" * 600).SerializeToString()
+        spoofed = Call("/v1/fleet/push-object", body)  # e.g. someone else naming this node: the SuperLink says no
+        await gate(spoofed.scope(), spoofed.receive, spoofed.send)
+        assert spoofed.status == 401
+        refuse["on"] = False
+        own = Call("/v1/fleet/push-object", body)
+        await gate(own.scope(), own.receive, own.send)
+        assert own.status == 200  # its budget was not spent by the refused one
 
     run(scenario())

@@ -228,23 +228,27 @@ class FleetGate:
             return None
         if path == PUSH_OBJECT and self.max_reply_bytes is not None:
             node = _object_node(body)
-            if node is not None and self._pushed_bytes.get(node, 0) + len(body) > self.max_reply_bytes:
-                return (f"push-object of node {node}: its reply is over {self.max_reply_bytes} bytes "
-                        "(the coordinator's --max-message-bytes)")
+            if node is not None:
+                if self._pushed_bytes.get(node, 0) + len(body) > self.max_reply_bytes:
+                    return (f"push-object of node {node}: its reply is over {self.max_reply_bytes} bytes "
+                            "(the coordinator's --max-message-bytes)")
+                # reserved now, before it is forwarded (objects pushed in parallel are each counted against the
+                # others), and given back if the SuperLink does not take it (:meth:`_count`)
+                self._pushed_bytes[node] = self._pushed_bytes.get(node, 0) + len(body)
         return None
 
     def _count(self, path: str, body: bytes, status: int) -> None:
-        """Count a node's accepted objects against its reply budget (a new push-messages starts it again)."""
-        if status != 200 or self.max_reply_bytes is None:
+        """Settle a node's reply budget: a new push-messages starts it again; an object not taken is given back."""
+        if self.max_reply_bytes is None:
             return
-        if path == PUSH_MESSAGES:
+        if path == PUSH_MESSAGES and status == 200:
             node = _node_id(path, body)
             if node is not None:
                 self._pushed_bytes[node] = 0
-        elif path == PUSH_OBJECT:
+        elif path == PUSH_OBJECT and status != 200:
             node = _object_node(body)
-            if node is not None:
-                self._pushed_bytes[node] = self._pushed_bytes.get(node, 0) + len(body)
+            if node is not None and node in self._pushed_bytes:
+                self._pushed_bytes[node] = max(0, self._pushed_bytes[node] - len(body))
 
     @staticmethod
     def _headers(scope: Scope) -> list[tuple[bytes, bytes]]:
@@ -261,8 +265,10 @@ class FleetGate:
         try:
             response = await self.client.send(request, stream=True)
         except _ClientGone:
+            self._count(path, body, 0)
             return
         except httpx.TransportError as exc:
+            self._count(path, body, 503)
             log.error("SuperLink at %s unreachable for %s: %s", self.upstream, path, exc)
             await _answer(send, 503, "SuperLink unavailable")
             return
