@@ -468,8 +468,9 @@ def _add_client(sub: argparse._SubParsersAction) -> None:
                    help="organisations that may collude with the coordinator: secure rounds need a consistency "
                         "statement signed by more than half of (roster + this many)")
     p.add_argument("--dp-min-noise-multiplier", type=float, default=0.0,
-                   help="this organisation's DP floor: a recipe with a smaller dp_noise_multiplier is refused "
-                        "before anything trains (default: 0, training without DP accepted)")
+                   help="this organisation's DP floor: a recipe whose noise multiplier is smaller is refused before "
+                        "anything trains (record-level DP: the gradient's and the row selection's noise as one, as "
+                        "its ledger charges them; default: 0, training without DP accepted)")
     p.add_argument("--dp-max-epsilon", type=float, default=0.0,
                    help="this organisation's own privacy budget (epsilon at --dp-delta); the tighter of it and the "
                         "recipe's applies; once spent it evaluates and trains no more (default: 0, the recipe's)")
