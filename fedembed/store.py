@@ -434,7 +434,12 @@ def check_round_open(state_dir: Path, run_key: str, round_: int) -> None:
     RoundAnswered
         ``round_`` is not after the last round answered in this run, or the record is damaged.
     """
-    run = _answered(state_dir)["runs"].get(run_key)
+    _check_round(_answered(state_dir), run_key, round_)
+
+
+def _check_round(doc: dict[str, Any], run_key: str, round_: int) -> None:
+    """:func:`check_round_open` on a record already read."""
+    run = doc["runs"].get(run_key)
     if run is not None and round_ <= run["round"]:
         raise RoundAnswered(
             f"round {round_} refused: round {run['round']} of this run was already answered, and an organisation "
@@ -456,8 +461,8 @@ def claim_round(state_dir: Path, run_key: str, round_: int, secure: bool = False
     RoundAnswered
         ``round_`` is not after the last round answered in this run (:func:`check_round_open`).
     """
-    check_round_open(state_dir, run_key, round_)
     doc = _answered(state_dir)
+    _check_round(doc, run_key, round_)
     run = doc["runs"].setdefault(run_key, {"round": 0, "evaluated": 0})
     run["round"] = int(round_)
     run["evaluated"] = max(run["evaluated"], int(round_))
@@ -484,7 +489,11 @@ def check_evaluation_open(state_dir: Path, run_key: str, round_: int, max_runs: 
         ``round_`` is not after the last round it reported for in this run, a new run
         beyond ``max_runs``, or the record is damaged.
     """
-    doc = _answered(state_dir)
+    _check_evaluation(_answered(state_dir), run_key, round_, max_runs)
+
+
+def _check_evaluation(doc: dict[str, Any], run_key: str, round_: int, max_runs: int) -> None:
+    """:func:`check_evaluation_open` on a record already read."""
     run = doc["runs"].get(run_key)
     if run is None and max_runs and len(doc["runs"]) >= max_runs:
         raise RoundAnswered(f"a new run refused: this organisation answers at most {max_runs} run(s) (max-runs), and "
@@ -507,8 +516,8 @@ def claim_evaluation(state_dir: Path, run_key: str, round_: int, max_runs: int =
     RoundAnswered
         As :func:`check_evaluation_open`.
     """
-    check_evaluation_open(state_dir, run_key, round_, max_runs)
     doc = _answered(state_dir)
+    _check_evaluation(doc, run_key, round_, max_runs)
     run = doc["runs"].setdefault(run_key, {"round": 0, "evaluated": 0})
     run["evaluated"] = int(round_)
     _write_answered(state_dir, doc)
