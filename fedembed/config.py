@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Collection, Mapping
 from dataclasses import MISSING, asdict, dataclass, field, fields, replace
 from typing import Any
@@ -249,7 +250,7 @@ class StageHeader:
         Raises
         ------
         ConfigError
-            Names the field and what is wrong with it.
+            Names the field and what is wrong with it (a number must be finite).
         """
         spec = {f.name: f for f in fields(cls)}
         unknown = sorted(set(cfg) - set(spec))
@@ -266,6 +267,8 @@ class StageHeader:
             if isinstance(value, bool) != (kind is bool) or not isinstance(value, kind):
                 wanted = "a number" if isinstance(kind, tuple) else kind.__name__
                 raise ConfigError(f"message config field {name!r} must be {wanted}, got {type(value).__name__}")
+            if kind is not bool and isinstance(value, float) and not math.isfinite(value):  # JSON carries NaN, Infinity
+                raise ConfigError(f"message config field {name!r} must be a finite number, got {value!r}")
             values[name] = float(value) if kind is float else value
         return cls(**values)
 
@@ -381,3 +384,34 @@ class RoundPlan(StageHeader):
                 raise ConfigError(f"kept_shares of table {table!r} must be a number in (0, {MAX_KEPT_SHARE:g}], got {share!r}")
             out[table] = float(share)
         return out
+
+
+def node_flag(nc: Mapping[str, Any], key: str, default: bool) -> bool:
+    """A true/false entry of an organisation's own node config (Flower parses ``key=false`` to a bool).
+
+    Raises
+    ------
+    ConfigError
+        A value other than true or false.
+    """
+    value = str(nc.get(key, default)).strip().lower()
+    if value not in ("true", "false"):
+        raise ConfigError(f"node config {key} must be true or false, got {nc[key]!r}")
+    return value == "true"
+
+
+def node_int(nc: Mapping[str, Any], key: str, default: int) -> int:
+    """An integer entry of an organisation's own node config (absent: ``default``).
+
+    Raises
+    ------
+    ConfigError
+        Anything but a whole number, naming the key.
+    """
+    value = nc.get(key, default)
+    try:
+        if isinstance(value, bool) or float(value) != int(float(value)):
+            raise ValueError
+        return int(float(value))
+    except (TypeError, ValueError, OverflowError):
+        raise ConfigError(f"node config {key} must be an integer, got {value!r}") from None

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -22,7 +21,7 @@ import numpy as np
 import torch
 from flwr.app import ConfigRecord, RecordDict
 
-from fedembed.config import ConfigError, RoundPlan, StageHeader
+from fedembed.config import ConfigError, RoundPlan, StageHeader, node_flag, node_int
 from fedembed.errors import FedembedError
 from fedembed.dp import BudgetExhausted, DPError
 from fedembed.dp.accounting import PrivacyLedger
@@ -184,7 +183,7 @@ class Organisation:
         return Organisation(member.org, member.state_dir, member.identity, member.policy, spec, device,
                             DPPolicy.from_mapping(nc), SyncPolicy.from_node_config(nc), member.noise_seed,
                             normaliser_upload_rule(nc), node_flag(nc, "keep-best-state", False),
-                            _node_int(nc, "max-runs", 0), WorkLimits.from_mapping(nc))
+                            node_int(nc, "max-runs", 0), WorkLimits.from_mapping(nc))
 
     @property
     def member(self) -> SecureMember:
@@ -428,31 +427,6 @@ class MessageRefused(FedembedError, ValueError):
     """A coordinator message this organisation will not act on (it says why, in a signed reply)."""
 
 
-def _node_int(nc: Mapping[str, Any], key: str, default: int) -> int:
-    """An integer node config entry (absent: ``default``); anything else is a :class:`ConfigError` naming it."""
-    value = nc.get(key, default)
-    try:
-        if isinstance(value, bool) or float(value) != int(float(value)):
-            raise ValueError
-        return int(float(value))
-    except (TypeError, ValueError):
-        raise ConfigError(f"node config {key} must be an integer, got {value!r}") from None
-
-
-def node_flag(nc: Mapping[str, Any], key: str, default: bool) -> bool:
-    """A true/false entry of the organisation's own node config (Flower parses ``key=false`` to a bool).
-
-    Raises
-    ------
-    ConfigError
-        A value other than true or false.
-    """
-    value = str(nc.get(key, default)).strip().lower()
-    if value not in ("true", "false"):
-        raise ConfigError(f"node config {key} must be true or false, got {nc[key]!r}")
-    return value == "true"
-
-
 def normaliser_upload_rule(nc: Mapping[str, Any]) -> bool:
     """Whether a node config lets the organisation upload its Adam normaliser (``normaliser-upload``, default true)."""
     return node_flag(nc, "normaliser-upload", True)
@@ -477,11 +451,8 @@ def _checked_plan(organisation: Organisation, content: RecordDict, message_type:
     if extra:  # e.g. a head: this organisation's head is its own and never taken from a message
         raise MessageRefused(f"a {message_type!r} message with records outside its schema: {extra}")
     plan = RoundPlan.from_config(content["config"])
-    for field_name, low in (("delta_clip", 0.0), ("table_scale", None)):  # the recipe checks its own numbers
-        value = getattr(plan, field_name)
-        if not math.isfinite(value) or (low is not None and not value > low):
-            raise ConfigError(f"message config field {field_name!r} must be a finite number"
-                              f"{f' > {low:g}' if low is not None else ''}, got {value!r}")
+    if not plan.delta_clip > 0:  # finite already (every number of a message config is, StageHeader.from_config)
+        raise ConfigError(f"message config field 'delta_clip' must be a finite number > 0, got {plan.delta_clip!r}")
     secure_records = sorted(set(content.keys()) & set(TRAIN_RECORDS))
     if secure_records and not plan.secure:
         raise MessageRefused(f"a plain {message_type!r} message with secure-aggregation records: {secure_records}")

@@ -85,6 +85,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from fedembed.config import node_flag
 from fedembed.errors import FedembedError
 from fedembed.identity import Identity, IdentityError, Roster
 from fedembed.secagg.graph import neighbour_graph
@@ -245,11 +246,7 @@ class SecurePolicy:
                 kw[name] = int(d[key])  # type: ignore[arg-type]
         if "secure-row-sets" in d:
             kw["row_sets"] = tuple(x.strip() for x in str(d["secure-row-sets"]).split(",") if x.strip())
-        if "secure-required" in d:
-            value = str(d["secure-required"]).strip().lower()
-            if value not in ("true", "false"):
-                raise ValueError(f"secure policy: secure-required must be true or false, got {d['secure-required']!r}")
-            kw["require_secure"] = value == "true"
+        kw["require_secure"] = node_flag(d, "secure-required", False)
         return SecurePolicy(**kw)
 
 
