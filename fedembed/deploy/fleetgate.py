@@ -191,18 +191,21 @@ class FleetGate:
                                      "bytes")
             return
         body = b"".join(chunks)
-        fault = self._fault(scope["path"], body)
+        node, fault = self._inspect(scope["path"], body)
         if fault is not None:
             log.warning("refused %s from %s:%s: %s", scope["path"], peer[0], peer[1], fault)
-            await _answer(send, 403 if scope["path"] == PUSH_MESSAGES else 413, f"refused by the fedembed fleet gate: {fault}")
+            await _answer(send, 403 if scope["path"] == PUSH_MESSAGES else 413,
+                          f"refused by the fedembed fleet gate: {fault}")
             return
         if self.wakeups is not None and scope["path"] in (PULL_MESSAGES, PUSH_MESSAGES):
-            await self._forward_watched(scope["path"], scope, body, receive, send)
+            await self._forward_watched(scope["path"], scope, body, node, receive, send)
         else:
-            await self._forward(scope["path"], scope, receive, send, body=body)
+            await self._forward(scope["path"], scope, send, body, node)
 
-    def _fault(self, path: str, body: bytes) -> str | None:
-        """Why the gate refuses a request it has read (None: forward it).
+    def _inspect(self, path: str, body: bytes) -> tuple[int | None, str | None]:
+        """The node a request it has read names (None: one the gate does not read), and why it is refused.
+
+        The refusal is None for a request to forward.
 
         A SuperNode pushes only **replies**, its own, to the SuperLink: Flower's Fleet API
         stores any message a node pushes without ``reply_to`` as an instruction, from "the
@@ -217,38 +220,37 @@ class FleetGate:
             try:
                 request = PushMessagesRequest.FromString(body)
             except Exception:  # noqa: BLE001 - not a request Flower could read either
-                return "push-messages: not a Flower PushMessagesRequest"
+                return None, "push-messages: not a Flower PushMessagesRequest"
             node = int(request.node.node_id)
             for message in request.messages_list:
                 meta = message.metadata
                 if not meta.reply_to_message_id or int(meta.src_node_id) != node or int(meta.dst_node_id) != SUPERLINK_NODE:
-                    return (f"push-messages of node {node}: a SuperNode pushes only its own replies to the SuperLink "
-                            f"(got src {meta.src_node_id}, dst {meta.dst_node_id}, reply_to "
-                            f"{meta.reply_to_message_id[:16]!r})")
-            return None
+                    return node, (f"push-messages of node {node}: a SuperNode pushes only its own replies to the "
+                                  f"SuperLink (got src {meta.src_node_id}, dst {meta.dst_node_id}, reply_to "
+                                  f"{meta.reply_to_message_id[:16]!r})")
+            return node, None
+        if path == PULL_MESSAGES:  # the node whose poll may be held
+            return (_node_id(path, body) if self.wakeups is not None else None), None
         if path == PUSH_OBJECT and self.max_reply_bytes is not None:
             node = _object_node(body)
             if node is not None:
                 if self._pushed_bytes.get(node, 0) + len(body) > self.max_reply_bytes:
-                    return (f"push-object of node {node}: its reply is over {self.max_reply_bytes} bytes "
-                            "(the coordinator's --max-message-bytes)")
+                    return node, (f"push-object of node {node}: its reply is over {self.max_reply_bytes} bytes "
+                                  "(the coordinator's --max-message-bytes)")
                 # reserved now, before it is forwarded (objects pushed in parallel are each counted against the
                 # others), and given back if the SuperLink does not take it (:meth:`_count`)
                 self._pushed_bytes[node] = self._pushed_bytes.get(node, 0) + len(body)
-        return None
+            return node, None
+        return None, None
 
-    def _count(self, path: str, body: bytes, status: int) -> None:
+    def _count(self, path: str, node: int | None, size: int, status: int) -> None:
         """Settle a node's reply budget: a new push-messages starts it again; an object not taken is given back."""
-        if self.max_reply_bytes is None:
+        if self.max_reply_bytes is None or node is None:
             return
         if path == PUSH_MESSAGES and status == 200:
-            node = _node_id(path, body)
-            if node is not None:
-                self._pushed_bytes[node] = 0
-        elif path == PUSH_OBJECT and status != 200:
-            node = _object_node(body)
-            if node is not None and node in self._pushed_bytes:
-                self._pushed_bytes[node] = max(0, self._pushed_bytes[node] - len(body))
+            self._pushed_bytes[node] = 0
+        elif path == PUSH_OBJECT and status != 200 and node in self._pushed_bytes:
+            self._pushed_bytes[node] = max(0, self._pushed_bytes[node] - size)
 
     @staticmethod
     def _headers(scope: Scope) -> list[tuple[bytes, bytes]]:
@@ -258,21 +260,21 @@ class FleetGate:
             headers.append((b"x-forwarded-for", str(peer[0]).encode("latin-1")))
         return headers
 
-    async def _forward(self, path: str, scope: Scope, receive: Receive, send: Send, body: bytes) -> None:
+    async def _forward(self, path: str, scope: Scope, send: Send, body: bytes, node: int | None) -> None:
         headers = self._headers(scope)
         # ``path`` is the matched route, one of ``self.paths``; the query string is dropped
         request = self.client.build_request("POST", path, headers=headers, content=body)
         try:
             response = await self.client.send(request, stream=True)
         except _ClientGone:
-            self._count(path, body, 0)
+            self._count(path, node, len(body), 0)
             return
         except httpx.TransportError as exc:
-            self._count(path, body, 503)
+            self._count(path, node, len(body), 503)
             log.error("SuperLink at %s unreachable for %s: %s", self.upstream, path, exc)
             await _answer(send, 503, "SuperLink unavailable")
             return
-        self._count(path, body, response.status_code)
+        self._count(path, node, len(body), response.status_code)
         try:
             await send({"type": "http.response.start", "status": response.status_code,
                         "headers": [(k, v) for k, v in response.headers.raw if k.lower() not in _DROPPED_HEADERS]})
@@ -282,9 +284,9 @@ class FleetGate:
         finally:
             await response.aclose()
 
-    async def _forward_watched(self, path: str, scope: Scope, body: bytes, receive: Receive, send: Send) -> None:
+    async def _forward_watched(self, path: str, scope: Scope, body: bytes, node: int | None, receive: Receive,
+                               send: Send) -> None:
         """Forward a ``pull-messages`` (held while empty) or ``push-messages`` (noted), as :meth:`_forward` does."""
-        node = _node_id(path, body)
         if path == PULL_MESSAGES and node is not None and node in self._replying:
             self._replying.discard(node)  # back for its next message: the reply it pushed is all in
             self.wakeups.wake_other()
@@ -307,7 +309,7 @@ class FleetGate:
                         await _answer(send, 503, "SuperLink unavailable")
                         return
                     if path == PUSH_MESSAGES:
-                        self._count(path, body, status)
+                        self._count(path, node, len(body), status)
                         self._note_push(node, status, content)
                         break
                     empty = status == 200 and _no_messages(content)
