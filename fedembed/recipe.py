@@ -211,7 +211,7 @@ class TrainConfig:
         if self.head_weight_decay < 0:
             raise RecipeError(f"head_weight_decay must be >= 0, got {self.head_weight_decay}")
         self._check_dp()
-        if not (isinstance(self.pooled_normaliser_rows, int) and self.pooled_normaliser_rows >= 0):
+        if not self.pooled_normaliser_rows >= 0:  # an integer already (_check_numbers)
             raise RecipeError(f"pooled_normaliser_rows must be an integer >= 0 (0: no table), "
                               f"got {self.pooled_normaliser_rows!r}")
         clash = self.pooled_clash()
@@ -283,7 +283,7 @@ class TrainConfig:
             raise RecipeError(f"dp_unit must be one of {DP_UNITS}, got {self.dp_unit!r}")
         for f in ("dp_noise_multiplier", "dp_target_epsilon", "dp_sum_noise_multiplier"):
             value = getattr(self, f)
-            if not (isinstance(value, int | float) and math.isfinite(value) and value >= 0):
+            if not value >= 0:  # a finite number already (_check_numbers)
                 raise RecipeError(f"{f} must be a finite number >= 0, got {value!r}")
         if self.dp and self.dp_distributed:
             raise RecipeError("choose one privacy unit: record-level DP (dp_noise_multiplier) or organisation-level "
@@ -297,10 +297,9 @@ class TrainConfig:
                               "is off" + (": distributed noise protects a whole organisation's update"
                                           if self.dp_distributed else ""))
         if self.dp_distributed:
-            if not (isinstance(self.dp_update_clip, int | float) and math.isfinite(self.dp_update_clip)
-                    and self.dp_update_clip > 0):
+            if not self.dp_update_clip > 0:
                 raise RecipeError(f"dp_update_clip must be > 0 with distributed noise, got {self.dp_update_clip}")
-            if int(self.dp_noise_shares) != self.dp_noise_shares or self.dp_noise_shares < 1:
+            if self.dp_noise_shares < 1:  # an integer already (_check_numbers)
                 raise RecipeError(f"dp_noise_shares must be an integer >= 1, got {self.dp_noise_shares}")
             if not 0 < self.dp_target_delta < 1:
                 raise RecipeError(f"dp_target_delta must be in (0, 1), got {self.dp_target_delta}")
@@ -308,7 +307,7 @@ class TrainConfig:
             return
         for f in ("dp_clip", "dp_selection_noise_multiplier", "dp_row_threshold", "dp_count_clip"):
             value = getattr(self, f)
-            if not (isinstance(value, int | float) and math.isfinite(value) and value > 0):
+            if not value > 0:
                 raise RecipeError(f"{f} must be a finite number > 0 with DP on, got {value!r}")
         if not 0 < self.dp_target_delta < 1:
             raise RecipeError(f"dp_target_delta must be in (0, 1), got {self.dp_target_delta}")
